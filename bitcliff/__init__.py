@@ -1,0 +1,22 @@
+"""bitcliff: low-bit LLM weight quantization, kernels, diagnosis and repair."""
+
+from bitcliff.quant.config import QuantConfig
+from bitcliff.quant.convert import quantize
+from bitcliff.quant.qlinear import QuantLinear
+
+__all__ = ["QuantConfig", "QuantLinear", "quantize", "save", "load"]
+__version__ = "0.1.0"
+
+
+def save(model, directory, **kwargs):
+    """Save a quantized model as a GPTQ-format checkpoint (see :func:`bitcliff.quant.checkpoint.save`)."""
+    from bitcliff.quant.checkpoint import save as _save
+
+    return _save(model, directory, **kwargs)
+
+
+def load(directory, **kwargs):
+    """Load a GPTQ-format checkpoint (see :func:`bitcliff.quant.checkpoint.load`)."""
+    from bitcliff.quant.checkpoint import load as _load
+
+    return _load(directory, **kwargs)

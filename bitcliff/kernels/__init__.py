@@ -1,0 +1,1 @@
+"""Packing formats, the plain-torch reference, and the Triton dequant-matmul kernels."""

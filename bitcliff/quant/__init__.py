@@ -1,0 +1,1 @@
+"""Quantization: QuantConfig, RTN, GPTQ, QuantLinear, model conversion, checkpoints."""

@@ -1,0 +1,90 @@
+"""QuantConfig: the one description of how a model is quantized."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from bitcliff.kernels.pack import SUPPORTED_BITS
+
+METHODS = ("rtn", "gptq")
+DEFAULT_SKIP = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize the linear layers of a model.
+
+    Attributes:
+        bits: code width, 2, 3 or 4.
+        group_size: input channels sharing one scale/zero; -1 for one group per output
+            channel (per-channel).  A size that does not divide a layer's K gives a partial
+            last group.
+        sym: symmetric grid (zero point fixed at 2**(bits-1)) instead of asymmetric.
+        method: "rtn" (round to nearest) or "gptq".
+        mse: search a per-group clipping ratio that minimizes the squared weight error
+            instead of using the full min/max range.
+        skip_modules: fnmatch patterns of module names left in full precision (the output
+            head by default; embeddings are never converted since they are not linears).
+        damp_percent, act_order, static_groups, true_sequential, calib_samples: GPTQ knobs.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    method: str = "rtn"
+    mse: bool = False
+    skip_modules: tuple[str, ...] = field(default=DEFAULT_SKIP)
+    damp_percent: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = False
+    calib_samples: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or (self.group_size != -1 and self.group_size <= 0)
+        ):
+            raise ValueError(
+                f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size!r}"
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.skip_modules, tuple):
+            object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        if not (isinstance(self.damp_percent, (int, float)) and 0 < self.damp_percent < 1):
+            raise ValueError(f"damp_percent must lie in (0, 1), got {self.damp_percent!r}")
+        if isinstance(self.calib_samples, bool) or not (
+            isinstance(self.calib_samples, int) and self.calib_samples > 0
+        ):
+            raise ValueError(f"calib_samples must be a positive integer, got {self.calib_samples!r}")
+
+    @property
+    def maxq(self) -> int:
+        """Largest code value, ``2**bits - 1``."""
+        return 2**self.bits - 1
+
+    def effective_bits(self, in_features: int) -> float:
+        """Bits per weight including one fp16 scale and one ``bits``-bit zero per group."""
+        group = in_features if self.group_size == -1 else self.group_size
+        return self.bits + (16 + self.bits) / group
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "skip_modules" in known:
+            known["skip_modules"] = tuple(known["skip_modules"])
+        return cls(**known)
+
+    def describe(self) -> str:
+        """Short tag such as ``rtn-w3g64-asym``."""
+        group = "pc" if self.group_size == -1 else f"g{self.group_size}"
+        return f"{self.method}-w{self.bits}{group}-{'sym' if self.sym else 'asym'}"
+
+
