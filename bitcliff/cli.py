@@ -1,0 +1,216 @@
+"""The ``bitcliff`` command line: assets, quantize, eval, sweep."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from bitcliff.quant.config import QuantConfig
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-file", default="wiki", help="corpus: 'wiki' (embedded) or a path to a UTF-8 text file")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    p.add_argument("--group-size", type=int, default=128, help="-1 for per-channel")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
+    p.add_argument("--mse", action="store_true", help="search per-group clipping for minimal squared error")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ: fit group grids before the solve")
+    p.add_argument("--true-sequential", action="store_true", help="GPTQ: quantize sub-blocks in order")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening as a fraction of mean diag(H)")
+    p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: calibration windows")
+
+
+def _config(args: argparse.Namespace, bits: int, group_size: int) -> QuantConfig:
+    return QuantConfig(
+        bits=bits,
+        group_size=group_size,
+        sym=args.sym,
+        method=args.method,
+        mse=args.mse,
+        damp_percent=args.damp,
+        act_order=args.act_order,
+        static_groups=args.static_groups,
+        true_sequential=args.true_sequential,
+        calib_samples=args.calib_samples,
+    )
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an occupied output folder before any work is done."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+
+
+def _quantize_model(model, tokenizer, config: QuantConfig, text_name: str, seq_len: int):
+    import bitcliff
+
+    if config.method == "gptq":
+        from bitcliff.assets import load_text
+        from bitcliff.data import calibration_windows
+
+        calib = calibration_windows(tokenizer, load_text(text_name), config.calib_samples, seq_len)
+        return bitcliff.quantize(model, config, calib_ids=calib)
+    return bitcliff.quantize(model, config)
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from bitcliff.assets import prepare_all
+
+    paths = prepare_all(tuple(args.names))
+    if args.json:
+        print(json.dumps(paths, indent=2))
+    else:
+        for name, path in paths.items():
+            print(f"{name:14s} {path}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from bitcliff.models import load_fp_model
+    from bitcliff.quant.checkpoint import save
+
+    config = _config(args, args.bits, args.group_size)
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    model, tokenizer, path = load_fp_model(args.model)
+    start = time.perf_counter()
+    _quantize_model(model, tokenizer, config, args.text_file, args.seq_len)
+    seconds = time.perf_counter() - start
+    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, checkpoint_format=args.checkpoint_format)
+    log = getattr(model, "bitcliff_log", None)
+    if log is not None:
+        (out / "gptq_log.json").write_text(json.dumps(log, indent=2))
+    print(f"quantized {path} with {config.describe()} in {seconds:.1f} s -> {out}")
+    return 0
+
+
+def _evaluate(model, tokenizer, text_name: str, windows: int, seq_len: int) -> dict:
+    from bitcliff.assets import load_text
+    from bitcliff.data import evaluation_windows
+    from bitcliff.eval import evaluate_ppl
+
+    ids = evaluation_windows(tokenizer, load_text(text_name), windows, seq_len)
+    return evaluate_ppl(model, ids)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bitcliff.models import load_any
+
+    model, tokenizer, path, quantized = load_any(args.target)
+    result = _evaluate(model, tokenizer, args.text_file, args.windows, args.seq_len)
+    config = getattr(model, "bitcliff_config", None)
+    record = {
+        "model": path,
+        "quantized": quantized,
+        "config": config.to_dict() if config else None,
+        "text": args.text_file,
+        "seq_len": args.seq_len,
+        **result,
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    print(f"{path}: ppl {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows)")
+    return 0
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The main job: fp and quantized perplexities in one table (checkpoints saved and reloaded)."""
+    from bitcliff.models import load_fp_model
+    from bitcliff.quant.checkpoint import load, save
+
+    fp_model, tokenizer, path = load_fp_model(args.model)
+    out_dir = Path(args.out_dir)
+    rows = [{"setting": "fp32", "bits_per_weight": 32.0, **_evaluate(fp_model, tokenizer, args.text_file, args.windows, args.seq_len)}]
+    for group_size in args.group_sizes:
+        for bits in args.bits:
+            config = _config(args, bits, group_size)
+            model = _quantize_model(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.seq_len)
+            folder = out_dir / f"{Path(path).name}-{config.describe()}"
+            save(model, folder, tokenizer=tokenizer, overwrite=True)
+            del model
+            reloaded = load(folder)  # evaluate what is on disk, not what is in memory
+            result = _evaluate(reloaded, tokenizer, args.text_file, args.windows, args.seq_len)
+            k = fp_model.config.hidden_size
+            rows.append({
+                "setting": config.describe(),
+                "bits_per_weight": round(config.effective_bits(k), 3),
+                "checkpoint": str(folder),
+                "checkpoint_mb": round(_folder_bytes(folder) / 1e6, 1),
+                **result,
+            })
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep.json").write_text(json.dumps({"model": path, "rows": rows}, indent=2))
+    print(f"\nperplexity of {path} on {args.text_file} ({rows[0]['windows']} windows x {args.seq_len} tokens)")
+    print(f"{'setting':22s} {'bits/w':>7s} {'disk MB':>8s} {'ppl':>12s}")
+    for row in rows:
+        mb = f"{row['checkpoint_mb']:.1f}" if "checkpoint_mb" in row else "-"
+        print(f"{row['setting']:22s} {row['bits_per_weight']:7.2f} {mb:>8s} {row['ppl']:12.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitcliff", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("assets", help="fetch and prepare the embedded model(s) and corpus, print their paths")
+    p.add_argument("names", nargs="*", default=["default", "wiki"], help="assets: default, gemma3-270m, wiki")
+    p.add_argument("--json", action="store_true", help="print a JSON object name -> path")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("quantize", help="quantize a model and save a GPTQ-format checkpoint")
+    p.add_argument("--model", default="default", help="default, gemma3-270m, a local HF folder or a hub id")
+    p.add_argument("--bits", type=int, required=True, help="2, 3 or 4")
+    _add_quant_args(p)
+    _add_text_args(p)
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--checkpoint-format", default="auto", choices=["auto", "gptq", "gptq_v2"])
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity of a model or checkpoint (DESIGN §5 protocol)")
+    p.add_argument("target", help="a checkpoint folder, default, gemma3-270m, a local HF folder or a hub id")
+    p.add_argument("--windows", type=int, default=16)
+    _add_text_args(p)
+    p.add_argument("--json", help="write the result (ppl, per-window NLL, config) to this file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="main job: fp vs quantized perplexity table over bits and group sizes")
+    p.add_argument("--model", default="default")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[64])
+    _add_quant_args(p)
+    _add_text_args(p)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--out-dir", default="runs/sweep", help="where checkpoints and sweep.json go")
+    p.set_defaults(func=cmd_sweep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+        print(f"bitcliff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

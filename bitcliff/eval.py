@@ -1,0 +1,61 @@
+"""Perplexity evaluation (DESIGN §5): per-window mean NLL, ppl = exp(mean token NLL)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.inference_mode()
+def window_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each window.
+
+    Args:
+        model: a causal LM returning ``.logits``.
+        ids: int64 ``[B, T]`` token windows.
+    Returns:
+        float64 ``[B]``: mean NLL over the ``T - 1`` predicted tokens of each window.
+    """
+    device = next(model.parameters(), torch.empty(0)).device
+    ids = ids.to(device)
+    logits = model(input_ids=ids).logits.float()  # [B, T, V]
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+    return nll.mean(dim=1).double().cpu()
+
+
+def evaluate_ppl(model, eval_ids: torch.Tensor, batch_size: int = 1, progress: bool = True) -> dict:
+    """Perplexity of ``model`` on ``eval_ids``.
+
+    Args:
+        model: a causal LM.
+        eval_ids: int64 ``[n_windows, T]``.
+        batch_size: windows per forward.
+        progress: show a tqdm bar.
+    Returns:
+        ``{"ppl", "mean_nll", "nll_per_window" (list of n_windows floats), "tokens", "windows"}``.
+        Every window predicts ``T - 1`` tokens, so the token-weighted and window-weighted
+        means coincide.
+    """
+    if eval_ids.dim() != 2 or eval_ids.shape[0] == 0 or eval_ids.shape[1] < 2:
+        raise ValueError(f"eval_ids must be [n_windows >= 1, T >= 2], got {tuple(eval_ids.shape)}")
+    was_training = model.training
+    model.eval()
+    nll = []
+    try:
+        batches = range(0, eval_ids.shape[0], batch_size)
+        for start in tqdm(batches, desc="eval", disable=not progress, unit="batch"):
+            nll.append(window_nll(model, eval_ids[start : start + batch_size]))
+    finally:
+        model.train(was_training)
+    per_window = torch.cat(nll)
+    mean_nll = float(per_window.mean())
+    return {
+        "ppl": math.exp(mean_nll),
+        "mean_nll": mean_nll,
+        "nll_per_window": per_window.tolist(),
+        "tokens": int(eval_ids.shape[0] * (eval_ids.shape[1] - 1)),
+        "windows": int(eval_ids.shape[0]),
+    }
