@@ -59,15 +59,16 @@ def test_w4_round_trip_exact_and_size_on_disk(fp_model, eval_ids, fp_ppl, tmp_pa
     layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 30 * 7
     path = bitcliff.save(q, tmp_path / "w4", tokenizer=tokenizer)
+    assert bitcliff.save(q, tmp_path / "w4-fp16", dtype=torch.float16).exists()  # the compact option
     loaded = bitcliff.load(path)
     ids = eval_ids[:1, :64]
     assert torch.equal(q(ids).logits, loaded(ids).logits)
 
     n_quantized = sum(m.in_features * m.out_features for m in layers)
     g_idx_bytes = sum(4 * m.in_features for m in layers)
-    # embeddings (the head is tied to them and stored once) and norms stay fp16
+    # embeddings (the head is tied to them and stored once) and norms keep the model's fp32
     rest = sum(p.numel() for n, p in model.named_parameters() if "embed" in n or "norm" in n)
-    expected = n_quantized * config.effective_bits(576) / 8 + 2 * rest + g_idx_bytes
+    expected = n_quantized * config.effective_bits(576) / 8 + 4 * rest + g_idx_bytes
     on_disk = (path / "model.safetensors").stat().st_size
     assert abs(on_disk - expected) / expected < 0.01, (on_disk, expected)
 

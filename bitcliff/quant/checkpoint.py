@@ -71,7 +71,7 @@ def _choose_format(layers: dict[str, QuantLinear], requested: str) -> str:
     return requested
 
 
-def _checkpoint_tensors(model: nn.Module, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _checkpoint_tensors(model: nn.Module, fmt: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
@@ -90,7 +90,7 @@ def _checkpoint_tensors(model: nn.Module, fmt: str, dtype: torch.dtype) -> dict[
         if ptr in seen:  # a tied weight (lm_head = embeddings): safetensors stores it once
             continue
         seen.add(ptr)
-        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+        tensors[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -165,7 +165,7 @@ def save(
     tokenizer=None,
     overwrite: bool = False,
     checkpoint_format: str = "auto",
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Save a model quantized by :func:`bitcliff.quantize` as a GPTQ checkpoint.
@@ -176,7 +176,8 @@ def save(
         tokenizer: saved beside the weights when given.
         overwrite: replace an existing folder.
         checkpoint_format: "auto", "gptq" (v1) or "gptq_v2"; see the module docstring.
-        dtype: dtype of the unquantized floating tensors (embeddings, norms, head).
+        dtype: dtype of the unquantized floating tensors (embeddings, norms, head); ``None``
+            keeps the model's own, so the reloaded model computes exactly what was saved.
         max_shard_bytes: shard size limit; one ``model.safetensors`` when everything fits.
     Returns:
         The checkpoint folder.
@@ -189,7 +190,8 @@ def save(
     tensors = _checkpoint_tensors(model, fmt, dtype)
     model_config = model.config.to_dict()
     model_config["quantization_config"] = quantization_config(config, fmt)
-    model_config["dtype"] = str(dtype).removeprefix("torch.")
+    stored = dtype or model.get_input_embeddings().weight.dtype
+    model_config["dtype"] = str(stored).removeprefix("torch.")
 
     def fill(tmp: Path) -> None:
         shards = _shards(tensors, max_shard_bytes)
