@@ -64,3 +64,80 @@ def dequant_matmul(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# --- Error capture ------------------------------------------------------------------------------
+# Per-token signals a capture returns beside ``y``; every tensor is fp32 ``[tokens]`` where tokens
+# are the rows of ``x.reshape(-1, K)``.
+CAPTURE_SIGNALS = {
+    "stats": ("sq_norm", "abs_max"),  # sum(y**2) and max|y| over the output features
+    "error": ("err_sq", "fp_sq"),  # ||y_q - y_fp||**2 and ||y_fp||**2
+}
+
+
+def output_stats(y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``stats`` capture of an output ``y [..., N]`` (as returned, i.e. in its own dtype).
+
+    Returns:
+        ``sq_norm``: ``sum(y**2)`` and ``abs_max``: ``max|y|`` per token, fp32 ``[tokens]``.
+    """
+    rows = y.reshape(-1, y.shape[-1]).float()
+    return {"sq_norm": (rows * rows).sum(dim=1), "abs_max": rows.abs().amax(dim=1)}
+
+
+def output_error(
+    x: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_fp: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``error`` capture: how far the quantized layer's output is from the full-precision one.
+
+    Both outputs are the float32 accumulators ``x @ Wᵀ + bias`` (before rounding to x's dtype),
+    so the signal measures the weight quantization alone.
+
+    Args:
+        x: ``[..., K]`` activations.
+        weight_q: dequantized weight ``[N, K]``.
+        weight_fp: full-precision weight ``[N, K]``.
+        bias: optional ``[N]`` (in both outputs).
+    Returns:
+        ``err_sq``: ``||y_q - y_fp||**2`` and ``fp_sq``: ``||y_fp||**2`` per token, fp32 ``[tokens]``.
+    """
+    if weight_q.shape != weight_fp.shape:
+        raise ValueError(
+            f"weight_fp has shape {tuple(weight_fp.shape)}, the quantized weight {tuple(weight_q.shape)}"
+        )
+    xf = x.reshape(-1, x.shape[-1]).float()
+    y_q = xf @ weight_q.float().t()
+    y_fp = xf @ weight_fp.float().t()
+    if bias is not None:
+        y_q = y_q + bias.float()
+        y_fp = y_fp + bias.float()
+    d = y_q - y_fp
+    return {"err_sq": (d * d).sum(dim=1), "fp_sq": (y_fp * y_fp).sum(dim=1)}
+
+
+def matmul_capture(
+    x: torch.Tensor,
+    weight_q: torch.Tensor,
+    bias: torch.Tensor | None,
+    mode: str,
+    weight_fp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``y = x @ weight_qᵀ + bias`` (float32, returned in x's dtype) and its ``mode`` signals.
+
+    ``weight_q`` is the dense dequantized ``[N, K]`` weight; ``mode`` is ``"stats"`` or ``"error"``
+    (the latter needs ``weight_fp``).  This is what the kernels' capture computes.
+    """
+    if mode not in CAPTURE_SIGNALS:
+        raise ValueError(f"capture mode must be one of {tuple(CAPTURE_SIGNALS)}, got {mode!r}")
+    y = x.float() @ weight_q.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype)
+    if mode == "stats":
+        return y, output_stats(y)
+    if weight_fp is None:
+        raise ValueError("capture mode 'error' needs the full-precision weight")
+    return y, output_error(x, weight_q, weight_fp, bias)

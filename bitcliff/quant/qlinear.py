@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitcliff.kernels import ops as kernel_ops
+from bitcliff.kernels.layout import KernelLayout, from_gptq
 from bitcliff.kernels.pack import SUPPORTED_BITS, packed_length
-from bitcliff.kernels.reference import dequant_matmul, dequantize
+from bitcliff.kernels.reference import CAPTURE_SIGNALS, dequant_matmul, dequantize, output_error, output_stats
 from bitcliff.quant.qweight import QuantizedWeight
 
 
@@ -21,7 +23,14 @@ class QuantLinear(nn.Module):
         bias: optional ``[N]`` (fp16 in checkpoints, any float dtype in memory).
 
     The forward accepts ``[..., K]`` fp16/bf16/fp32 activations and returns ``[..., N]`` in the
-    activation dtype.  On CPU it dequantizes with the plain-torch reference and multiplies.
+    activation dtype.  On CPU it dequantizes with the plain-torch reference and multiplies; on
+    CUDA it runs the Triton kernel (``bitcliff::qmatmul``) on the kernel layout of the buffers,
+    built on first use and rebuilt whenever a buffer is replaced or written in place.
+
+    ``capture``: ``None``, or an object with ``mode`` (``"stats"``/``"error"``), ``weight`` (the
+    full-precision ``[N, K]`` weight, for ``"error"``), ``name`` and ``sink``; each forward then
+    calls ``sink(name, signals)`` with the per-token fp32 signals of
+    ``reference.CAPTURE_SIGNALS``.  Set by ``bitcliff.diagnose.capture.CaptureSession``.
     """
 
     def __init__(
@@ -59,6 +68,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16))
         else:
             self.bias = None
+        self.capture = None
+        self._kernel_layout: KernelLayout | None = None
+        self._kernel_layout_key: tuple | None = None
 
     @property
     def n_groups(self) -> int:
@@ -103,12 +115,50 @@ class QuantLinear(nn.Module):
         """Dense ``[N, K]`` weight in ``dtype``."""
         return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
 
+    def _buffers_key(self) -> tuple:
+        tensors = (self.qweight, self.qzeros, self.scales, self.g_idx)
+        return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+
+    def _build_kernel_layout(self) -> KernelLayout:
+        self._kernel_layout = from_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        self._kernel_layout_key = self._buffers_key()
+        return self._kernel_layout
+
+    def kernel_layout(self) -> KernelLayout:
+        """The Triton kernels' layout of this layer's weight (``bitcliff.kernels.layout``), cached."""
+        layout = self._kernel_layout
+        if torch.compiler.is_compiling():
+            if layout is not None:
+                return layout  # compiled inference: weights are frozen, skip the host-side check
+            # Built outside the graph (one graph break); run a forward eagerly first to avoid it.
+            return torch.compiler.disable(self._build_kernel_layout)()
+        if layout is None or self._kernel_layout_key != self._buffers_key():
+            layout = self._build_kernel_layout()
+        return layout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self.name or 'QuantLinear'}: input has {x.shape[-1]} features, expected {self.in_features}"
             )
-        return dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
+        capture = self.capture
+        if x.is_cuda:
+            layout = self.kernel_layout()
+            if capture is None:
+                return kernel_ops.run(x, layout, self.bias)
+            y, a, b = kernel_ops.run(x, layout, self.bias, capture.mode, capture.weight)
+            first, second = CAPTURE_SIGNALS[capture.mode]
+            capture.sink(capture.name, {first: a, second: b})
+            return y
+        y = dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
+        if capture is not None:
+            with torch.no_grad():
+                if capture.mode == "stats":
+                    signals = output_stats(y)
+                else:
+                    signals = output_error(x, self.dequantize(), capture.weight, self.bias)
+            capture.sink(capture.name, signals)
+        return y
 
     def extra_repr(self) -> str:
         return (

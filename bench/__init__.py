@@ -1,0 +1,1 @@
+"""Benchmarks: kernels against their physical floor (GPU), end-to-end decode, CPU reference paths."""

@@ -1,0 +1,135 @@
+"""Compile every kernel variant for a GPU target without needing the GPU, and report resources.
+
+    python -m bench.compile_check [--arch 90] [--json out.json]
+
+Triton compiles to PTX and runs ptxas on the host, so this catches compile errors, register
+spills and local-memory use (a stack frame) on any machine.  It prints one row per variant:
+registers per thread, stack/local bytes (spills), shared memory, and from the SASS: tensor-core
+(HGMMA/HMMA) instructions, 128-bit global loads, int->float conversions, local-memory accesses,
+and shared-memory instructions inside the K loop (for gemv that would be a layout shuffle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from bitcliff.kernels import qmatmul  # noqa: E402
+
+POINTERS = {
+    "x_ptr": "*fp16", "lo_ptr": "*i32", "hi_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8",
+    "kidx_ptr": "*i32", "bias_ptr": "*fp16", "wfp_ptr": "*fp16", "y_ptr": "*fp16",
+    "cap_a_ptr": "*fp32", "cap_b_ptr": "*fp32", "ws_ptr": "*fp32", "lock_ptr": "*i32",
+}
+INTS = ("M", "N", "K", "KP", "M_BUCKET", "stride_xm", "stride_wfp", "stride_ym")
+
+
+def compile_variant(kernel, constexprs: dict, arch: int, dtype: str):
+    signature = dict(POINTERS, **{name: "i32" for name in INTS})
+    for name in ("x_ptr", "y_ptr", "wfp_ptr"):
+        signature[name] = f"*{dtype}"
+    meta = {k: v for k, v in constexprs.items() if k not in ("num_warps", "num_stages")}
+    signature.update({k: "constexpr" for k in meta})
+    # Tell the compiler what the launcher's real arguments satisfy (16-divisible sizes/strides).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name in POINTERS or name in ("N", "K", "KP", "stride_xm", "stride_wfp", "stride_ym")}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=meta, attrs=attrs)
+    options = {"num_warps": constexprs["num_warps"], "num_stages": constexprs["num_stages"]}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def sass_summary(cubin: bytes) -> dict:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return {}
+    res = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    # Shared-memory traffic inside the K loop (up to its backward branch) means a layout shuffle.
+    lines = sass.splitlines()
+    back = next((i for i, line in enumerate(lines) if re.search(r"@!?P\d+\s+BRA\s+0x", line)
+                 and "0xf" in line.split("/*")[-1]), len(lines))
+    loop_smem = sum(bool(re.search(r"\b(LDS|STS|BAR)\b", line)) for line in lines[:back])
+    return {
+        "regs": int(res.get("REG", -1)),
+        "stack": int(res.get("STACK", -1)) + int(res.get("LOCAL", 0)),
+        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+        "hmma": len(re.findall(r"\bHMMA\b", sass)),
+        "ldg128": len(re.findall(r"LDG\.E\.128", sass)),
+        "ldg": len(re.findall(r"\bLDG\b", sass)),
+        "i2f": len(re.findall(r"\bI2F", sass)),
+        "local": len(re.findall(r"\b(LDL|STL)\b", sass)),
+        "loop_smem": loop_smem,
+    }
+
+
+def variants():
+    gemv = {"BLOCK_N": 128, "BLOCK_U": 2, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}
+    tiled = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8,
+             "num_warps": 8, "num_stages": 3}
+    for bits, capture, split in itertools.product((2, 3, 4), ("none", "stats", "error"), (1, 4)):
+        common = {"BITS": bits, "GROUP_SIZE": 128, "CAPTURE": capture, "HAS_BIAS": False,
+                  "PERMUTED": False, "INTERPRET": False}
+        yield "gemv", qmatmul._qmm_gemv_kernel, dict(common, **dict(gemv, SPLIT_K=split))
+        yield "tiled", qmatmul._qmm_tiled_kernel, dict(common, **dict(tiled, SPLIT_K=split))
+    extra = {"BITS": 4, "GROUP_SIZE": 32, "CAPTURE": "none", "HAS_BIAS": True, "PERMUTED": True,
+             "INTERPRET": False}
+    yield "gemv", qmatmul._qmm_gemv_kernel, dict(extra, **gemv)
+    yield "tiled", qmatmul._qmm_tiled_kernel, dict(extra, **tiled)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if qmatmul.INTERPRETED:
+        print("TRITON_INTERPRET is set: nothing to compile", file=sys.stderr)
+        return 2
+    rows = []
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
+    print(f"{'schedule':8} {'bits':>4} {'capture':8} {'split':>5} {'gs':>4} {'regs':>5} {'stack':>6} "
+          f"{'smem':>7} {'hgmma':>6} {'hmma':>5} {'ldg128':>6} {'i2f':>4} {'local':>5} {'loopsmem':>8}")
+    failures = 0
+    for schedule, kernel, constexprs in variants():
+        try:
+            compiled = compile_variant(kernel, constexprs, args.arch, args.dtype)
+        except Exception as exc:  # report every failing variant, not just the first
+            failures += 1
+            print(f"{schedule:8} {constexprs['BITS']:>4} {constexprs['CAPTURE']:8} FAILED: {exc}")
+            continue
+        md = compiled.metadata
+        sass = sass_summary(compiled.asm["cubin"])
+        row = {"schedule": schedule, **constexprs, "shared": md.shared, **sass}
+        rows.append(row)
+        print(f"{schedule:8} {constexprs['BITS']:>4} {constexprs['CAPTURE']:8} {constexprs['SPLIT_K']:>5} "
+              f"{constexprs['GROUP_SIZE']:>4} {sass.get('regs', '?'):>5} {sass.get('stack', '?'):>6} {md.shared:>7} "
+              f"{sass.get('hgmma', '?'):>6} {sass.get('hmma', '?'):>5} {sass.get('ldg128', '?'):>6} "
+              f"{sass.get('i2f', '?'):>4} {sass.get('local', '?'):>5} {sass.get('loop_smem', '?'):>8}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "arch": args.arch, "rows": rows}, f, indent=1)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

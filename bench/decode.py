@@ -1,0 +1,138 @@
+"""End-to-end decode speed: tokens/s of a model in fp16 and with W4/W3/W2 ``QuantLinear`` layers.
+
+    python -m bench.decode [--model default] [--bits 4 3 2] [--group 128] [--new-tokens 128]
+                           [--batch 1] [--compile] [--out DIR]
+
+Greedy generation of ``--new-tokens`` tokens after a short prompt, timed after a warm-up run
+(which also builds the kernel layouts and tunes the kernels), median of ``--reps`` runs.  With
+``--compile`` it also times ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) over a static
+KV cache; a variant that fails to compile is reported, not fatal.
+
+The model is ``bitcliff.assets.resolve_model(--model)`` (default: the embedded SmolLM2-135M).
+Where that cannot be prepared (a machine with no network and no cache), ``--model random`` or the
+automatic fallback builds the same architecture with random weights: decode speed depends on the
+shapes, not the values, and the JSON says which was used.  Quantization is RTN on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.kernels import RESULTS, environment, require_cuda, results_path
+
+# SmolLM2-135M's architecture (Llama): the shapes that set its decode speed.
+SMOLLM2_SHAPE = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+    tie_word_embeddings=True, rms_norm_eps=1e-5,
+)
+
+
+def load_model(name: str):
+    """(fp32 CPU model, description)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name != "random":
+        try:
+            from bitcliff.assets import resolve_model
+
+            path = resolve_model(name)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            except TypeError:  # older transformers
+                model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+            return model.eval(), f"{name} ({path})"
+        except Exception as exc:  # noqa: BLE001 - any failure to prepare the asset: fall back
+            print(f"decode: model {name!r} unavailable ({type(exc).__name__}: {exc}); "
+                  "using the SmolLM2-135M architecture with random weights", file=sys.stderr)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval(), "random weights, SmolLM2-135M shape"
+
+
+@torch.inference_mode()
+def time_generate(model, prompt, new_tokens: int, reps: int, static: bool) -> dict:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    model.generate(prompt, **kwargs)  # warm-up: layouts, tuning, compilation
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(prompt, **kwargs)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    times.sort()
+    median = times[len(times) // 2]
+    return {"seconds": median, "tokens_per_s": prompt.shape[0] * new_tokens / median}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graphs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    require_cuda()
+    from bitcliff import QuantConfig, quantize
+
+    env = environment()
+    base, description = load_model(args.model)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, base.config.vocab_size, (args.batch, args.prompt_tokens), generator=gen).cuda()
+    rows = []
+    for bits in [None, *args.bits]:
+        model = copy.deepcopy(base)
+        if bits is not None:
+            quantize(model, QuantConfig(bits=bits, group_size=args.group), progress=False)
+        model = model.cuda().half()
+        label = "fp16" if bits is None else f"w{bits}g{args.group}"
+        modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
+        for mode, compiled in modes:
+            row = {"variant": label, "mode": mode}
+            try:
+                if compiled:
+                    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+                row.update(time_generate(model, prompt, args.new_tokens, args.reps, static=compiled))
+            except Exception as exc:  # noqa: BLE001 - report, keep measuring the others
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+            speed = f"{row['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in row else row["error"]
+            print(f"{label:>8} {mode:>8}: {speed}", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    fp16 = {r["mode"]: r.get("tokens_per_s") for r in rows if r["variant"] == "fp16"}
+    for r in rows:
+        if r.get("tokens_per_s") and fp16.get(r["mode"]):
+            r["speedup_vs_fp16"] = r["tokens_per_s"] / fp16[r["mode"]]
+    result = {"environment": env, "model": description, "batch": args.batch,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = results_path(args.out, env, "decode-")
+    path.write_text(json.dumps(result, indent=1))
+    lines = [f"{'variant':>8} {'mode':>8} {'tok/s':>9} {'vs fp16':>8}"]
+    for r in rows:
+        tps = f"{r['tokens_per_s']:9.1f}" if "tokens_per_s" in r else f"{'failed':>9}"
+        sp = f"{r['speedup_vs_fp16']:8.2f}" if "speedup_vs_fp16" in r else f"{'':>8}"
+        lines.append(f"{r['variant']:>8} {r['mode']:>8} {tps} {sp}")
+    (args.out / "decode-summary.txt").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {path}\n" + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Kernel benchmark: quantized dequant-matmul vs fp16 ``torch.matmul`` against their physical floor.
+
+    python -m bench.kernels [--quick] [--bits 2 3 4] [--batches 1 16 64 2048] [--out DIR]
+
+For every Llama-3-8B/70B layer shape (K x N), batch M and bit width (g128) it reports the median
+time, the achieved bandwidth, the speedup over fp16, and the *ideal* speedup: the ratio of the two
+floors, each the larger of bytes moved / copy bandwidth (weights + activations + output) and
+FLOPs / fp16 matmul rate, i.e. the bytes ratio while memory-bound (3.82/5.02/7.31x for our W4/W3/W2
+g128 layout at M=1; 3.76/4.92/7.11x with DESIGN.md's fp16 zero, also recorded) and about 1 once
+compute-bound, plus the fraction of that ideal reached.  The two floors of each row (bytes / measured copy bandwidth and FLOPs /
+measured fp16 matmul rate) are recorded too.  Capture rows compare ``stats`` and ``error`` with
+the plain kernel, and ``error`` with what it replaces (an fp16 matmul plus the quantized one).
+
+Timing: memory-bound rows (M <= 64) replay a CUDA graph over enough copies of the weights to
+exceed twice the L2 (so every call reads DRAM, and launch gaps vanish); large-M rows use
+``triton.testing.do_bench`` (median, L2 flushed before each call).  Peers (gemlite, torchao int4)
+run beside ours when importable and are skipped cleanly otherwise.  Results go to
+``<out>/<device>-<date>.json`` with the device, torch/triton versions and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192))
+QUICK_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))
+BATCHES = (1, 16, 64, 2048)
+GRAPH_MAX_M = 64  # rows timed by graph replay over rotated buffers
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment, ceilings, timing
+# ---------------------------------------------------------------------------------------------
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        print("bench: no CUDA device here; these benchmarks measure GPU kernels and refuse to run "
+              "on CPU (use `pytest bench/test_cpu_bench.py` for the CPU reference paths).",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BITCLIFF_COMMIT", "unknown")
+
+
+def environment() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "sms": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def results_path(out: Path, env: dict, prefix: str = "") -> Path:
+    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower()
+    return out / f"{prefix}{slug}-{dt.date.today().isoformat()}.json"
+
+
+def time_graph(calls: list, reps: int = 20) -> float:
+    """Median milliseconds per call: a CUDA graph of all ``calls`` in sequence, replayed ``reps`` times."""
+    for call in calls:  # warm-up outside capture: compilation, tuning, workspaces
+        call()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_call(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def measure_ceilings() -> dict:
+    """Copy bandwidth (bytes read + written) and the fp16 matmul rate, measured here."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = time_call(lambda: b.copy_(a))
+    del a, b
+    m = 8192
+    x = torch.randn(m, m, device="cuda", dtype=torch.float16)
+    w = torch.randn(m, m, device="cuda", dtype=torch.float16)
+    ms_mm = time_call(lambda: x @ w)
+    return {"copy_GBps": 2 * n / ms / 1e6, "fp16_TFLOPs": 2 * m**3 / ms_mm / 1e9}
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems
+# ---------------------------------------------------------------------------------------------
+
+
+def random_layout(k: int, n: int, bits: int, group: int):
+    """A kernel layout of random codes built on the GPU (any int32 word is valid codes)."""
+    from bitcliff.kernels.layout import KernelLayout, plane_bits
+
+    dev = "cuda"
+    kp = -(-k // 32) * 32
+    groups = 1 if group == -1 else -(-k // group)
+
+    def words(rows):
+        return torch.randint(-2**31, 2**31 - 1, (rows, n), dtype=torch.int32, device=dev)
+
+    lo_bits = plane_bits(bits)[0]
+    return KernelLayout(
+        bits=bits, in_features=k, out_features=n, group_size=group,
+        lo=words(kp * lo_bits // 32), hi=words(kp // 32) if bits == 3 else None,
+        scales=(torch.rand(groups, n, device=dev) * 0.01 + 0.001).half(),
+        zeros=torch.randint(0, 2**bits, (groups, n), dtype=torch.uint8, device=dev),
+        kidx=None,
+    )
+
+
+def ideal(k: int, n: int, m: int, bits: int, group: int, layout_bytes: int) -> dict:
+    io = 2 * m * (k + n)  # fp16 x read + y written
+    fp16 = 2 * k * n + io
+    groups = 1 if group == -1 else -(-k // group)
+    design = k * n * bits / 8 + groups * n * 4 + io  # DESIGN.md §7 accounting: fp16 scale + fp16 zero
+    return {
+        "bytes_fp16": fp16, "bytes_q": layout_bytes + io, "flops": 2 * m * k * n,
+        "ideal_speedup_bytes": fp16 / (layout_bytes + io), "ideal_speedup_design": fp16 / design,
+    }
+
+
+def copies_for(bytes_per_call: int, l2_bytes: int, budget: int = 3 << 30) -> int:
+    """How many buffer sets to rotate through so each call misses L2 (within a memory budget)."""
+    want = -(-2 * l2_bytes // max(bytes_per_call, 1))
+    return max(1, min(want, budget // max(bytes_per_call, 1), 64))
+
+
+def bench_row(k, n, m, bits, group, l2_bytes, ceilings, capture_rows: bool) -> dict:
+    from bitcliff.kernels import qmatmul
+
+    layout = random_layout(k, n, bits, group)
+    copies = copies_for(layout.nbytes(), l2_bytes) if m <= GRAPH_MAX_M else 1
+    layouts = [layout] + [random_layout(k, n, bits, group) for _ in range(copies - 1)]
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
+
+    def timed(make):
+        calls = [make(i) for i in range(copies)]
+        if m <= GRAPH_MAX_M:
+            return time_graph(calls)
+        return time_call(calls[0])
+
+    row = {"K": k, "N": n, "M": m, "bits": bits, "group": group,
+           "schedule": qmatmul.choose_schedule(m), "copies": copies}
+    row["ms"] = timed(lambda i: (lambda: qmatmul.quant_matmul(xs[i], layouts[i])))
+    row["fp16_ms"] = timed(lambda i: (lambda: torch.matmul(xs[i], ws[i].t())))
+    row.update(ideal(k, n, m, bits, group, layout.nbytes()))
+    row["GBps"] = row["bytes_q"] / row["ms"] / 1e6
+    row["speedup"] = row["fp16_ms"] / row["ms"]
+    row["floor_bytes_ms"] = row["bytes_q"] / ceilings["copy_GBps"] / 1e6
+    row["floor_flops_ms"] = row["flops"] / ceilings["fp16_TFLOPs"] / 1e9
+    row["floor_ms"] = max(row["floor_bytes_ms"], row["floor_flops_ms"])
+    row["fp16_floor_ms"] = max(row["bytes_fp16"] / ceilings["copy_GBps"] / 1e6, row["floor_flops_ms"])
+    # The best speedup physics allows: the bytes ratio while memory-bound, ~1 once compute-bound.
+    row["ideal_speedup"] = row["fp16_floor_ms"] / row["floor_ms"]
+    row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
+    row["fraction_of_floor"] = row["floor_ms"] / row["ms"]
+    if capture_rows:
+        row["stats_ms"] = timed(lambda i: (lambda: qmatmul.quant_matmul(xs[i], layouts[i], capture="stats")))
+        row["error_ms"] = timed(lambda i: (lambda: qmatmul.quant_matmul(
+            xs[i], layouts[i], capture="error", weight_fp=ws[i])))
+        row["stats_overhead"] = row["stats_ms"] / row["ms"] - 1
+        row["error_vs_plain"] = row["error_ms"] / row["ms"]
+        row["error_vs_fp16_plus_q"] = row["error_ms"] / (row["fp16_ms"] + row["ms"])
+    del layouts, xs, ws
+    torch.cuda.empty_cache()
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers (optional)
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_peers(k: int, n: int, m: int) -> dict:
+    """torchao int4 weight-only and gemlite A16W4, when importable; reasons when not."""
+    out = {}
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        quantize_(lin, Int4WeightOnlyConfig(group_size=128))
+        out["torchao_int4_ms"] = time_call(lambda: lin(x))
+    except Exception as exc:  # noqa: BLE001 - report any failure of an optional peer
+        out["torchao_int4"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
+    try:
+        import gemlite  # noqa: F401
+        from gemlite.helper import A16W4
+
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+        layer = A16W4(device="cuda").from_linear(lin)
+        xh = x.half()
+        out["gemlite_w4_ms"] = time_call(lambda: layer(xh))
+    except Exception as exc:  # noqa: BLE001
+        out["gemlite_w4"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def summary_table(rows: list[dict]) -> str:
+    head = (f"{'K x N':>13} {'M':>5} {'b':>2} {'us':>9} {'GB/s':>7} {'fp16 us':>9} {'speedup':>7} "
+            f"{'ideal':>6} {'frac':>5} {'stats+':>7} {'err/(fp+q)':>10}")
+    lines = [head]
+    for r in rows:
+        stats = f"{100 * r['stats_overhead']:6.1f}%" if "stats_overhead" in r else f"{'':>7}"
+        err = f"{r['error_vs_fp16_plus_q']:10.2f}" if "error_vs_fp16_plus_q" in r else f"{'':>10}"
+        lines.append(
+            f"{r['K']:>6}x{r['N']:<6} {r['M']:>5} {r['bits']:>2} {1000 * r['ms']:9.1f} {r['GBps']:7.0f} "
+            f"{1000 * r['fp16_ms']:9.1f} {r['speedup']:7.2f} {r['ideal_speedup']:6.2f} "
+            f"{r['fraction_of_ideal']:5.2f} {stats} {err}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="four shapes, capture rows at 4-bit only")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    require_cuda()
+    env = environment()
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    ceilings = measure_ceilings()
+    print(f"{env['device']}: copy {ceilings['copy_GBps']:.0f} GB/s, fp16 matmul "
+          f"{ceilings['fp16_TFLOPs']:.0f} TFLOP/s; torch {env['torch']}, triton {env['triton']}", flush=True)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rows, peers = [], []
+    started = time.time()
+    for k, n in shapes:
+        for m in args.batches:
+            for bits in args.bits:
+                capture_rows = bits == 4 or not args.quick
+                row = bench_row(k, n, m, bits, args.group, l2, ceilings, capture_rows)
+                rows.append(row)
+                print(summary_table([row]).splitlines()[1], flush=True)
+            if not args.no_peers and m in (1, 16):
+                peers.append({"K": k, "N": n, "M": m, **bench_peers(k, n, m)})
+    result = {"environment": env, "ceilings": ceilings, "group": args.group, "rows": rows,
+              "peers": peers, "seconds": round(time.time() - started, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = results_path(args.out, env, "kernels-")
+    path.write_text(json.dumps(result, indent=1))
+    table = summary_table(rows)
+    (args.out / "kernels-summary.txt").write_text(table + "\n")
+    print(f"\nwrote {path}\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""CPU benchmarks of the reference paths (pytest-benchmark).
+
+    pytest bench/test_cpu_bench.py --benchmark-enable     # time them
+    pytest bench/test_cpu_bench.py                        # --benchmark-disable (the default): run once as tests
+
+Shapes are SmolLM2-135M's (hidden 576, MLP 1536), the model the CPU path serves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitcliff import QuantConfig
+from bitcliff.kernels import reference
+from bitcliff.kernels.layout import from_gptq, to_gptq
+from bitcliff.kernels.pack import pack_qweight, unpack_qweight
+from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.rtn import quantize_rtn
+
+K, N = 576, 1536
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda b: f"w{b}")
+def layer(request):
+    torch.manual_seed(request.param)
+    qw = quantize_rtn(torch.randn(N, K) * 0.02, QuantConfig(bits=request.param, group_size=128))
+    return QuantLinear.from_quantized(qw, 128, torch.randn(N), "mlp.up_proj")
+
+
+def test_pack_unpack(benchmark, layer):
+    codes = unpack_qweight(layer.qweight, layer.bits, K)
+
+    def roundtrip():
+        return unpack_qweight(pack_qweight(codes, layer.bits), layer.bits, K)
+
+    assert torch.equal(benchmark(roundtrip), codes)
+
+
+def test_kernel_layout_repack(benchmark, layer):
+    layout = benchmark(from_gptq, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
+    assert torch.equal(to_gptq(layout)["qweight"], layer.qweight)
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_reference_dequant_matmul(benchmark, layer, m):
+    x = torch.randn(m, K)
+    y = benchmark(reference.dequant_matmul, x, layer.qweight, layer.qzeros, layer.scales,
+                  layer.g_idx, layer.bits, layer.bias)
+    assert y.shape == (m, N) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_quantlinear_forward(benchmark, layer, dtype):
+    x = torch.randn(1, 8, K, dtype=dtype)
+    with torch.inference_mode():
+        y = benchmark(layer, x)
+    assert y.shape == (1, 8, N) and y.dtype == dtype
+
+
+@pytest.mark.parametrize("bits,design,ours", [(4, 3.76, 3.82), (3, 4.92, 5.01), (2, 7.11, 7.29)])
+def test_ideal_speedup_accounting(bits, design, ours):
+    """The benchmark's byte accounting reproduces DESIGN.md §7 (fp16 zero) and our uint8-zero layout."""
+    from bench.kernels import ideal
+
+    qw = quantize_rtn(torch.randn(64, 256), QuantConfig(bits=bits, group_size=128))
+    small = from_gptq(**qw.packed(), bits=bits)
+    k = n = 4096  # scale the small layout's per-weight bytes up to a Llama-3-8B layer
+    layout_bytes = small.nbytes() * (k * n) // (256 * 64)
+    got = ideal(k, n, 1, bits, 128, layout_bytes)
+    assert got["ideal_speedup_design"] == pytest.approx(design, rel=5e-3)
+    assert got["ideal_speedup_bytes"] == pytest.approx(ours, rel=5e-3)

@@ -1,0 +1,1 @@
+"""Diagnosis: capture sessions, signal tracing, component assessment, patching, verdict, report."""

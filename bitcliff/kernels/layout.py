@@ -1,0 +1,245 @@
+"""The in-memory weight layout of the Triton kernels, and its exact conversion to and from GPTQ.
+
+The GPTQ checkpoint layout (``pack.py``) is a bit stream along K: fine for 2 and 4 bits, but
+3-bit codes straddle int32 words, which costs a kernel two loads and a funnel shift per code.
+The kernel layout removes that and everything else a kernel would otherwise redo per call:
+
+* **bit planes along K.**  Codes are stored in *planes* of 2 or 4 bits that never straddle:
+  plane word ``[r, n]`` holds codes ``k = r*PER .. r*PER+PER-1`` of column ``n`` (``PER = 32 /
+  plane bits``), least significant first.  4-bit and 2-bit weights have one plane (which is
+  bit-for-bit the GPTQ ``qweight``); 3-bit weights have a 2-bit plane ``lo`` (bits 0-1 of every
+  code) and a 1-bit plane ``hi`` (bit 2).  Both are exactly 3 bits per weight.
+* **zeros unpacked** to ``uint8 [n_groups, N]``: one byte per group and column instead of a
+  bit-packed row along N that each kernel tile would have to unpack (fewer bytes than an fp16
+  zero, and exact: the kernel forms ``code - zero`` in fp32).
+* **groups contiguous and 32-aligned along the kernel's K.**  Act-order checkpoints (a ``g_idx``
+  that is not ``k // group_size``) are reordered once: the kernel's K position ``p`` reads
+  activation column ``kidx[p]``, and positions are sorted by group.  When the sorted groups are
+  not all one size that is a multiple of 32 (a random ``g_idx``, or ``group_size=48``), each
+  group gets a slot of ``P`` positions (``P`` the largest group rounded up to 32) and the unused
+  slots are padding (``kidx = -1``: the kernel reads a zero activation there).  Either way the
+  kernel sees plain contiguous groups of a compile-time size, so it has no per-channel gather of
+  scales.  ``to_gptq`` inverts all of this exactly (tested both ways).
+
+K is padded with zero codes to a multiple of 32 (``k_padded``); the kernel masks the padding
+by ``k < in_features`` (or ``kidx = -1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from bitcliff.kernels.pack import (
+    SUPPORTED_BITS,
+    pack_qweight,
+    pack_qzeros,
+    unpack_qweight,
+    unpack_qzeros,
+)
+
+UNIT = 32  # codes per packing unit; k_padded and group sizes are multiples of it
+
+
+def plane_bits(bits: int) -> tuple[int, ...]:
+    """Widths of the bit planes a ``bits``-bit code is split into (low plane first)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return (2, 1) if bits == 3 else (bits,)
+
+
+def pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack ``[L, C]`` codes of ``width`` bits (L a multiple of 32) along dim 0 into int32 words."""
+    per = 32 // width
+    length, cols = codes.shape
+    if length % per:
+        raise ValueError(f"plane length {length} is not a multiple of {per} codes")
+    c = codes.to(torch.int64).view(length // per, per, cols)
+    shifts = (torch.arange(per, dtype=torch.int64) * width).view(1, per, 1)
+    words = (c << shifts).sum(dim=1)  # disjoint bit fields: the sum is their OR
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_plane(words: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_plane`: int32 ``[L/PER, C]`` -> int64 codes ``[L, C]``."""
+    per = 32 // width
+    rows, cols = words.shape
+    w = (words.to(torch.int64) & 0xFFFFFFFF).view(rows, 1, cols)
+    shifts = (torch.arange(per, dtype=torch.int64) * width).view(1, per, 1)
+    return ((w >> shifts) & ((1 << width) - 1)).view(rows * per, cols)
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """One linear layer's weight as the Triton kernels read it.
+
+    Attributes:
+        bits: code width, 2, 3 or 4.
+        in_features: K, the activation width.
+        out_features: N.
+        group_size: group size along the kernel's K order: ``-1`` (one group) or a multiple of 32.
+        lo: int32 ``[k_padded * lo_bits / 32, N]``, the low plane (the only one for 2/4 bits).
+        hi: int32 ``[k_padded / 32, N]``, bit 2 of each 3-bit code; ``None`` for 2/4 bits.
+        scales: ``[n_groups, N]`` (fp16 as stored in the checkpoint).
+        zeros: uint8 ``[n_groups, N]``, the true (v2) zero points.
+        kidx: int32 ``[k_padded]``, the activation column read at each kernel K position
+            (``-1`` for padding), or ``None`` when that is the identity.
+    """
+
+    bits: int
+    in_features: int
+    out_features: int
+    group_size: int
+    lo: torch.Tensor
+    hi: torch.Tensor | None
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    kidx: torch.Tensor | None
+
+    @property
+    def k_padded(self) -> int:
+        return self.lo.shape[0] * 32 // plane_bits(self.bits)[0]
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lo.device
+
+    def to(self, device: torch.device | str) -> "KernelLayout":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self, lo=move(self.lo), hi=move(self.hi), scales=move(self.scales),
+            zeros=move(self.zeros), kidx=move(self.kidx),
+        )
+
+    def nbytes(self) -> int:
+        """Bytes a kernel reads for the weight (planes, scales, zeros, kidx)."""
+        tensors = (self.lo, self.hi, self.scales, self.zeros, self.kidx)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def codes(self) -> torch.Tensor:
+        """Codes in kernel K order, int64 ``[k_padded, N]`` (padding positions hold 0)."""
+        widths = plane_bits(self.bits)
+        codes = unpack_plane(self.lo.cpu(), widths[0])
+        if self.hi is not None:
+            codes = codes | (unpack_plane(self.hi.cpu(), 1) << 2)
+        return codes
+
+    def source_columns(self) -> torch.Tensor:
+        """int64 ``[k_padded]``: activation column of each kernel K position, -1 for padding."""
+        if self.kidx is not None:
+            return self.kidx.cpu().to(torch.int64)
+        p = torch.arange(self.k_padded, dtype=torch.int64)
+        return torch.where(p < self.in_features, p, torch.full_like(p, -1))
+
+    def position_groups(self) -> torch.Tensor:
+        """int64 ``[k_padded]``: group of each kernel K position."""
+        p = torch.arange(self.k_padded, dtype=torch.int64)
+        if self.group_size == -1:
+            return torch.zeros_like(p)
+        return torch.clamp(p // self.group_size, max=self.n_groups - 1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``[N, K]`` weight in the original column order (exact in float32)."""
+        src = self.source_columns()
+        valid = src >= 0
+        g = self.position_groups()[valid]
+        scales, zeros = self.scales.cpu().float(), self.zeros.cpu().float()
+        w_pk = scales[g] * (self.codes()[valid].float() - zeros[g])  # [K, N] in kernel order
+        weight = torch.empty(self.in_features, self.out_features, dtype=torch.float32)
+        weight[src[valid]] = w_pk
+        return weight.t().to(device=self.device, dtype=dtype)
+
+
+def _kernel_order(g_idx: torch.Tensor, n_groups: int) -> tuple[int, torch.Tensor | None, int]:
+    """Decide the kernel K order for a ``g_idx``.
+
+    Returns ``(group_size, kidx, k_padded)``: ``kidx`` (int64 or ``None`` for the identity)
+    maps kernel positions to activation columns, -1 for padding.
+    """
+    k = g_idx.numel()
+    g = g_idx.to(torch.int64)
+    k_padded = -(-k // UNIT) * UNIT
+    if n_groups == 1 or bool((g == g[0]).all()) and int(g[0]) == 0:
+        return -1, None, k_padded
+    order = torch.argsort(g, stable=True)
+    sorted_g = g[order]
+    first = int((sorted_g == 0).sum())
+    if first > 0 and first % UNIT == 0 and torch.equal(sorted_g, torch.arange(k) // first):
+        identity = torch.equal(order, torch.arange(k))
+        if identity:
+            return first, None, k_padded
+        pad = torch.full((k_padded - k,), -1, dtype=torch.int64)
+        return first, torch.cat([order, pad]), k_padded
+    # Uneven or unaligned groups: one slot of `slot` positions per group id, padding unused.
+    counts = torch.bincount(g, minlength=n_groups)
+    slot = max(UNIT, -(-int(counts.max()) // UNIT) * UNIT)
+    starts = torch.cumsum(counts, 0) - counts  # first sorted index of each group
+    rank = torch.arange(k) - starts[sorted_g]
+    kidx = torch.full((n_groups * slot,), -1, dtype=torch.int64)
+    kidx[sorted_g * slot + rank] = order
+    return slot, kidx, n_groups * slot
+
+
+def from_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+) -> KernelLayout:
+    """Repack GPTQ tensors (see ``reference.dequantize`` for their shapes) into a :class:`KernelLayout`.
+
+    Exact: :func:`to_gptq` gives back the same codes, zeros, scales and ``g_idx``.  Runs once per
+    layer at load (on CPU); the result is moved to the weight's device.
+    """
+    device = qweight.device
+    in_features = g_idx.numel()
+    n_groups, out_features = scales.shape
+    g = g_idx.cpu().to(torch.int64)
+    if in_features == 0 or int(g.min()) < 0 or int(g.max()) >= n_groups:
+        raise ValueError(f"g_idx must hold group indices in [0, {n_groups}) for {in_features} columns")
+    codes = unpack_qweight(qweight.cpu(), bits, in_features).to(torch.int64)  # [K, N]
+    zeros = unpack_qzeros(qzeros.cpu(), bits, out_features)
+    group_size, kidx, k_padded = _kernel_order(g, n_groups)
+    kcodes = torch.zeros(k_padded, out_features, dtype=torch.int64)
+    if kidx is None:
+        kcodes[:in_features] = codes
+    else:
+        valid = kidx >= 0
+        kcodes[valid] = codes[kidx[valid]]
+    widths = plane_bits(bits)
+    lo = pack_plane(kcodes & ((1 << widths[0]) - 1), widths[0])
+    hi = pack_plane(kcodes >> 2, 1) if bits == 3 else None
+    layout = KernelLayout(
+        bits=bits,
+        in_features=in_features,
+        out_features=out_features,
+        group_size=group_size,
+        lo=lo,
+        hi=hi,
+        scales=scales.detach().cpu().contiguous(),
+        zeros=zeros.to(torch.uint8).contiguous(),
+        kidx=None if kidx is None else kidx.to(torch.int32),
+    )
+    return layout.to(device)
+
+
+def to_gptq(layout: KernelLayout) -> dict[str, torch.Tensor]:
+    """Exact inverse of :func:`from_gptq`: ``qweight``, ``qzeros`` (v2), ``scales``, ``g_idx`` (on CPU)."""
+    src = layout.source_columns()
+    valid = src >= 0
+    codes = torch.zeros(layout.in_features, layout.out_features, dtype=torch.int64)
+    codes[src[valid]] = layout.codes()[valid]
+    g_idx = torch.zeros(layout.in_features, dtype=torch.int32)
+    g_idx[src[valid]] = layout.position_groups()[valid].to(torch.int32)
+    return {
+        "qweight": pack_qweight(codes, layout.bits),
+        "qzeros": pack_qzeros(layout.zeros.cpu().to(torch.int64), layout.bits),
+        "scales": layout.scales.cpu().clone(),
+        "g_idx": g_idx,
+    }

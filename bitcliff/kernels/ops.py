@@ -1,0 +1,154 @@
+"""The dequant-matmul kernels as torch operators, so ``torch.compile`` traces through ``QuantLinear``.
+
+Three operators in the ``bitcliff`` namespace, all taking the weight in kernel layout
+(``layout.py``; ``hi`` only for 3-bit, ``kidx`` only when reordered) and ``x [..., K]``:
+
+* ``bitcliff::qmatmul(...) -> y [..., N]``
+* ``bitcliff::qmatmul_stats(...) -> (y, sq_norm [T], abs_max [T])``
+* ``bitcliff::qmatmul_error(..., weight_fp) -> (y, err_sq [T], fp_sq [T])``
+
+with ``T = x.numel() // K`` tokens and the signals as in ``reference.CAPTURE_SIGNALS``.  CUDA
+tensors run the Triton kernels (``qmatmul.py``, imported on first use so that importing this
+module costs nothing and never fixes Triton's interpreter mode early); CPU tensors run the
+plain-torch reference, so the operators work everywhere.  Each has a fake (meta) implementation
+for tracing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from bitcliff.kernels import reference
+from bitcliff.kernels.layout import KernelLayout
+
+
+def make_layout(
+    lo: torch.Tensor,
+    hi: Optional[torch.Tensor],
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    kidx: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> KernelLayout:
+    """Reassemble a :class:`KernelLayout` from the operator arguments."""
+    return KernelLayout(
+        bits=bits, in_features=in_features, out_features=scales.shape[1], group_size=group_size,
+        lo=lo, hi=hi, scales=scales, zeros=zeros, kidx=kidx,
+    )
+
+
+def layout_args(layout: KernelLayout) -> tuple:
+    """The operator arguments describing ``layout`` (the inverse of :func:`make_layout`)."""
+    return (layout.lo, layout.hi, layout.scales, layout.zeros, layout.kidx,
+            layout.bits, layout.group_size, layout.in_features)
+
+
+def _run(x, layout: KernelLayout, bias, capture: str, weight_fp=None):
+    if x.is_cuda:
+        from bitcliff.kernels.qmatmul import quant_matmul  # noqa: PLC0415 (lazy: see module doc)
+
+        return quant_matmul(x, layout, bias, capture=capture, weight_fp=weight_fp)
+    weight = layout.dequantize(torch.float32)
+    if capture == "none":
+        y = x.float() @ weight.t()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+    y, signals = reference.matmul_capture(x, weight, bias, capture, weight_fp)
+    a, b = reference.CAPTURE_SIGNALS[capture]
+    return y, signals[a], signals[b]
+
+
+@torch.library.custom_op("bitcliff::qmatmul", mutates_args=())
+def qmatmul(
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: Optional[torch.Tensor],
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    kidx: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``y = x @ dequant(W)ᵀ (+ bias)``; W in kernel layout (see module docstring)."""
+    layout = make_layout(lo, hi, scales, zeros, kidx, bits, group_size, in_features)
+    return _run(x, layout, bias, "none")
+
+
+@torch.library.custom_op("bitcliff::qmatmul_stats", mutates_args=())
+def qmatmul_stats(
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: Optional[torch.Tensor],
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    kidx: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, sum(y**2), max|y|)`` per token."""
+    layout = make_layout(lo, hi, scales, zeros, kidx, bits, group_size, in_features)
+    return _run(x, layout, bias, "stats")
+
+
+@torch.library.custom_op("bitcliff::qmatmul_error", mutates_args=())
+def qmatmul_error(
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: Optional[torch.Tensor],
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    kidx: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+    weight_fp: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, ||y_q - y_fp||**2, ||y_fp||**2)`` per token, ``weight_fp`` ``[N, K]``."""
+    layout = make_layout(lo, hi, scales, zeros, kidx, bits, group_size, in_features)
+    return _run(x, layout, bias, "error", weight_fp)
+
+
+def _fake_outputs(x: torch.Tensor, scales: torch.Tensor):
+    y = x.new_empty((*x.shape[:-1], scales.shape[1]))
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return y, x.new_empty((tokens,), dtype=torch.float32), x.new_empty((tokens,), dtype=torch.float32)
+
+
+@qmatmul.register_fake
+def _(x, lo, hi, scales, zeros, kidx, bias, bits, group_size, in_features):
+    return _fake_outputs(x, scales)[0]
+
+
+@qmatmul_stats.register_fake
+def _(x, lo, hi, scales, zeros, kidx, bias, bits, group_size, in_features):
+    return _fake_outputs(x, scales)
+
+
+@qmatmul_error.register_fake
+def _(x, lo, hi, scales, zeros, kidx, bias, bits, group_size, in_features, weight_fp):
+    return _fake_outputs(x, scales)
+
+
+def run(x: torch.Tensor, layout: KernelLayout, bias: torch.Tensor | None, capture: str = "none",
+        weight_fp: torch.Tensor | None = None):
+    """Call the operator for ``capture`` (``"none"``, ``"stats"`` or ``"error"``) on ``layout``."""
+    args = (x, *layout_args(layout)[:5], bias, *layout_args(layout)[5:])
+    if capture == "none":
+        return torch.ops.bitcliff.qmatmul(*args)
+    if capture == "stats":
+        return torch.ops.bitcliff.qmatmul_stats(*args)
+    if capture == "error":
+        if weight_fp is None:
+            raise ValueError("capture 'error' needs the full-precision weight")
+        return torch.ops.bitcliff.qmatmul_error(*args, weight_fp)
+    raise ValueError(f"capture must be 'none', 'stats' or 'error', got {capture!r}")

@@ -1,0 +1,171 @@
+"""Tuning of the dequant-matmul kernels: candidate configurations, pruning, and the per-device cache.
+
+``qmatmul.py`` hands these to ``triton.autotune``; the winner for each shape class is stored by
+:class:`TuningCache` so that later runs launch it without tuning.  Triton's own
+``autotune(cache_results=True)`` (present in 3.6 and 3.9) keys its disk cache by GPU *architecture* and its
+kernel-source hash, so an H100 and an H200 (both sm_90, different bandwidth) would share
+entries, and it lives in Triton's cache directory; this cache is keyed by device name and Triton
+version, in the user's cache directory, and holds plain JSON a user can read or delete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+import triton
+
+GEMV_MAX_M = 4  # above this the tiled schedule shares each dequantized tile among BLOCK_M rows
+SPLIT_MAX_M = 64  # larger M has enough output tiles: no split-K, no workspace
+
+# Small, fixed configurations for the interpreter (and the default when tuning is off).
+DEFAULT_CONFIGS = {
+    "gemv": {"BLOCK_N": 64, "BLOCK_U": 4, "SPLIT_K": 1, "num_warps": 2, "num_stages": 2},
+    "tiled": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 4,
+              "num_warps": 4, "num_stages": 2},
+}
+
+
+def gemv_configs() -> list[triton.Config]:
+    configs = []
+    for block_n in (32, 64, 128, 256):  # 32 only for narrow N (pruned otherwise)
+        for block_u in (1, 2, 4):
+            for split_k in (1, 2, 4, 8, 16):
+                # One column per thread: a warp reads 128 contiguous bytes of each plane row, and
+                # the [BLOCK_U, PER] partial sums of a column stay in that thread's registers.
+                configs.append(triton.Config(
+                    {"BLOCK_N": block_n, "BLOCK_U": block_u, "SPLIT_K": split_k},
+                    num_warps=block_n // 32, num_stages=3,
+                ))
+    return configs
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the Hopper-friendly shapes of Triton's matmul
+# tutorial plus narrow-M shapes for batches of 5..64 rows.
+_TILED_SHAPES = (
+    (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 256, 64, 4, 3), (16, 128, 64, 4, 4),
+    (16, 128, 32, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (32, 256, 64, 8, 3),
+    (32, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3),
+    (64, 128, 32, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+    (128, 128, 32, 8, 4), (256, 128, 64, 8, 3),
+)
+
+
+def tiled_configs() -> list[triton.Config]:
+    configs = []
+    for bm, bn, bk, warps, stages in _TILED_SHAPES:
+        for split_k in ((1, 2, 4, 8) if bm <= 32 else (1, 2, 4) if bm == 64 else (1,)):
+            configs.append(triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": 8},
+                num_warps=warps, num_stages=stages,
+            ))
+    return configs
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # an H100's count, for exercising the pruning without a GPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def prune_gemv(configs, named_args, **kwargs):
+    m, n, kp = named_args["M"], named_args["N"], named_args["KP"]
+    bits = kwargs.get("BITS", named_args.get("BITS", 4))
+    per = 32 // (2 if bits == 3 else bits)
+    sms = _num_sms(named_args["y_ptr"].device)
+    units = kp // 32
+    keep = []
+    for c in configs:
+        bn, bu, sk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_U"], c.kwargs["SPLIT_K"]
+        programs = m * triton.cdiv(n, bn) * sk
+        if bn > max(32, triton.next_power_of_2(n)) or (bn == 32 and n >= 2048) or sk * bu > units:
+            continue
+        if bu * per > 32:  # two [BLOCK_U, PER] fp32 accumulators per thread: keep them <= 64 regs
+            continue
+        if sms <= programs < 4 * sms:  # at least one wave, and K slices that stay long
+            keep.append(c)
+    return keep or [min(configs, key=lambda c: abs(m * triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] - 2 * sms))]
+
+
+def prune_tiled(configs, named_args, **kwargs):
+    m, n, kp = named_args["M"], named_args["N"], named_args["KP"]
+    sms = _num_sms(named_args["y_ptr"].device)
+    target = min(max(16, triton.next_power_of_2(m)), 128)
+    keep = []
+    for c in configs:
+        bm, bn, bk, sk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
+        if bm != target and not (m > 128 and bm == 2 * target):
+            continue
+        if bn > max(64, triton.next_power_of_2(n)):
+            continue
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        # Split K only to fill the GPU: up to a few waves of programs, K slices >= 2 tiles long.
+        if sk > 1 and (m > SPLIT_MAX_M or tiles >= sms or not sms <= tiles * sk < 4 * sms
+                       or 2 * sk * bk > kp):
+            continue
+        keep.append(c)
+    # A K tile inside one group loads one row of scales and zeros instead of a [BLOCK_K, BLOCK_N]
+    # gather: prefer such tiles when the group size allows them.
+    group = named_args["GROUP_SIZE"] if "GROUP_SIZE" in named_args else kwargs.get("GROUP_SIZE", -1)
+    aligned = [c for c in keep if group == -1 or group % c.kwargs["BLOCK_K"] == 0]
+    return aligned or keep or configs[:1]
+
+
+class TuningCache:
+    """Best configurations per device, Triton version and shape class, in one JSON file.
+
+    ``$BITCLIFF_CACHE`` (default ``~/.cache/bitcliff``) ``/autotune-<device>-triton<version>.json``.
+    A configuration is written after the first tuning of its shape class and read at every
+    later start; delete the file to tune again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict[str, dict]] = {}
+
+    @staticmethod
+    def path(device: torch.device) -> Path:
+        root = Path(os.environ.get("BITCLIFF_CACHE") or Path.home() / ".cache" / "bitcliff")
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+        return root / f"autotune-{slug}-triton{triton.__version__}.json"
+
+    def _load(self, device: torch.device) -> dict[str, dict]:
+        path = self.path(device)
+        if str(path) not in self._entries:
+            try:
+                self._entries[str(path)] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self._entries[str(path)] = {}
+        return self._entries[str(path)]
+
+    def get(self, device: torch.device, key: str) -> dict | None:
+        with self._lock:
+            return self._load(device).get(key)
+
+    def put(self, device: torch.device, key: str, config: dict) -> None:
+        with self._lock:
+            entries = self._load(device)
+            entries[key] = config
+            path = self.path(device)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only home only costs tuning again next run
+
+
+TUNING_CACHE = TuningCache()
+
+
+def config_dict(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def m_bucket(m: int) -> int:
+    return m if m <= GEMV_MAX_M else min(triton.next_power_of_2(m), 4096)

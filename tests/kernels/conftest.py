@@ -1,0 +1,82 @@
+"""Fixtures for the Triton kernel tests.
+
+With a GPU the kernels are compiled and run on CUDA.  Without one they run on CPU through Triton's
+interpreter, which is chosen when ``@triton.jit`` decorates a function, i.e. when
+``bitcliff.kernels.qmatmul`` is imported: ``TRITON_INTERPRET=1`` is set for that import (and the
+module re-imported if something loaded it compiled before) and, since parts of Triton consult it
+while an interpreted kernel runs, during each test of this directory; it is restored afterwards,
+so the environment of the rest of the suite is left as it was.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+
+
+def _triton_compiled_mode() -> bool:
+    """Whether Triton was imported without the interpreter (its own jit helpers, e.g. cdiv, compiled)."""
+    if "triton" not in sys.modules:
+        return False
+    import triton  # noqa: PLC0415
+
+    return isinstance(triton.language.standard.cdiv, triton.runtime.JITFunction)
+
+
+def load_kernels():
+    """``bitcliff.kernels.qmatmul``: compiled on CUDA machines, interpreted otherwise."""
+    name = "bitcliff.kernels.qmatmul"
+    if ON_CUDA:
+        return importlib.import_module(name)
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        if _triton_compiled_mode():
+            # Something imported Triton for compilation first (e.g. torch._dynamo): the
+            # interpreter also needs Triton's own library functions interpreted, so import a
+            # fresh copy of its Python modules (modules holding the old one keep it; the
+            # compiled extension triton._C is kept, it cannot be loaded twice).
+            stale = [m for m in sys.modules
+                     if (m == "triton" or m.startswith("triton.")) and not m.startswith("triton._C")]
+            for mod in stale:
+                del sys.modules[mod]
+            sys.modules.pop(name, None)
+        module = sys.modules.get(name)
+        if module is None:
+            module = importlib.import_module(name)
+        elif not module.INTERPRETED:
+            module = importlib.reload(module)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    assert module.INTERPRETED
+    return module
+
+
+if not ON_CUDA:
+    load_kernels()  # before any test module of this directory imports Triton
+
+
+@pytest.fixture(autouse=True)
+def _interpret_env(monkeypatch):
+    if not ON_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def kernels():
+    return load_kernels()
+
+
+@pytest.fixture(scope="session")
+def device():
+    return DEVICE
