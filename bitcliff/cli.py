@@ -128,6 +128,13 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
 
 
+def _write_rows(out_dir: Path, model_path: str, rows: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "sweep.json.tmp"
+    tmp.write_text(json.dumps({"model": model_path, "rows": rows}, indent=2))
+    tmp.replace(out_dir / "sweep.json")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """The main job: fp and quantized perplexities in one table (checkpoints saved and reloaded)."""
     from bitcliff.models import load_fp_model
@@ -153,8 +160,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 "checkpoint_mb": round(_folder_bytes(folder) / 1e6, 1),
                 **result,
             })
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps({"model": path, "rows": rows}, indent=2))
+            _write_rows(out_dir, path, rows)  # after every row: a long sweep keeps what it measured
+    _write_rows(out_dir, path, rows)
     print(f"\nperplexity of {path} on {args.text_file} ({rows[0]['windows']} windows x {args.seq_len} tokens)")
     print(f"{'setting':22s} {'bits/w':>7s} {'disk MB':>8s} {'ppl':>12s}")
     for row in rows:
