@@ -7,9 +7,12 @@ GPTQModel, transformers and vLLM read.
 
 Zero points come in two conventions.  ``checkpoint_format="gptq"`` (v1, the common one) stores
 ``zero - 1``; ``"gptq_v2"`` stores the zero itself.  v1 cannot hold a zero point of 0 (it would
-be stored as -1, and readers that add 1 to whole packed words carry into the neighbour), so
-``save`` writes v1 when every zero point is at least 1 (always true for symmetric grids) and v2
-otherwise, and says which in ``config.json``.  ``load`` reads both.
+be stored as -1, and readers that add 1 to whole packed words carry into the neighbour), and
+GPTQModel refuses asymmetric v1 files written by other quantizers, so ``save`` writes v1 for
+symmetric grids (zero point 2**(bits-1), always representable) and v2 for asymmetric ones, and
+says which in ``config.json``.  ``load`` reads both; v1 zero points of 2/4-bit files are
+restored by adding 1 to every code of the packed *word* at once, which is the exact inverse of
+how GPTQModel writes them (its word-wide subtraction borrows across codes when a zero is 0).
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place
 only when complete; an existing checkpoint is replaced only with ``overwrite=True``.
@@ -55,12 +58,30 @@ def _zeros_v1(layer: QuantLinear) -> torch.Tensor:
     return pack_qzeros((zeros - 1) & (2**layer.bits - 1), layer.bits)
 
 
+def _all_symmetric(layers: dict[str, QuantLinear]) -> bool:
+    """Every zero point sits at 2**(bits-1), the symmetric grid's centre."""
+    return all(
+        bool((unpack_qzeros(m.qzeros, m.bits, m.out_features) == 2 ** (m.bits - 1)).all())
+        for m in layers.values()
+    )
+
+
+def v1_to_v2_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """v1 packed zero points (``zero - 1``) -> v2 (``zero``), int32 ``[n_groups, N*bits/32]``."""
+    if bits in (2, 4):  # one code per 2/4 bits of every word: add 1 to all of them at once
+        ones = sum(1 << shift for shift in range(0, 32, bits))
+        words = (qzeros.to(torch.int64) + ones) & 0xFFFFFFFF
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    zeros = unpack_qzeros(qzeros, bits, out_features)  # 3-bit codes straddle words
+    return pack_qzeros((zeros + 1) & (2**bits - 1), bits)
+
+
 def _choose_format(layers: dict[str, QuantLinear], requested: str) -> str:
     has_zero_zero = any(
         bool((unpack_qzeros(m.qzeros, m.bits, m.out_features) == 0).any()) for m in layers.values()
     )
     if requested == "auto":
-        return "gptq_v2" if has_zero_zero else "gptq"
+        return "gptq_v2" if has_zero_zero or not _all_symmetric(layers) else "gptq"
     if requested not in FORMATS:
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {requested!r}")
     if requested == "gptq" and has_zero_zero:
@@ -316,12 +337,11 @@ def _build_layer(name: str, linear: nn.Module, tensors: dict, qc: dict, fmt: str
         )
     layer = QuantLinear(k, n, bits, group_size, n_groups, parts["bias"] is not None, name)
     if fmt == "gptq":  # v1 stores zero - 1
-        zeros = unpack_qzeros(parts["qzeros"], bits, n) if parts["qzeros"].shape[1] == packed_length(n, bits) else None
-        if zeros is None:
+        if tuple(parts["qzeros"].shape) != (n_groups, packed_length(n, bits)):
             raise CheckpointError(
                 f"{name}.qzeros has shape {tuple(parts['qzeros'].shape)}, expected ({n_groups}, {packed_length(n, bits)})"
             )
-        parts["qzeros"] = pack_qzeros((zeros + 1) & (2**bits - 1), bits)
+        parts["qzeros"] = v1_to_v2_qzeros(parts["qzeros"], bits, n)
     layer.load_packed({k_: v for k_, v in parts.items() if v is not None})
     return layer
 

@@ -44,7 +44,12 @@ def test_round_trip_is_bit_exact(tiny_llama, tmp_path, bits, sym):
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["sym"] is sym
 
 
-def test_format_choice_v1_when_possible_v2_when_a_zero_is_zero(tiny_llama, tmp_path):
+def test_format_choice_v1_for_symmetric_v2_for_asymmetric(tiny_llama, tmp_path):
+    sym = save(_quantized(tiny_llama, bits=3, sym=True), tmp_path / "sym")
+    assert json.loads((sym / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
+
+
+def test_v2_when_a_zero_is_zero(tiny_llama, tmp_path):
     model = _quantized(tiny_llama, bits=2)
     layer = model.model.layers[0].mlp.up_proj
     zeros = unpack_qzeros(layer.qzeros, 2, layer.out_features)
@@ -146,3 +151,22 @@ def test_peer_style_tensor_without_module(tiny_llama, tmp_path):
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(CheckpointError, match="layers.9.mlp.up_proj.qweight names no module"):
         load(path)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_v1_reading_inverts_word_wide_subtraction(bits):
+    """GPTQModel writes v1 by subtracting 1 from every code of a packed word at once; a zero
+    point of 0 then borrows from its neighbour.  Reading must undo exactly that."""
+    from bitcliff.quant.checkpoint import v1_to_v2_qzeros
+
+    torch.manual_seed(bits)
+    zeros = torch.randint(0, 2**bits, (5, 64), dtype=torch.int32)
+    zeros[:, ::7] = 0
+    v2 = pack_qzeros(zeros, bits)
+    if bits == 3:  # no word-wide convention for straddling codes: v1 is written code by code
+        v1 = pack_qzeros((zeros - 1) & 7, 3)
+    else:
+        ones = sum(1 << s for s in range(0, 32, bits))
+        words = (v2.to(torch.int64) - ones) & 0xFFFFFFFF
+        v1 = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    assert torch.equal(v1_to_v2_qzeros(v1, bits, 64), v2)
