@@ -1,0 +1,350 @@
+"""GPTQ for one weight matrix, as small typed functions.
+
+GPTQ (Frantar et al., 2022) quantizes the columns of ``W`` (``[N, K]``, ``nn.Linear``
+orientation) one at a time and spreads each column's rounding error over the columns not yet
+quantized, weighted by the inverse of the layer-input Hessian ``H = 2 X Xᵀ / n``.  That
+minimizes the layer's output error ``‖(W − Ŵ) X‖²`` instead of the weight error.
+
+The pieces, in the order a caller uses them:
+
+- :class:`HessianAccumulator` sums ``x xᵀ`` over calibration tokens in float32.
+- :func:`gptq_quantize` solves one weight against one Hessian and returns a
+  :class:`GPTQResult` (loss, :class:`QuantizedWeight`, dampening used).  Layers that read the
+  same input (q/k/v, gate/up) share one Hessian: stacking their rows and solving once is exact,
+  since GPTQ treats rows independently; :func:`split_result` cuts the result back apart.
+- :func:`proxy_loss` measures ``tr(ΔW H ΔWᵀ)``, the output error GPTQ minimizes.
+
+Codes are chosen on exactly the grid that is stored (fp16 scales, integer zeros, see
+:mod:`bitcliff.quant.grid`), so ``QuantizedWeight.dequantize()`` reproduces bit for bit the
+weight that GPTQ's error feedback assumed.  Nothing here prints; a failed Cholesky factorization
+is retried with stronger dampening (logged), and as a last resort the weight falls back to RTN
+with a warning that names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from bitcliff.kernels.pack import default_g_idx, num_groups
+from bitcliff.quant.config import QuantConfig
+from bitcliff.quant.grid import fit_grid, quantize_codes
+from bitcliff.quant.qweight import QuantizedWeight
+from bitcliff.quant.rtn import check_finite, quantize_rtn
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 128  # columns per lazy batch update (GPTQ §3.3); errors reach later blocks in one matmul
+DAMP_STEP = 10.0  # dampening grows by this factor after a failed factorization ...
+DAMP_CAP = 1.0  # ... up to this fraction of mean(diag(H)); beyond it the weight falls back to RTN
+# From this width on, the Hessian is accumulated as a lower block staircase: the blocks above the
+# diagonal of the symmetric product (3/8 of it with 4 blocks) are skipped, which pays once K is
+# large enough for the smaller matmuls to stay efficient.
+STAIRCASE_MIN_K = 1024
+STAIRCASE_BLOCKS = 4
+
+
+class HessianAccumulator:
+    """Running ``Σ x xᵀ`` over calibration tokens, in float32, for one layer input.
+
+    ``add`` takes activations ``[..., K]`` (any float dtype; all leading dims are tokens);
+    :meth:`hessian` returns ``H = 2 Σ x xᵀ / n`` with ``n`` the number of tokens seen.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        if in_features <= 0:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        self.in_features = in_features
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+        self._lower_only = in_features >= STAIRCASE_MIN_K
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"activations have {x.shape[-1]} features, the accumulator expects {self.in_features}")
+        x = x.reshape(-1, self.in_features).to(device=self.sum.device, dtype=torch.float32)
+        if x.shape[0] == 0:
+            return
+        if self._lower_only:
+            step = -(-self.in_features // STAIRCASE_BLOCKS)
+            for a0 in range(0, self.in_features, step):
+                a1 = min(a0 + step, self.in_features)
+                self.sum[a0:a1, :a1].addmm_(x[:, a0:a1].t(), x[:, :a1])
+        else:
+            self.sum.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def release(self) -> None:
+        """Free the accumulated sum (the token count stays for reporting)."""
+        self.sum = torch.empty(0)
+
+    def hessian(self) -> torch.Tensor:
+        """float32 ``[K, K]`` symmetric ``2 Σ x xᵀ / n``; raises ``ValueError`` before any ``add``."""
+        if self.count == 0:
+            raise ValueError("no calibration tokens were accumulated: the Hessian is undefined")
+        s = self.sum
+        if self._lower_only:
+            s = torch.tril(s) + torch.tril(s, -1).t()
+        return s * (2.0 / self.count)
+
+
+@dataclass
+class GPTQResult:
+    """Outcome of :func:`gptq_quantize` for one (possibly stacked) weight.
+
+    Attributes:
+        qweight: codes and grid, contiguous ``g_idx`` unless act-order with dynamic groups.
+        loss: GPTQ objective ``Σ (w − q)² / [H⁻¹]_jj / 2`` summed over rows (None after an RTN
+            fallback, where it is not defined).
+        row_loss: float32 ``[N]`` per-row share of ``loss`` (zeros after a fallback).
+        damp_percent: dampening actually used, as a fraction of ``mean(diag(H))``; larger than
+            requested when the factorization needed retries; None after a fallback.
+        fallback: None, or why the weight was quantized by RTN instead.
+    """
+
+    qweight: QuantizedWeight
+    loss: float | None
+    row_loss: torch.Tensor
+    damp_percent: float | None
+    fallback: str | None = None
+
+
+class _NotPositiveDefinite(Exception):
+    pass
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def inverse_hessian_factor(
+    hessian: torch.Tensor, damp_percent: float, name: str = "<weight>"
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag(H))``.
+
+    When a factorization fails, ``damp`` is multiplied by :data:`DAMP_STEP` (each step logged)
+    until :data:`DAMP_CAP`.
+
+    Returns:
+        ``(U, damp)``: float32 ``[K, K]`` upper-triangular ``U`` with ``Uᵀ U = (H + λI)⁻¹``, and
+        the dampening fraction that worked.
+    Raises:
+        _NotPositiveDefinite: no dampening up to the cap makes ``H`` positive definite, or
+            ``H`` has a non-positive mean diagonal.
+    """
+    mean_diag = float(hessian.diagonal().mean())
+    if not (mean_diag > 0 and mean_diag < float("inf")):
+        raise _NotPositiveDefinite(f"mean(diag(H)) = {mean_diag:g}, so no dampening can fix it")
+    damp = float(damp_percent)
+    while True:
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and _finite(upper):
+                return upper, damp
+        if damp >= DAMP_CAP:
+            raise _NotPositiveDefinite(f"H + λI is not positive definite even at damp_percent={damp:g}")
+        nxt = min(damp * DAMP_STEP, DAMP_CAP)
+        log.info("%s: Cholesky failed at damp_percent=%g, retrying with %g", name, damp, nxt)
+        damp = nxt
+
+
+def _block_size(config: QuantConfig, dynamic_groups: bool) -> int:
+    # With groups fitted during the solve, every group must start at a block start (or lie inside
+    # one block) so that its grid sees every earlier error update of its columns.
+    gs = config.group_size
+    if not dynamic_groups or gs == -1 or BLOCK_SIZE % gs == 0 or gs % BLOCK_SIZE == 0:
+        return BLOCK_SIZE
+    return gs
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run on one intra-op CPU thread.
+
+    The column loop is thousands of small tensor operations; OpenMP's fork/join per operation
+    costs more than a second thread saves, and stalls badly whenever another core is busy.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: QuantConfig,
+    name: str = "<weight>",
+) -> GPTQResult:
+    """Quantize ``weight`` by GPTQ against ``hessian``.
+
+    Args:
+        weight: ``[N, K]`` float weight (``nn.Linear`` orientation); not modified.
+        hessian: float32 ``[K, K]`` ``2 X Xᵀ / n`` of the layer input (see
+            :class:`HessianAccumulator`); not modified.
+        config: bits, group size, sym, mse, damp_percent, act_order, static_groups.
+        name: layer name for log messages and warnings.
+    Returns:
+        A :class:`GPTQResult`.  Input channels whose Hessian diagonal is 0 (never active in the
+        calibration data) are quantized as 0.  With ``act_order`` columns are processed by
+        descending ``diag(H)``; with dynamic groups the groups follow that order and ``g_idx``
+        maps each original column to its group, with ``static_groups`` grids are fitted on the
+        original contiguous groups before the solve and ``g_idx`` stays contiguous.  A group
+        size that does not divide K gives a partial last group.
+    Raises:
+        ValueError: non-finite weights or mismatched shapes.
+    """
+    check_finite(weight, name)
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match "
+            "([N, K] and [K, K] expected)"
+        )
+    with _one_cpu_thread(weight.device):
+        return _solve(weight, hessian, config, name)
+
+
+def _solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, name: str) -> GPTQResult:
+    n_rows, k = weight.shape
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    if not _finite(h):
+        return _rtn_fallback(weight, config, name, "the Hessian holds NaN/Inf values")
+
+    dead = h.diagonal() == 0
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+
+    gs = k if config.group_size == -1 else config.group_size
+    n_groups = num_groups(k, config.group_size)
+    dynamic = config.group_size != -1 and not config.static_groups
+    dev = w.device
+    scales = torch.empty(n_groups, n_rows, device=dev)
+    zeros = torch.empty(n_groups, n_rows, device=dev)
+    if not dynamic:  # grids of the original contiguous groups, fixed before the solve
+        for g in range(n_groups):
+            scales[g], zeros[g] = fit_grid(w[:, g * gs : (g + 1) * gs], config.bits, config.sym, config.mse)
+
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    try:
+        hinv, damp = inverse_hessian_factor(h, config.damp_percent, name)
+    except _NotPositiveDefinite as exc:
+        return _rtn_fallback(weight, config, name, str(exc))
+    del h
+
+    # Group of each (processed-order) column: fixed groups follow the original index.
+    original = perm if perm is not None else torch.arange(k, device=dev)
+    column_group = (original // gs) if not dynamic else (torch.arange(k, device=dev) // gs)
+    maxq = config.maxq
+    # Work on Wᵀ ([K, N], rows contiguous): every per-column operation then reads and updates
+    # contiguous memory, which is what bounds this loop on CPU.
+    wt = w.t().contiguous()
+    del w
+    codes = torch.empty(k, n_rows, device=dev)
+    row_loss = torch.zeros(n_rows, device=dev)
+    block = _block_size(config, dynamic)
+    s = z = None
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = wt[i1:i2]  # a view: updates land in wt directly
+        hinv1 = hinv[i1:i2, i1:i2]
+        diag1 = hinv1.diagonal()
+        # Row i of Hinv scaled by 1/Hinv[i,i]: the update caused by a unit rounding residual of
+        # column i.  Folding the division in here keeps the column loop to a few operations.
+        steps = (hinv1 / diag1[:, None]).unbind(0)
+        rows = w1.unbind(0)
+        if not dynamic:
+            cols = column_group[i1:i2]
+            col_scales, col_zeros = scales[cols].unbind(0), zeros[cols].unbind(0)
+        qs, residuals = [], []
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic:
+                if j % gs == 0:
+                    g = j // gs
+                    scales[g], zeros[g] = fit_grid(wt[j : j + gs].t(), config.bits, config.sym, config.mse)
+                    s, z = scales[g], zeros[g]
+            else:
+                s, z = col_scales[i], col_zeros[i]
+            col = rows[i]
+            q = quantize_codes(col, s, z, maxq)
+            # s * (q - z) is exact in float32 (an fp16 scale times a small integer), so this is
+            # the column minus exactly the weight that is stored.
+            residual = torch.addcmul(col, s, q - z, value=-1.0)
+            if i + 1 < i2 - i1:
+                w1[i + 1 :].addr_(steps[i][i + 1 :], residual, alpha=-1.0)
+            qs.append(q)
+            residuals.append(residual)
+        codes[i1:i2] = torch.stack(qs)
+        err1 = torch.stack(residuals) / diag1[:, None]
+        row_loss += err1.square().sum(dim=0) / 2
+        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
+
+    if not (_finite(row_loss) and _finite(codes) and _finite(scales)):
+        return _rtn_fallback(weight, config, name, "the solve produced NaN/Inf values")
+    g_idx = default_g_idx(k, config.group_size).to(dev)
+    if perm is not None:
+        codes = codes[torch.argsort(perm)]
+        if dynamic:  # groups were formed in processing order: map each original column to its group
+            g_idx = torch.empty(k, dtype=torch.int32, device=dev)
+            g_idx[perm] = column_group.to(torch.int32)
+    qweight = QuantizedWeight(
+        codes=codes.to(torch.int32),
+        scales=scales.half(),
+        zeros=zeros.to(torch.int32),
+        g_idx=g_idx,
+        bits=config.bits,
+    )
+    return GPTQResult(qweight, float(row_loss.sum()), row_loss, damp)
+
+
+def _rtn_fallback(weight: torch.Tensor, config: QuantConfig, name: str, reason: str) -> GPTQResult:
+    warnings.warn(
+        f"GPTQ could not solve layer {name!r} ({reason}); quantizing it with RTN instead",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    qweight = quantize_rtn(weight, config, name)
+    return GPTQResult(qweight, None, torch.zeros(weight.shape[0]), None, fallback=reason)
+
+
+def split_result(result: GPTQResult, sizes: list[int]) -> list[GPTQResult]:
+    """Cut a result for row-stacked weights back into one result per weight (``sizes`` = rows)."""
+    if sum(sizes) != result.qweight.codes.shape[1]:
+        raise ValueError(f"sizes {sizes} do not add up to {result.qweight.codes.shape[1]} rows")
+    parts = []
+    qw = result.qweight
+    for codes, scales, zeros, rows in zip(
+        qw.codes.split(sizes, dim=1),
+        qw.scales.split(sizes, dim=1),
+        qw.zeros.split(sizes, dim=1),
+        result.row_loss.split(sizes),
+    ):
+        part = QuantizedWeight(codes.contiguous(), scales.contiguous(), zeros.contiguous(), qw.g_idx.clone(), qw.bits)
+        loss = None if result.loss is None else float(rows.sum())
+        parts.append(GPTQResult(part, loss, rows.clone(), result.damp_percent, result.fallback))
+    return parts
+
+
+def proxy_loss(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``: with ``H = 2XXᵀ/n`` this is twice the mean squared output error."""
+    delta = (weight.float() - dequantized.float())
+    return float(((delta @ hessian.float()) * delta).sum())

@@ -1,0 +1,350 @@
+"""GPTQ for one decoder layer: Hessians from hooks, solves, and the layer's new outputs.
+
+A decoder layer is treated as a black box that calls its linears.  One discovery pass records
+the order in which the linears run and which of them read the *same* input tensor (q/k/v,
+gate/up): those share one Hessian and are solved together (:mod:`bitcliff.quant.gptq`).  The
+resulting ordered *share groups* (for Llama: ``[q,k,v] [o] [gate,up] [down]``) drive the work:
+
+- default: one forward with the full-precision weights accumulates every group's Hessian (it
+  stops at the last group's input, whose output is not needed), all groups are solved, and one
+  forward with the quantized weights computes the outputs for the next layer.
+- ``true_sequential``: each group's Hessian comes from inputs computed with the groups before it
+  already quantized.  Every calibration batch runs its forward in its own thread and parks at
+  the next group's input; when all batches wait there the group is solved, and they go on with
+  the quantized weights.  The layer is thus computed once, with no forward restarted, which
+  makes this mode cheaper than the default as well as closer to the quantized model.
+
+Forwards stop early by raising a private exception from a forward pre-hook; every hook is
+removed in a ``finally`` block, and parked threads are released on any error or interruption.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bitcliff.quant.config import QuantConfig
+from bitcliff.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize, split_result
+
+log = logging.getLogger(__name__)
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class LayerResult:
+    """What :func:`quantize_layer` returns.
+
+    Attributes:
+        outputs: per batch, the layer's output with quantized weights (the next layer's input).
+        results: relative module name -> :class:`GPTQResult`.
+        log: one dict per module: layer, module, group, loss, damp_percent, fallback,
+            seconds (of its group's solve), tokens.
+        groups: the share groups in the order they were solved.
+    """
+
+    outputs: list[torch.Tensor]
+    results: dict[str, GPTQResult]
+    log: list[dict]
+    groups: list[list[str]] = field(default_factory=list)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]):
+    args, kwargs = call
+    return _first(layer(hidden, *args, **kwargs))
+
+
+@contextmanager
+def _hooks(handles: list):
+    """Remove ``handles`` on exit, however the block ends."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def discover_groups(
+    layer: nn.Module, targets: dict[str, nn.Linear], hidden: torch.Tensor, call: tuple[tuple, dict]
+) -> list[list[str]]:
+    """Ordered share groups of ``targets``: linears that read the same input tensor.
+
+    Runs ``layer`` on ``hidden`` until the last target is reached.  Raises ``RuntimeError`` if
+    a target is never called.
+    """
+    seen: list[tuple[str, torch.Tensor]] = []  # keeps the inputs alive so no address is reused
+    handles = []
+
+    def pre_hook(name):
+        def hook(module, args):
+            if not any(n == name for n, _ in seen):
+                seen.append((name, args[0]))
+            if len(seen) == len(targets):
+                raise StopForward
+
+        return hook
+
+    for name, module in targets.items():
+        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+    with _hooks(handles), torch.no_grad():
+        try:
+            _run(layer, hidden, call)
+        except StopForward:
+            pass
+    missing = [n for n in targets if all(n != s for s, _ in seen)]
+    if missing:
+        raise RuntimeError(f"the decoder layer never calls {', '.join(missing)}; cannot collect its inputs")
+    groups: list[list[str]] = []
+    keys: list[tuple] = []
+    for name, x in seen:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        if key in keys:
+            groups[keys.index(key)].append(name)
+        else:
+            keys.append(key)
+            groups.append([name])
+    return groups
+
+
+class _Passes:
+    """Hooks for one forward of every calibration batch: Hessian capture and an early stop."""
+
+    def __init__(self, targets: dict[str, nn.Linear], accs: dict[str, HessianAccumulator]) -> None:
+        self.targets = targets
+        self.accs = accs
+
+    @contextmanager
+    def capturing(self, groups: list[list[str]], stop_at: str | None = None, on_capture=None):
+        """Accumulate the Hessians of ``groups`` (at each group's first module) while inside.
+
+        ``stop_at``: a module whose pre-hook raises :class:`StopForward` after its capture.
+        ``on_capture(name)``: called after each capture (true-sequential suspension).
+        Members of a group are checked to read the very tensor their first module read.
+        """
+        handles = []
+        owner_input: dict[tuple[str, int], torch.Tensor] = {}  # per thread: batches may interleave
+
+        def capture_hook(name):
+            def hook(module, args):
+                self.accs[name].add(args[0])
+                owner_input[name, threading.get_ident()] = args[0]
+                if on_capture is not None:
+                    on_capture(name)
+                if name == stop_at:
+                    raise StopForward
+
+            return hook
+
+        def member_hook(owner, name):
+            def hook(module, args):
+                x, ref = args[0], owner_input.get((owner, threading.get_ident()))
+                if ref is not None and (x.data_ptr() != ref.data_ptr() or x.shape != ref.shape):
+                    raise RuntimeError(f"{name} no longer reads the same input as {owner}; cannot share their Hessian")
+
+            return hook
+
+        for group in groups:
+            handles.append(self.targets[group[0]].register_forward_pre_hook(capture_hook(group[0])))
+            for member in group[1:]:
+                handles.append(self.targets[member].register_forward_pre_hook(member_hook(group[0], member)))
+        with _hooks(handles):
+            yield
+
+
+def _forward_all(layer: nn.Module, inputs: list[torch.Tensor], calls: list) -> list[torch.Tensor]:
+    """Run every batch; batches stopped by :class:`StopForward` give no output."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, call in zip(inputs, calls):
+            try:
+                outputs.append(_run(layer, hidden, call))
+            except StopForward:
+                continue
+    return outputs
+
+
+class _Aborted(BaseException):
+    """Ends a suspended batch forward whose run was abandoned."""
+
+
+class _SuspendedForwards:
+    """One layer forward per calibration batch, each in its own thread, run one at a time.
+
+    A forward can *suspend* itself (from a hook) and is resumed by :meth:`advance`.  True-
+    sequential GPTQ suspends every batch at the input of the next group, solves that group while
+    all batches wait there, then lets them continue with the quantized weights: the layer is
+    computed exactly once, with no pass restarted from its input.  Exactly one thread runs at any
+    time, so the threads only hold the batches' intermediate activations; they never compete
+    for the cores.
+    """
+
+    POLL_S = 0.2  # how often the waiting caller wakes up, so that Ctrl-C is handled promptly
+
+    def __init__(self, layer: nn.Module, inputs: list[torch.Tensor], calls: list) -> None:
+        n = len(inputs)
+        self.layer, self.inputs, self.calls = layer, inputs, calls
+        self.outputs: list[torch.Tensor | None] = [None] * n
+        self.errors: list[BaseException | None] = [None] * n
+        self.finished = [False] * n
+        self._go = [threading.Event() for _ in range(n)]
+        self._parked = threading.Event()
+        self._threads: list[threading.Thread | None] = [None] * n
+        self._local = threading.local()
+        self._abort = False
+
+    def _body(self, b: int) -> None:
+        self._local.batch = b
+        try:
+            self._wait_for_turn(b)
+            with torch.no_grad():  # grad mode is per thread
+                self.outputs[b] = _run(self.layer, self.inputs[b], self.calls[b])
+        except _Aborted:
+            pass
+        except BaseException as exc:  # handed to the caller of advance()
+            self.errors[b] = exc
+        finally:
+            self.finished[b] = True
+            self._parked.set()
+
+    def _wait_for_turn(self, b: int) -> None:
+        self._go[b].wait()
+        self._go[b].clear()
+        if self._abort:
+            raise _Aborted
+
+    def suspend(self) -> None:
+        """Called from a hook inside a batch forward: park until the next :meth:`advance`."""
+        b = self._local.batch
+        self._parked.set()
+        self._wait_for_turn(b)
+
+    def advance(self) -> None:
+        """Let every unfinished batch run until it suspends again or finishes, one at a time."""
+        for b in range(len(self.inputs)):
+            if self.finished[b]:
+                continue
+            if self._threads[b] is None:
+                self._threads[b] = threading.Thread(target=self._body, args=(b,), daemon=True,
+                                                    name=f"gptq-batch-{b}")
+                self._threads[b].start()
+            self._parked.clear()
+            self._go[b].set()
+            while not self._parked.wait(self.POLL_S):
+                pass
+            if self.errors[b] is not None:
+                raise self.errors[b]
+
+    def close(self) -> None:
+        """End every suspended forward (after an error or interruption) and join the threads."""
+        self._abort = True
+        for event in self._go:
+            event.set()
+        for thread in self._threads:
+            if thread is not None:
+                thread.join()
+
+
+def _solve_group(
+    group: list[str],
+    acc: HessianAccumulator,
+    targets: dict[str, nn.Linear],
+    full_names: dict[str, str],
+    config: QuantConfig,
+) -> tuple[dict[str, GPTQResult], float]:
+    start = time.perf_counter()
+    weights = [targets[name].weight for name in group]
+    stacked = torch.cat([w.detach().float() for w in weights], dim=0) if len(group) > 1 else weights[0]
+    label = ", ".join(full_names[name] for name in group)
+    result = gptq_quantize(stacked, acc.hessian(), config, name=label)
+    parts = split_result(result, [w.shape[0] for w in weights]) if len(group) > 1 else [result]
+    with torch.no_grad():
+        for name, part in zip(group, parts):
+            # Later passes must see the quantized weight; nn.Linear runs it faster than unpacking.
+            targets[name].weight.copy_(part.qweight.dequantize(targets[name].weight.dtype))
+    return dict(zip(group, parts)), time.perf_counter() - start
+
+
+def quantize_layer(
+    layer: nn.Module,
+    targets: dict[str, nn.Linear],
+    inputs: list[torch.Tensor],
+    calls: list[tuple[tuple, dict]],
+    config: QuantConfig,
+    full_names: dict[str, str],
+    layer_index: int,
+    groups: list[list[str]] | None = None,
+) -> LayerResult:
+    """Quantize the ``targets`` of one decoder layer by GPTQ.
+
+    Args:
+        layer: the decoder layer; its target linears end up holding the dequantized weights.
+        targets: relative name -> ``nn.Linear`` to quantize (already filtered by skip rules).
+        inputs: per calibration batch, the layer input ``[B, T, H]``.
+        calls: per batch, the ``(args, kwargs)`` the model passes to this layer besides the input.
+        config: GPTQ settings.
+        full_names: relative -> full module name, for logs and warnings.
+        layer_index: position of the layer, for logs.
+        groups: share groups from :func:`discover_groups` (discovered here when None).
+    Returns:
+        A :class:`LayerResult`; ``outputs`` are computed with the quantized weights.
+    """
+    if not targets:
+        return LayerResult(_forward_all(layer, inputs, calls), {}, [], [])
+    if groups is None:
+        groups = discover_groups(layer, targets, inputs[0], calls[0])
+    accs = {g[0]: HessianAccumulator(targets[g[0]].in_features, targets[g[0]].weight.device) for g in groups}
+    passes = _Passes(targets, accs)
+    results: dict[str, GPTQResult] = {}
+    seconds: dict[str, float] = {}
+
+    def solve(group):
+        solved, secs = _solve_group(group, accs[group[0]], targets, full_names, config)
+        results.update(solved)
+        seconds.update({name: secs for name in group})
+        accs[group[0]].release()
+
+    if config.true_sequential:
+        forwards = _SuspendedForwards(layer, inputs, calls)
+        try:
+            with passes.capturing(groups, on_capture=lambda name: forwards.suspend()):
+                for group in groups:
+                    forwards.advance()  # every batch runs up to this group's input and waits there
+                    solve(group)
+                forwards.advance()  # ... and on to the layer output, through the quantized group
+        finally:
+            forwards.close()
+        outputs = forwards.outputs
+    else:
+        with passes.capturing(groups, stop_at=groups[-1][0]):
+            _forward_all(layer, inputs, calls)  # full precision; the last group's output is not needed
+        for group in groups:
+            solve(group)
+        outputs = _forward_all(layer, inputs, calls)
+
+    entries = []
+    for group in groups:
+        for name in group:
+            r = results[name]
+            entries.append({
+                "layer": layer_index,
+                "module": full_names[name],
+                "group": [full_names[n] for n in group],
+                "loss": r.loss,
+                "damp_percent": r.damp_percent,
+                "fallback": r.fallback,
+                "seconds": round(seconds[name], 4),
+                "tokens": accs[group[0]].count,
+            })
+    return LayerResult(outputs, results, entries, groups)
