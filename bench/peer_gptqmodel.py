@@ -17,8 +17,10 @@ Every folder is then read by both implementations and compared:
 * dequantized weights of every quantized layer, both in fp16 (``scales * (q - zero)``): must be
   bit-identical (both sides decode the same integers with the same fp16 scales);
 * logits for the same input ids, bitcliff in float32 against GPTQModel with its loaded model cast
-  to float32 (its ``TorchLinear`` only accepts fp16/bf16 at load time; the cast is exact for the
-  fp16 scales and fp16 non-quantized tensors of the checkpoint).  With identical weights the only
+  to float32.  GPTQModel's ``TorchLinear`` only accepts an fp16/bf16 model at load time, so it
+  holds the non-quantized tensors (embeddings, norms) in fp16 even when the checkpoint stores
+  them in float32 (bitcliff's default keeps the model's dtype); bitcliff's reference rounds those
+  through fp16 too, and the later cast to float32 is exact.  With identical weights the only
   possible difference is matmul order, so the tolerance is ``rel L2 <= 1e-4`` and
   ``max abs <= 1e-2`` (logits are O(10)).  In practice both sides give bit-identical logits.
 * for information only (not gated): GPTQModel's native fp16 forward against bitcliff's float32
@@ -210,6 +212,26 @@ def _dequantized(model) -> dict:
     return {n: m.dequantize(torch.float16) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def _round_unquantized_like_peer(model) -> None:
+    """Round the non-quantized float parameters (and quantized layers' biases) through fp16.
+
+    GPTQModel's CPU kernel only runs in an fp16/bf16 model, so it loads embeddings, norms and
+    head as fp16 whatever the checkpoint stores; bitcliff's reference sees the same values (a
+    no-op for checkpoints whose unquantized tensors are fp16 already).
+    """
+    import torch
+
+    from bitcliff.quant.qlinear import QuantLinear
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.copy_(param.half().float())
+        for module in model.modules():
+            if isinstance(module, QuantLinear) and module.bias is not None:
+                module.bias = module.bias.half().float()
+
+
 def cross_read(folder: Path, eval_ids) -> dict:
     """Read ``folder`` with bitcliff and GPTQModel; compare dequantized weights and logits.
 
@@ -223,7 +245,10 @@ def cross_read(folder: Path, eval_ids) -> dict:
     import bitcliff
 
     result: dict = {"error": None}
+    stored = json.loads((Path(folder) / "config.json").read_text())
+    result["unquantized_dtype"] = stored.get("dtype") or stored.get("torch_dtype")
     bc = bitcliff.load(folder, dtype=torch.float32)
+    _round_unquantized_like_peer(bc)
     with torch.no_grad():
         ref = bc(eval_ids).logits.float()
     bc_weights = _dequantized(bc)
@@ -460,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.peer_python:
         rest, skip = [], False
-        for i, a in enumerate(argv):
+        for a in argv:
             if skip:
                 skip = False
             elif a == "--peer-python":
