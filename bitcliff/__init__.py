@@ -4,7 +4,9 @@ from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.convert import quantize
 from bitcliff.quant.qlinear import QuantLinear
 
-__all__ = ["QuantConfig", "QuantLinear", "quantize", "save", "load"]
+from bitcliff import diagnose  # noqa: E402  (a callable package: bitcliff.diagnose(fp, q, texts))
+
+__all__ = ["QuantConfig", "QuantLinear", "quantize", "save", "load", "diagnose"]
 __version__ = "0.1.0"
 
 
@@ -20,3 +22,4 @@ def load(directory, **kwargs):
     from bitcliff.quant.checkpoint import load as _load
 
     return _load(directory, **kwargs)
+

@@ -1,9 +1,10 @@
-"""The ``bitcliff`` command line: assets, quantize, eval, sweep."""
+"""The ``bitcliff`` command line: assets, quantize, eval, sweep, diagnose."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -170,6 +171,63 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_model(spec: str, fp_model, tokenizer, args: argparse.Namespace):
+    """``METHOD:BITS:GROUP`` (quantized on the fly from ``fp_model``) or a checkpoint folder."""
+    from bitcliff.models import is_quantized_folder
+    from bitcliff.quant.checkpoint import load
+
+    if Path(spec).exists():
+        if not is_quantized_folder(spec):
+            raise ValueError(f"--compare {spec}: not a bitcliff/GPTQ checkpoint folder "
+                             "(no config.json with quantization_config.quant_method = 'gptq')")
+        return Path(spec).name, load(spec)
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] not in ("rtn", "gptq") or not all(p.lstrip("-").isdigit() for p in parts[1:]):
+        raise ValueError(f"--compare {spec!r}: expected a checkpoint folder or METHOD:BITS:GROUP, e.g. rtn:3:64")
+    config = dataclasses.replace(_config(args, int(parts[1]), int(parts[2])), method=parts[0])
+    model = _quantize_model(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.calib_seq_len)
+    return config.describe(), model
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Diagnose a quantized model against its full-precision original; write JSON + HTML."""
+    from bitcliff.assets import load_text
+    from bitcliff.data import evaluation_windows
+    from bitcliff.diagnose.run import DiagnoseOptions, diagnose
+    from bitcliff.models import is_quantized_folder, load_fp_model
+    from bitcliff.quant.checkpoint import load
+
+    if (args.quantized is None) == (args.bits is None):
+        raise ValueError("pass either --quantized FOLDER or --bits N (with --method/--group-size) to quantize on the fly")
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    if args.quantized is not None and not is_quantized_folder(args.quantized):
+        raise ValueError(f"--quantized {args.quantized}: not a bitcliff/GPTQ checkpoint folder "
+                         "(no config.json with quantization_config.quant_method = 'gptq')")
+    fp_model, tokenizer, path = load_fp_model(args.model)
+    if args.quantized is not None:
+        q_model, name = load(args.quantized), Path(args.quantized).name
+    else:
+        config = _config(args, args.bits, args.group_size)
+        q_model = _quantize_model(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.calib_seq_len)
+        name = config.describe()
+    compare = dict(_compare_model(spec, fp_model, tokenizer, args) for spec in args.compare)
+    options = DiagnoseOptions.fast() if args.fast else DiagnoseOptions()
+    overrides = {k: getattr(args, k) for k in ("trace_examples", "patch_examples", "capture_examples")
+                 if getattr(args, k) is not None}
+    options = dataclasses.replace(options, **overrides)
+    n_examples = args.examples if args.examples is not None else (8 if args.fast else 64)
+    examples = evaluation_windows(tokenizer, load_text(args.text_file), n_examples, args.seq_len)
+    start = time.perf_counter()
+    report = diagnose(fp_model, q_model, examples, compare=compare, options=options, name=name)
+    report.meta.update(model=path, quantized=args.quantized, text=args.text_file, seq_len=args.seq_len,
+                       wall_seconds=round(time.perf_counter() - start, 1))
+    paths = report.save(out, overwrite=args.overwrite)
+    print(report.summary())
+    print(f"wrote {paths['json']} and {paths['html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitcliff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -206,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--out-dir", default="runs/sweep", help="where checkpoints and sweep.json go")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("diagnose", help="why a quantized model breaks: degradation vs collapse, JSON + HTML report")
+    p.add_argument("--model", default="default", help="the full-precision model: default, gemma3-270m, a folder")
+    p.add_argument("--quantized", help="a quantized checkpoint folder of that model")
+    p.add_argument("--bits", type=int, help="instead of --quantized: quantize on the fly with this many bits")
+    _add_quant_args(p)
+    p.add_argument("--text-file", default="wiki", help="corpus: 'wiki' (embedded) or a path to a UTF-8 text file")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per example (default 256)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="GPTQ calibration window length (default 512)")
+    p.add_argument("--examples", type=int, help="evaluation windows (default 64; 8 with --fast)")
+    p.add_argument("--trace-examples", type=int, help="examples for the signal trace and components (default 8)")
+    p.add_argument("--patch-examples", type=int, help="examples for activation patching, 0 to skip (default 2)")
+    p.add_argument("--capture-examples", type=int, help="examples under the kernels' error capture (default 4)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="SPEC",
+                   help="other quantizations for the per-example correlation: checkpoint folders or "
+                        "METHOD:BITS:GROUP (e.g. rtn:3:64 gptq:4:64)")
+    p.add_argument("--fast", action="store_true", help="a quick pass on little data (tests, smoke runs)")
+    p.add_argument("--out", required=True, help="output folder for diagnosis.json and report.html")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_diagnose)
     return parser
 
 

@@ -1,0 +1,130 @@
+"""Where the parts of a decoder-only Hugging Face model live, and the checks that two models
+(full precision and quantized) are comparable part by part.
+
+Supported: the Llama family (SmolLM2, Llama, Mistral, Qwen2...) and Gemma 3: a ``model.model``
+with ``layers`` (each with ``self_attn`` and ``mlp``), a final ``norm`` and an ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from bitcliff.quant.convert import set_submodule
+from bitcliff.quant.qlinear import QuantLinear
+
+#: The components of one decoder layer that the analyses assess and patch, by short name.
+COMPONENTS = ("attn", "mlp")
+
+
+class IncompatibleModels(ValueError):
+    """The full-precision and quantized models cannot be compared part by part."""
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
+        raise IncompatibleModels(
+            f"{type(model).__name__} is not a supported decoder-only model: expected model.model.layers "
+            "and model.model.norm (Llama-family or Gemma 3 causal LMs)"
+        )
+    return inner
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    layers = list(backbone(model).layers)
+    for i, layer in enumerate(layers):
+        for part in ("self_attn", "mlp"):
+            if not hasattr(layer, part):
+                raise IncompatibleModels(f"decoder layer {i} ({type(layer).__name__}) has no {part}")
+    return layers
+
+
+def component(layer: nn.Module, name: str) -> nn.Module:
+    """``"attn"`` → the attention block (its output is taken before any post-attention norm),
+    ``"mlp"`` → the MLP block."""
+    return {"attn": layer.self_attn, "mlp": layer.mlp}[name]
+
+
+def gate_projection(layer: nn.Module) -> nn.Module | None:
+    """The MLP's gate projection (gated MLPs: SwiGLU, GeGLU), or None."""
+    return getattr(layer.mlp, "gate_proj", None)
+
+
+def logit_lens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits read from an intermediate residual stream with the final norm and the
+    unembedding (nostalgebraist's logit lens), with the model's final soft-capping if it has one.
+
+    Args:
+        hidden: float ``[..., d_model]`` residual stream.
+    Returns:
+        fp32 ``[..., vocab]``.
+    """
+    logits = model.lm_head(backbone(model).norm(hidden)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def context_length(model: nn.Module) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_compatible(fp_model: nn.Module, q_model: nn.Module) -> None:
+    """Raise :class:`IncompatibleModels` naming the first difference that prevents a layer-by-layer
+    comparison (architecture, vocabulary, depth, width)."""
+    fc, qc = fp_model.config, q_model.config
+    checks = [
+        ("architecture (model_type)", getattr(fc, "model_type", None), getattr(qc, "model_type", None)),
+        ("vocabulary size", getattr(fc, "vocab_size", None), getattr(qc, "vocab_size", None)),
+        ("number of layers", len(decoder_layers(fp_model)), len(decoder_layers(q_model))),
+        ("hidden size", getattr(fc, "hidden_size", None), getattr(qc, "hidden_size", None)),
+    ]
+    for what, a, b in checks:
+        if a != b:
+            raise IncompatibleModels(f"the full-precision and quantized models differ in {what}: {a} vs {b}")
+    if not any(isinstance(m, QuantLinear) for m in q_model.modules()):
+        raise IncompatibleModels("the quantized model has no QuantLinear layer (is it a full-precision model?)")
+
+
+def fp_linear_weights(fp_model: nn.Module, q_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full-precision ``[N, K]`` weight of every ``QuantLinear`` of ``q_model``, by name."""
+    fp_modules = dict(fp_model.named_modules())
+    weights = {}
+    for name, module in q_model.named_modules():
+        if isinstance(module, QuantLinear):
+            fp = fp_modules.get(name)
+            if not isinstance(fp, nn.Linear):
+                raise IncompatibleModels(f"{name} is quantized but the full-precision model has no Linear there")
+            if tuple(fp.weight.shape) != (module.out_features, module.in_features):
+                raise IncompatibleModels(
+                    f"{name}: full-precision weight {tuple(fp.weight.shape)} vs quantized "
+                    f"{(module.out_features, module.in_features)}"
+                )
+            weights[name] = fp.weight.detach()
+    return weights
+
+
+@torch.no_grad()
+def dequantized_twin(q_model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of ``q_model`` whose ``QuantLinear`` layers are plain ``nn.Linear`` holding the
+    dequantized weights.
+
+    Its outputs are those of the quantized model (the CPU path of ``QuantLinear`` is exactly
+    ``x @ dequantize(W).T``); it only avoids unpacking every weight on every forward, which
+    dominates CPU time when the analyses run the model a hundred times.  ``q_model`` is left
+    untouched.
+    """
+    twin = copy.deepcopy(q_model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=module.qweight.device, dtype=dtype)
+            linear.weight.copy_(module.dequantize(dtype))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+            set_submodule(twin, name, linear)
+    return twin.eval()

@@ -1,0 +1,185 @@
+"""The verdict: healthy, signal degradation, computation collapse, or mixed — from five
+indicators with fixed thresholds, and the repair the evidence points to.
+
+Zhou et al. (2026) describe *computation collapse* as key components that stop functioning and
+destroy the signal in the early layers, so that compensation cannot help; *signal degradation*
+as intact computation whose precision erodes as error accumulates.  Each indicator below tests
+one part of that description; it *fires* (votes for collapse) when its value crosses the
+threshold:
+
+===================  =========================================================  ==========
+indicator            value                                                      fires when
+===================  =========================================================  ==========
+early_cosine         mean residual cosine FP vs Q over the first third of layers  < 0.90
+early_function       median local F(c) of attn and MLP in the first third          < 0.25
+early_attention      mean attention-pattern JS divergence (bits), first third      > 0.10
+final_agreement      top-1 agreement of the final output with FP                   < 0.30
+patch_additivity     sum of single-component patching recoveries                    < 0.50
+===================  =========================================================  ==========
+
+Verdict: *healthy* when the perplexity ratio Q/FP is at most 1.05 and no indicator fires;
+otherwise *collapse* when at least 4 of the evaluated indicators fire, *degradation* when at most
+1 fires, *mixed* in between.  Confidence is the share of evaluated indicators that agree with the
+verdict (for *mixed*: how evenly they split).  The thresholds were set once, from the RTN g64
+W4 and W2 runs of the default model (SmolLM2-135M), halfway (on the scale of each indicator)
+between the two, and are not tuned per model; the report states them beside every value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from bitcliff.diagnose.components import ComponentAssessment
+from bitcliff.diagnose.model_parts import COMPONENTS
+from bitcliff.diagnose.patching import PatchingResult
+from bitcliff.diagnose.signal import SignalTrace
+
+VERDICTS = ("healthy", "degradation", "collapse", "mixed")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    early_cosine: float = 0.90
+    early_function: float = 0.25
+    early_attention: float = 0.10
+    final_agreement: float = 0.30
+    patch_additivity: float = 0.50
+    healthy_ppl_ratio: float = 1.05
+    collapse_votes: int = 4
+    degradation_votes: int = 1
+
+
+@dataclass
+class Indicator:
+    name: str
+    value: float
+    threshold: float
+    fires: bool
+    text: str
+    strength: float = 0.0  # distance from the threshold, relative to it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Verdict:
+    label: str
+    confidence: float
+    ppl_ratio: float
+    indicators: list[Indicator]
+    evidence: list[str]
+    recommendation: str
+    repair_targets: list[str] = field(default_factory=list)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["indicators"] = [i.to_dict() for i in self.indicators]
+        return out
+
+    def headline(self) -> str:
+        names = {"healthy": "healthy", "degradation": "signal degradation", "collapse": "computation collapse",
+                 "mixed": "mixed (degradation and collapse indicators disagree)"}
+        return f"verdict: {names[self.label]} (confidence {self.confidence:.2f})"
+
+
+def _early(values: list[float]) -> list[float]:
+    return values[: max(1, len(values) // 3)]
+
+
+def _indicator(name: str, value: float, threshold: float, below: bool, text: str) -> Indicator:
+    fires = value < threshold if below else value > threshold
+    # Relative distance from the threshold: how decisively the value sits on its side.
+    scale = max(abs(threshold), 1e-9)
+    strength = abs(value - threshold) / scale
+    return Indicator(name, value, threshold, fires, text, strength)
+
+
+def indicators(signal: SignalTrace, components: ComponentAssessment, patching: PatchingResult | None,
+               t: Thresholds) -> list[Indicator]:
+    """The five indicators (``patch_additivity`` only when patching ran and the damage is
+    measurable)."""
+    n = len(signal.cosine)
+    third = max(1, n // 3)
+    early_cos = sum(_early(signal.cosine)) / third
+    local = sorted(f for c in COMPONENTS for f in _early(components.function["local"][c]) if not math.isnan(f))
+    early_f = local[len(local) // 2] if local else math.nan
+    early_js = sum(_early(components.mean_attention_js("prop"))) / third
+    final_top1 = signal.lens_top1[-1]
+    out = [
+        _indicator("early_cosine", early_cos, t.early_cosine, True,
+                   f"residual cosine FP vs Q over layers 0-{third - 1}: {early_cos:.3f}"),
+        _indicator("early_function", early_f, t.early_function, True,
+                   f"median local F(c) of attention/MLP in layers 0-{third - 1}: {early_f:.2f}"),
+        _indicator("early_attention", early_js, t.early_attention, False,
+                   f"attention-pattern JS divergence in layers 0-{third - 1}: {early_js:.3f} bits"),
+        _indicator("final_agreement", final_top1, t.final_agreement, True,
+                   f"top-1 agreement of the final output with FP: {final_top1:.2f}"),
+    ]
+    if patching is not None and patching.total_single is not None:
+        out.append(_indicator("patch_additivity", patching.total_single, t.patch_additivity, True,
+                              f"single-component patches sum to {patching.total_single:.2f} of the damage"))
+    return out
+
+
+def _worst_components(components: ComponentAssessment, k: int) -> list[tuple[float, str]]:
+    scored = [
+        (f, f"layer {i} {c}")
+        for c in COMPONENTS
+        for i, f in enumerate(components.function["local"][c])
+        if not math.isnan(f)
+    ]
+    return sorted(scored)[:k]
+
+
+def decide(signal: SignalTrace, components: ComponentAssessment, patching: PatchingResult | None,
+           ppl_ratio: float, thresholds: Thresholds = Thresholds(), n_targets: int = 5) -> Verdict:
+    """The verdict, its confidence, the evidence (strongest first) and the recommended repair."""
+    inds = indicators(signal, components, patching, thresholds)
+    votes = sum(i.fires for i in inds)
+    n = len(inds)
+    if votes == 0 and ppl_ratio <= thresholds.healthy_ppl_ratio:
+        label = "healthy"
+    elif votes >= thresholds.collapse_votes:
+        label = "collapse"
+    elif votes <= thresholds.degradation_votes:
+        label = "degradation"
+    else:
+        label = "mixed"
+    if label == "collapse":
+        agree = [i for i in inds if i.fires]
+    elif label == "mixed":
+        agree = list(inds)
+    else:
+        agree = [i for i in inds if not i.fires]
+    confidence = len(agree) / n if label != "mixed" else 1.0 - abs(2 * votes / n - 1.0)
+    evidence = [f"{i.text} ({'<' if i.value < i.threshold else '>'} {i.threshold:g})"
+                for i in sorted(agree, key=lambda i: -i.strength)]
+
+    worst = _worst_components(components, n_targets)
+    targets = [name for _, name in worst]
+    if label == "healthy":
+        recommendation = "no repair needed: the quantized model tracks the full-precision one."
+        targets = []
+    elif label == "degradation":
+        by_error = sorted(range(len(signal.local_update_error)), key=lambda i: -signal.local_update_error[i])
+        targets = [f"layer {i}" for i in by_error[:n_targets]]
+        recommendation = (
+            "compensation: the components still work and the error accumulates smoothly, so "
+            "bias correction and low-rank error compensation should recover much of the loss; "
+            f"start with the layers of largest local error: {', '.join(targets)}."
+        )
+    elif label == "collapse":
+        recommendation = (
+            "structural: components stop functioning and single-component compensation adds up to "
+            "little, so error compensation is not expected to help; give more bits to the least "
+            f"functional components first: {', '.join(targets)}."
+        )
+    else:
+        recommendation = (
+            "try both: compensation for the smooth part of the error, and more bits for the least "
+            f"functional components: {', '.join(targets)}."
+        )
+    return Verdict(label, confidence, ppl_ratio, inds, evidence, recommendation, targets, thresholds)

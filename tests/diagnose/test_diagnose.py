@@ -1,0 +1,81 @@
+"""``bitcliff.diagnose`` end to end on a tiny model: report, files, errors, CLI refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import bitcliff
+from bitcliff import QuantConfig, quantize
+from bitcliff.cli import main as cli_main
+from bitcliff.diagnose.run import DiagnoseOptions, prepare_examples
+
+
+@pytest.fixture
+def pair(tiny_llama):
+    return tiny_llama, quantize(copy.deepcopy(tiny_llama), QuantConfig(bits=2, group_size=32), progress=False)
+
+
+@pytest.fixture
+def windows():
+    return torch.randint(0, 128, (5, 20), generator=torch.Generator().manual_seed(3))
+
+
+def test_diagnose_report_and_files(pair, windows, tmp_path):
+    fp, q = pair
+    w4 = quantize(copy.deepcopy(fp), QuantConfig(bits=4, group_size=32), progress=False)
+    report = bitcliff.diagnose(fp, q, windows, compare={"w4": w4}, options=DiagnoseOptions.fast(),
+                               name="w2", progress=False)
+    assert report.verdict.label in ("healthy", "degradation", "collapse", "mixed")
+    first = report.summary().splitlines()[0]
+    assert first.startswith("verdict: ") and "confidence" in first
+    assert report.ppl_q > report.ppl_fp > 1
+    assert set(report.inputs.delta_nll) == {"w2", "w4"}
+    paths = report.save(tmp_path / "diag")
+    data = json.loads(paths["json"].read_text())
+    assert data["verdict"]["label"] == report.verdict.label
+    page = paths["html"].read_text()
+    assert report.verdict.headline() in page
+    assert page.count("<img ") >= 7 and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    # an existing report is kept unless overwrite is asked for
+    before = paths["json"].read_bytes()
+    with pytest.raises(FileExistsError):
+        report.save(tmp_path / "diag")
+    assert paths["json"].read_bytes() == before
+    report.save(tmp_path / "diag", overwrite=True)
+
+
+def test_bad_inputs_are_clear_errors(pair, windows):
+    fp, q = pair
+    fast = DiagnoseOptions.fast()
+    with pytest.raises(ValueError, match="empty"):
+        bitcliff.diagnose(fp, q, [], options=fast, progress=False)
+    with pytest.raises(ValueError, match="example 1 is empty text"):
+        prepare_examples(["some text", "   "], tokenizer=object())
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        prepare_examples(["some text"])
+    with pytest.raises(ValueError, match="context length 64"):
+        bitcliff.diagnose(fp, q, torch.zeros(3, 65, dtype=torch.long), options=fast, progress=False)
+    with pytest.raises(ValueError, match="at least 3 examples"):
+        bitcliff.diagnose(fp, q, windows[:2], options=fast, progress=False)
+    with pytest.raises(ValueError, match="int64"):
+        bitcliff.diagnose(fp, q, windows.float(), options=fast, progress=False)
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        bitcliff.diagnose(fp, fp, windows, options=fast, progress=False)
+
+
+def test_cli_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "not-a-checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code = cli_main(["diagnose", "--quantized", str(folder), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "not a bitcliff/GPTQ checkpoint folder" in capsys.readouterr().err
+    code = cli_main(["diagnose", "--quantized", str(folder), "--bits", "2", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "either --quantized" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

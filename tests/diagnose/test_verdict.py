@@ -1,0 +1,64 @@
+"""The verdict's decision rule on constructed measurements."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitcliff.diagnose.components import ComponentAssessment
+from bitcliff.diagnose.patching import PatchingResult
+from bitcliff.diagnose.signal import SignalTrace
+from bitcliff.diagnose.verdict import Thresholds, decide
+
+N = 6
+
+
+def _signal(cos: float, top1: float) -> SignalTrace:
+    flat = [0.1] * N
+    return SignalTrace(flat, [cos] * N, [None] + [1.0] * (N - 1), flat, flat, [1.0] * N, flat, [top1] * N,
+                       [0.0] * N, tokens=10, examples=1)
+
+
+def _components(f: float, js: float) -> ComponentAssessment:
+    function = {run: {"attn": [f] * N, "mlp": [f] * N} for run in ("prop", "local")}
+    return ComponentAssessment(function, {run: [[js, js]] * N for run in ("prop", "local")},
+                               {run: [0.9] * N for run in ("prop", "local")}, examples=1)
+
+
+def _patching(total: float) -> PatchingResult:
+    return PatchingResult({"attn": [total / (2 * N)] * N, "mlp": [total / (2 * N)] * N, "residual": [1.0] * N},
+                          damage_nats=0.5, total_single=total, examples=1, tokens_per_example=10)
+
+
+def test_all_collapse_indicators():
+    v = decide(_signal(0.5, 0.05), _components(-0.5, 0.5), _patching(-0.2), ppl_ratio=1000.0)
+    assert v.label == "collapse" and v.confidence == 1.0
+    assert len(v.evidence) == 5 and v.repair_targets
+    assert v.headline().startswith("verdict: computation collapse (confidence 1.00)")
+    assert "structural" in v.recommendation
+
+
+def test_intact_computation_with_loss_is_degradation():
+    v = decide(_signal(0.99, 0.8), _components(0.8, 0.01), _patching(1.0), ppl_ratio=1.3)
+    assert v.label == "degradation" and v.confidence == 1.0
+    assert "compensation" in v.recommendation
+
+
+def test_healthy_needs_small_ppl_ratio():
+    good = (_signal(0.999, 0.95), _components(0.95, 0.001), _patching(1.0))
+    assert decide(*good, ppl_ratio=1.01).label == "healthy"
+    assert decide(*good, ppl_ratio=1.2).label == "degradation"
+
+
+def test_split_indicators_are_mixed_and_thresholds_are_honoured():
+    # early cosine and final agreement fire, the components look fine
+    v = decide(_signal(0.5, 0.05), _components(0.8, 0.01), _patching(1.0), ppl_ratio=5.0)
+    assert v.label == "mixed"
+    assert v.confidence == pytest.approx(1.0 - abs(2 * 2 / 5 - 1.0))
+    relaxed = Thresholds(early_cosine=0.4, final_agreement=0.01)
+    assert decide(_signal(0.5, 0.05), _components(0.8, 0.01), _patching(1.0), 5.0, relaxed).label == "degradation"
+
+
+def test_without_patching_four_indicators():
+    v = decide(_signal(0.5, 0.05), _components(-0.5, 0.5), None, ppl_ratio=100.0)
+    assert [i.name for i in v.indicators] == ["early_cosine", "early_function", "early_attention", "final_agreement"]
+    assert v.label == "collapse"
