@@ -232,13 +232,20 @@ def main(argv: list[str] | None = None) -> int:
                 res = fn()
                 row = {"bits": bits, "method": name, **res}
                 record["rows"].append(row)
+                row["load_avg_1min"] = os.getloadavg()[0]
                 print(f"W{bits} g{args.group_size} {name:24s} ppl {res['ppl']:12.3f}  {res['seconds']:7.1f} s wall"
-                      f"  {res['cpu_seconds']:7.1f} s cpu  load {os.getloadavg()[0]:.1f}", flush=True)
+                      f"  {res['cpu_seconds']:7.1f} s cpu  load {row['load_avg_1min']:.1f}", flush=True)
+                if args.out:  # after every row: a long comparison keeps what it measured
+                    _write_json(Path(args.out), record)
     _print_table(record)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2))
     return 0
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
 
 
 def _print_table(record: dict) -> None:

@@ -83,6 +83,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = _config(args, args.bits, args.group_size)
     out = Path(args.out)
     _check_out(out, args.overwrite)
+    if args.streaming:
+        return _quantize_streaming(args, config, out)
     model, tokenizer, path = load_fp_model(args.model)
     start = time.perf_counter()
     _quantize_model(model, tokenizer, config, args.text_file, args.seq_len)
@@ -92,6 +94,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if log is not None:
         (out / "gptq_log.json").write_text(json.dumps(log, indent=2))
     print(f"quantized {path} with {config.describe()} in {seconds:.1f} s -> {out}")
+    return 0
+
+
+def _quantize_streaming(args: argparse.Namespace, config: QuantConfig, out: Path) -> int:
+    """GPTQ one decoder layer at a time from the source safetensors; resumes an interrupted run."""
+    from transformers import AutoTokenizer
+
+    from bitcliff.assets import load_text, resolve_model
+    from bitcliff.data import calibration_windows
+    from bitcliff.quant.gptq_stream import quantize_gptq_streaming
+
+    if config.method != "gptq":
+        raise ValueError("--streaming is a GPTQ mode; pass --method gptq (RTN needs no calibration pass)")
+    path = resolve_model(args.model)
+    if not Path(path).is_dir():
+        raise ValueError(f"--streaming reads a local safetensors folder; {args.model!r} resolved to {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    calib = calibration_windows(tokenizer, load_text(args.text_file), config.calib_samples, args.seq_len)
+    start = time.perf_counter()
+    quantize_gptq_streaming(path, config, calib, out, overwrite=args.overwrite, resume=not args.restart,
+                            checkpoint_format=args.checkpoint_format)
+    print(f"quantized {path} with {config.describe()} (streaming) in {time.perf_counter() - start:.1f} s -> {out}")
     return 0
 
 
@@ -217,10 +241,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     options = dataclasses.replace(options, **overrides)
     n_examples = args.examples if args.examples is not None else (8 if args.fast else 64)
+    args.seq_len = args.seq_len if args.seq_len is not None else (128 if args.fast else 256)
     examples = evaluation_windows(tokenizer, load_text(args.text_file), n_examples, args.seq_len)
     start = time.perf_counter()
     report = diagnose(fp_model, q_model, examples, compare=compare, options=options, name=name)
-    report.meta.update(model=path, quantized=args.quantized, text=args.text_file, seq_len=args.seq_len,
+    report.meta.update(model=args.model, quantized=args.quantized, text=args.text_file, seq_len=args.seq_len,
                        wall_seconds=round(time.perf_counter() - start, 1))
     paths = report.save(out, overwrite=args.overwrite)
     print(report.summary())
@@ -246,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--checkpoint-format", default="auto", choices=["auto", "gptq", "gptq_v2"])
+    p.add_argument("--streaming", action="store_true",
+                   help="GPTQ one decoder layer at a time from the source files (models larger than memory); "
+                        "an interrupted run resumes from its last finished layer")
+    p.add_argument("--restart", action="store_true", help="with --streaming: discard a partial run and start over")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="perplexity of a model or checkpoint (DESIGN §5 protocol)")
@@ -271,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, help="instead of --quantized: quantize on the fly with this many bits")
     _add_quant_args(p)
     p.add_argument("--text-file", default="wiki", help="corpus: 'wiki' (embedded) or a path to a UTF-8 text file")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per example (default 256)")
+    p.add_argument("--seq-len", type=int, help="tokens per example (default 256; 128 with --fast)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="GPTQ calibration window length (default 512)")
     p.add_argument("--examples", type=int, help="evaluation windows (default 64; 8 with --fast)")
     p.add_argument("--trace-examples", type=int, help="examples for the signal trace and components (default 8)")

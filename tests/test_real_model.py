@@ -96,3 +96,18 @@ def test_cli_quantize_then_eval(tmp_path, capsys):
 def test_cli_unknown_model_is_a_clear_error(capsys):
     assert cli_main(["eval", "no-such-model!"]) == 2
     assert "no-such-model!" in capsys.readouterr().err
+
+
+def test_cli_streaming_gptq_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "w4-stream"
+    code = cli_main(["quantize", "--model", "default", "--method", "gptq", "--bits", "4", "--group-size", "64",
+                     "--calib-samples", "2", "--seq-len", "64", "--streaming", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "(streaming)" in capsys.readouterr().out
+    log = json.loads((out / "gptq_log.json").read_text())
+    assert len(log) == 30 * 7 and not (tmp_path / "w4-stream.partial").exists()
+    model = bitcliff.load(out)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 30 * 7
+    code = cli_main(["quantize", "--model", "default", "--method", "rtn", "--bits", "4", "--streaming",
+                     "--out", str(tmp_path / "rtn-stream")])
+    assert code == 2 and "--streaming is a GPTQ mode" in capsys.readouterr().err
