@@ -3,6 +3,11 @@
 Calibration: the first 1,000,000 characters of the corpus, tokenized, cut into
 non-overlapping windows of ``seq_len`` tokens, the first ``n``.
 Evaluation: the last 400,000 characters, tokenized, the first ``n`` (default 16) windows.
+
+Every window starts with the tokens the model's tokenizer puts at the start of a sequence (its
+BOS token for Gemma 3, nothing for SmolLM2), followed by text tokens: models trained to see a
+BOS first are far off without one (Gemma-3-270M: perplexity 68 instead of 18 on a 256-token
+window of the corpus).
 """
 
 from __future__ import annotations
@@ -52,14 +57,32 @@ def token_windows(tokenizer, text: str, spec: WindowSpec) -> torch.Tensor:
     chars = spec.chars or (CALIB_CHARS if spec.part == "calib" else EVAL_CHARS)
     piece = text[:chars] if spec.part == "calib" else text[-chars:]
     ids = tokenizer(piece, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    available = len(ids) // spec.seq_len
+    prefix = sequence_prefix(tokenizer)
+    body = spec.seq_len - len(prefix)
+    if body < 1:
+        raise ValueError(f"seq_len {spec.seq_len} leaves no room for text after the {len(prefix)} start token(s)")
+    available = len(ids) // body
     if available < spec.n_windows:
         raise ValueError(
             f"the {spec.part} text ({len(piece):,} characters, {len(ids):,} tokens) gives only "
             f"{available} windows of {spec.seq_len} tokens, {spec.n_windows} requested"
         )
-    usable = torch.tensor(ids[: spec.n_windows * spec.seq_len], dtype=torch.long)
-    return usable.view(spec.n_windows, spec.seq_len)
+    text_ids = torch.tensor(ids[: spec.n_windows * body], dtype=torch.long).view(spec.n_windows, body)
+    start = torch.tensor(prefix, dtype=torch.long).expand(spec.n_windows, len(prefix))
+    return torch.cat([start, text_ids], dim=1)
+
+
+def sequence_prefix(tokenizer) -> list[int]:
+    """The special tokens ``tokenizer`` puts before the text of a sequence (e.g. ``[bos]``)."""
+    probe = "The"
+    with_special = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    if not plain:
+        return []
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i : i + len(plain)] == plain:
+            return list(with_special[:i])
+    return []
 
 
 def calibration_windows(tokenizer, text: str, n: int = 64, seq_len: int = SEQ_LEN) -> torch.Tensor:
