@@ -35,8 +35,8 @@ class DiagnoseOptions:
 
     Attributes:
         trace_examples: examples for the signal trace and the component assessment.
-        patch_examples: examples for activation patching (``3 * n_layers + 1`` forwards each);
-            0 skips patching (the verdict then has four indicators).
+        patch_examples: examples for activation patching (``3 * n_layers`` partial forwards
+            each); 0 skips patching.
         capture_examples: examples run under the kernels' error capture.
         lens_tokens: positions per example read through the logit lens.
         attention_rows: query rows per example whose attention patterns are compared.

@@ -32,7 +32,8 @@ def _patching(total: float) -> PatchingResult:
 def test_all_collapse_indicators():
     v = decide(_signal(0.5, 0.05), _components(-0.5, 0.5), _patching(-0.2), ppl_ratio=1000.0)
     assert v.label == "collapse" and v.confidence == 1.0
-    assert len(v.evidence) == 5 and v.repair_targets
+    assert len(v.evidence) == 4 + 1 and v.repair_targets  # four indicators and the patching line
+    assert "restoring the FP residual stream after layer 0" in v.evidence[-1]
     assert v.headline().startswith("verdict: computation collapse (confidence 1.00)")
     assert "structural" in v.recommendation
 
@@ -53,12 +54,31 @@ def test_split_indicators_are_mixed_and_thresholds_are_honoured():
     # early cosine and final agreement fire, the components look fine
     v = decide(_signal(0.5, 0.05), _components(0.8, 0.01), _patching(1.0), ppl_ratio=5.0)
     assert v.label == "mixed"
-    assert v.confidence == pytest.approx(1.0 - abs(2 * 2 / 5 - 1.0))
+    assert v.confidence == pytest.approx(1.0)  # an even split
     relaxed = Thresholds(early_cosine=0.4, final_agreement=0.01)
     assert decide(_signal(0.5, 0.05), _components(0.8, 0.01), _patching(1.0), 5.0, relaxed).label == "degradation"
 
 
-def test_without_patching_four_indicators():
-    v = decide(_signal(0.5, 0.05), _components(-0.5, 0.5), None, ppl_ratio=100.0)
-    assert [i.name for i in v.indicators] == ["early_cosine", "early_function", "early_attention", "final_agreement"]
-    assert v.label == "collapse"
+def test_patching_describes_but_does_not_vote():
+    with_patching = decide(_signal(0.5, 0.05), _components(-0.5, 0.5), _patching(5.0), ppl_ratio=100.0)
+    without = decide(_signal(0.5, 0.05), _components(-0.5, 0.5), None, ppl_ratio=100.0)
+    names = ["early_cosine", "early_function", "early_attention", "final_agreement"]
+    assert [i.name for i in with_patching.indicators] == [i.name for i in without.indicators] == names
+    assert with_patching.label == without.label == "collapse"
+    assert len(without.evidence) == 4
+
+
+def test_three_of_four_is_collapse():
+    v = decide(_signal(0.5, 0.05), _components(-0.5, 0.01), None, ppl_ratio=100.0)  # attention is fine
+    assert v.label == "collapse" and v.confidence == pytest.approx(0.75)
+
+
+def test_verdict_from_a_saved_report_dict():
+    from dataclasses import asdict
+
+    from bitcliff.diagnose.verdict import verdict_from_dict
+
+    signal, comps, patching = _signal(0.99, 0.8), _components(0.8, 0.01), _patching(1.0)
+    data = {"signal": asdict(signal), "components": asdict(comps), "patching": asdict(patching),
+            "ppl_fp": 10.0, "ppl_q": 13.0}
+    assert verdict_from_dict(data).to_dict() == decide(signal, comps, patching, 1.3).to_dict()
