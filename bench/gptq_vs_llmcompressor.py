@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_ids = evaluation_windows(tokenizer, text, args.eval_windows, args.seq_len)
     fp = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     record = {
-        "model": args.model, "model_path": model_path, "group_size": args.group_size, "sym": args.sym,
+        "model": args.model, "group_size": args.group_size, "sym": args.sym,
         "damp": args.damp, "calib_windows": list(calib.shape), "eval_windows": list(eval_ids.shape),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
         "date": time.strftime("%Y-%m-%d %H:%M"), "fp": _window_ppl(fp, eval_ids), "rows": [],

@@ -48,3 +48,26 @@ def test_cli_diagnose_on_the_fly(tmp_path, capsys):
     data = json.loads((out / "diagnosis.json").read_text())
     assert data["meta"]["name"] == "rtn-w2g64-asym" and data["verdict"]["label"] == "collapse"
     assert (out / "report.html").stat().st_size > 50_000
+
+
+def test_cli_diagnose_a_saved_checkpoint(fp_and_windows, tmp_path, capsys):
+    from bitcliff.models import load_fp_model
+
+    fp, _ = fp_and_windows
+    _, tokenizer, _ = load_fp_model("default")
+    folder = tmp_path / "w4"
+    bitcliff.save(quantize(copy.deepcopy(fp), QuantConfig(bits=4, group_size=64), progress=False), folder,
+                  tokenizer=tokenizer)
+    out = folder / "diagnosis"
+    code = cli_main(["diagnose", "--model", "default", "--quantized", str(folder), "--examples", "3",
+                     "--seq-len", "64", "--trace-examples", "1", "--patch-examples", "1", "--capture-examples", "1",
+                     "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "diagnosis.json").read_text())
+    assert data["meta"]["name"] == "w4" and data["verdict"]["label"] in ("degradation", "healthy")
+    assert data["patching"]["recovery"]["residual"][-1] == pytest.approx(1.0, abs=1e-6)
+    # the same output folder again is refused, and what is there stays
+    before = (out / "diagnosis.json").read_bytes()
+    assert cli_main(["diagnose", "--quantized", str(folder), "--fast", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "diagnosis.json").read_bytes() == before
