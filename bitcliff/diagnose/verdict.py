@@ -179,9 +179,9 @@ def decide(signal: SignalTrace, components: ComponentAssessment, patching: Patch
         )
     elif label == "collapse":
         recommendation = (
-            "structural: components stop functioning and single-component compensation adds up to "
-            "little, so error compensation is not expected to help; give more bits to the least "
-            f"functional components first: {', '.join(targets)}."
+            "structural: components stop functioning and the signal is lost in the early layers, "
+            "where the seed papers find that error compensation does not help; give more bits to "
+            f"the least functional components first: {', '.join(targets)}."
         )
     else:
         recommendation = (
