@@ -176,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--skip-rtn", action="store_true")
     p.add_argument("--out", help="write all results to this JSON file")
+    p.add_argument("--markdown", metavar="JSON", help="only print the markdown table of a results file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text())))
         return 0
     if not args.skip_peer and not args.peer_python:
         p.error("--peer-python is required (or --skip-peer)")
@@ -246,6 +250,24 @@ def _write_json(path: Path, record: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
+
+
+def markdown_table(record: dict) -> str:
+    """The results as a markdown table: ppl, wall and CPU seconds, and ratios to the peer."""
+    lines = [f"fp32 ppl {record['fp']['ppl']:.3f}; g{record['group_size']} {'sym' if record['sym'] else 'asym'}; "
+             f"calibration {record['calib_windows']}, evaluation {record['eval_windows']}; torch {record['torch']}, "
+             f"{record['threads']} thread(s)", "",
+             "| bits | method | ppl | wall s | CPU s | wall / peer | CPU / peer |", "|---|---|---:|---:|---:|---:|---:|"]
+    for bits in sorted({r["bits"] for r in record["rows"]}, reverse=True):
+        rows = [r for r in record["rows"] if r["bits"] == bits]
+        peer = next((r for r in rows if r["method"].startswith("llm-compressor")), None)
+        for r in rows:
+            ratio = peer is not None and "gptq" in r["method"] and r is not peer
+            wall = f"{r['seconds'] / peer['seconds']:.2f}x" if ratio else ""
+            cpu = f"{r['cpu_seconds'] / peer['cpu_seconds']:.2f}x" if ratio else ""
+            ppl = f"{r['ppl']:.4g}" if r["ppl"] >= 1000 else f"{r['ppl']:.2f}"
+            lines.append(f"| W{bits} | {r['method']} | {ppl} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {wall} | {cpu} |")
+    return "\n".join(lines)
 
 
 def _print_table(record: dict) -> None:
