@@ -30,6 +30,11 @@ VARIANTS = {
     "+true-sequential": {"true_sequential": True},
     "+act-order+static": {"act_order": True, "static_groups": True},
     "+ts+static": {"true_sequential": True, "static_groups": True},
+    "+refit": {"refit_rounds": 1},
+    "+ts+refit": {"true_sequential": True, "refit_rounds": 1},
+    "+ts+static+refit": {"true_sequential": True, "static_groups": True, "refit_rounds": 1},
+    "+ts+refit3": {"true_sequential": True, "refit_rounds": 3},
+    "+ts+static+refit3": {"true_sequential": True, "static_groups": True, "refit_rounds": 3},
 }
 
 

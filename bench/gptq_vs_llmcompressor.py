@@ -153,6 +153,10 @@ VARIANTS = {
     "static": {"static_groups": True},
     "ts": {"true_sequential": True},
     "ts+static": {"true_sequential": True, "static_groups": True},
+    "ts+refit": {"true_sequential": True, "refit_rounds": 1},
+    "ts+static+refit": {"true_sequential": True, "static_groups": True, "refit_rounds": 1},
+    "ts+refit3": {"true_sequential": True, "refit_rounds": 3},
+    "ts+static+refit3": {"true_sequential": True, "static_groups": True, "refit_rounds": 3},
 }
 
 

@@ -27,6 +27,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: fit group grids before the solve")
     p.add_argument("--true-sequential", action="store_true", help="GPTQ: quantize sub-blocks in order")
+    p.add_argument("--refit-rounds", type=int, default=0, metavar="R",
+                   help="GPTQ: refit scales to the codes by least squares, re-solving R-1 more times (default 0)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening as a fraction of mean diag(H)")
     p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: calibration windows")
 
@@ -42,6 +44,7 @@ def _config(args: argparse.Namespace, bits: int, group_size: int) -> QuantConfig
         act_order=args.act_order,
         static_groups=args.static_groups,
         true_sequential=args.true_sequential,
+        refit_rounds=args.refit_rounds,
         calib_samples=args.calib_samples,
     )
 

@@ -26,6 +26,9 @@ class QuantConfig:
         skip_modules: fnmatch patterns of module names left in full precision (the output
             head by default; embeddings are never converted since they are not linears).
         damp_percent, act_order, static_groups, true_sequential, calib_samples: GPTQ knobs.
+        refit_rounds: GPTQ: 0 for plain GPTQ; r > 0 refits each row's scales to the chosen
+            codes by least squares (:mod:`bitcliff.quant.refit`), then ``r − 1`` times solves
+            the columns again on the refitted grid and refits once more.
     """
 
     bits: int = 4
@@ -39,6 +42,7 @@ class QuantConfig:
     static_groups: bool = False
     true_sequential: bool = False
     calib_samples: int = 64
+    refit_rounds: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
@@ -61,6 +65,8 @@ class QuantConfig:
             isinstance(self.calib_samples, int) and self.calib_samples > 0
         ):
             raise ValueError(f"calib_samples must be a positive integer, got {self.calib_samples!r}")
+        if isinstance(self.refit_rounds, bool) or not (isinstance(self.refit_rounds, int) and self.refit_rounds >= 0):
+            raise ValueError(f"refit_rounds must be a non-negative integer, got {self.refit_rounds!r}")
 
     @property
     def maxq(self) -> int:

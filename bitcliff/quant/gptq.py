@@ -23,6 +23,7 @@ with a warning that names it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from bitcliff.kernels.pack import default_g_idx, num_groups
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.grid import fit_grid, quantize_codes
 from bitcliff.quant.qweight import QuantizedWeight
+from bitcliff.quant.refit import refit_scales
 from bitcliff.quant.rtn import check_finite, quantize_rtn
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,9 @@ class GPTQResult:
         damp_percent: dampening actually used, as a fraction of ``mean(diag(H))``; larger than
             requested when the factorization needed retries; None after a fallback.
         fallback: None, or why the weight was quantized by RTN instead.
+        refit_rows: with ``config.refit_rounds``, bool ``[N]``: the rows the refit rounds changed
+            (``loss`` is the objective of the solve each row was taken from, before its
+            refit); else None.
     """
 
     qweight: QuantizedWeight
@@ -111,9 +116,14 @@ class GPTQResult:
     row_loss: torch.Tensor
     damp_percent: float | None
     fallback: str | None = None
+    refit_rows: torch.Tensor | None = None
 
 
 class _NotPositiveDefinite(Exception):
+    pass
+
+
+class _NonFinite(Exception):
     pass
 
 
@@ -195,7 +205,8 @@ def gptq_quantize(
         weight: ``[N, K]`` float weight (``nn.Linear`` orientation); not modified.
         hessian: float32 ``[K, K]`` ``2 X Xᵀ / n`` of the layer input (see
             :class:`HessianAccumulator`); not modified.
-        config: bits, group size, sym, mse, damp_percent, act_order, static_groups.
+        config: bits, group size, sym, mse, damp_percent, act_order, static_groups,
+            refit_rounds.
         name: layer name for log messages and warnings.
     Returns:
         A :class:`GPTQResult`.  Input channels whose Hessian diagonal is 0 (never active in the
@@ -203,7 +214,10 @@ def gptq_quantize(
         descending ``diag(H)``; with dynamic groups the groups follow that order and ``g_idx``
         maps each original column to its group, with ``static_groups`` grids are fitted on the
         original contiguous groups before the solve and ``g_idx`` stays contiguous.  A group
-        size that does not divide K gives a partial last group.
+        size that does not divide K gives a partial last group.  With ``refit_rounds = r > 0``
+        the scales are refitted to the codes (:func:`bitcliff.quant.refit.refit_scales`), and
+        ``r − 1`` times more the columns are solved again on that refitted grid and the scales
+        refitted to the new codes: each round lowers the layer's calibration output error.
     Raises:
         ValueError: non-finite weights or mismatched shapes.
     """
@@ -213,51 +227,140 @@ def gptq_quantize(
             f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match "
             "([N, K] and [K, K] expected)"
         )
-    with _one_cpu_thread(weight.device):
-        return _solve(weight, hessian, config, name)
+    weight, hessian = weight.detach(), hessian.detach()
+    with _one_cpu_thread(weight.device), torch.no_grad():
+        if not _finite(hessian):
+            return _rtn_fallback(weight, config, name, "the Hessian holds NaN/Inf values")
+        try:
+            problem = _Problem.prepare(weight, hessian, config, name)
+            result = _solve(problem, config, grid=None)
+        except _NotPositiveDefinite as exc:
+            return _rtn_fallback(weight, config, name, str(exc))
+        except _NonFinite:
+            return _rtn_fallback(weight, config, name, "the solve produced NaN/Inf values")
+        if config.refit_rounds == 0:
+            return result
+        return _refit_rounds(weight, hessian, problem, config, result)
 
 
-def _solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, name: str) -> GPTQResult:
-    n_rows, k = weight.shape
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    if not _finite(h):
-        return _rtn_fallback(weight, config, name, "the Hessian holds NaN/Inf values")
+def _refit_rounds(
+    weight: torch.Tensor, hessian: torch.Tensor, problem: "_Problem", config: QuantConfig, result: GPTQResult
+) -> GPTQResult:
+    """Refit the scales, then re-solve on the refitted grid and refit again, ``rounds − 1`` times.
 
-    dead = h.diagonal() == 0
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
+    A re-solve is greedy and may land on worse codes for some rows, so after each round every
+    row keeps whichever of its previous and new (codes, scales) gives the lower output error:
+    rows are independent under GPTQ (one shared ``H``), and the grid's ``g_idx`` is the same in
+    every round, so the rows of two rounds can be mixed.
+    """
+    qweight, refitted = refit_scales(weight, hessian, result.qweight)
+    best = dataclasses.replace(result, qweight=qweight)
+    best_error = row_output_error(weight, qweight.dequantize(), hessian)
+    for _ in range(config.refit_rounds - 1):
+        # The refitted grid is finite and positive (refit_scales keeps it so): the re-solve
+        # on it stays finite.
+        new = _solve(problem, config, grid=best.qweight)
+        qweight, _ = refit_scales(weight, hessian, new.qweight)
+        error = row_output_error(weight, qweight.dequantize(), hessian)
+        take = error < best_error
+        best = _mix_rows(best, dataclasses.replace(new, qweight=qweight), take)
+        best_error = torch.where(take, error, best_error)
+        refitted = refitted | take
+    best.refit_rows = refitted
+    return best
 
-    gs = k if config.group_size == -1 else config.group_size
-    n_groups = num_groups(k, config.group_size)
-    dynamic = config.group_size != -1 and not config.static_groups
-    dev = w.device
-    scales = torch.empty(n_groups, n_rows, device=dev)
-    zeros = torch.empty(n_groups, n_rows, device=dev)
-    if not dynamic:  # grids of the original contiguous groups, fixed before the solve
-        for g in range(n_groups):
-            scales[g], zeros[g] = fit_grid(w[:, g * gs : (g + 1) * gs], config.bits, config.sym, config.mse)
 
-    perm = None
-    if config.act_order:
-        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-        w = w[:, perm]
-        h = h[perm][:, perm]
-    try:
+def row_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """float32 ``[N]``: each row's ``(w − ŵ) H (w − ŵ)ᵀ``; they sum to :func:`proxy_loss`."""
+    delta = weight.float() - dequantized.float()
+    return ((delta @ hessian.float()) * delta).sum(dim=1)
+
+
+def _mix_rows(a: GPTQResult, b: GPTQResult, take_b: torch.Tensor) -> GPTQResult:
+    """Rows of ``a``, except where ``take_b`` (bool ``[N]``), which come from ``b``."""
+    qa, qb = a.qweight, b.qweight
+    mixed = QuantizedWeight(
+        codes=torch.where(take_b[None, :], qb.codes, qa.codes),
+        scales=torch.where(take_b[None, :], qb.scales, qa.scales),
+        zeros=torch.where(take_b[None, :], qb.zeros, qa.zeros),
+        g_idx=qa.g_idx,
+        bits=qa.bits,
+    )
+    row_loss = torch.where(take_b, b.row_loss, a.row_loss)
+    return GPTQResult(mixed, float(row_loss.sum()), row_loss, a.damp_percent)
+
+
+@dataclass
+class _Problem:
+    """One weight ready for the column loop: dead channels zeroed, columns in processing order.
+
+    Attributes:
+        wt: float32 ``[K, N]``, the weight transposed (rows contiguous), columns permuted by
+            ``perm``; the loop works on a copy.
+        hinv: float32 ``[K, K]`` upper Cholesky factor of the damped inverse Hessian, permuted.
+        perm: processing order of the original columns (act-order), or None.
+        damp: dampening fraction that made the factorization work.
+        n_rows, k: the weight's shape.
+    """
+
+    wt: torch.Tensor
+    hinv: torch.Tensor
+    perm: torch.Tensor | None
+    damp: float
+    n_rows: int
+    k: int
+
+    @classmethod
+    def prepare(cls, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, name: str) -> "_Problem":
+        n_rows, k = weight.shape
+        w = weight.detach().float().clone()
+        h = hessian.detach().float().clone()
+        dead = h.diagonal() == 0
+        if bool(dead.any()):
+            h[dead, dead] = 1.0
+            w[:, dead] = 0.0
+        perm = None
+        if config.act_order:
+            perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+            w = w[:, perm]
+            h = h[perm][:, perm]
         hinv, damp = inverse_hessian_factor(h, config.damp_percent, name)
-    except _NotPositiveDefinite as exc:
-        return _rtn_fallback(weight, config, name, str(exc))
-    del h
+        # Work on Wᵀ ([K, N], rows contiguous): every per-column operation then reads and updates
+        # contiguous memory, which is what bounds this loop on CPU.
+        return cls(w.t().contiguous(), hinv, perm, damp, n_rows, k)
 
-    # Group of each (processed-order) column: fixed groups follow the original index.
+
+def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None) -> GPTQResult:
+    """One pass of the column loop.
+
+    ``grid``: None to fit grids as configured (when the solve reaches each group, or before it
+    with ``static_groups``); or a previous result whose scales, zeros and ``g_idx`` are used
+    as they are (a refit round).
+    """
+    n_rows, k, perm = problem.n_rows, problem.k, problem.perm
+    wt = problem.wt.clone()
+    dev = wt.device
+    gs = k if config.group_size == -1 else config.group_size
     original = perm if perm is not None else torch.arange(k, device=dev)
-    column_group = (original // gs) if not dynamic else (torch.arange(k, device=dev) // gs)
+    if grid is not None:
+        dynamic = False
+        scales, zeros = grid.scales.float().to(dev), grid.zeros.float().to(dev)
+        column_group = grid.g_idx.long().to(dev)[original]
+    else:
+        dynamic = config.group_size != -1 and not config.static_groups
+        n_groups = num_groups(k, config.group_size)
+        scales = torch.empty(n_groups, n_rows, device=dev)
+        zeros = torch.empty(n_groups, n_rows, device=dev)
+        if not dynamic:  # grids of the original contiguous groups, fixed before the solve
+            w = problem.wt[torch.argsort(perm)].t() if perm is not None else problem.wt.t()
+            for g in range(n_groups):
+                scales[g], zeros[g] = fit_grid(w[:, g * gs : (g + 1) * gs], config.bits, config.sym, config.mse)
+            del w
+        # Group of each (processed-order) column: fixed groups follow the original index.
+        column_group = (original // gs) if not dynamic else (torch.arange(k, device=dev) // gs)
+
+    hinv = problem.hinv
     maxq = config.maxq
-    # Work on Wᵀ ([K, N], rows contiguous): every per-column operation then reads and updates
-    # contiguous memory, which is what bounds this loop on CPU.
-    wt = w.t().contiguous()
-    del w
     codes = torch.empty(k, n_rows, device=dev)
     row_loss = torch.zeros(n_rows, device=dev)
     block = _block_size(config, dynamic)
@@ -299,13 +402,16 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, nam
         wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
 
     if not (_finite(row_loss) and _finite(codes) and _finite(scales)):
-        return _rtn_fallback(weight, config, name, "the solve produced NaN/Inf values")
-    g_idx = default_g_idx(k, config.group_size).to(dev)
-    if perm is not None:
-        codes = codes[torch.argsort(perm)]
-        if dynamic:  # groups were formed in processing order: map each original column to its group
+        raise _NonFinite
+    if grid is not None:
+        g_idx = grid.g_idx.to(dev)
+    else:
+        g_idx = default_g_idx(k, config.group_size).to(dev)
+        if perm is not None and dynamic:  # groups were formed in processing order
             g_idx = torch.empty(k, dtype=torch.int32, device=dev)
             g_idx[perm] = column_group.to(torch.int32)
+    if perm is not None:
+        codes = codes[torch.argsort(perm)]
     qweight = QuantizedWeight(
         codes=codes.to(torch.int32),
         scales=scales.half(),
@@ -313,7 +419,7 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, nam
         g_idx=g_idx,
         bits=config.bits,
     )
-    return GPTQResult(qweight, float(row_loss.sum()), row_loss, damp)
+    return GPTQResult(qweight, float(row_loss.sum()), row_loss, problem.damp)
 
 
 def _rtn_fallback(weight: torch.Tensor, config: QuantConfig, name: str, reason: str) -> GPTQResult:
@@ -332,19 +438,21 @@ def split_result(result: GPTQResult, sizes: list[int]) -> list[GPTQResult]:
         raise ValueError(f"sizes {sizes} do not add up to {result.qweight.codes.shape[1]} rows")
     parts = []
     qw = result.qweight
-    for codes, scales, zeros, rows in zip(
+    refit = result.refit_rows.split(sizes) if result.refit_rows is not None else [None] * len(sizes)
+    for codes, scales, zeros, rows, refit_rows in zip(
         qw.codes.split(sizes, dim=1),
         qw.scales.split(sizes, dim=1),
         qw.zeros.split(sizes, dim=1),
         result.row_loss.split(sizes),
+        refit,
     ):
         part = QuantizedWeight(codes.contiguous(), scales.contiguous(), zeros.contiguous(), qw.g_idx.clone(), qw.bits)
         loss = None if result.loss is None else float(rows.sum())
-        parts.append(GPTQResult(part, loss, rows.clone(), result.damp_percent, result.fallback))
+        parts.append(GPTQResult(part, loss, rows.clone(), result.damp_percent, result.fallback,
+                                None if refit_rows is None else refit_rows.clone()))
     return parts
 
 
 def proxy_loss(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``: with ``H = 2XXᵀ/n`` this is twice the mean squared output error."""
-    delta = (weight.float() - dequantized.float())
-    return float(((delta @ hessian.float()) * delta).sum())
+    return float(row_output_error(weight, dequantized, hessian).sum())

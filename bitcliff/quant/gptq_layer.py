@@ -344,6 +344,7 @@ def quantize_layer(
                 "loss": r.loss,
                 "damp_percent": r.damp_percent,
                 "fallback": r.fallback,
+                "refit_rows": None if r.refit_rows is None else round(float(r.refit_rows.float().mean()), 4),
                 "seconds": round(seconds[name], 4),
                 "tokens": accs[group[0]].count,
             })

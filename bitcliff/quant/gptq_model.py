@@ -233,7 +233,7 @@ def quantize_outside_layers_rtn(model: nn.Module, prefix: str, config: QuantConf
         qlinear = QuantLinear.from_quantized(quantize_rtn(linear.weight, config, name), config.group_size, linear.bias, name)
         set_submodule(model, name, qlinear.to(linear.weight.device))
         entries.append({"layer": None, "module": name, "group": [name], "loss": None, "damp_percent": None,
-                        "fallback": "outside the decoder layers", "seconds": 0.0, "tokens": 0})
+                        "fallback": "outside the decoder layers", "refit_rows": None, "seconds": 0.0, "tokens": 0})
     return entries
 
 
@@ -301,7 +301,8 @@ def write_gptq_log(entries: list[dict], directory: str | os.PathLike) -> Path:
 
     Each entry: layer, module, group (modules sharing its Hessian), loss (GPTQ objective, None
     after an RTN fallback), damp_percent (dampening actually used), fallback (None or the
-    reason), seconds (its group's solve), tokens (calibration tokens seen).
+    reason), refit_rows (fraction of rows whose scales ``refit_scales`` replaced, or None),
+    seconds (its group's solve), tokens (calibration tokens seen).
     """
     path = Path(directory) / LOG_FILE
     tmp = path.with_name(f".{LOG_FILE}.tmp-{os.getpid()}")

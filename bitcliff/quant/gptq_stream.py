@@ -357,7 +357,7 @@ def _finish(work, out_dir, source, model, hf_config, config, fmt, dtype, outside
                 rest.update(_rtn_outside(module_name, source, tied.get(key, key), config, fmt))
                 rtn_log.append({"layer": None, "module": module_name, "group": [module_name], "loss": None,
                                 "damp_percent": None, "fallback": "outside the decoder layers",
-                                "seconds": 0.0, "tokens": 0})
+                                "refit_rows": None, "seconds": 0.0, "tokens": 0})
             continue  # a bias goes with its quantized weight
         if key in tied:
             continue  # stored once, under the tensor it is tied to

@@ -121,6 +121,24 @@ def test_gptq_output_error_is_below_rtn():
     assert errors["gptq"] < 0.8 * errors["rtn"]
 
 
+def test_refit_rounds_lower_the_model_output_error_and_are_logged():
+    ids = calib(8)
+    fp = tiny_model(initializer_range=0.1)
+    with torch.no_grad():
+        ref = fp(ids).logits
+    errors, logs = {}, {}
+    for rounds in (0, 2):
+        model = tiny_model(initializer_range=0.1)
+        config = gptq(bits=2, calib_samples=8, true_sequential=True, refit_rounds=rounds)
+        quantize_gptq(model, config, progress=False, calib_ids=ids)
+        with torch.no_grad():
+            errors[rounds] = float(((model(ids).logits - ref) ** 2).mean())
+        logs[rounds] = model.bitcliff_log
+    assert errors[2] < errors[0]
+    assert all(e["refit_rows"] is None for e in logs[0])
+    assert all(0 < e["refit_rows"] <= 1 for e in logs[2])
+
+
 def test_true_sequential_solves_each_group_on_inputs_from_the_quantized_groups_before_it(monkeypatch):
     """The suspended single forward must give what restarting the layer for every group gives."""
     from bitcliff.quant import gptq_layer
