@@ -65,6 +65,17 @@ def refit_scales(
     return refitted, changed
 
 
+def _group_summer(g_idx: torch.Tensor, n_groups: int):
+    """A function mapping ``[R, K]`` to its sums over each group's columns, ``[R, G]``."""
+    k = g_idx.numel()
+    size = -(-k // n_groups)
+    contiguous = k % n_groups == 0 and torch.equal(g_idx, torch.arange(k, device=g_idx.device) // size)
+    if contiguous:  # the usual layout: a reshape, no arithmetic wasted on the other groups
+        return lambda x: x.view(x.shape[0], n_groups, size).sum(dim=2)
+    member = torch.nn.functional.one_hot(g_idx, n_groups).float()  # [K, G] column -> group
+    return lambda x: x @ member
+
+
 def _refit_rows(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -77,14 +88,15 @@ def _refit_rows(
     """New float64 scales ``[R, G]`` for rows ``w`` (float32 ``[R, K]``); ``old``: ``[R, G]``."""
     rows = w.shape[0]
     u = (codes.float() - zeros.float()[g_idx]).t()  # [R, K]: the integer multipliers of the scales
+    group_sum = _group_summer(g_idx, n_groups)
     a = torch.zeros(rows, n_groups, n_groups, dtype=torch.float64, device=w.device)
     for g in range(n_groups):
         cols = (g_idx == g).nonzero().squeeze(1)
         if cols.numel() == 0:
             continue
         coupling = u[:, cols] @ h[cols]  # [R, K]: u_g H for every row
-        a[:, g] = torch.zeros(rows, n_groups, device=w.device).index_add_(1, g_idx, coupling * u).double()
-    b = torch.zeros(rows, n_groups, device=w.device).index_add_(1, g_idx, (w @ h) * u).double()
+        a[:, g] = group_sum(coupling * u).double()
+    b = group_sum((w @ h) * u).double()
 
     # A group whose codes all sit at its zero point has no say in the error: pin its scale.
     diag = a.diagonal(dim1=1, dim2=2)
