@@ -101,12 +101,15 @@ def test_cli_unknown_model_is_a_clear_error(capsys):
 def test_cli_streaming_gptq_writes_a_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "w4-stream"
     code = cli_main(["quantize", "--model", "default", "--method", "gptq", "--bits", "4", "--group-size", "64",
-                     "--calib-samples", "2", "--seq-len", "64", "--streaming", "--out", str(out)])
+                     "--calib-samples", "2", "--seq-len", "64", "--streaming", "--true-sequential",
+                     "--static-groups", "--refit-rounds", "1", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     assert "(streaming)" in capsys.readouterr().out
     log = json.loads((out / "gptq_log.json").read_text())
     assert len(log) == 30 * 7 and not (tmp_path / "w4-stream.partial").exists()
+    assert all(0 < e["refit_rows"] <= 1 for e in log)
     model = bitcliff.load(out)
+    assert model.bitcliff_config.refit_rounds == 1 and model.bitcliff_config.true_sequential
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 30 * 7
     code = cli_main(["quantize", "--model", "default", "--method", "rtn", "--bits", "4", "--streaming",
                      "--out", str(tmp_path / "rtn-stream")])

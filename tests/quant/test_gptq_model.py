@@ -266,7 +266,9 @@ def test_write_gptq_log(tmp_path):
 # ----------------------------------------------------------------------------- streaming
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(true_sequential=True, act_order=True)])
+@pytest.mark.parametrize(
+    "settings", [dict(), dict(true_sequential=True, act_order=True, refit_rounds=2)]
+)
 def test_streaming_equals_in_memory_bit_for_bit(source, tmp_path, settings):
     from transformers import AutoModelForCausalLM
 
