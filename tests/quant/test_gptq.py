@@ -47,7 +47,7 @@ def weight(n: int, k: int, seed: int = 1) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Hessian
 
 
-@pytest.mark.parametrize("k", [48, 1100])  # 1100: the lower-staircase accumulation
+@pytest.mark.parametrize("k", [48, 600, 1100])  # full product, 4- and 8-block lower staircase
 def test_hessian_is_2xxt_over_n_in_any_chunking(k):
     x = torch.randn(3, 70, k, dtype=torch.float64).float()
     acc = HessianAccumulator(k)
