@@ -102,11 +102,9 @@ def _refit_rows(
     diag = a.diagonal(dim1=1, dim2=2)
     scale_of_a = diag.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
     idle = diag <= 1e-12 * scale_of_a
-    system = a.clone()
-    rhs = b.clone()
-    system.masked_fill_(idle.unsqueeze(1) | idle.unsqueeze(2), 0.0)
+    system = a.masked_fill(idle.unsqueeze(1) | idle.unsqueeze(2), 0.0)
     system.diagonal(dim1=1, dim2=2).add_(RIDGE * scale_of_a + idle.double())
-    rhs = torch.where(idle, old, rhs)
+    rhs = torch.where(idle, old, b)
     solution, info = torch.linalg.solve_ex(system, rhs.unsqueeze(-1))
     fitted = solution.squeeze(-1).to(torch.float16).double()  # what would be stored
 
