@@ -1,7 +1,8 @@
 """Perplexity table: RTN vs GPTQ variants over bit-widths and group sizes (DESIGN §5 protocol).
 
 Rows: W4/W3/W2 x group sizes; columns: RTN and GPTQ plain, +act-order, +mse, +static-groups,
-+true-sequential.  Every cell quantizes a fresh copy of the model and scores it on the 16
++true-sequential (the default ``--variants``), and on request the combinations with the scale
+refit (``+refit``, ``+ts+refit``, ``+ts+static+refit``, ``+ts+refit3`` ...).  Every cell quantizes a fresh copy of the model and scores it on the 16
 evaluation windows.  Results are appended to a JSON-lines file as they come, and cells already
 there are skipped, so an interrupted sweep continues where it stopped; ``--markdown`` prints the
 table from whatever the file holds.

@@ -14,7 +14,9 @@ The two differ in one algorithmic detail, reported beside the numbers: llm-compr
 group's scale and zero point on the *original* weights before the solve (what bitcliff calls
 ``static_groups``), while bitcliff's plain GPTQ fits them when the solve reaches the group, on
 the error-updated weights (as the GPTQ paper does).  ``--variants`` selects bitcliff's runs:
-``plain``, ``static`` (static groups: the peer's exact algorithm), ``ts`` (true-sequential).
+``plain``, ``static`` (static groups: the peer's exact algorithm), ``ts`` (true-sequential),
+``ts+static``, and with the least-squares scale refit ``ts+refit``, ``ts+static+refit`` (one
+round) and ``ts+refit3``, ``ts+static+refit3`` (three rounds).
 
 Usage::
 

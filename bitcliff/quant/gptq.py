@@ -225,7 +225,8 @@ def gptq_quantize(
         size that does not divide K gives a partial last group.  With ``refit_rounds = r > 0``
         the scales are refitted to the codes (:func:`bitcliff.quant.refit.refit_scales`), and
         ``r − 1`` times more the columns are solved again on that refitted grid and the scales
-        refitted to the new codes: each round lowers the layer's calibration output error.
+        refitted to the new codes; every row keeps its best round, so no round raises the layer's
+        calibration output error.
     Raises:
         ValueError: non-finite weights or mismatched shapes.
     """
