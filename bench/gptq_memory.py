@@ -46,7 +46,7 @@ def child(args: argparse.Namespace) -> None:
     from bitcliff.data import calibration_windows
     from bitcliff.quant.checkpoint import save
     from bitcliff.quant.config import QuantConfig
-    from bitcliff.quant.gptq_model import quantize_gptq, write_gptq_log
+    from bitcliff.quant.gptq_model import gptq_log, quantize_gptq, write_gptq_log
     from bitcliff.quant.gptq_stream import quantize_gptq_streaming
 
     path = resolve_model(args.model)
@@ -60,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         quantize_gptq(model, config, progress=False, calib_ids=calib)
         save(model, args.out_dir, tokenizer=tokenizer, checkpoint_format="gptq_v2")
-        write_gptq_log(model.bitcliff_log, args.out_dir)
+        write_gptq_log(gptq_log(model), args.out_dir)
     else:
         quantize_gptq_streaming(path, config, calib, args.out_dir, progress=False, checkpoint_format="gptq_v2")
     seconds = time.perf_counter() - start

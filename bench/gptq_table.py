@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> None:
     from bitcliff.eval import evaluate_ppl
     from bitcliff.quant.config import QuantConfig
     from bitcliff.quant.convert import quantize
+    from bitcliff.quant.gptq_model import gptq_log
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
                     quantize(model, config, progress=False)
                 seconds = time.perf_counter() - start
                 res = evaluate_ppl(model, eval_ids, progress=False)
-                fallbacks = [e["module"] for e in getattr(model, "bitcliff_log", []) if e["fallback"]]
+                fallbacks = [e.module for e in gptq_log(model) or [] if e.fallback]
                 row = {"model": args.model, "bits": bits, "group_size": gs, "variant": variant,
                        "calib_samples": args.calib_samples, "ppl": res["ppl"], "seconds": seconds,
                        "rtn_fallbacks": fallbacks, "config": config.to_dict()}

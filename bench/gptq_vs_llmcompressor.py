@@ -126,13 +126,13 @@ def _ours(model_path: str, calib, eval_ids, config, batch_size: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bitcliff.quant.gptq_model import quantize_gptq
+    from bitcliff.quant.gptq_model import gptq_log, quantize_gptq
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     start, cpu = time.perf_counter(), _cpu_seconds()
     quantize_gptq(model, config, progress=False, calib_ids=calib, batch_size=batch_size)
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-    fallbacks = [e["module"] for e in model.bitcliff_log if e["fallback"]]
+    fallbacks = [e.module for e in gptq_log(model) if e.fallback]
     return {"seconds": seconds, "cpu_seconds": cpu, **_window_ppl(model, eval_ids), "rtn_fallbacks": fallbacks}
 
 

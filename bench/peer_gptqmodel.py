@@ -165,7 +165,6 @@ def random_ids(model_dir: Path, n_calib: int, seq_len: int, seed: int = 1):
 
 def prepare_inputs(model_name: str, work: Path, n_calib: int, seq_len: int):
     """``(model_dir, description, calib_ids [n, L], eval_ids [2, L])`` for ``--model``."""
-    import torch
 
     if model_name == "tiny":
         model_dir = build_tiny_model(work / "tiny-fp")
@@ -322,13 +321,12 @@ def bitcliff_to_peer(model_dir: Path, bits: int, sym: bool, group_size: int, wor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import bitcliff
-    from bitcliff.quant.checkpoint import _choose_format
+    from bitcliff.quant.checkpoint import resolve_format
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     bitcliff.quantize(model, bitcliff.QuantConfig(bits=bits, group_size=group_size, sym=sym), progress=False)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, bitcliff.QuantLinear)}
-    default_fmt = _choose_format(layers, "auto")
+    default_fmt = resolve_format("auto", sym)
     rows = []
     for fmt in ("gptq", "gptq_v2"):
         row = {"direction": "bitcliff->peer", "bits": bits, "sym": sym, "group_size": group_size,

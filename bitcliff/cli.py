@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from bitcliff.quant.config import QuantConfig
+from bitcliff.quant.surgery import quant_config
 
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
@@ -93,9 +94,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _quantize_model(model, tokenizer, config, args.text_file, args.seq_len)
     seconds = time.perf_counter() - start
     save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, checkpoint_format=args.checkpoint_format)
-    log = getattr(model, "bitcliff_log", None)
-    if log is not None:
-        (out / "gptq_log.json").write_text(json.dumps(log, indent=2))
     print(f"quantized {path} with {config.describe()} in {seconds:.1f} s -> {out}")
     return 0
 
@@ -136,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer, path, quantized = load_any(args.target)
     result = _evaluate(model, tokenizer, args.text_file, args.windows, args.seq_len)
-    config = getattr(model, "bitcliff_config", None)
+    config = quant_config(model)
     record = {
         "model": path,
         "quantized": quantized,

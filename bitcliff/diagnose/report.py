@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from bitcliff.diagnose import plots
+from bitcliff.storage import replace_folder
 
 JSON_NAME = "diagnosis.json"
 HTML_NAME = "report.html"
@@ -154,8 +155,6 @@ def json_safe(value):
 def save_report(report, out_dir: Path, overwrite: bool = False) -> dict[str, Path]:
     """Write ``diagnosis.json`` and ``report.html`` into ``out_dir`` as one atomic folder write
     (an existing, non-empty ``out_dir`` is replaced only with ``overwrite``)."""
-    from bitcliff.quant.checkpoint import write_folder_atomically
-
     data = report if isinstance(report, dict) else report.to_dict()
     page = render_html(data)  # render before touching the disk: a plotting error writes nothing
     text = json.dumps(json_safe(data), indent=1, allow_nan=False, default=str)
@@ -164,5 +163,5 @@ def save_report(report, out_dir: Path, overwrite: bool = False) -> dict[str, Pat
         (tmp / JSON_NAME).write_text(text)
         (tmp / HTML_NAME).write_text(page)
 
-    write_folder_atomically(Path(out_dir), fill, overwrite)
+    replace_folder(Path(out_dir), fill, overwrite, kind="diagnosis")
     return {"json": Path(out_dir) / JSON_NAME, "html": Path(out_dir) / HTML_NAME}

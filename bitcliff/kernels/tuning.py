@@ -11,12 +11,13 @@ version, in the user's cache directory, and holds plain JSON a user can read or 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
 import torch
 import triton
+
+from bitcliff.storage import cache_root, write_json
 
 GEMV_MAX_M = 4  # above this the tiled schedule shares each dequantized tile among BLOCK_M rows
 SPLIT_MAX_M = 64  # larger M has enough output tiles: no split-K, no workspace
@@ -128,7 +129,7 @@ class TuningCache:
 
     @staticmethod
     def path(device: torch.device) -> Path:
-        root = Path(os.environ.get("BITCLIFF_CACHE") or Path.home() / ".cache" / "bitcliff")
+        root = cache_root()
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
         return root / f"autotune-{slug}-triton{triton.__version__}.json"
@@ -152,10 +153,7 @@ class TuningCache:
             entries[key] = config
             path = self.path(device)
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-                os.replace(tmp, path)
+                write_json(path, entries, indent=1, sort_keys=True)
             except OSError:
                 pass  # a read-only home only costs tuning again next run
 

@@ -14,8 +14,12 @@ says which in ``config.json``.  ``load`` reads both; v1 zero points of 2/4-bit f
 restored by adding 1 to every code of the packed *word* at once, which is the exact inverse of
 how GPTQModel writes them (its word-wide subtraction borrows across codes when a zero is 0).
 
-Writes are atomic: everything goes to a temporary sibling directory that is renamed into place
-only when complete; an existing checkpoint is replaced only with ``overwrite=True``.
+This module is the one writer and reader of the format: :func:`save` for a model in memory, and
+the pieces the streaming GPTQ writer assembles a checkpoint from (:func:`resolve_format`,
+:func:`checkpoint_tensors`, :func:`config_json`, :func:`write_index`).  Writes are atomic
+(:mod:`bitcliff.storage`): everything goes to a temporary sibling folder that is renamed into
+place only when complete; an existing checkpoint is replaced only with ``overwrite=True``, and
+only if bitcliff wrote it.
 """
 
 from __future__ import annotations
@@ -23,19 +27,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from bitcliff.kernels.pack import num_groups, pack_qzeros, packed_length, unpack_qzeros
 from bitcliff.quant.config import QuantConfig
-from bitcliff.quant.convert import attach_config, set_submodule
+from bitcliff.quant.gptq_model import gptq_log, write_gptq_log
 from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.surgery import attach_config, quant_config, set_submodule
+from bitcliff.storage import replace_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +47,46 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder that is incomplete, corrupt, or inconsistent with its config."""
 
 
+class MissingShardError(CheckpointError, FileNotFoundError):
+    """A weight file that a checkpoint's index lists is not there."""
+
+
 # ----------------------------------------------------------------------------------- save
 
 
-def _zeros_v1(layer: QuantLinear) -> torch.Tensor:
-    zeros = unpack_qzeros(layer.qzeros, layer.bits, layer.out_features)
-    return pack_qzeros((zeros - 1) & (2**layer.bits - 1), layer.bits)
+def resolve_format(requested: str, sym: bool) -> str:
+    """The zero-point convention to write: ``"auto"`` gives v1 (``"gptq"``) for symmetric grids,
+    whose zero point 2**(bits-1) v1 always holds, and ``"gptq_v2"`` for asymmetric ones, whose
+    zero point may be 0 (and which GPTQModel refuses as v1 from other quantizers).
 
-
-def _all_symmetric(layers: dict[str, QuantLinear]) -> bool:
-    """Every zero point sits at 2**(bits-1), the symmetric grid's centre."""
-    return all(
-        bool((unpack_qzeros(m.qzeros, m.bits, m.out_features) == 2 ** (m.bits - 1)).all())
-        for m in layers.values()
-    )
+    Raises:
+        ValueError: an unknown format, or v1 requested for an asymmetric grid.
+    """
+    if requested == "auto":
+        return "gptq" if sym else "gptq_v2"
+    if requested not in FORMATS:
+        raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {requested!r}")
+    if requested == "gptq" and not sym:
+        raise ValueError(
+            "checkpoint_format='gptq' (v1 stores zero-1) cannot hold the zero point 0 that asymmetric "
+            "grids use; save with 'gptq_v2' or 'auto'"
+        )
+    return requested
 
 
 def v1_to_v2_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
@@ -76,60 +99,62 @@ def v1_to_v2_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch
     return pack_qzeros((zeros + 1) & (2**bits - 1), bits)
 
 
-def _choose_format(layers: dict[str, QuantLinear], requested: str) -> str:
-    has_zero_zero = any(
-        bool((unpack_qzeros(m.qzeros, m.bits, m.out_features) == 0).any()) for m in layers.values()
-    )
-    if requested == "auto":
-        return "gptq_v2" if has_zero_zero or not _all_symmetric(layers) else "gptq"
-    if requested not in FORMATS:
-        raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {requested!r}")
-    if requested == "gptq" and has_zero_zero:
-        raise ValueError(
-            "checkpoint_format='gptq' (v1 stores zero-1) cannot represent the zero point 0 that "
-            "this model's asymmetric grids use; save with 'gptq_v2' or 'auto'"
-        )
-    return requested
+def quant_linear_tensors(name: str, layer: QuantLinear, fmt: str) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one ``QuantLinear`` (``<name>.qweight`` ...) in format ``fmt``."""
+    qzeros = layer.qzeros
+    if fmt == "gptq":
+        zeros = unpack_qzeros(layer.qzeros, layer.bits, layer.out_features)
+        if bool((zeros == 0).any()):
+            raise ValueError(f"{name} has zero points of 0, which checkpoint_format='gptq' (v1) cannot hold")
+        qzeros = pack_qzeros(zeros - 1, layer.bits)
+    tensors = {
+        f"{name}.qweight": layer.qweight,
+        f"{name}.qzeros": qzeros,
+        f"{name}.scales": layer.scales.to(torch.float16),
+        f"{name}.g_idx": layer.g_idx,
+    }
+    if layer.bias is not None:
+        tensors[f"{name}.bias"] = layer.bias.to(torch.float16)
+    return tensors
 
 
-def _checkpoint_tensors(model: nn.Module, fmt: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+def checkpoint_tensors(
+    model: nn.Module, fmt: str, dtype: torch.dtype | None, prefix: str = "", exclude: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` as stored in a checkpoint, on the CPU, contiguous.
+
+    Args:
+        model: a quantized model, or a part of one (a decoder layer).
+        fmt: "gptq" or "gptq_v2" (:func:`resolve_format`).
+        dtype: dtype of the unquantized floating tensors; None keeps each tensor's own.
+        prefix: prepended to every name (a layer's path, ``"model.layers.7."``).
+        exclude: leave out tensors under this module path (layers written earlier).
+    Tied tensors (the head sharing the embeddings) are stored once, under the first name.
+    """
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        tensors[f"{name}.qweight"] = layer.qweight
-        tensors[f"{name}.qzeros"] = _zeros_v1(layer) if fmt == "gptq" else layer.qzeros
-        tensors[f"{name}.scales"] = layer.scales.to(torch.float16)
-        tensors[f"{name}.g_idx"] = layer.g_idx
-        if layer.bias is not None:
-            tensors[f"{name}.bias"] = layer.bias.to(torch.float16)
+    for name, layer in quantized.items():
+        if exclude is None or not name.startswith(exclude + "."):
+            tensors.update(quant_linear_tensors(prefix + name, layer, fmt))
     seen: set[int] = set()
     for key, value in model.state_dict().items():
         module_name = key.rpartition(".")[0]
-        if module_name in layers:
+        if module_name in quantized or (exclude is not None and key.startswith(exclude + ".")):
             continue
         ptr = value.untyped_storage().data_ptr()
-        if ptr in seen:  # a tied weight (lm_head = embeddings): safetensors stores it once
+        if ptr in seen:  # a tied weight (lm_head = embeddings): stored once
             continue
         seen.add(ptr)
-        tensors[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        tensors[prefix + key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, value in tensors.items():
-        nbytes = value.numel() * value.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += nbytes
-    return shards
-
-
 def quantization_config(config: QuantConfig, fmt: str) -> dict:
-    """The ``quantization_config`` entry of config.json for ``config`` in format ``fmt``."""
+    """The ``quantization_config`` entry of config.json for ``config`` in format ``fmt``.
+
+    ``meta.bitcliff`` records the whole config and the format it was written in, so that a
+    hand-edited ``checkpoint_format`` is caught on load instead of misreading every zero point.
+    """
     return {
         "quant_method": "gptq",
         "bits": config.bits,
@@ -141,43 +166,37 @@ def quantization_config(config: QuantConfig, fmt: str) -> dict:
         "damp_percent": config.damp_percent,
         "checkpoint_format": fmt,
         "lm_head": False,
-        "meta": {"quantizer": ["bitcliff:0.1.0"], "bitcliff": config.to_dict()},
+        "meta": {"quantizer": ["bitcliff:0.1.0"], "bitcliff": {**config.to_dict(), "checkpoint_format": fmt}},
     }
 
 
-def _is_checkpoint(directory: Path) -> bool:
-    return (directory / "config.json").exists() or (directory / SINGLE_FILE).exists() or (
-        directory / INDEX_FILE
-    ).exists()
+def config_json(model_config: dict, config: QuantConfig, fmt: str, stored_dtype: torch.dtype) -> dict:
+    """``config.json`` of a checkpoint: the model's own config plus ``quantization_config`` and
+    the dtype of its unquantized tensors."""
+    return {
+        **model_config,
+        "quantization_config": quantization_config(config, fmt),
+        "dtype": str(stored_dtype).removeprefix("torch."),
+    }
 
 
-def write_folder_atomically(directory: Path, fill, overwrite: bool) -> Path:
-    """Create ``directory`` by calling ``fill(tmp_dir)`` on a temporary sibling, then renaming.
+def write_index(folder: Path) -> Path:
+    """Write ``model.safetensors.index.json`` for every safetensors file in ``folder``."""
+    weight_map, total = {}, 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                weight_map[key] = path.name
+                piece = f.get_slice(key)
+                total += SAFETENSORS_DTYPES[piece.get_dtype()].itemsize * _numel(piece.get_shape())
+    return write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
-    Refuses (``FileExistsError``) when ``directory`` exists and is not empty, unless
-    ``overwrite``; the old folder is removed only after the new one is in place.
-    """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory")
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        what = "a checkpoint" if _is_checkpoint(directory) else "files"
-        raise FileExistsError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        fill(tmp)
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def save(
@@ -192,48 +211,42 @@ def save(
     """Save a model quantized by :func:`bitcliff.quantize` as a GPTQ checkpoint.
 
     Args:
-        model: transformers model whose linears are ``QuantLinear`` (``model.bitcliff_config`` set).
-        directory: output folder (created; refused if non-empty unless ``overwrite``).
+        model: transformers model whose linears are ``QuantLinear`` (its config attached).
+        directory: output folder (created; an existing non-empty one is refused unless
+            ``overwrite``, and even then if it holds files bitcliff did not write).
         tokenizer: saved beside the weights when given.
-        overwrite: replace an existing folder.
-        checkpoint_format: "auto", "gptq" (v1) or "gptq_v2"; see the module docstring.
+        overwrite: replace an existing checkpoint folder bitcliff wrote.
+        checkpoint_format: "auto", "gptq" (v1) or "gptq_v2"; see :func:`resolve_format`.
         dtype: dtype of the unquantized floating tensors (embeddings, norms, head); ``None``
             keeps the model's own, so the reloaded model computes exactly what was saved.
-        max_shard_bytes: shard size limit; one ``model.safetensors`` when everything fits.
+        max_shard_bytes: shard size limit (huggingface_hub's sharding); one ``model.safetensors``
+            when everything fits.
     Returns:
-        The checkpoint folder.
+        The checkpoint folder; a model quantized by GPTQ in memory also gets its per-module log,
+        ``gptq_log.json``.
     """
-    config = getattr(model, "bitcliff_config", None)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if config is None or not layers:
+    from huggingface_hub import save_torch_state_dict
+
+    config = quant_config(model)
+    if config is None or not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("model is not quantized: run bitcliff.quantize(model, QuantConfig(...)) first")
-    fmt = _choose_format(layers, checkpoint_format)
-    tensors = _checkpoint_tensors(model, fmt, dtype)
-    model_config = model.config.to_dict()
-    model_config["quantization_config"] = quantization_config(config, fmt)
+    fmt = resolve_format(checkpoint_format, config.sym)
+    tensors = checkpoint_tensors(model, fmt, dtype)
     stored = dtype or model.get_input_embeddings().weight.dtype
-    model_config["dtype"] = str(stored).removeprefix("torch.")
+    model_json = config_json(model.config.to_dict(), config, fmt, stored)
+
+    entries = gptq_log(model)
 
     def fill(tmp: Path) -> None:
-        shards = _shards(tensors, max_shard_bytes)
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], tmp / SINGLE_FILE, metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(v.numel() * v.element_size() for v in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True))
+        save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
+        write_json(tmp / "config.json", model_json, sort_keys=True)
+        if entries is not None:
+            write_gptq_log(entries, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    path = write_folder_atomically(Path(directory), fill, overwrite)
-    log.info("saved %d quantized layers to %s (checkpoint_format=%s)", len(layers), path, fmt)
+    path = replace_folder(Path(directory), fill, overwrite, kind="checkpoint")
+    log.info("saved a checkpoint to %s (checkpoint_format=%s)", path, fmt)
     return path
 
 
@@ -258,6 +271,13 @@ def read_quantization_config(directory: Path) -> tuple[dict, dict]:
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in FORMATS:
         raise CheckpointError(f"{directory}: unsupported checkpoint_format {fmt!r}, expected one of {FORMATS}")
+    written = ((qc.get("meta") or {}).get("bitcliff") or {}).get("checkpoint_format")
+    if written is not None and written != fmt:
+        raise CheckpointError(
+            f"{directory}: config.json says checkpoint_format {fmt!r}, but bitcliff wrote this checkpoint as "
+            f"{written!r} (quantization_config.meta.bitcliff); reading it as {fmt!r} would misread every zero "
+            f"point. Set checkpoint_format back to {written!r}"
+        )
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
     if bits not in (2, 3, 4):
         raise CheckpointError(f"{directory}: quantization_config bits={bits!r}; bitcliff reads 2, 3 or 4")
@@ -266,23 +286,37 @@ def read_quantization_config(directory: Path) -> tuple[dict, dict]:
     return model_config, qc
 
 
+def read_weight_map(directory: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name of a checkpoint or model folder (one file, or
+    shards with an index), every listed file checked to exist.
+
+    Raises:
+        CheckpointError: no weights, or an unreadable index.
+        MissingShardError: a file the index lists is missing (also a ``FileNotFoundError``).
+    """
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+    elif (directory / SINGLE_FILE).is_file():
+        try:
+            with safe_open(str(directory / SINGLE_FILE), framework="pt") as f:
+                weight_map = {key: SINGLE_FILE for key in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{directory / SINGLE_FILE} could not be read (truncated or corrupt?): {exc}") from exc
+    else:
+        raise CheckpointError(f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+    missing = sorted({name for name in weight_map.values() if not (directory / name).is_file()})
+    if missing:
+        raise MissingShardError(f"{directory}: shard(s) listed in {INDEX_FILE} are missing: {', '.join(missing)}")
+    return weight_map
+
+
 def shard_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint, all checked to exist."""
-    index = directory / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-    elif (directory / SINGLE_FILE).exists():
-        files = [directory / SINGLE_FILE]
-    else:
-        raise CheckpointError(f"{directory} holds no {SINGLE_FILE} and no {INDEX_FILE}")
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise CheckpointError(f"{directory}: shard(s) listed in the index are missing: {', '.join(missing)}")
-    return files
+    return [directory / name for name in sorted(set(read_weight_map(directory).values()))]
 
 
 def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -342,6 +376,14 @@ def _build_layer(name: str, linear: nn.Module, tensors: dict, qc: dict, fmt: str
                 f"{name}.qzeros has shape {tuple(parts['qzeros'].shape)}, expected ({n_groups}, {packed_length(n, bits)})"
             )
         parts["qzeros"] = v1_to_v2_qzeros(parts["qzeros"], bits, n)
+    if qc.get("sym", False):
+        zeros = unpack_qzeros(parts["qzeros"], bits, n)
+        if bool((zeros != 2 ** (bits - 1)).any()):
+            raise CheckpointError(
+                f"{name}: quantization_config says sym=true, but read as checkpoint_format {fmt!r} its zero "
+                f"points are not all {2 ** (bits - 1)}, the symmetric grid's centre: the checkpoint_format (v1 "
+                "stores zero-1, gptq_v2 the zero itself) or sym in config.json is wrong"
+            )
     layer.load_packed({k_: v for k_, v in parts.items() if v is not None})
     return layer
 

@@ -1,4 +1,6 @@
-"""GPTQ for one decoder layer: Hessians from hooks, solves, and the layer's new outputs.
+"""GPTQ for one decoder layer: Hessians from hooks, solves, the layer's new outputs, and its
+linears swapped for ``QuantLinear`` (:func:`quantize_decoder_layer`, the step that both the
+in-memory and the streaming walk over the layers repeat).
 
 A decoder layer is treated as a black box that calls its linears.  One discovery pass records
 the order in which the linears run and which of them read the *same* input tensor (q/k/v,
@@ -24,46 +26,69 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from bitcliff.layers import LayerCall, StopForward, run_layer
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize, split_result
+from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.surgery import quantizable_linears, set_submodule
 
 log = logging.getLogger(__name__)
 
 
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early."""
+@dataclass
+class ModuleLog:
+    """How one module was quantized (one entry of ``gptq_log.json``).
+
+    Attributes:
+        layer: decoder layer index, or None outside the decoder layers.
+        module: full module name.
+        group: the modules that shared its Hessian (read the same input).
+        loss: GPTQ objective; None after an RTN fallback.
+        damp_percent: dampening actually used; None after a fallback.
+        fallback: None, or why RTN was used instead.
+        refit_rows: fraction of rows whose scales the refit replaced, or None without refit.
+        seconds: time of its group's solve.
+        tokens: calibration tokens seen.
+    """
+
+    layer: int | None
+    module: str
+    group: list[str]
+    loss: float | None
+    damp_percent: float | None
+    fallback: str | None
+    refit_rows: float | None
+    seconds: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
-class LayerResult:
-    """What :func:`quantize_layer` returns.
+class LayerStep:
+    """What :func:`quantize_decoder_layer` returns.
 
     Attributes:
-        outputs: per batch, the layer's output with quantized weights (the next layer's input).
-        results: relative module name -> :class:`GPTQResult`.
-        log: one dict per module: layer, module, group, loss, damp_percent, fallback,
-            seconds (of its group's solve), tokens.
-        groups: the share groups in the order they were solved.
+        outputs: per batch, the layer's output ``[B, T, d]`` with quantized weights (the next
+            layer's input).
+        log: one :class:`ModuleLog` per quantized module, in solve order.
+        groups: the share groups (relative names) in the order they were solved; pass them to
+            the next layer's step, which reuses them when its linears have the same names.
     """
 
     outputs: list[torch.Tensor]
-    results: dict[str, GPTQResult]
-    log: list[dict]
-    groups: list[list[str]] = field(default_factory=list)
+    log: list[ModuleLog]
+    groups: list[list[str]] | None
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _run(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]):
-    args, kwargs = call
-    return _first(layer(hidden, *args, **kwargs))
+def _run(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    return run_layer(layer, hidden, call)
 
 
 @contextmanager
@@ -77,7 +102,7 @@ def _hooks(handles: list):
 
 
 def discover_groups(
-    layer: nn.Module, targets: dict[str, nn.Linear], hidden: torch.Tensor, call: tuple[tuple, dict]
+    layer: nn.Module, targets: dict[str, nn.Linear], hidden: torch.Tensor, call: LayerCall
 ) -> list[list[str]]:
     """Ordered share groups of ``targets``: linears that read the same input tensor.
 
@@ -276,49 +301,47 @@ def _solve_group(
     return dict(zip(group, parts)), time.perf_counter() - start
 
 
-def quantize_layer(
+@dataclass
+class SolvedLayer:
+    """What :func:`solve_layer` returns: per batch the layer ``outputs`` with quantized weights,
+    and per relative module name its :class:`GPTQResult`, solve ``seconds`` and calibration
+    ``tokens``."""
+
+    outputs: list[torch.Tensor]
+    results: dict[str, GPTQResult]
+    seconds: dict[str, float]
+    tokens: dict[str, int]
+
+
+def solve_layer(
     layer: nn.Module,
     targets: dict[str, nn.Linear],
+    groups: list[list[str]],
     inputs: list[torch.Tensor],
-    calls: list[tuple[tuple, dict]],
+    calls: list[LayerCall],
     config: QuantConfig,
     full_names: dict[str, str],
-    layer_index: int,
-    groups: list[list[str]] | None = None,
-) -> LayerResult:
-    """Quantize the ``targets`` of one decoder layer by GPTQ.
-
-    Args:
-        layer: the decoder layer; its target linears end up holding the dequantized weights.
-        targets: relative name -> ``nn.Linear`` to quantize (already filtered by skip rules).
-        inputs: per calibration batch, the layer input ``[B, T, H]``.
-        calls: per batch, the ``(args, kwargs)`` the model passes to this layer besides the input.
-        config: GPTQ settings.
-        full_names: relative -> full module name, for logs and warnings.
-        layer_index: position of the layer, for logs.
-        groups: share groups from :func:`discover_groups` (discovered here when None).
-    Returns:
-        A :class:`LayerResult`; ``outputs`` are computed with the quantized weights.
-    """
-    if not targets:
-        return LayerResult(_forward_all(layer, inputs, calls), {}, [], [])
-    if groups is None:
-        groups = discover_groups(layer, targets, inputs[0], calls[0])
+) -> SolvedLayer:
+    """Accumulate every group's Hessian, solve it, and compute the layer's outputs (see the
+    module docstring for the default and the true-sequential schedule).  The target linears end
+    up holding their dequantized weights."""
     accs = {g[0]: HessianAccumulator(targets[g[0]].in_features, targets[g[0]].weight.device) for g in groups}
     passes = _Passes(targets, accs)
     results: dict[str, GPTQResult] = {}
     seconds: dict[str, float] = {}
+    tokens: dict[str, int] = {}
 
     def solve(group):
         solved, secs = _solve_group(group, accs[group[0]], targets, full_names, config)
         results.update(solved)
-        seconds.update({name: secs for name in group})
+        seconds.update({member: secs for member in group})
+        tokens.update({member: accs[group[0]].count for member in group})
         accs[group[0]].release()
 
     if config.true_sequential:
         forwards = _SuspendedForwards(layer, inputs, calls)
         try:
-            with passes.capturing(groups, on_capture=lambda name: forwards.suspend()):
+            with passes.capturing(groups, on_capture=lambda _: forwards.suspend()):
                 for group in groups:
                     forwards.advance()  # every batch runs up to this group's input and waits there
                     solve(group)
@@ -332,20 +355,54 @@ def quantize_layer(
         for group in groups:
             solve(group)
         outputs = _forward_all(layer, inputs, calls)
+    return SolvedLayer(outputs, results, seconds, tokens)
 
+
+def quantize_decoder_layer(
+    layer: nn.Module,
+    name: str,
+    inputs: list[torch.Tensor],
+    calls: list[LayerCall],
+    config: QuantConfig,
+    groups: list[list[str]] | None = None,
+) -> LayerStep:
+    """Quantize the linears of one decoder layer by GPTQ and swap them for ``QuantLinear``.
+
+    Args:
+        layer: the decoder layer (in place: its selected linears become ``QuantLinear``).
+        name: its full module name, e.g. ``"model.layers.7"`` (for skip rules, logs, warnings).
+        inputs: per calibration batch, the layer input ``[B, T, d]``.
+        calls: per batch, the other arguments the model passes to this layer.
+        config: GPTQ settings.
+        groups: share groups of a previous layer, reused when this layer's linears have the
+            same relative names (else discovered here).
+    Returns:
+        A :class:`LayerStep`; ``outputs`` are computed with the quantized weights.
+    """
+    tail = name.rsplit(".", 1)[-1]
+    index = int(tail) if tail.isdigit() else None
+    targets = dict(quantizable_linears(layer, config, prefix=name + "."))
+    if not targets:
+        return LayerStep(_forward_all(layer, inputs, calls), [], groups)
+    if groups is None or {n for g in groups for n in g} != set(targets):
+        groups = discover_groups(layer, targets, inputs[0], calls[0])
+    full_names = {rel: f"{name}.{rel}" for rel in targets}
+    solved = solve_layer(layer, targets, groups, inputs, calls, config, full_names)
     entries = []
     for group in groups:
-        for name in group:
-            r = results[name]
-            entries.append({
-                "layer": layer_index,
-                "module": full_names[name],
-                "group": [full_names[n] for n in group],
-                "loss": r.loss,
-                "damp_percent": r.damp_percent,
-                "fallback": r.fallback,
-                "refit_rows": None if r.refit_rows is None else round(float(r.refit_rows.float().mean()), 4),
-                "seconds": round(seconds[name], 4),
-                "tokens": accs[group[0]].count,
-            })
-    return LayerResult(outputs, results, entries, groups)
+        for rel in group:
+            r, linear = solved.results[rel], targets[rel]
+            qlinear = QuantLinear.from_quantized(r.qweight, config.group_size, linear.bias, full_names[rel])
+            set_submodule(layer, rel, qlinear.to(linear.weight.device))
+            entries.append(ModuleLog(
+                layer=index,
+                module=full_names[rel],
+                group=[full_names[n] for n in group],
+                loss=r.loss,
+                damp_percent=r.damp_percent,
+                fallback=r.fallback,
+                refit_rows=None if r.refit_rows is None else round(float(r.refit_rows.float().mean()), 4),
+                seconds=round(solved.seconds[rel], 4),
+                tokens=solved.tokens[rel],
+            ))
+    return LayerStep(solved.outputs, entries, groups)

@@ -1,13 +1,17 @@
-"""Round-to-nearest (RTN) quantization of one weight matrix."""
+"""Round-to-nearest (RTN) quantization: of one weight matrix, and of a model's linears."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
 from bitcliff.kernels.pack import default_g_idx, num_groups
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.grid import fit_grid, quantize_codes
+from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.qweight import QuantizedWeight
+from bitcliff.quant.surgery import set_submodule
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:
@@ -45,3 +49,11 @@ def quantize_rtn(weight: torch.Tensor, config: QuantConfig, name: str = "<weight
         scales[g] = scale.half()
         zeros[g] = zero.to(torch.int32)
     return QuantizedWeight(codes, scales, zeros, default_g_idx(in_features, config.group_size), config.bits)
+
+
+def quantize_linears_rtn(model: nn.Module, names: list[str], config: QuantConfig, progress: bool = False) -> None:
+    """Replace the ``nn.Linear`` s of ``model`` named ``names`` by RTN ``QuantLinear`` s, in place."""
+    for name in tqdm(names, desc=f"RTN {config.describe()}", disable=not progress, unit="layer"):
+        linear = model.get_submodule(name)
+        qlinear = QuantLinear.from_quantized(quantize_rtn(linear.weight, config, name), config.group_size, linear.bias, name)
+        set_submodule(model, name, qlinear.to(linear.weight.device))

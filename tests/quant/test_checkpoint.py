@@ -121,14 +121,14 @@ def test_refuses_existing_checkpoint_and_overwrites_atomically(tiny_llama, tmp_p
     model = _quantized(tiny_llama)
     path = save(model, tmp_path / "ck")
     before = (path / "model.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="already holds a checkpoint.*overwrite"):
+    with pytest.raises(FileExistsError, match="already exists and is not empty; pass overwrite=True"):
         save(model, path)
 
     # a failure in the middle of writing leaves the old checkpoint untouched, no temp folder
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("bitcliff.quant.checkpoint.save_file", broken_save_file)
+    monkeypatch.setattr("safetensors.torch.save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         save(model, path, overwrite=True)
     assert (path / "model.safetensors").read_bytes() == before

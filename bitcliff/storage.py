@@ -1,0 +1,249 @@
+"""Every file bitcliff writes: atomically, with the user's umask, never over a user's own files.
+
+* :func:`cache_root`: where prepared assets and tuning results live.
+* :func:`write_text`, :func:`write_json`, :func:`save_tensors`: one file, written to a temporary
+  sibling and renamed into place, so a reader never sees half a file.
+* :func:`building_dir`: a cache folder built beside its final name and renamed when complete.
+* :func:`replace_folder`: an output folder (checkpoint, run, report) built the same way.  An
+  existing folder is replaced only when bitcliff wrote it and it holds nothing else: every
+  folder it writes carries a manifest (:data:`MANIFEST`) of its own files, and any other file
+  found there is named in the refusal instead of being deleted.
+
+Temporary files and folders are created private (0600/0700); the finished result gets the
+permissions the user's umask gives ordinary files (0644/0755 for umask 022).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+#: Written last into every output folder: what bitcliff wrote there, so that a later
+#: ``overwrite`` can tell its own files from a user's.
+MANIFEST = ".bitcliff-manifest.json"
+
+
+class OccupiedOutputError(FileExistsError):
+    """An output folder exists and holds files bitcliff may not replace."""
+
+
+def cache_root() -> Path:
+    """Where prepared assets and kernel tuning results live, created on demand.
+
+    Returns:
+        ``$BITCLIFF_CACHE`` if set, else ``$XDG_CACHE_HOME/bitcliff`` or ``~/.cache/bitcliff``.
+    """
+    override = os.environ.get("BITCLIFF_CACHE")
+    if override:
+        path = Path(override).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        path = Path(base).expanduser() / "bitcliff"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_shareable(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions the umask allows."""
+    mask = _umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for child in path.rglob("*"):
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write; renamed onto ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        make_shareable(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with _atomic_path(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data, indent: int = 2, sort_keys: bool = False) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (serialized before anything is written)."""
+    return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write ``tensors`` as one safetensors file atomically (``format: pt`` metadata)."""
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with _atomic_path(Path(path)) as tmp:
+        save_file(contiguous, str(tmp), metadata={"format": "pt"})
+    return Path(path)
+
+
+@contextmanager
+def building_dir(final: Path, is_complete: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield an empty sibling folder to fill; on success it is renamed to ``final``.
+
+    For caches: an existing ``final`` that ``is_complete`` says is finished (a concurrent build
+    of the same asset) is kept and the new one discarded; any other existing ``final`` is
+    replaced.  On an error the partial folder is deleted and ``final`` is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield partial
+        make_shareable(partial)
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not is_complete(final):
+                stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=final.parent))
+                os.replace(final, stale)
+                os.rename(partial, final)
+                shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextmanager
+def scratch(root: Path) -> Iterator[Path]:
+    """A temporary folder inside ``root`` (large downloads stay on the same disk)."""
+    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=root) as work:
+        yield Path(work)
+
+
+# ------------------------------------------------------------------------- output folders
+
+
+def _listing(folder: Path) -> list[str]:
+    """Every file under ``folder``, as POSIX paths relative to it, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def write_manifest(folder: Path, kind: str) -> None:
+    """Record every file now in ``folder`` as bitcliff's (call it last, when the folder is full)."""
+    files = [f for f in _listing(folder) if f != MANIFEST]
+    (folder / MANIFEST).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files in ``folder`` that bitcliff did not write as part of it, by its manifest.
+
+    A sub-folder with a manifest of its own (a report written into a checkpoint folder) is
+    judged by that manifest; a folder without a manifest is foreign as a whole.
+    """
+    try:
+        owned = set(json.loads((folder / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return _listing(folder)
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and (entry / MANIFEST).is_file():
+            foreign += [f"{entry.name}/{name}" for name in foreign_files(entry)]
+        elif entry.is_dir():
+            foreign += [name for name in (f"{entry.name}/{f}" for f in _listing(entry)) if name not in owned]
+        elif entry.name != MANIFEST and entry.name not in owned:
+            foreign.append(entry.name)
+    return foreign
+
+
+def check_replaceable(directory: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that :func:`replace_folder` would refuse.
+
+    Raises:
+        OccupiedOutputError: ``directory`` is a file; or it holds files and ``overwrite`` is
+            off; or, with ``overwrite``, it holds a file bitcliff did not write there (named).
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise OccupiedOutputError(f"{directory} exists and is not a folder")
+    if not any(directory.iterdir()):
+        return
+    if not overwrite:
+        raise OccupiedOutputError(
+            f"{directory} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
+    foreign = foreign_files(directory)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise OccupiedOutputError(
+            f"{directory} holds {foreign[0]}{more}, which bitcliff did not write; it replaces only "
+            "folders it wrote itself, so nothing was changed: move those files or choose another output folder"
+        )
+
+
+def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool, kind: str) -> Path:
+    """Create ``directory`` by calling ``fill(tmp)`` on a temporary sibling, then renaming it.
+
+    Args:
+        directory: the output folder.
+        fill: writes the folder's content into the temporary folder it is given.
+        overwrite: replace an existing folder that bitcliff wrote (see :func:`check_replaceable`).
+        kind: what the folder is ("checkpoint", "diagnosis", ...), recorded in its manifest.
+    Returns:
+        ``directory``.  The old folder is removed only after the new one is in place; on any
+        error (disk full, Ctrl-C) the temporary folder is removed and ``directory`` is untouched.
+    """
+    directory = Path(directory)
+    check_replaceable(directory, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        fill(tmp)
+        write_manifest(tmp, kind)
+        make_shareable(tmp)
+        old = None
+        if directory.exists():
+            check_replaceable(directory, overwrite)  # it may have changed while we worked
+            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def finish_folder(work: Path, directory: Path, overwrite: bool, kind: str) -> Path:
+    """Move a finished work folder (filled over time, e.g. a resumable run) to ``directory``
+    with the same rules as :func:`replace_folder`; ``work`` is left in place on refusal."""
+    write_manifest(work, kind)
+    make_shareable(work)
+    old = None
+    if directory.exists():
+        check_replaceable(directory, overwrite)
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        os.replace(directory, old)
+    os.replace(work, directory)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return directory
