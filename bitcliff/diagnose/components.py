@@ -24,13 +24,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from bitcliff.diagnose.fp_record import FIRST_TOKEN, FPRecord, eager_attention, model_logits, record_fp
+from bitcliff.diagnose.fp_record import FIRST_TOKEN, FPRecord, eager_attention, record_fp
 from bitcliff.diagnose.hooks import Hooks
 from bitcliff.diagnose.metrics import js_divergence
 from bitcliff.diagnose.model_parts import COMPONENTS, component, decoder_layers, gate_projection
-
-RUNS = ("prop", "local")
+from bitcliff.diagnose.quantized_runs import RUNS, run_quantized
 
 
 @dataclass
@@ -52,7 +52,13 @@ class ComponentAssessment:
 
 
 class ComponentAssessor:
-    """Accumulates the component measures over examples (sums per layer, bounded memory)."""
+    """Accumulates the component measures over examples (sums per layer, bounded memory).
+
+    An observer of both quantized runs (:mod:`bitcliff.diagnose.quantized_runs`); the FP records
+    must hold attention rows and gates (``record_fp(..., attention_rows=..., gates=True)``) and
+    both models must run eager attention (:func:`~bitcliff.diagnose.fp_record.eager_attention`).
+    Per example: observe the ``"prop"`` and ``"local"`` runs, then :meth:`add_example`.
+    """
 
     def __init__(self, n_layers: int, attention_rows: int = 32) -> None:
         self.n_layers = n_layers
@@ -66,26 +72,9 @@ class ComponentAssessor:
         self.has_gates = True
         self.examples = 0
 
-    @torch.inference_mode()
-    def add(self, q_model: nn.Module, record: FPRecord) -> None:
-        """One example; ``record`` must hold attention rows and gates (``record_fp(...,
-        attention_rows=..., gates=True)``) and ``q_model`` must run eager attention."""
+    def observe(self, hooks: Hooks, layers: list[nn.Module], record: FPRecord, run: str) -> None:
         if record.attention is None:
             raise ValueError("the FP record has no attention probabilities; record it with attention_rows > 0")
-        layers = decoder_layers(q_model)
-        self.has_gates = self.has_gates and record.gate_active is not None
-        for c in COMPONENTS:
-            for i, out in enumerate(record.outputs[c]):
-                o = out[FIRST_TOKEN:].double()
-                self.spread[c][i] += float((o - o.mean(dim=0)).pow(2).sum())
-        for run in RUNS:
-            self._run(q_model, layers, record, run)
-        self.rows += len(record.query_rows)
-        if self.has_gates:
-            self.gate_total += record.gate_active[0][FIRST_TOKEN:].numel()
-        self.examples += 1
-
-    def _run(self, q_model: nn.Module, layers: list[nn.Module], record: FPRecord, run: str) -> None:
         rows = record.query_rows
 
         def on_component(c: str, i: int, out: torch.Tensor) -> None:
@@ -101,17 +90,26 @@ class ComponentAssessor:
             same = (gate[0, FIRST_TOKEN:] > 0) == record.gate_active[i][FIRST_TOKEN:].to(gate.device)
             self.gate_same[run][i] += int(same.sum())
 
-        with Hooks() as hooks:
-            for i, layer in enumerate(layers):
-                if run == "local":
-                    hooks.input(layer, lambda h, i=i: record.residual[i][None].to(h.device))
-                for c in COMPONENTS:
-                    hooks.output(component(layer, c), lambda o, c=c, i=i: on_component(c, i, o))
-                hooks.raw_output(layer.self_attn, lambda out, i=i: on_attention(i, out))
-                gate = gate_projection(layer)
-                if self.has_gates and gate is not None:
-                    hooks.output(gate, lambda g, i=i: on_gate(i, g))
-            model_logits(q_model, record.ids)
+        gates = self.has_gates and record.gate_active is not None
+        for i, layer in enumerate(layers):
+            for c in COMPONENTS:
+                hooks.output(component(layer, c), lambda o, c=c, i=i: on_component(c, i, o))
+            hooks.raw_output(layer.self_attn, lambda out, i=i: on_attention(i, out))
+            gate = gate_projection(layer)
+            if gates and gate is not None:
+                hooks.output(gate, lambda g, i=i: on_gate(i, g))
+
+    def add_example(self, record: FPRecord) -> None:
+        """Count one example whose two runs were observed."""
+        self.has_gates = self.has_gates and record.gate_active is not None
+        for c in COMPONENTS:
+            for i, out in enumerate(record.outputs[c]):
+                o = out[FIRST_TOKEN:].double()
+                self.spread[c][i] += float((o - o.mean(dim=0)).pow(2).sum())
+        self.rows += len(record.query_rows)
+        if self.has_gates:
+            self.gate_total += record.gate_active[0][FIRST_TOKEN:].numel()
+        self.examples += 1
 
     def result(self) -> ComponentAssessment:
         if not self.examples:
@@ -133,12 +131,16 @@ class ComponentAssessor:
 
 
 def assess_components(
-    fp_model: nn.Module, q_model: nn.Module, examples: list[torch.Tensor], attention_rows: int = 32
+    fp_model: nn.Module, q_model: nn.Module, examples: list[torch.Tensor], attention_rows: int = 32,
+    progress: bool = False,
 ) -> ComponentAssessment:
     """Component measures over ``examples`` (int64 ``[T]`` each), one at a time, with both
     models switched to eager attention for the duration."""
     assessor = ComponentAssessor(len(decoder_layers(q_model)), attention_rows)
     with eager_attention(fp_model, q_model):
-        for ids in examples:
-            assessor.add(q_model, record_fp(fp_model, ids, attention_rows=attention_rows, gates=True))
+        for ids in tqdm(examples, desc="components", unit="example", disable=not progress):
+            record = record_fp(fp_model, ids, attention_rows=attention_rows, gates=True)
+            for run in RUNS:
+                run_quantized(q_model, record, run, [assessor])
+            assessor.add_example(record)
     return assessor.result()

@@ -49,6 +49,20 @@ class FPRecord:
     def n_layers(self) -> int:
         return len(self.residual) - 1
 
+    def mean_nll(self) -> float:
+        """The example's mean next-token NLL under the FP model."""
+        return float(self.token_nll.mean())
+
+    def magnitudes(self) -> list[float]:
+        """``L + 1`` floats: the residual stream's mean L2 norm over the tokens from
+        ``FIRST_TOKEN`` on, entering layer 0 and leaving each layer."""
+        return [float(mean_token_norm(h[None])) for h in self.residual]
+
+
+def mean_token_norm(hidden: torch.Tensor) -> torch.Tensor:
+    """fp64 ``[B]``: the mean L2 norm of ``hidden`` ``[B, T, d]`` over the tokens from ``FIRST_TOKEN`` on."""
+    return hidden[:, FIRST_TOKEN:].double().norm(dim=-1).mean(dim=-1)
+
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """fp64 ``[T - 1]`` next-token NLL of ``ids`` (int64 ``[T]``) under ``logits`` (``[T, V]``)."""
@@ -78,6 +92,7 @@ def eager_attention(*models: nn.Module):
             m.set_attn_implementation(impl)
 
 
+@torch.inference_mode()
 def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """fp32 ``[T, V]`` logits of one example (int64 ``[T]``)."""
     device = next(model.parameters()).device

@@ -17,18 +17,17 @@ module's figure is its local weight error on the inputs the quantized model actu
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from bitcliff.diagnose.capture import CaptureSession
 from bitcliff.diagnose.fp_record import model_logits
 from bitcliff.diagnose.metrics import spearman
-from bitcliff.diagnose.model_parts import decoder_layers, fp_linear_weights
-
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+from bitcliff.diagnose.model_parts import fp_linear_weights
+from bitcliff.layers import find_decoder_layers, layer_index
 
 
 @dataclass
@@ -54,13 +53,10 @@ class LayerErrors:
         return self.agreement_with_trace
 
 
-def layer_of(module_name: str) -> int | None:
-    match = _LAYER_INDEX.search(f".{module_name}.")
-    return int(match.group(1)) if match else None
-
-
 @torch.inference_mode()
-def capture_layer_errors(fp_model: nn.Module, q_model: nn.Module, examples: list[torch.Tensor]) -> LayerErrors:
+def capture_layer_errors(
+    fp_model: nn.Module, q_model: nn.Module, examples: list[torch.Tensor], progress: bool = False
+) -> LayerErrors:
     """Run ``q_model`` (with its ``QuantLinear`` layers) on ``examples`` (int64 ``[T]`` each)
     under an error capture, and aggregate per module and per layer."""
     if not examples:
@@ -69,13 +65,14 @@ def capture_layer_errors(fp_model: nn.Module, q_model: nn.Module, examples: list
     sums: dict[str, list[float]] = {}
     with CaptureSession(q_model, mode="error", fp_weights=weights, keep="aggregate") as session:
         tokens = 0
-        for ids in examples:
+        for ids in tqdm(examples, desc="capture", unit="example", disable=not progress):
             model_logits(q_model, ids)
             tokens += len(ids)
         rows = session.summary()
+    prefix, layer_list = find_decoder_layers(q_model)
     modules = []
     for row in rows:
-        layer = layer_of(str(row["module"]))
+        layer = layer_index(str(row["module"]), prefix)
         modules.append({
             "module": row["module"],
             "layer": layer,
@@ -87,7 +84,7 @@ def capture_layer_errors(fp_model: nn.Module, q_model: nn.Module, examples: list
             err, ref = sums.get(layer, [0.0, 0.0])
             sums[layer] = [err + row["err_sq_mean"] * row["tokens"], ref + row["fp_sq_mean"] * row["tokens"]]
     layers = []
-    for index in range(len(decoder_layers(q_model))):
+    for index in range(len(layer_list)):
         own = [m for m in modules if m["layer"] == index]
         err, ref = sums.get(index, [0.0, 0.0])
         layers.append({

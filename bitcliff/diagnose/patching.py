@@ -27,9 +27,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnose.fp_record import model_logits, record_fp, token_nll
+from bitcliff.diagnose.fp_record import FPRecord, record_fp, token_nll
 from bitcliff.diagnose.hooks import Hooks
 from bitcliff.diagnose.model_parts import COMPONENTS, component, decoder_layers, logit_lens
+from bitcliff.diagnose.quantized_runs import run_quantized
+from bitcliff.layers import LayerCalls, find_decoder_layers, run_layers
 
 TARGETS = (*COMPONENTS, "residual")
 
@@ -54,7 +56,71 @@ class PatchingResult:
         return asdict(self)
 
 
-@torch.inference_mode()
+class PatchingAccumulator:
+    """Sums the damage and the per-(target, layer) gains over examples.
+
+    Per example it needs the FP record and what the quantized model's decoder layers received in
+    its propagated run (a :class:`~bitcliff.layers.LayerCalls` recorded by
+    ``run_quantized(..., calls=...)``); each patched run replays the layers from the patched one
+    on, with the three targets of a layer batched into one forward.
+    """
+
+    def __init__(self, n_layers: int, targets: tuple[str, ...] = TARGETS) -> None:
+        unknown = set(targets) - set(TARGETS)
+        if unknown:
+            raise ValueError(f"unknown patching targets {sorted(unknown)}; choose from {TARGETS}")
+        self.targets = targets
+        self.gained = {t: [0.0] * n_layers for t in targets}
+        self.damage = 0.0
+        self.examples = 0
+        self.tokens_per_example = 0
+
+    @torch.inference_mode()
+    def add(self, q_model: nn.Module, record: FPRecord, calls: LayerCalls) -> None:
+        layers = decoder_layers(q_model)
+        call = calls.for_forward(0)
+        start = calls.inputs[0][0]
+        nll_q = _mean_nll(q_model, run_layers(layers, call, start), record.ids)[0]
+        self.damage += nll_q - record.mean_nll()
+        for i in range(len(layers)):
+            batch = calls.inputs[i][0].expand(len(self.targets), -1, -1)  # one row per target
+            with Hooks() as hooks:
+                for row, target in enumerate(self.targets):
+                    if target == "residual":  # the stream leaving layer i, i.e. a restart after it
+                        module, value = layers[i], record.residual[i + 1]
+                    else:
+                        module, value = component(layers[i], target), record.outputs[target][i]
+                    hooks.output(module, lambda h, row=row, v=value: _with_row(h, row, v))
+                final = run_layers(layers, call, batch, i)
+            for target, nll in zip(self.targets, _mean_nll(q_model, final, record.ids)):
+                self.gained[target][i] += nll_q - nll
+        self.examples += 1
+        self.tokens_per_example = len(record.ids)
+
+    def result(self) -> PatchingResult:
+        if not self.examples:
+            raise ValueError("activation patching needs at least one example")
+        mean_damage = self.damage / self.examples
+        defined = mean_damage >= MIN_DAMAGE_NATS
+        recovery = {t: [g / self.damage if defined else None for g in self.gained[t]] for t in self.targets}
+        singles = [r for t in COMPONENTS if t in recovery for r in recovery[t]]
+        total = sum(singles) if defined and singles else None
+        return PatchingResult(recovery, mean_damage, total, self.examples, self.tokens_per_example)
+
+
+def _with_row(hidden: torch.Tensor, row: int, value: torch.Tensor) -> torch.Tensor:
+    """``hidden`` ``[B, T, d]`` with row ``row`` replaced by ``value`` ``[T, d]``."""
+    patched = hidden.clone()
+    patched[row] = value.to(hidden.device, hidden.dtype)
+    return patched
+
+
+def _mean_nll(model: nn.Module, final_hidden: torch.Tensor, ids: torch.Tensor) -> list[float]:
+    """Per row of the last layer's output ``[B, T, d]``: the mean next-token NLL of ``ids``."""
+    logits = logit_lens(model, final_hidden).cpu()
+    return [float(token_nll(row, ids).mean()) for row in logits]
+
+
 def patch_activations(
     fp_model: nn.Module,
     q_model: nn.Module,
@@ -64,72 +130,15 @@ def patch_activations(
 ) -> PatchingResult:
     """Recovery of every (layer, target) over ``examples`` (int64 ``[T]`` each).
 
-    Cost: ``len(targets) * n_layers + 1`` quantized forwards per example.
+    Cost per example: one FP and one quantized forward, then ``n_layers`` batched replays of
+    the layers from the patched one on.
     """
-    unknown = set(targets) - set(TARGETS)
-    if unknown:
-        raise ValueError(f"unknown patching targets {sorted(unknown)}; choose from {TARGETS}")
+    accumulator = PatchingAccumulator(len(decoder_layers(q_model)), targets)
     if not examples:
         raise ValueError("activation patching needs at least one example")
-    layers = decoder_layers(q_model)
-    gained = {t: [0.0] * len(layers) for t in targets}
-    damage = 0.0
-    runs = [(t, i) for t in targets for i in range(len(layers))]
-    bar = tqdm(total=len(examples) * len(runs), desc="patching", unit="run", disable=not progress)
-    try:
-        for ids in examples:
-            record = record_fp(fp_model, ids)
-            nll_fp = float(record.token_nll.mean())
-            inputs, calls = _layer_inputs(q_model, layers, ids)
-            nll_q = float(token_nll(logit_lens(q_model, _resume(layers, calls, inputs[0], 0)[0]).cpu(), ids).mean())
-            damage += nll_q - nll_fp
-            for target, i in runs:
-                if target == "residual":  # restart after layer i from the FP stream
-                    hidden, start = record.residual[i + 1][None].to(inputs[0].device), i + 1
-                    final = _resume(layers, calls, hidden, start)
-                else:
-                    with Hooks() as hooks:
-                        fp_value = record.outputs[target][i]
-                        hooks.output(component(layers[i], target), lambda h, v=fp_value: v[None].to(h.device))
-                        final = _resume(layers, calls, inputs[i], i)
-                nll_patched = float(token_nll(logit_lens(q_model, final[0]).cpu(), ids).mean())
-                gained[target][i] += nll_q - nll_patched
-                bar.update()
-    finally:
-        bar.close()
-    mean_damage = damage / len(examples)
-    defined = mean_damage >= MIN_DAMAGE_NATS
-    recovery = {t: [g / damage if defined else None for g in gained[t]] for t in targets}
-    singles = [r for t in COMPONENTS if t in recovery for r in recovery[t]]
-    total = sum(singles) if defined and singles else None
-    return PatchingResult(recovery, mean_damage, total, len(examples), int(len(examples[0])))
-
-
-def _layer_inputs(model: nn.Module, layers: list[nn.Module], ids: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
-    """The residual stream entering each decoder layer in an unpatched run of ``model``, and the
-    keyword arguments each layer was called with (masks, position embeddings...)."""
-    inputs: list[torch.Tensor] = []
-    calls: list[dict] = []
-    handles = []
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        inputs.append(hidden.detach())
-        calls.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-    try:
-        for layer in layers:
-            handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
-        model_logits(model, ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs, calls
-
-
-def _resume(layers: list[nn.Module], calls: list[dict], hidden: torch.Tensor, start: int) -> torch.Tensor:
-    """Run decoder layers ``start..`` on ``hidden`` (``[1, T, d]``) with the recorded arguments."""
-    for layer, kwargs in zip(layers[start:], calls[start:]):
-        out = layer(hidden, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
+    for ids in tqdm(examples, desc="patching", unit="example", disable=not progress):
+        record = record_fp(fp_model, ids)
+        calls = LayerCalls(find_decoder_layers(q_model)[1])
+        run_quantized(q_model, record, "prop", calls=calls)
+        accumulator.add(q_model, record, calls)
+    return accumulator.result()

@@ -4,10 +4,14 @@
     print(report.summary())
     report.save("runs/w2g64/diagnosis")     # diagnosis.json + report.html
 
-The analyses run one example at a time (memory: one example's activations of one model), in
-this order: signal trace and component assessment on the first ``trace_examples`` examples,
-activation patching on the first ``patch_examples``, the capture table on the first
-``capture_examples``, and the which-inputs-break statistics on all of them.
+Each of the first ``trace_examples`` examples is recorded once in full precision
+(:func:`~bitcliff.diagnose.fp_record.record_fp`: residual stream, block outputs, gates, attention
+rows) and the quantized model runs on it twice, propagated and teacher-forced
+(:mod:`~bitcliff.diagnose.quantized_runs`); those three forwards feed the signal trace, the
+component assessment and the which-inputs-break statistics, and on the first ``patch_examples``
+also activation patching.  The remaining examples only need their NLLs and FP magnitudes and run
+in batches.  The capture table runs the real ``QuantLinear`` layers on the first
+``capture_examples``.  Memory: one example's activations of one model at a time, plus one batch.
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from bitcliff.diagnose.components import ComponentAssessment, assess_components
-from bitcliff.diagnose.inputs import InputSensitivity, input_sensitivity
+from bitcliff.diagnose.components import ComponentAssessment, ComponentAssessor
+from bitcliff.diagnose.fp_record import eager_attention, model_logits, record_fp, token_nll
+from bitcliff.diagnose.inputs import InputsAccumulator, InputSensitivity, add_example_stats
 from bitcliff.diagnose.layer_errors import LayerErrors, capture_layer_errors
-from bitcliff.diagnose.model_parts import check_compatible, context_length, dequantized_twin
-from bitcliff.diagnose.patching import PatchingResult, patch_activations
-from bitcliff.diagnose.signal import SignalTrace, trace_signal
+from bitcliff.diagnose.model_parts import check_compatible, context_length, decoder_layers, dequantized_twin
+from bitcliff.diagnose.patching import PatchingAccumulator, PatchingResult
+from bitcliff.diagnose.quantized_runs import run_quantized
+from bitcliff.diagnose.signal import SignalTrace, SignalTracer
 from bitcliff.diagnose.verdict import Thresholds, Verdict, decide
+from bitcliff.layers import LayerCalls, find_decoder_layers
+from bitcliff.quant.surgery import quant_config
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,8 @@ class DiagnoseOptions:
 
     Attributes:
         trace_examples: examples for the signal trace and the component assessment.
-        patch_examples: examples for activation patching (``3 * n_layers`` partial forwards
-            each); 0 skips patching.
+        patch_examples: of the traced examples, how many are also patched (``n_layers``
+            batched partial forwards each); 0 skips patching.
         capture_examples: examples run under the kernels' error capture.
         lens_tokens: positions per example read through the logit lens.
         attention_rows: query rows per example whose attention patterns are compared.
@@ -49,6 +58,21 @@ class DiagnoseOptions:
     lens_tokens: int = 32
     attention_rows: int = 32
     top_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        counts = {k: getattr(self, k) for k in ("trace_examples", "patch_examples", "capture_examples",
+                                                 "lens_tokens", "attention_rows")}
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+        for key in ("trace_examples", "lens_tokens", "attention_rows"):
+            if counts[key] == 0:
+                raise ValueError(f"{key} must be at least 1")
+        if self.patch_examples > self.trace_examples:
+            raise ValueError(f"patch_examples ({self.patch_examples}) cannot exceed trace_examples "
+                             f"({self.trace_examples}): patching reuses the traced examples' runs")
+        if not 0.0 < self.top_fraction < 1.0:
+            raise ValueError(f"top_fraction must lie in (0, 1), got {self.top_fraction!r}")
 
     @classmethod
     def fast(cls) -> "DiagnoseOptions":
@@ -147,6 +171,7 @@ def diagnose(
     fp_model: nn.Module,
     q_model: nn.Module,
     texts,
+    *,
     tokenizer=None,
     compare: dict[str, nn.Module] | None = None,
     options: DiagnoseOptions = DiagnoseOptions(),
@@ -183,27 +208,48 @@ def diagnose(
     timings = {}
 
     def timed(stage: str, fn):
+        """Run ``fn()``, adding its wall time to ``timings[stage]``."""
         start = time.perf_counter()
         out = fn()
-        timings[stage] = round(time.perf_counter() - start, 2)
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 2)
         return out
 
     sim = timed("dequantize", lambda: dequantized_twin(q_model, _dtype(fp_model)))
     others = {n: dequantized_twin(m, _dtype(fp_model)) for n, m in (compare or {}).items()}
-    trace_set = examples[: options.trace_examples]
-    signal = timed("signal", lambda: trace_signal(fp_model, sim, _bar(trace_set, "signal", progress), options.lens_tokens))
-    components = timed("components", lambda: assess_components(
-        fp_model, sim, _bar(trace_set, "components", progress), options.attention_rows))
-    patching = None
-    if options.patch_examples > 0:
-        patching = timed("patching", lambda: patch_activations(
-            fp_model, sim, examples[: options.patch_examples], progress=progress))
+    n_trace = min(options.trace_examples, len(examples))
+    inputs_acc = InputsAccumulator([name, *others], len(examples), options.top_fraction)
+    tracer = SignalTracer(fp_model, sim, options.lens_tokens)
+    assessor = ComponentAssessor(len(decoder_layers(sim)), options.attention_rows)
+    patcher = PatchingAccumulator(len(decoder_layers(sim))) if options.patch_examples > 0 else None
+
+    def trace_example(e: int):
+        """The FP record and both quantized runs of example ``e``, fed to every accumulator;
+        returns what the quantized layers received when the example is also patched."""
+        ids = examples[e]
+        record = record_fp(fp_model, ids, attention_rows=options.attention_rows, gates=True)
+        calls = LayerCalls(find_decoder_layers(sim)[1]) if patcher and e < options.patch_examples else None
+        logits = run_quantized(sim, record, "prop", [tracer, assessor], calls)
+        run_quantized(sim, record, "local", [tracer, assessor])
+        tracer.add_example(record, logits)
+        assessor.add_example(record)
+        nll_q = {name: float(token_nll(logits.cpu(), ids).mean())}
+        nll_q.update({n: float(token_nll(model_logits(m, ids).cpu(), ids).mean()) for n, m in others.items()})
+        inputs_acc.add(e, record.mean_nll(), record.magnitudes(), nll_q)
+        return record, calls
+
+    with eager_attention(fp_model, sim, *others.values()):  # attention probabilities for the component assessment
+        for e in tqdm(range(n_trace), desc="trace", unit="example", disable=not progress):
+            record, calls = timed("trace", lambda: trace_example(e))
+            if calls is not None:
+                timed("patching", lambda: patcher.add(sim, record, calls))
+    timed("inputs", lambda: add_example_stats(
+        inputs_acc, fp_model, {name: sim, **others}, examples, inputs_acc.missing(), progress=progress))
     layer_errors = timed("capture", lambda: capture_layer_errors(
-        fp_model, q_model, _bar(examples[: options.capture_examples], "capture", progress)))
+        fp_model, q_model, examples[: options.capture_examples], progress=progress))
+    signal, components = tracer.result(), assessor.result()
+    patching = patcher.result() if patcher is not None else None
     layer_errors.cross_check(signal.local_update_error)
-    inputs = timed("inputs", lambda: input_sensitivity(
-        fp_model, {name: sim, **others}, examples, options.top_fraction, progress))
-    del sim, others
+    inputs = inputs_acc.result()
 
     mean_fp = sum(inputs.nll_fp) / len(inputs.nll_fp)
     mean_q = mean_fp + sum(inputs.delta_nll[name]) / len(inputs.delta_nll[name])
@@ -224,26 +270,12 @@ def diagnose(
     return DiagnosisReport(verdict, ppl_fp, ppl_q, signal, components, patching, layer_errors, inputs, meta)
 
 
-def _bar(items: list, desc: str, progress: bool) -> list:
-    """A list whose iteration shows a tqdm bar (the analyses take lists)."""
-    if not progress:
-        return items
-
-    class _Progress(list):
-        def __iter__(self):
-            from tqdm.auto import tqdm
-
-            return iter(tqdm(list.__iter__(self), total=len(self), desc=desc, unit="example"))
-
-    return _Progress(items)
-
-
 def _dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
 def _describe_quantization(q_model: nn.Module) -> dict | None:
-    config = getattr(q_model, "bitcliff_config", None)
+    config = quant_config(q_model)
     if config is not None:
         return {"describe": config.describe(), **{k: v for k, v in config.__dict__.items() if not k.startswith("_")}}
     qc = getattr(q_model.config, "quantization_config", None)

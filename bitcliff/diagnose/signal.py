@@ -28,11 +28,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from bitcliff.diagnose import metrics
-from bitcliff.diagnose.fp_record import FIRST_TOKEN, FPRecord, model_logits, query_rows, record_fp, token_nll
+from bitcliff.diagnose.fp_record import FIRST_TOKEN, FPRecord, query_rows, record_fp, token_nll
 from bitcliff.diagnose.hooks import Hooks
 from bitcliff.diagnose.model_parts import decoder_layers, logit_lens
+from bitcliff.diagnose.quantized_runs import run_quantized
 
 
 @dataclass
@@ -58,9 +60,16 @@ class SignalTrace:
 
 
 class SignalTracer:
-    """Accumulates the signal measures over examples (bounded memory: sums per layer)."""
+    """Accumulates the signal measures over examples (bounded memory: sums per layer).
 
-    def __init__(self, n_layers: int, lens_tokens: int = 32) -> None:
+    An observer of both quantized runs (:mod:`bitcliff.diagnose.quantized_runs`): per example,
+    ``run_quantized(q, record, "prop", [tracer, ...])`` and ``run_quantized(q, record, "local",
+    [tracer, ...])``, then :meth:`add_example` with the propagated run's logits.
+    """
+
+    def __init__(self, fp_model: nn.Module, q_model: nn.Module, lens_tokens: int = 32) -> None:
+        self.fp_model, self.q_model = fp_model, q_model
+        n_layers = len(decoder_layers(q_model))
         self.n_layers = n_layers
         self.lens_tokens = lens_tokens
         zeros = lambda: [0.0] * n_layers  # noqa: E731
@@ -72,55 +81,42 @@ class SignalTracer:
         self.nll_fp: list[float] = []
         self.nll_q: list[float] = []
 
-    @torch.inference_mode()
-    def add(self, fp_model: nn.Module, q_model: nn.Module, record: FPRecord) -> None:
-        """Trace one example: a propagated and a teacher-forced run of ``q_model``."""
-        layers = decoder_layers(q_model)
-        ids = record.ids
-        rows = query_rows(len(ids), self.lens_tokens)
+    def observe(self, hooks: Hooks, layers: list[nn.Module], record: FPRecord, run: str) -> None:
+        on_output = self._propagated if run == "prop" else self._local
+        for i, layer in enumerate(layers):
+            hooks.output(layer, lambda h, i=i: on_output(record, i, h))
 
-        def propagated(index: int, hidden: torch.Tensor) -> None:
-            h_q, h_fp = hidden[0].float(), record.residual[index + 1].to(hidden.device)
-            e, r = metrics.squared_error_and_norm(h_q[FIRST_TOKEN:], h_fp[FIRST_TOKEN:])
-            self.err[index] += e
-            self.ref[index] += r
-            self.cos[index] += float(metrics.cosine(h_q[FIRST_TOKEN:], h_fp[FIRST_TOKEN:]).sum())
-            lens_q = logit_lens(q_model, h_q[rows.to(h_q.device)])
-            lens_fp = logit_lens(fp_model, h_fp[rows.to(h_fp.device)].to(_device(fp_model)))
-            lens_fp = lens_fp.to(lens_q.device)
-            top_fp = lens_fp.argmax(dim=-1)
-            self.kl[index] += float(metrics.kl_divergence(lens_fp, lens_q).sum())
-            self.top1[index] += float((lens_q.argmax(dim=-1) == top_fp).sum())
-            self.ranks[index].extend(metrics.rank_of(lens_q, top_fp).tolist())
+    def _propagated(self, record: FPRecord, index: int, hidden: torch.Tensor) -> None:
+        rows = query_rows(len(record.ids), self.lens_tokens)
+        h_q, h_fp = hidden[0].float(), record.residual[index + 1].to(hidden.device)
+        e, r = metrics.squared_error_and_norm(h_q[FIRST_TOKEN:], h_fp[FIRST_TOKEN:])
+        self.err[index] += e
+        self.ref[index] += r
+        self.cos[index] += float(metrics.cosine(h_q[FIRST_TOKEN:], h_fp[FIRST_TOKEN:]).sum())
+        lens_q = logit_lens(self.q_model, h_q[rows.to(h_q.device)])
+        lens_fp = logit_lens(self.fp_model, h_fp[rows.to(h_fp.device)].to(_device(self.fp_model)))
+        lens_fp = lens_fp.to(lens_q.device)
+        top_fp = lens_fp.argmax(dim=-1)
+        self.kl[index] += float(metrics.kl_divergence(lens_fp, lens_q).sum())
+        self.top1[index] += float((lens_q.argmax(dim=-1) == top_fp).sum())
+        self.ranks[index].extend(metrics.rank_of(lens_q, top_fp).tolist())
 
-        with Hooks() as hooks:
-            for i, layer in enumerate(layers):
-                hooks.output(layer, lambda h, i=i: propagated(i, h))
-            logits = model_logits(q_model, ids)
+    def _local(self, record: FPRecord, index: int, hidden: torch.Tensor) -> None:
+        h_q = hidden[0, FIRST_TOKEN:].float()
+        h_fp = record.residual[index + 1][FIRST_TOKEN:].to(h_q.device)
+        h_in = record.residual[index][FIRST_TOKEN:].to(h_q.device)
+        e, r = metrics.squared_error_and_norm(h_q, h_fp)
+        self.local_err[index] += e
+        self.local_ref[index] += r
+        self.update[index] += float((h_fp.double() - h_in.double()).pow(2).sum())
 
-        def teacher_force(index: int, hidden: torch.Tensor) -> torch.Tensor:
-            return record.residual[index][None].to(hidden.device)
-
-        def local(index: int, hidden: torch.Tensor) -> None:
-            h_q = hidden[0, FIRST_TOKEN:].float()
-            h_fp = record.residual[index + 1][FIRST_TOKEN:].to(h_q.device)
-            h_in = record.residual[index][FIRST_TOKEN:].to(h_q.device)
-            e, r = metrics.squared_error_and_norm(h_q, h_fp)
-            self.local_err[index] += e
-            self.local_ref[index] += r
-            self.update[index] += float((h_fp.double() - h_in.double()).pow(2).sum())
-
-        with Hooks() as hooks:
-            for i, layer in enumerate(layers):
-                hooks.input(layer, lambda h, i=i: teacher_force(i, h))
-                hooks.output(layer, lambda h, i=i: local(i, h))
-            model_logits(q_model, ids)
-
-        self.tokens += len(ids) - FIRST_TOKEN
-        self.lens_positions += len(rows)
+    def add_example(self, record: FPRecord, q_logits: torch.Tensor) -> None:
+        """Count one example whose two runs were observed; ``q_logits``: the propagated run's."""
+        self.tokens += len(record.ids) - FIRST_TOKEN
+        self.lens_positions += len(query_rows(len(record.ids), self.lens_tokens))
         self.examples += 1
-        self.nll_fp.append(float(record.token_nll.mean()))
-        self.nll_q.append(float(token_nll(logits.cpu(), ids).mean()))
+        self.nll_fp.append(record.mean_nll())
+        self.nll_q.append(float(token_nll(q_logits.cpu(), record.ids).mean()))
 
     def result(self) -> SignalTrace:
         if not self.examples:
@@ -148,9 +144,14 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def trace_signal(fp_model: nn.Module, q_model: nn.Module, examples: list[torch.Tensor], lens_tokens: int = 32) -> SignalTrace:
+def trace_signal(
+    fp_model: nn.Module, q_model: nn.Module, examples: list[torch.Tensor], lens_tokens: int = 32, progress: bool = False
+) -> SignalTrace:
     """Signal propagation over ``examples`` (int64 ``[T]`` each), one at a time."""
-    tracer = SignalTracer(len(decoder_layers(q_model)), lens_tokens)
-    for ids in examples:
-        tracer.add(fp_model, q_model, record_fp(fp_model, ids))
+    tracer = SignalTracer(fp_model, q_model, lens_tokens)
+    for ids in tqdm(examples, desc="signal", unit="example", disable=not progress):
+        record = record_fp(fp_model, ids)
+        logits = run_quantized(q_model, record, "prop", [tracer])
+        run_quantized(q_model, record, "local", [tracer])
+        tracer.add_example(record, logits)
     return tracer.result()

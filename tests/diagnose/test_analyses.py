@@ -4,7 +4,6 @@ itself, the last-layer residual patch), shapes, and hooks gone afterwards."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from bitcliff.diagnose.components import assess_components
 from bitcliff.diagnose.fp_record import model_logits, record_fp
 from bitcliff.diagnose.hooks import Hooks
 from bitcliff.diagnose.inputs import input_sensitivity
-from bitcliff.diagnose.layer_errors import capture_layer_errors, layer_of
+from bitcliff.diagnose.layer_errors import LayerErrors, capture_layer_errors
 from bitcliff.diagnose.model_parts import (
     IncompatibleModels,
     check_compatible,
@@ -23,8 +22,10 @@ from bitcliff.diagnose.model_parts import (
     dequantized_twin,
     logit_lens,
 )
-from bitcliff.diagnose.patching import _layer_inputs, _resume, patch_activations
+from bitcliff.diagnose.patching import patch_activations
+from bitcliff.diagnose.quantized_runs import run_quantized
 from bitcliff.diagnose.signal import trace_signal
+from bitcliff.layers import LayerCalls, find_decoder_layers, run_layers
 from bitcliff.quant.qlinear import QuantLinear
 
 
@@ -93,12 +94,16 @@ def test_patching_resume_is_exact_and_last_residual_recovers_everything(tiny_lla
     layers = decoder_layers(twin)
     ids = examples[0]
     record = record_fp(tiny_llama, ids)
+    recorded = LayerCalls(find_decoder_layers(twin)[1])
+    logits = run_quantized(twin, record, "prop", calls=recorded)
+    inputs, calls = [per_layer[0] for per_layer in recorded.inputs], recorded.for_forward(0)
     with torch.inference_mode():
-        inputs, calls = _layer_inputs(twin, layers, ids)
-        assert torch.equal(logit_lens(twin, _resume(layers, calls, inputs[0], 0)[0]), model_logits(twin, ids))
+        assert torch.equal(logit_lens(twin, run_layers(layers, calls, inputs[0])[0]), logits)
         with Hooks() as hooks:
             hooks.output(component(layers[1], "attn"), lambda h: record.outputs["attn"][1][None])
-            torch.testing.assert_close(logit_lens(twin, _resume(layers, calls, inputs[1], 1)[0]), model_logits(twin, ids))
+            patched_whole = model_logits(twin, ids)  # the patch inside a full forward ...
+            torch.testing.assert_close(logit_lens(twin, run_layers(layers, calls, inputs[1], 1)[0]), patched_whole)
+        assert not torch.allclose(patched_whole, logits)  # ... which the patch changed
     result = patch_activations(tiny_llama, twin, examples[:2], progress=False)
     assert result.damage_nats > 0
     # restoring the stream after the last layer gives the FP logits: all damage recovered
@@ -117,10 +122,18 @@ def test_capture_layer_errors(tiny_llama, quantized, examples):
     for row in errors.layers:
         own = [m["rel_err"] for m in errors.modules if m["layer"] == row["layer"]]
         assert min(own) <= row["rel_err"] <= max(own)
-    rho = errors.cross_check([0.1, 0.2])
-    assert rho is errors.agreement_with_trace or math.isnan(rho) or -1 <= rho <= 1
     assert all(m.capture is None for m in quantized.modules() if isinstance(m, QuantLinear))
-    assert layer_of("model.layers.11.mlp.down_proj") == 11 and layer_of("lm_head") is None
+    with pytest.raises(ValueError, match="2 capture layers vs 3 traced layers"):
+        errors.cross_check([0.1, 0.2, 0.3])
+
+
+def test_capture_cross_check_is_a_rank_correlation_over_layers():
+    errors = LayerErrors(modules=[], layers=[{"layer": i, "rel_err": e} for i, e in enumerate([0.1, 0.4, 0.2, 0.3])],
+                         tokens=0)
+    assert errors.agreement_with_trace is None
+    rho = errors.cross_check([1.0, 4.0, 2.0, 3.0])  # same order: perfect agreement, stored and returned
+    assert rho == pytest.approx(1.0) and errors.agreement_with_trace == rho
+    assert errors.cross_check([4.0, 1.0, 3.0, 2.0]) == pytest.approx(-1.0)
 
 
 def test_input_sensitivity(tiny_llama, quantized, examples):
