@@ -1,7 +1,7 @@
 """Summarize diagnosis runs (``bitcliff diagnose --out DIR``) into one markdown table, and
 re-draw their key plots from the JSON files.
 
-``--rejudge`` re-applies the current verdict rules (``bitcliff.diagnose.verdict``) to the stored
+``--rejudge`` re-applies the current verdict rules (``bitcliff.diagnosis.verdict``) to the stored
 measurements and rewrites each run's ``diagnosis.json`` and ``report.html`` (the measurements are
 untouched; runs made before a rule change then read like new ones).
 
@@ -50,8 +50,8 @@ def _half_recovery(data: dict) -> str:
 
 def rejudge(path: Path) -> dict:
     """Recompute the verdict of a saved run with the current rules; rewrite its JSON and HTML."""
-    from bitcliff.diagnose.report import HTML_NAME, json_safe, render_html
-    from bitcliff.diagnose.verdict import verdict_from_dict
+    from bitcliff.diagnosis.report import HTML_NAME, json_safe, render_html
+    from bitcliff.diagnosis.verdict import verdict_from_dict
 
     data = json.loads(path.read_text())
     verdict = verdict_from_dict(data)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ΔNLL correlation {name} vs {other}: Pearson {corr['pearson'][name][other]:.3f}, "
                   f"Spearman {corr['spearman'][name][other]:.3f}", file=sys.stderr)
         if args.plots:
-            from bitcliff.diagnose import plots
+            from bitcliff.diagnosis import plots
 
             out = Path(args.plots)
             out.mkdir(parents=True, exist_ok=True)

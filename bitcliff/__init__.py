@@ -1,24 +1,17 @@
-"""bitcliff: low-bit LLM weight quantization, kernels, diagnosis and repair."""
+"""bitcliff: low-bit LLM weight quantization, kernels, diagnosis and repair.
 
-from bitcliff import diagnose  # noqa: E402  (a callable package: bitcliff.diagnose(fp, q, texts))
+The entry points, each a plain function:
+
+* :func:`quantize` (in place) and :class:`QuantConfig`; :class:`QuantLinear` is what linears become;
+* :func:`save` and :func:`load`: GPTQ-format checkpoints;
+* :func:`diagnose`: why a quantized model breaks (``bitcliff.diagnosis``).
+"""
+
+from bitcliff.diagnosis.run import diagnose
+from bitcliff.quant.checkpoint import load, save
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.convert import quantize
 from bitcliff.quant.qlinear import QuantLinear
 
 __all__ = ["QuantConfig", "QuantLinear", "quantize", "save", "load", "diagnose"]
 __version__ = "0.1.0"
-
-
-def save(model, directory, **kwargs):
-    """Save a quantized model as a GPTQ-format checkpoint (see :func:`bitcliff.quant.checkpoint.save`)."""
-    from bitcliff.quant.checkpoint import save as _save
-
-    return _save(model, directory, **kwargs)
-
-
-def load(directory, **kwargs):
-    """Load a GPTQ-format checkpoint (see :func:`bitcliff.quant.checkpoint.load`)."""
-    from bitcliff.quant.checkpoint import load as _load
-
-    return _load(directory, **kwargs)
-

@@ -218,7 +218,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     """Diagnose a quantized model against its full-precision original; write JSON + HTML."""
     from bitcliff.assets import load_text
     from bitcliff.data import evaluation_windows
-    from bitcliff.diagnose.run import DiagnoseOptions, diagnose
+    from bitcliff.diagnosis.run import DiagnoseOptions, diagnose
     from bitcliff.models import is_quantized_folder, load_fp_model
     from bitcliff.quant.checkpoint import load
 

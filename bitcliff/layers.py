@@ -2,7 +2,7 @@
 to them, and running them again on other inputs.
 
 Both the layer-by-layer quantization (``bitcliff.quant``) and the diagnosis's activation
-patching (``bitcliff.diagnose``) treat a decoder layer as a black box called as
+patching (``bitcliff.diagnosis``) treat a decoder layer as a black box called as
 ``layer(hidden, *args, **kwargs)``: the model prepares the extra arguments (attention mask,
 rotary position embeddings, position ids... which may differ between layers, e.g. Gemma 3's
 sliding and global layers), and each layer's output hidden state is the next layer's input.

@@ -30,7 +30,7 @@ class QuantLinear(nn.Module):
     ``capture``: ``None``, or an object with ``mode`` (``"stats"``/``"error"``), ``weight`` (the
     full-precision ``[N, K]`` weight, for ``"error"``), ``name`` and ``sink``; each forward then
     calls ``sink(name, signals)`` with the per-token fp32 signals of
-    ``reference.CAPTURE_SIGNALS``.  Set by ``bitcliff.diagnose.capture.CaptureSession``.
+    ``reference.CAPTURE_SIGNALS``.  Set by ``bitcliff.diagnosis.capture.CaptureSession``.
     """
 
     def __init__(

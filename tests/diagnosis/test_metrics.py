@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bitcliff.diagnose import metrics
+from bitcliff.diagnosis import metrics
 
 
 def test_relative_error_and_cosine():

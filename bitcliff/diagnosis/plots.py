@@ -8,25 +8,31 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display: reports are written on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# Figures are built with matplotlib.figure.Figure, never pyplot: no global backend switch, no
+# figure registry to leak into, and nothing that needs a display.
+from matplotlib.figure import Figure
 
 
-def _png(fig) -> bytes:
+def _subplots(*grid: int, figsize: tuple[float, float]):
+    """``(figure, axes)`` like ``pyplot.subplots``, without pyplot."""
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(*grid)
+    return fig, axes
+
+
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=96)
-    plt.close(fig)
     return buf.getvalue()
 
 
 def signal_plot(signal: dict) -> bytes:
     """Propagated vs local relative error (log scale) and residual cosine, per layer."""
     layers = np.arange(len(signal["rel_error"]))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = _subplots(figsize=(7, 3.6))
     ax.semilogy(layers, signal["rel_error"], "o-", label="propagated rel. error")
     ax.semilogy(layers, signal["local_error"], "s--", label="local rel. error (FP input)")
     ax.set_xlabel("layer")
@@ -44,7 +50,7 @@ def signal_plot(signal: dict) -> bytes:
 def lens_plot(signal: dict) -> bytes:
     """Logit-lens KL(FP||Q) and top-1 agreement per layer."""
     layers = np.arange(len(signal["lens_kl"]))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = _subplots(figsize=(7, 3.2))
     ax.semilogy(layers, np.maximum(signal["lens_kl"], 1e-6), "o-", color="tab:red", label="KL(FP||Q), nats")
     ax.set_xlabel("layer")
     ax.set_ylabel("KL (nats)")
@@ -60,7 +66,7 @@ def lens_plot(signal: dict) -> bytes:
 
 def function_plot(components: dict) -> bytes:
     """F(c) of attention and MLP per layer (propagated and local) and gate agreement."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = _subplots(1, 2, figsize=(10, 3.4))
     for run, style in (("prop", "-"), ("local", "--")):
         for c, color in (("attn", "tab:blue"), ("mlp", "tab:orange")):
             values = components["function"][run][c]
@@ -87,7 +93,7 @@ def function_plot(components: dict) -> bytes:
 def attention_plot(components: dict) -> bytes:
     """Heat map of attention-pattern JS divergence, layer x head (propagated run)."""
     js = np.array(components["attention_js"]["prop"])
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = _subplots(figsize=(7, 3.6))
     image = ax.imshow(js.T, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=max(0.05, float(js.max())))
     ax.set_xlabel("layer")
     ax.set_ylabel("head")
@@ -100,7 +106,7 @@ def patching_plot(patching: dict) -> bytes:
     """Heat map of recovery per (target, layer)."""
     targets = list(patching["recovery"])
     rec = np.array([[np.nan if v is None else v for v in patching["recovery"][t]] for t in targets], dtype=float)
-    fig, ax = plt.subplots(figsize=(8, 2.4 + 0.3 * len(targets)))
+    fig, ax = _subplots(figsize=(8, 2.4 + 0.3 * len(targets)))
     image = ax.imshow(rec, aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
     ax.set_yticks(range(len(targets)), targets)
     ax.set_xlabel("layer")
@@ -113,7 +119,7 @@ def capture_plot(layer_errors: dict, signal: dict) -> bytes:
     """Per-layer error from the kernels' capture vs the trace's local error."""
     capture = [row["rel_err"] for row in layer_errors["layers"]]
     layers = np.arange(len(capture))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = _subplots(figsize=(7, 3.2))
     ax.bar(layers, capture, color="tab:purple", alpha=0.7, label="capture: linears' rel. error")
     ax.set_xlabel("layer")
     ax.set_ylabel("capture rel. error")
@@ -131,7 +137,7 @@ def inputs_plot(inputs: dict, name: str) -> bytes:
     delta = np.array(inputs["delta_nll"][name])
     magnitude = np.array([row[-1] for row in inputs["magnitude"]])
     pred = inputs["predictor"][name]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = _subplots(1, 2, figsize=(10, 3.4))
     axes[0].scatter(magnitude, delta, s=12)
     axes[0].set_xlabel("FP residual magnitude, last layer")
     axes[0].set_ylabel("ΔNLL (nats)")

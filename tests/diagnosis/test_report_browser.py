@@ -13,7 +13,7 @@ import torch
 
 import bitcliff
 from bitcliff import QuantConfig, quantize
-from bitcliff.diagnose.run import DiagnoseOptions
+from bitcliff.diagnosis.run import DiagnoseOptions
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitcliff.diagnose.hooks import Hooks
+from bitcliff.diagnosis.hooks import Hooks
 
 
 def _hook_count(module: nn.Module) -> int:

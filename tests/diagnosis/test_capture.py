@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bitcliff import QuantConfig, quantize
-from bitcliff.diagnose.capture import CaptureSession, LayerCapture
+from bitcliff.diagnosis.capture import CaptureSession, LayerCapture
 from bitcliff.kernels import reference
 from bitcliff.quant.qlinear import QuantLinear
 

@@ -11,8 +11,8 @@ import torch
 import bitcliff
 from bitcliff import QuantConfig, quantize
 from bitcliff.cli import main as cli_main
-from bitcliff.diagnose.run import DiagnoseOptions, prepare_examples
-from bitcliff.diagnose.verdict import verdict_from_dict
+from bitcliff.diagnosis.run import DiagnoseOptions, prepare_examples
+from bitcliff.diagnosis.verdict import verdict_from_dict
 
 
 @pytest.fixture

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnose.fp_record import FIRST_TOKEN, FPRecord, eager_attention, record_fp
-from bitcliff.diagnose.hooks import Hooks
-from bitcliff.diagnose.metrics import js_divergence
-from bitcliff.diagnose.model_parts import COMPONENTS, component, decoder_layers, gate_projection
-from bitcliff.diagnose.quantized_runs import RUNS, run_quantized
+from bitcliff.diagnosis.fp_record import FIRST_TOKEN, FPRecord, eager_attention, record_fp
+from bitcliff.diagnosis.hooks import Hooks
+from bitcliff.diagnosis.metrics import js_divergence
+from bitcliff.diagnosis.model_parts import COMPONENTS, component, decoder_layers, gate_projection
+from bitcliff.diagnosis.quantized_runs import RUNS, run_quantized
 
 
 @dataclass
@@ -54,9 +54,9 @@ class ComponentAssessment:
 class ComponentAssessor:
     """Accumulates the component measures over examples (sums per layer, bounded memory).
 
-    An observer of both quantized runs (:mod:`bitcliff.diagnose.quantized_runs`); the FP records
+    An observer of both quantized runs (:mod:`bitcliff.diagnosis.quantized_runs`); the FP records
     must hold attention rows and gates (``record_fp(..., attention_rows=..., gates=True)``) and
-    both models must run eager attention (:func:`~bitcliff.diagnose.fp_record.eager_attention`).
+    both models must run eager attention (:func:`~bitcliff.diagnosis.fp_record.eager_attention`).
     Per example: observe the ``"prop"`` and ``"local"`` runs, then :meth:`add_example`.
     """
 

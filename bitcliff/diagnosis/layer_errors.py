@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnose.capture import CaptureSession
-from bitcliff.diagnose.fp_record import model_logits
-from bitcliff.diagnose.metrics import spearman
-from bitcliff.diagnose.model_parts import fp_linear_weights
+from bitcliff.diagnosis.capture import CaptureSession
+from bitcliff.diagnosis.fp_record import model_logits
+from bitcliff.diagnosis.metrics import spearman
+from bitcliff.diagnosis.model_parts import fp_linear_weights
 from bitcliff.layers import find_decoder_layers, layer_index
 
 

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from bitcliff.diagnose import plots
+from bitcliff.diagnosis import plots
 from bitcliff.storage import replace_folder
 
 JSON_NAME = "diagnosis.json"

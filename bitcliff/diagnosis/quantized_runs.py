@@ -2,7 +2,7 @@
 
 * ``"prop"``: end to end, as deployed: every error propagates;
 * ``"local"``: every decoder layer fed the full-precision residual stream from the example's
-  :class:`~bitcliff.diagnose.fp_record.FPRecord` (teacher forcing): what each layer's own
+  :class:`~bitcliff.diagnosis.fp_record.FPRecord` (teacher forcing): what each layer's own
   quantized weights do.
 
 Each analysis that watches these runs (the signal trace, the component assessment) is an
@@ -18,10 +18,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from bitcliff.diagnose.fp_record import FPRecord, model_logits
-from bitcliff.diagnose.hooks import Hooks
-from bitcliff.diagnose.model_parts import decoder_layers
-from bitcliff.layers import LayerCalls
+from bitcliff.diagnosis.fp_record import FPRecord, model_logits
+from bitcliff.diagnosis.hooks import Hooks
+from bitcliff.diagnosis.model_parts import decoder_layers
+from bitcliff.layers import LayerCalls, StopForward
 
 RUNS = ("prop", "local")
 
@@ -49,7 +49,9 @@ def run_quantized(
         calls: when given, records what every decoder layer receives (for replaying layers later,
             as activation patching does).
     Returns:
-        fp32 ``[T, V]`` logits of the run; every hook is removed, also on errors.
+        fp32 ``[T, V]`` logits of the propagated run; None for the teacher-forced run, which
+        stops after the last decoder layer (nothing reads its logits).  Every hook is removed,
+        also on errors.
     """
     if run not in RUNS:
         raise ValueError(f"run must be one of {RUNS}, got {run!r}")
@@ -60,5 +62,14 @@ def run_quantized(
                 hooks.input(layer, lambda h, i=i: record.residual[i][None].to(h.device))
         for observer in observers:
             observer.observe(hooks, layers, record, run)
-        with calls.observing() if calls is not None else nullcontext():
-            return model_logits(q_model, record.ids)
+        if run == "local":
+            hooks.raw_output(layers[-1], _stop)  # after the observers' hooks on the same layer
+        try:
+            with calls.observing() if calls is not None else nullcontext():
+                return model_logits(q_model, record.ids)
+        except StopForward:
+            return None
+
+
+def _stop(output) -> None:
+    raise StopForward

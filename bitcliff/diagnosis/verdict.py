@@ -33,10 +33,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from bitcliff.diagnose.components import ComponentAssessment
-from bitcliff.diagnose.model_parts import COMPONENTS
-from bitcliff.diagnose.patching import PatchingResult
-from bitcliff.diagnose.signal import SignalTrace
+from bitcliff.diagnosis.components import ComponentAssessment
+from bitcliff.diagnosis.model_parts import COMPONENTS
+from bitcliff.diagnosis.patching import PatchingResult
+from bitcliff.diagnosis.signal import SignalTrace
 
 VERDICTS = ("healthy", "degradation", "collapse", "mixed")
 

@@ -5,9 +5,9 @@
     report.save("runs/w2g64/diagnosis")     # diagnosis.json + report.html
 
 Each of the first ``trace_examples`` examples is recorded once in full precision
-(:func:`~bitcliff.diagnose.fp_record.record_fp`: residual stream, block outputs, gates, attention
+(:func:`~bitcliff.diagnosis.fp_record.record_fp`: residual stream, block outputs, gates, attention
 rows) and the quantized model runs on it twice, propagated and teacher-forced
-(:mod:`~bitcliff.diagnose.quantized_runs`); those three forwards feed the signal trace, the
+(:mod:`~bitcliff.diagnosis.quantized_runs`); those three forwards feed the signal trace, the
 component assessment and the which-inputs-break statistics, and on the first ``patch_examples``
 also activation patching.  The remaining examples only need their NLLs and FP magnitudes and run
 in batches.  The capture table runs the real ``QuantLinear`` layers on the first
@@ -25,15 +25,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnose.components import ComponentAssessment, ComponentAssessor
-from bitcliff.diagnose.fp_record import eager_attention, model_logits, record_fp, token_nll
-from bitcliff.diagnose.inputs import InputsAccumulator, InputSensitivity, add_example_stats
-from bitcliff.diagnose.layer_errors import LayerErrors, capture_layer_errors
-from bitcliff.diagnose.model_parts import check_compatible, context_length, decoder_layers, dequantized_twin
-from bitcliff.diagnose.patching import PatchingAccumulator, PatchingResult
-from bitcliff.diagnose.quantized_runs import run_quantized
-from bitcliff.diagnose.signal import SignalTrace, SignalTracer
-from bitcliff.diagnose.verdict import Thresholds, Verdict, decide
+from bitcliff.diagnosis.components import ComponentAssessment, ComponentAssessor
+from bitcliff.diagnosis.fp_record import eager_attention, model_logits, record_fp, token_nll
+from bitcliff.diagnosis.inputs import InputsAccumulator, InputSensitivity, add_example_stats
+from bitcliff.diagnosis.layer_errors import LayerErrors, capture_layer_errors
+from bitcliff.diagnosis.model_parts import check_compatible, context_length, decoder_layers, dequantized_twin
+from bitcliff.diagnosis.patching import PatchingAccumulator, PatchingResult
+from bitcliff.diagnosis.quantized_runs import run_quantized
+from bitcliff.diagnosis.signal import SignalTrace, SignalTracer
+from bitcliff.diagnosis.verdict import Thresholds, Verdict, decide
 from bitcliff.layers import LayerCalls, find_decoder_layers
 from bitcliff.quant.surgery import quant_config
 
@@ -111,13 +111,13 @@ class DiagnosisReport:
     def summary(self) -> str:
         """Plain-text summary; the first line is the verdict, its confidence and the three
         strongest pieces of evidence."""
-        from bitcliff.diagnose.report import summary_text
+        from bitcliff.diagnosis.report import summary_text
 
         return summary_text(self)
 
     def save(self, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
         """Write ``diagnosis.json`` and ``report.html`` into ``out_dir`` (atomically)."""
-        from bitcliff.diagnose.report import save_report
+        from bitcliff.diagnosis.report import save_report
 
         return save_report(self, Path(out_dir), overwrite=overwrite)
 
@@ -235,13 +235,13 @@ def diagnose(
         nll_q = {name: float(token_nll(logits.cpu(), ids).mean())}
         nll_q.update({n: float(token_nll(model_logits(m, ids).cpu(), ids).mean()) for n, m in others.items()})
         inputs_acc.add(e, record.mean_nll(), record.magnitudes(), nll_q)
-        return record, calls
+        return record, calls, logits
 
     with eager_attention(fp_model, sim, *others.values()):  # attention probabilities for the component assessment
         for e in tqdm(range(n_trace), desc="trace", unit="example", disable=not progress):
-            record, calls = timed("trace", lambda: trace_example(e))
+            record, calls, logits = timed("trace", lambda: trace_example(e))
             if calls is not None:
-                timed("patching", lambda: patcher.add(sim, record, calls))
+                timed("patching", lambda: patcher.add(sim, record, calls, logits))
     timed("inputs", lambda: add_example_stats(
         inputs_acc, fp_model, {name: sim, **others}, examples, inputs_acc.missing(), progress=progress))
     layer_errors = timed("capture", lambda: capture_layer_errors(

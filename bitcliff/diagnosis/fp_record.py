@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitcliff.diagnose.hooks import Hooks
-from bitcliff.diagnose.model_parts import COMPONENTS, component, decoder_layers, gate_projection
+from bitcliff.diagnosis.hooks import Hooks
+from bitcliff.diagnosis.model_parts import COMPONENTS, component, decoder_layers, gate_projection
 
 #: Norms, means and sampled positions skip the tokens before this index.  Position 0 carries the
 #: attention sink: residual norms there are tens of times larger than anywhere else, so including

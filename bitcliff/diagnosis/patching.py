@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnose.fp_record import FPRecord, record_fp, token_nll
-from bitcliff.diagnose.hooks import Hooks
-from bitcliff.diagnose.model_parts import COMPONENTS, component, decoder_layers, logit_lens
-from bitcliff.diagnose.quantized_runs import run_quantized
+from bitcliff.diagnosis.fp_record import FPRecord, record_fp, token_nll
+from bitcliff.diagnosis.hooks import Hooks
+from bitcliff.diagnosis.model_parts import COMPONENTS, component, decoder_layers, logit_lens
+from bitcliff.diagnosis.quantized_runs import run_quantized
 from bitcliff.layers import LayerCalls, find_decoder_layers, run_layers
 
 TARGETS = (*COMPONENTS, "residual")
@@ -76,11 +76,12 @@ class PatchingAccumulator:
         self.tokens_per_example = 0
 
     @torch.inference_mode()
-    def add(self, q_model: nn.Module, record: FPRecord, calls: LayerCalls) -> None:
+    def add(self, q_model: nn.Module, record: FPRecord, calls: LayerCalls, q_logits: torch.Tensor) -> None:
+        """One example: its FP record, what the quantized layers received in the propagated
+        run, and that run's fp32 ``[T, V]`` logits (the unpatched baseline)."""
         layers = decoder_layers(q_model)
         call = calls.for_forward(0)
-        start = calls.inputs[0][0]
-        nll_q = _mean_nll(q_model, run_layers(layers, call, start), record.ids)[0]
+        nll_q = float(token_nll(q_logits.cpu(), record.ids).mean())
         self.damage += nll_q - record.mean_nll()
         for i in range(len(layers)):
             batch = calls.inputs[i][0].expand(len(self.targets), -1, -1)  # one row per target
@@ -131,7 +132,8 @@ def patch_activations(
     """Recovery of every (layer, target) over ``examples`` (int64 ``[T]`` each).
 
     Cost per example: one FP and one quantized forward, then ``n_layers`` batched replays of
-    the layers from the patched one on.
+    the layers from the patched one on.  Replays run the same layer calls as the propagated
+    run, so the unpatched baseline is that run's output (equal to a replay from layer 0).
     """
     accumulator = PatchingAccumulator(len(decoder_layers(q_model)), targets)
     if not examples:
@@ -139,6 +141,6 @@ def patch_activations(
     for ids in tqdm(examples, desc="patching", unit="example", disable=not progress):
         record = record_fp(fp_model, ids)
         calls = LayerCalls(find_decoder_layers(q_model)[1])
-        run_quantized(q_model, record, "prop", calls=calls)
-        accumulator.add(q_model, record, calls)
+        logits = run_quantized(q_model, record, "prop", calls=calls)
+        accumulator.add(q_model, record, calls, logits)
     return accumulator.result()

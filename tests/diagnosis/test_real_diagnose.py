@@ -11,7 +11,7 @@ import pytest
 import bitcliff
 from bitcliff import QuantConfig, quantize
 from bitcliff.cli import main as cli_main
-from bitcliff.diagnose.run import DiagnoseOptions
+from bitcliff.diagnosis.run import DiagnoseOptions
 
 pytestmark = pytest.mark.slow
 

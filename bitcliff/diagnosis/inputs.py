@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnose import metrics
-from bitcliff.diagnose.fp_record import mean_token_norm, token_nll
-from bitcliff.diagnose.hooks import Hooks
-from bitcliff.diagnose.model_parts import decoder_layers
+from bitcliff.diagnosis import metrics
+from bitcliff.diagnosis.fp_record import mean_token_norm, token_nll
+from bitcliff.diagnosis.hooks import Hooks
+from bitcliff.diagnosis.model_parts import decoder_layers
 
 
 @dataclass

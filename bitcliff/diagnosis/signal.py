@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnose import metrics
-from bitcliff.diagnose.fp_record import FIRST_TOKEN, FPRecord, query_rows, record_fp, token_nll
-from bitcliff.diagnose.hooks import Hooks
-from bitcliff.diagnose.model_parts import decoder_layers, logit_lens
-from bitcliff.diagnose.quantized_runs import run_quantized
+from bitcliff.diagnosis import metrics
+from bitcliff.diagnosis.fp_record import FIRST_TOKEN, FPRecord, query_rows, record_fp, token_nll
+from bitcliff.diagnosis.hooks import Hooks
+from bitcliff.diagnosis.model_parts import decoder_layers, logit_lens
+from bitcliff.diagnosis.quantized_runs import run_quantized
 
 
 @dataclass
@@ -62,7 +62,7 @@ class SignalTrace:
 class SignalTracer:
     """Accumulates the signal measures over examples (bounded memory: sums per layer).
 
-    An observer of both quantized runs (:mod:`bitcliff.diagnose.quantized_runs`): per example,
+    An observer of both quantized runs (:mod:`bitcliff.diagnosis.quantized_runs`): per example,
     ``run_quantized(q, record, "prop", [tracer, ...])`` and ``run_quantized(q, record, "local",
     [tracer, ...])``, then :meth:`add_example` with the propagated run's logits.
     """

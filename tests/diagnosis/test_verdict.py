@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from bitcliff.diagnose.components import ComponentAssessment
-from bitcliff.diagnose.patching import PatchingResult
-from bitcliff.diagnose.signal import SignalTrace
-from bitcliff.diagnose.verdict import Thresholds, decide
+from bitcliff.diagnosis.components import ComponentAssessment
+from bitcliff.diagnosis.patching import PatchingResult
+from bitcliff.diagnosis.signal import SignalTrace
+from bitcliff.diagnosis.verdict import Thresholds, decide
 
 N = 6
 
@@ -76,7 +76,7 @@ def test_three_of_four_is_collapse():
 def test_verdict_from_a_saved_report_dict():
     from dataclasses import asdict
 
-    from bitcliff.diagnose.verdict import verdict_from_dict
+    from bitcliff.diagnosis.verdict import verdict_from_dict
 
     signal, comps, patching = _signal(0.99, 0.8), _components(0.8, 0.01), _patching(1.0)
     data = {"signal": asdict(signal), "components": asdict(comps), "patching": asdict(patching),

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from bitcliff import QuantConfig, quantize
-from bitcliff.diagnose.components import assess_components
-from bitcliff.diagnose.fp_record import model_logits, record_fp
-from bitcliff.diagnose.hooks import Hooks
-from bitcliff.diagnose.inputs import input_sensitivity
-from bitcliff.diagnose.layer_errors import LayerErrors, capture_layer_errors
-from bitcliff.diagnose.model_parts import (
+from bitcliff.diagnosis.components import assess_components
+from bitcliff.diagnosis.fp_record import model_logits, record_fp
+from bitcliff.diagnosis.hooks import Hooks
+from bitcliff.diagnosis.inputs import input_sensitivity
+from bitcliff.diagnosis.layer_errors import LayerErrors, capture_layer_errors
+from bitcliff.diagnosis.model_parts import (
     IncompatibleModels,
     check_compatible,
     component,
@@ -22,9 +22,9 @@ from bitcliff.diagnose.model_parts import (
     dequantized_twin,
     logit_lens,
 )
-from bitcliff.diagnose.patching import patch_activations
-from bitcliff.diagnose.quantized_runs import run_quantized
-from bitcliff.diagnose.signal import trace_signal
+from bitcliff.diagnosis.patching import patch_activations
+from bitcliff.diagnosis.quantized_runs import run_quantized
+from bitcliff.diagnosis.signal import trace_signal
 from bitcliff.layers import LayerCalls, find_decoder_layers, run_layers
 from bitcliff.quant.qlinear import QuantLinear
 

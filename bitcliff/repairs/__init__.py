@@ -1,0 +1,1 @@
+"""Training-free repairs chosen from a diagnosis."""
