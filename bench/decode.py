@@ -1,7 +1,10 @@
 """End-to-end decode speed: tokens/s of a model in fp16 and with W4/W3/W2 ``QuantLinear`` layers.
 
     python -m bench.decode [--model default] [--bits 4 3 2] [--group 128] [--new-tokens 128]
-                           [--batch 1] [--compile] [--out DIR]
+                           [--batch 1] [--compile] [--device cuda|cpu] [--out DIR]
+
+On ``--device cpu`` the model stays fp32 (the baseline row is then ``fp32``) and the quantized
+layers run the CPU path (``bitcliff.kernels.cpu``).
 
 Greedy generation of ``--new-tokens`` tokens after a short prompt, timed after a warm-up run
 (which also builds the kernel layouts and tunes the kernels), median of ``--reps`` runs.  With
@@ -62,12 +65,13 @@ def time_generate(model, prompt, new_tokens: int, reps: int, static: bool) -> di
     if static:
         kwargs["cache_implementation"] = "static"
     model.generate(prompt, **kwargs)  # warm-up: layouts, tuning, compilation
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     times = []
     for _ in range(reps):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         out = model.generate(prompt, **kwargs)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     assert out.shape[1] == prompt.shape[1] + new_tokens
     times.sort()
@@ -85,22 +89,26 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graphs")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    require_cuda()
+    if args.device == "cuda":
+        require_cuda()
     from bitcliff import QuantConfig, quantize
 
-    env = environment()
+    env = environment(args.device)
     base, description = load_model(args.model)
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, base.config.vocab_size, (args.batch, args.prompt_tokens), generator=gen).cuda()
+    prompt = torch.randint(0, base.config.vocab_size, (args.batch, args.prompt_tokens), generator=gen)
+    prompt = prompt.to(args.device)
+    baseline = "fp16" if args.device == "cuda" else "fp32"
     rows = []
     for bits in [None, *args.bits]:
         model = copy.deepcopy(base)
         if bits is not None:
             quantize(model, QuantConfig(bits=bits, group_size=args.group), progress=False)
-        model = model.cuda().half()
-        label = "fp16" if bits is None else f"w{bits}g{args.group}"
+        model = model.cuda().half() if args.device == "cuda" else model
+        label = baseline if bits is None else f"w{bits}g{args.group}"
         modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
         for mode, compiled in modes:
             row = {"variant": label, "mode": mode}
@@ -114,22 +122,25 @@ def main(argv=None) -> int:
             speed = f"{row['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in row else row["error"]
             print(f"{label:>8} {mode:>8}: {speed}", flush=True)
         del model
-        torch.cuda.empty_cache()
-    fp16 = {r["mode"]: r.get("tokens_per_s") for r in rows if r["variant"] == "fp16"}
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    base_speed = {r["mode"]: r.get("tokens_per_s") for r in rows if r["variant"] == baseline}
     for r in rows:
-        if r.get("tokens_per_s") and fp16.get(r["mode"]):
-            r["speedup_vs_fp16"] = r["tokens_per_s"] / fp16[r["mode"]]
-    result = {"environment": env, "model": description, "batch": args.batch,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows}
+        if r.get("tokens_per_s") and base_speed.get(r["mode"]):
+            r[f"speedup_vs_{baseline}"] = r["tokens_per_s"] / base_speed[r["mode"]]
+    result = {"environment": env, "model": description, "batch": args.batch, "group": args.group,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "reps": args.reps,
+              "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     path = results_path(args.out, env, "decode-")
     path.write_text(json.dumps(result, indent=1))
-    lines = [f"{'variant':>8} {'mode':>8} {'tok/s':>9} {'vs fp16':>8}"]
+    key = f"speedup_vs_{baseline}"
+    lines = [f"{'variant':>8} {'mode':>8} {'tok/s':>9} {'vs ' + baseline:>8}"]
     for r in rows:
         tps = f"{r['tokens_per_s']:9.1f}" if "tokens_per_s" in r else f"{'failed':>9}"
-        sp = f"{r['speedup_vs_fp16']:8.2f}" if "speedup_vs_fp16" in r else f"{'':>8}"
+        sp = f"{r[key]:8.2f}" if key in r else f"{'':>8}"
         lines.append(f"{r['variant']:>8} {r['mode']:>8} {tps} {sp}")
-    (args.out / "decode-summary.txt").write_text("\n".join(lines) + "\n")
+    (args.out / f"decode-{args.device}-summary.txt").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path}\n" + "\n".join(lines))
     return 0
 

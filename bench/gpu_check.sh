@@ -81,7 +81,7 @@ done
 
 echo
 [ -f "$OUTDIR/kernels-summary.txt" ] && { echo "--- kernels (time, GB/s, speedup vs fp16, ideal from bytes, fraction)"; cat "$OUTDIR/kernels-summary.txt"; }
-[ -f "$OUTDIR/decode-summary.txt" ] && { echo "--- decode"; cat "$OUTDIR/decode-summary.txt"; }
+[ -f "$OUTDIR/decode-cuda-summary.txt" ] && { echo "--- decode"; cat "$OUTDIR/decode-cuda-summary.txt"; }
 echo "--- stages"
 printf '%s\n' "${SUMMARY[@]}"
 for line in "${SUMMARY[@]}"; do [[ $line == *FAILED* ]] && exit 1; done

@@ -63,9 +63,20 @@ def git_commit() -> str:
         return os.environ.get("BITCLIFF_COMMIT", "unknown")
 
 
-def environment() -> dict:
+def environment(device: str = "cuda") -> dict:
     import triton
 
+    if device == "cpu":
+        import platform
+
+        return {
+            "device": "cpu " + (platform.processor() or platform.machine()),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "commit": git_commit(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
     props = torch.cuda.get_device_properties(0)
     return {
         "device": torch.cuda.get_device_name(0),

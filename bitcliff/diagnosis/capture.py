@@ -8,7 +8,8 @@
 A session attaches a :class:`LayerCapture` to each selected ``QuantLinear`` (its ``capture``
 attribute) and always detaches on exit, also when the body raises.  The signals come from the
 layer's own forward: on CUDA fused into the Triton kernel (``bitcliff.kernels.qmatmul``), on CPU
-from the plain-torch reference, which defines the same numbers (``reference.CAPTURE_SIGNALS``):
+from the CPU path (``bitcliff.kernels.cpu``), both defined by the plain-torch reference
+(``reference.CaptureMode``):
 
 * ``"stats"``: ``sq_norm = sum(y**2)`` and ``abs_max = max|y|`` per token;
 * ``"error"``: ``err_sq = ||y_q - y_fp||**2`` and ``fp_sq = ||y_fp||**2`` per token, where ``y_fp``
@@ -25,7 +26,7 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from bitcliff.kernels.reference import CAPTURE_SIGNALS
+from bitcliff.kernels.reference import CaptureMode
 from bitcliff.quant.qlinear import QuantLinear
 
 Sink = Callable[[str, dict[str, torch.Tensor]], None]
@@ -36,22 +37,16 @@ class LayerCapture:
     """What one ``QuantLinear`` captures and where it sends it (its ``capture`` attribute).
 
     Attributes:
-        mode: ``"stats"`` or ``"error"``.
+        mode: ``CaptureMode.STATS`` or ``CaptureMode.ERROR`` (validated by the session).
         name: the module's name in the model, passed to ``sink``.
         sink: called once per forward with ``(name, {signal: fp32 [tokens]})``.
-        weight: the full-precision ``[N, K]`` weight for ``"error"`` (on the layer's device).
+        weight: the full-precision ``[N, K]`` weight for ``ERROR`` (on the layer's device).
     """
 
-    mode: str
+    mode: CaptureMode
     name: str
     sink: Sink
     weight: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in CAPTURE_SIGNALS:
-            raise ValueError(f"capture mode must be one of {tuple(CAPTURE_SIGNALS)}, got {self.mode!r}")
-        if self.mode == "error" and self.weight is None:
-            raise ValueError(f"{self.name}: capture mode 'error' needs the full-precision weight")
 
 
 class _Running:
@@ -80,7 +75,7 @@ class CaptureSession:
 
     Args:
         model: any module containing ``QuantLinear`` layers.
-        mode: ``"stats"`` or ``"error"``.
+        mode: ``"stats"`` or ``"error"`` (a :class:`~bitcliff.kernels.reference.CaptureMode`).
         fp_weights: for ``"error"``, the full-precision ``[N, K]`` weight of every selected module,
             by module name (e.g. ``{name: linear.weight}`` taken before quantizing).
         modules: module names or fnmatch patterns to capture; ``None`` for all ``QuantLinear``.
@@ -91,13 +86,14 @@ class CaptureSession:
     def __init__(
         self,
         model: nn.Module,
-        mode: str = "stats",
+        mode: CaptureMode | str = CaptureMode.STATS,
         fp_weights: dict[str, torch.Tensor] | None = None,
         modules: Iterable[str] | None = None,
         keep: str = "records",
     ) -> None:
-        if mode not in CAPTURE_SIGNALS:
-            raise ValueError(f"mode must be one of {tuple(CAPTURE_SIGNALS)}, got {mode!r}")
+        mode = CaptureMode.parse(mode)
+        if mode is CaptureMode.NONE:
+            raise ValueError("a capture session needs mode 'stats' or 'error', got 'none'")
         if keep not in ("records", "aggregate"):
             raise ValueError(f"keep must be 'records' or 'aggregate', got {keep!r}")
         self.model = model
@@ -112,7 +108,7 @@ class CaptureSession:
         }
         if not self.layers:
             raise ValueError("no QuantLinear module matches the selection; nothing to capture")
-        self.fp_weights = self._check_fp_weights(fp_weights or {}) if mode == "error" else {}
+        self.fp_weights = self._check_fp_weights(fp_weights or {}) if mode is CaptureMode.ERROR else {}
         self._chunks: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in self.layers}
         self._running: dict[str, _Running] = {name: _Running() for name in self.layers}
         self._attached: list[QuantLinear] = []
@@ -144,7 +140,7 @@ class CaptureSession:
                 if layer.capture is not None:
                     raise RuntimeError(f"{name} is already attached to another capture session")
                 weight = None
-                if self.mode == "error":
+                if self.mode is CaptureMode.ERROR:
                     weight = self.fp_weights[name].to(layer.qweight.device).contiguous()
                 layer.capture = LayerCapture(self.mode, name, self._sink, weight)
                 self._attached.append(layer)

@@ -7,11 +7,14 @@ Three operators in the ``bitcliff`` namespace, all taking the weight in kernel l
 * ``bitcliff::qmatmul_stats(...) -> (y, sq_norm [T], abs_max [T])``
 * ``bitcliff::qmatmul_error(..., weight_fp) -> (y, err_sq [T], fp_sq [T])``
 
-with ``T = x.numel() // K`` tokens and the signals as in ``reference.CAPTURE_SIGNALS``.  CUDA
-tensors run the Triton kernels (``qmatmul.py``, imported on first use so that importing this
-module costs nothing and never fixes Triton's interpreter mode early); CPU tensors run the
-plain-torch reference, so the operators work everywhere.  Each has a fake (meta) implementation
-for tracing.
+with ``T = x.numel() // K`` tokens and the signals of ``reference.CaptureMode``.  CUDA tensors
+run the Triton kernels (``qmatmul.py``, imported on first use so that importing this module costs
+nothing and never fixes Triton's interpreter mode early); CPU tensors run the CPU path
+(``cpu.py``), so the operators work everywhere.  Each has a fake (meta) implementation for tracing.
+
+:func:`run` is the one entry point ``QuantLinear`` calls, on either device: a CUDA
+:class:`KernelLayout` goes through the operators above, a :class:`~bitcliff.kernels.cpu.CpuLayout`
+(the form a layer keeps on the CPU) straight to the CPU path.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Optional
 
 import torch
 
-from bitcliff.kernels import reference
+from bitcliff.kernels import cpu
 from bitcliff.kernels.layout import KernelLayout
+from bitcliff.kernels.reference import CaptureMode
 
 
 def make_layout(
@@ -47,20 +51,12 @@ def layout_args(layout: KernelLayout) -> tuple:
             layout.bits, layout.group_size, layout.in_features)
 
 
-def _run(x, layout: KernelLayout, bias, capture: str, weight_fp=None):
+def _run(x, layout: KernelLayout, bias, capture: CaptureMode, weight_fp=None):
     if x.is_cuda:
         from bitcliff.kernels.qmatmul import quant_matmul  # noqa: PLC0415 (lazy: see module doc)
 
         return quant_matmul(x, layout, bias, capture=capture, weight_fp=weight_fp)
-    weight = layout.dequantize(torch.float32)
-    if capture == "none":
-        y = x.float() @ weight.t()
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
-    y, signals = reference.matmul_capture(x, weight, bias, capture, weight_fp)
-    a, b = reference.CAPTURE_SIGNALS[capture]
-    return y, signals[a], signals[b]
+    return cpu.matmul(x, cpu.from_kernel_layout(layout), bias, capture, weight_fp)
 
 
 @torch.library.custom_op("bitcliff::qmatmul", mutates_args=())
@@ -78,7 +74,7 @@ def qmatmul(
 ) -> torch.Tensor:
     """``y = x @ dequant(W)ᵀ (+ bias)``; W in kernel layout (see module docstring)."""
     layout = make_layout(lo, hi, scales, zeros, kidx, bits, group_size, in_features)
-    return _run(x, layout, bias, "none")
+    return _run(x, layout, bias, CaptureMode.NONE)
 
 
 @torch.library.custom_op("bitcliff::qmatmul_stats", mutates_args=())
@@ -96,7 +92,7 @@ def qmatmul_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, sum(y**2), max|y|)`` per token."""
     layout = make_layout(lo, hi, scales, zeros, kidx, bits, group_size, in_features)
-    return _run(x, layout, bias, "stats")
+    return _run(x, layout, bias, CaptureMode.STATS)
 
 
 @torch.library.custom_op("bitcliff::qmatmul_error", mutates_args=())
@@ -115,7 +111,7 @@ def qmatmul_error(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, ||y_q - y_fp||**2, ||y_fp||**2)`` per token, ``weight_fp`` ``[N, K]``."""
     layout = make_layout(lo, hi, scales, zeros, kidx, bits, group_size, in_features)
-    return _run(x, layout, bias, "error", weight_fp)
+    return _run(x, layout, bias, CaptureMode.ERROR, weight_fp)
 
 
 def _fake_outputs(x: torch.Tensor, scales: torch.Tensor):
@@ -139,16 +135,25 @@ def _(x, lo, hi, scales, zeros, kidx, bias, bits, group_size, in_features, weigh
     return _fake_outputs(x, scales)
 
 
-def run(x: torch.Tensor, layout: KernelLayout, bias: torch.Tensor | None, capture: str = "none",
-        weight_fp: torch.Tensor | None = None):
-    """Call the operator for ``capture`` (``"none"``, ``"stats"`` or ``"error"``) on ``layout``."""
+def run(
+    x: torch.Tensor,
+    layout: KernelLayout | cpu.CpuLayout,
+    bias: torch.Tensor | None,
+    capture: CaptureMode = CaptureMode.NONE,
+    weight_fp: torch.Tensor | None = None,
+):
+    """``y`` (or ``(y, a, b)`` with a capture) for ``x`` ``[..., K]`` and a layer's weight layout.
+
+    ``layout``: a :class:`KernelLayout` (the operators: Triton on CUDA) or a CPU layout (the CPU
+    path directly).  ``capture`` must already be a :class:`CaptureMode`.
+    """
+    if capture is CaptureMode.ERROR and weight_fp is None:
+        raise ValueError("capture 'error' needs the full-precision weight")
+    if isinstance(layout, cpu.CpuLayout):
+        return cpu.matmul(x, layout, bias, capture, weight_fp)
     args = (x, *layout_args(layout)[:5], bias, *layout_args(layout)[5:])
-    if capture == "none":
+    if capture is CaptureMode.NONE:
         return torch.ops.bitcliff.qmatmul(*args)
-    if capture == "stats":
+    if capture is CaptureMode.STATS:
         return torch.ops.bitcliff.qmatmul_stats(*args)
-    if capture == "error":
-        if weight_fp is None:
-            raise ValueError("capture 'error' needs the full-precision weight")
-        return torch.ops.bitcliff.qmatmul_error(*args, weight_fp)
-    raise ValueError(f"capture must be 'none', 'stats' or 'error', got {capture!r}")
+    return torch.ops.bitcliff.qmatmul_error(*args, weight_fp)

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from bitcliff.kernels.layout import KernelLayout
+from bitcliff.kernels.reference import CaptureMode
 from bitcliff.kernels.tuning import (
     DEFAULT_CONFIGS,
     GEMV_MAX_M,
@@ -57,7 +58,6 @@ from bitcliff.kernels.tuning import (
     tiled_configs,
 )
 
-CAPTURE_MODES = ("none", "stats", "error")
 SCHEDULES = ("auto", "gemv", "tiled")
 _MAGIC = tl.constexpr(8388608.0)  # 2**23: a code OR-ed into its mantissa reads as 2**23 + code
 
@@ -442,7 +442,7 @@ def quant_matmul(
     layout: KernelLayout,
     bias: torch.Tensor | None = None,
     *,
-    capture: str = "none",
+    capture: CaptureMode | str = CaptureMode.NONE,
     weight_fp: torch.Tensor | None = None,
     schedule: str = "auto",
     config: dict | None = None,
@@ -454,7 +454,7 @@ def quant_matmul(
         x: ``[..., K]`` fp16/bf16 (fp32 accepted, computed without tf32), K = ``layout.in_features``.
         layout: the weight in kernel layout (:func:`bitcliff.kernels.layout.from_gptq`), same device.
         bias: optional ``[N]``, any float dtype.
-        capture: ``"none"``, ``"stats"`` or ``"error"``.
+        capture: a :class:`~bitcliff.kernels.reference.CaptureMode` or its name.
         weight_fp: ``[N, K]`` full-precision weight, required for ``"error"``.
         schedule: ``"auto"`` (by M), ``"gemv"`` or ``"tiled"``.
         config: meta-parameters to launch with instead of tuning (tests, benchmarks).
@@ -464,8 +464,7 @@ def quant_matmul(
         (M = tokens = ``x.numel() // K``): ``stats``: ``sum(y**2)``, ``max|y|`` per token;
         ``error``: ``||y_q - y_fp||**2``, ``||y_fp||**2`` per token (fp32 accumulators, bias in both).
     """
-    if capture not in CAPTURE_MODES:
-        raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+    capture = CaptureMode.parse(capture).value  # a plain string from here on: it is a constexpr
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     k, n = layout.in_features, layout.out_features

@@ -7,6 +7,8 @@ to the requested dtype, so the reference is as exact as the stored fp16 scales a
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 
 from bitcliff.kernels.pack import unpack_qweight, unpack_qzeros
@@ -67,12 +69,35 @@ def dequant_matmul(
 
 
 # --- Error capture ------------------------------------------------------------------------------
-# Per-token signals a capture returns beside ``y``; every tensor is fp32 ``[tokens]`` where tokens
-# are the rows of ``x.reshape(-1, K)``.
-CAPTURE_SIGNALS = {
-    "stats": ("sq_norm", "abs_max"),  # sum(y**2) and max|y| over the output features
-    "error": ("err_sq", "fp_sq"),  # ||y_q - y_fp||**2 and ||y_fp||**2
-}
+
+
+class CaptureMode(str, Enum):
+    """What a dequant-matmul reports per token beside ``y`` (the one declaration of the modes).
+
+    Every signal is fp32 ``[tokens]``, tokens being the rows of ``x.reshape(-1, K)``:
+
+    * ``NONE``: nothing;
+    * ``STATS``: ``sq_norm = sum(y**2)`` and ``abs_max = max|y|`` over the output features;
+    * ``ERROR``: ``err_sq = ||y_q - y_fp||**2`` and ``fp_sq = ||y_fp||**2``, ``y_fp`` from the
+      full-precision weight on the same input.
+    """
+
+    NONE = "none"
+    STATS = "stats"
+    ERROR = "error"
+
+    @classmethod
+    def parse(cls, value) -> "CaptureMode":
+        """``value`` (a mode or its name) as a mode; a clear ``ValueError`` for anything else."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"capture mode must be one of {[m.value for m in cls]}, got {value!r}") from None
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        """The names of the two signals (none for ``NONE``), in the order the kernels return them."""
+        return {"none": (), "stats": ("sq_norm", "abs_max"), "error": ("err_sq", "fp_sq")}[self.value]
 
 
 def output_stats(y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -116,28 +141,3 @@ def output_error(
         y_fp = y_fp + bias.float()
     d = y_q - y_fp
     return {"err_sq": (d * d).sum(dim=1), "fp_sq": (y_fp * y_fp).sum(dim=1)}
-
-
-def matmul_capture(
-    x: torch.Tensor,
-    weight_q: torch.Tensor,
-    bias: torch.Tensor | None,
-    mode: str,
-    weight_fp: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``y = x @ weight_qᵀ + bias`` (float32, returned in x's dtype) and its ``mode`` signals.
-
-    ``weight_q`` is the dense dequantized ``[N, K]`` weight; ``mode`` is ``"stats"`` or ``"error"``
-    (the latter needs ``weight_fp``).  This is what the kernels' capture computes.
-    """
-    if mode not in CAPTURE_SIGNALS:
-        raise ValueError(f"capture mode must be one of {tuple(CAPTURE_SIGNALS)}, got {mode!r}")
-    y = x.float() @ weight_q.float().t()
-    if bias is not None:
-        y = y + bias.float()
-    y = y.to(x.dtype)
-    if mode == "stats":
-        return y, output_stats(y)
-    if weight_fp is None:
-        raise ValueError("capture mode 'error' needs the full-precision weight")
-    return y, output_error(x, weight_q, weight_fp, bias)

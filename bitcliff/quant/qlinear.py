@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitcliff.kernels import cpu
 from bitcliff.kernels import ops as kernel_ops
 from bitcliff.kernels.layout import KernelLayout, from_gptq
 from bitcliff.kernels.pack import SUPPORTED_BITS, packed_length
-from bitcliff.kernels.reference import CAPTURE_SIGNALS, dequant_matmul, dequantize, output_error, output_stats
+from bitcliff.kernels.reference import dequantize
 from bitcliff.quant.qweight import QuantizedWeight
 
 
@@ -23,14 +24,15 @@ class QuantLinear(nn.Module):
         bias: optional ``[N]`` (fp16 in checkpoints, any float dtype in memory).
 
     The forward accepts ``[..., K]`` fp16/bf16/fp32 activations and returns ``[..., N]`` in the
-    activation dtype.  On CPU it dequantizes with the plain-torch reference and multiplies; on
-    CUDA it runs the Triton kernel (``bitcliff::qmatmul``) on the kernel layout of the buffers,
-    built on first use and rebuilt whenever a buffer is replaced or written in place.
+    activation dtype, through :func:`bitcliff.kernels.ops.run` on the layout for the input's
+    device: on CUDA the Triton kernel's layout (``bitcliff::qmatmul``), on the CPU the CPU path's
+    (one byte per code, :mod:`bitcliff.kernels.cpu`).  The layout is built from the buffers on
+    first use and rebuilt whenever a buffer is replaced or written in place.
 
-    ``capture``: ``None``, or an object with ``mode`` (``"stats"``/``"error"``), ``weight`` (the
-    full-precision ``[N, K]`` weight, for ``"error"``), ``name`` and ``sink``; each forward then
-    calls ``sink(name, signals)`` with the per-token fp32 signals of
-    ``reference.CAPTURE_SIGNALS``.  Set by ``bitcliff.diagnosis.capture.CaptureSession``.
+    ``capture``: ``None``, or an object with ``mode`` (a ``CaptureMode``), ``weight`` (the
+    full-precision ``[N, K]`` weight, for ``ERROR``), ``name`` and ``sink``; each forward then
+    calls ``sink(name, signals)`` with the per-token fp32 signals of the mode.  Set by
+    ``bitcliff.diagnosis.capture.CaptureSession``.
     """
 
     def __init__(
@@ -69,8 +71,8 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.capture = None
-        self._kernel_layout: KernelLayout | None = None
-        self._kernel_layout_key: tuple | None = None
+        self._layout: KernelLayout | cpu.CpuLayout | None = None
+        self._layout_key: tuple | None = None
 
     @property
     def n_groups(self) -> int:
@@ -119,21 +121,23 @@ class QuantLinear(nn.Module):
         tensors = (self.qweight, self.qzeros, self.scales, self.g_idx)
         return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
 
-    def _build_kernel_layout(self) -> KernelLayout:
-        self._kernel_layout = from_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
-        self._kernel_layout_key = self._buffers_key()
-        return self._kernel_layout
+    def _build_layout(self) -> KernelLayout | cpu.CpuLayout:
+        layout = from_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        self._layout = cpu.from_kernel_layout(layout) if self.qweight.device.type == "cpu" else layout
+        self._layout_key = self._buffers_key()
+        return self._layout
 
-    def kernel_layout(self) -> KernelLayout:
-        """The Triton kernels' layout of this layer's weight (``bitcliff.kernels.layout``), cached."""
-        layout = self._kernel_layout
+    def kernel_layout(self) -> KernelLayout | cpu.CpuLayout:
+        """The layout the dequant-matmul reads on the buffers' device, cached: the Triton kernels'
+        (``bitcliff.kernels.layout``) on CUDA, the CPU path's (``bitcliff.kernels.cpu``) on the CPU."""
+        layout = self._layout
         if torch.compiler.is_compiling():
             if layout is not None:
                 return layout  # compiled inference: weights are frozen, skip the host-side check
             # Built outside the graph (one graph break); run a forward eagerly first to avoid it.
-            return torch.compiler.disable(self._build_kernel_layout)()
-        if layout is None or self._kernel_layout_key != self._buffers_key():
-            layout = self._build_kernel_layout()
+            return torch.compiler.disable(self._build_layout)()
+        if layout is None or self._layout_key != self._buffers_key():
+            layout = self._build_layout()
         return layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,22 +146,11 @@ class QuantLinear(nn.Module):
                 f"{self.name or 'QuantLinear'}: input has {x.shape[-1]} features, expected {self.in_features}"
             )
         capture = self.capture
-        if x.is_cuda:
-            layout = self.kernel_layout()
-            if capture is None:
-                return kernel_ops.run(x, layout, self.bias)
-            y, a, b = kernel_ops.run(x, layout, self.bias, capture.mode, capture.weight)
-            first, second = CAPTURE_SIGNALS[capture.mode]
-            capture.sink(capture.name, {first: a, second: b})
-            return y
-        y = dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
-        if capture is not None:
-            with torch.no_grad():
-                if capture.mode == "stats":
-                    signals = output_stats(y)
-                else:
-                    signals = output_error(x, self.dequantize(), capture.weight, self.bias)
-            capture.sink(capture.name, signals)
+        if capture is None:
+            return kernel_ops.run(x, self.kernel_layout(), self.bias)
+        y, a, b = kernel_ops.run(x, self.kernel_layout(), self.bias, capture.mode, capture.weight)
+        first, second = capture.mode.signals
+        capture.sink(capture.name, {first: a, second: b})
         return y
 
     def extra_repr(self) -> str:

@@ -1,0 +1,106 @@
+"""The CPU dequant-matmul path against the reference: every width, awkward shapes and group
+orders, both schedules (grouped for few rows, dense for many), captures, and dtypes.
+
+Tolerances (kernel vs reference): fp32 outputs agree to 1e-5 relative to the output's scale
+(only the float32 summation order differs); fp16/bf16 outputs to one rounding of their dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitcliff import QuantConfig
+from bitcliff.kernels import cpu, reference
+from bitcliff.kernels.layout import from_gptq
+from bitcliff.kernels.reference import CaptureMode
+from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.qweight import QuantizedWeight
+from bitcliff.quant.rtn import quantize_rtn
+
+ROWS = [1, 3, cpu.GROUPED_MAX_ROWS, cpu.GROUPED_MAX_ROWS + 1, 118]
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
+
+
+def _layer(k, n, bits, group_size, g_idx=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen)
+    qw = quantize_rtn(weight, QuantConfig(bits=bits, group_size=group_size))
+    if g_idx is not None:  # an act-order style grid: groups of the same codes, shuffled columns
+        qw = QuantizedWeight(qw.codes, qw.scales, qw.zeros, g_idx.to(torch.int32), bits)
+    layer = QuantLinear.from_quantized(qw, group_size, torch.randn(n, generator=gen), "layer")
+    return layer, weight
+
+
+def _reference(layer, x):
+    return reference.dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.bias)
+
+
+def _check(y, ref):
+    rtol, atol = TOLERANCE[ref.dtype]
+    scale = float(ref.float().abs().max())
+    torch.testing.assert_close(y.float(), ref.float(), rtol=rtol, atol=atol * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k,n,group_size", [(96, 40, 32), (576, 48, 128), (100, 17, -1), (160, 24, 64)])
+@pytest.mark.parametrize("rows", ROWS)
+def test_matches_the_reference(bits, k, n, group_size, rows):
+    layer, _ = _layer(k, n, bits, group_size)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    _check(layer(x), _reference(layer, x))
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_act_order_and_uneven_groups(rows):
+    k, n, gs = 128, 24, 32
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(5))
+    layer, _ = _layer(k, n, 3, gs, g_idx=perm // gs)  # groups of 32 scattered over K
+    x = torch.randn(rows, k)
+    _check(layer(x), _reference(layer, x))
+    uneven = torch.randint(0, 4, (k,), generator=torch.Generator().manual_seed(6))  # groups of any size
+    layer, _ = _layer(k, n, 4, gs, g_idx=uneven)
+    assert cpu.from_kernel_layout(from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4)).columns is not None
+    _check(layer(x), _reference(layer, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_activations(dtype):
+    layer, _ = _layer(96, 40, 4, 32)
+    for rows in (1, 64):
+        x = torch.randn(2, rows, 96).to(dtype)
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (2, rows, 40)
+        _check(y, _reference(layer, x))
+
+
+@pytest.mark.parametrize("rows", [1, 50])
+def test_captures_match_the_reference(rows):
+    layer, weight = _layer(96, 40, 3, 32)
+    layout = layer.kernel_layout()
+    x = torch.randn(rows, 96)
+    y, sq, mx = cpu.matmul(x, layout, layer.bias, CaptureMode.STATS)
+    stats = reference.output_stats(_reference(layer, x))
+    _check(y, _reference(layer, x))
+    torch.testing.assert_close(sq, stats["sq_norm"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mx, stats["abs_max"], rtol=1e-5, atol=1e-5)
+    y, err, fp = cpu.matmul(x, layout, layer.bias, CaptureMode.ERROR, weight)
+    signals = reference.output_error(x, layer.dequantize(), weight, layer.bias)
+    torch.testing.assert_close(err, signals["err_sq"], rtol=1e-3, atol=1e-4)  # a difference of near values
+    torch.testing.assert_close(fp, signals["fp_sq"], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="needs the full-precision weight"):
+        cpu.matmul(x, layout, layer.bias, CaptureMode.ERROR)
+
+
+def test_the_layout_holds_one_byte_per_code():
+    layer, _ = _layer(576, 48, 2, 64)
+    layout = layer.kernel_layout()
+    assert layout.codes.dtype == torch.uint8 and layout.codes.shape == (9, 64, 48)
+    assert int(layout.codes.max()) <= 3
+
+
+def test_capture_mode_is_parsed_once_with_a_clear_error():
+    assert CaptureMode.parse("error") is CaptureMode.ERROR
+    assert CaptureMode.ERROR.signals == ("err_sq", "fp_sq") and CaptureMode.NONE.signals == ()
+    with pytest.raises(ValueError, match=r"capture mode must be one of \['none', 'stats', 'error'\], got 'errors'"):
+        CaptureMode.parse("errors")
