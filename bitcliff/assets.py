@@ -147,8 +147,10 @@ def resolve_model(name: str) -> str:
         return local
     if os.path.exists(local):
         raise ValueError(f"model {local!r} is a file; expected a folder with config.json")
-    if _HUB_ID.match(name):
+    if _HUB_ID.match(name) and not name.startswith((".", "~")):
         return name
+    if os.sep in name or name.startswith((".", "~")):
+        raise ValueError(f"model folder {local!r} does not exist")
     raise ValueError(
         f"unknown model {name!r}: expected one of {', '.join(map(repr, [*MODEL_ALIASES, *MODELS]))}, "
         "a local model folder, or a hub id 'owner/name'"

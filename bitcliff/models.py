@@ -1,4 +1,10 @@
-"""Loading models by name: the embedded defaults, a local folder, a hub id, or a checkpoint."""
+"""Loading models by name: the embedded defaults, a local folder, a hub id, or a checkpoint.
+
+Every way a model fails to load gets a message that names what is wrong: a folder whose
+config.json is not JSON, a quantized checkpoint whose ``quantization_config`` was removed (its
+weights would otherwise load as freshly initialised ones), weights missing from or unexpected
+in a folder, a hub id while the hub is unreachable.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +16,71 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class ModelLoadError(ValueError):
+    """A model folder or hub id that cannot be loaded as what was asked for."""
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
+def read_config_json(folder: str | Path) -> dict:
+    """A model folder's config.json as a dict.
+
+    Raises:
+        ModelLoadError: the file is missing or is not a JSON object (with the parser's position).
+    """
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{folder} has no config.json: it is not a Hugging Face model folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def is_quantized_folder(path: str | Path) -> bool:
     """Whether ``path`` is a folder whose config.json declares a GPTQ quantization."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    if not (Path(path) / "config.json").is_file():
         return False
+    qc = read_config_json(path).get("quantization_config") or {}
+    return isinstance(qc, dict) and qc.get("quant_method") == "gptq"
+
+
+def _holds_gptq_tensors(folder: Path) -> str | None:
+    """The first ``*.qweight`` tensor name in a folder's safetensors files, or None."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = next((k for k in f.keys() if k.endswith(".qweight")), None)
+        except Exception:  # an unreadable file is reported by the loader itself
+            continue
+        if found:
+            return found
+    return None
+
+
+def check_hub_reachable(repo_id: str) -> None:
+    """Fail fast, with the way out, when ``repo_id`` is neither cached nor reachable."""
+    import huggingface_hub
+
+    if huggingface_hub.try_to_load_from_cache(repo_id, "config.json") is not None:
+        return
     try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
-        return False
-    return qc.get("quant_method") == "gptq"
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except Exception as exc:  # offline (DNS, timeout), unknown repo, gated...
+        raise ModelLoadError(
+            f"cannot load {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); the hub is "
+            "unreachable or the id is unknown, and no local copy is cached. Pass a local model folder "
+            "(--model PATH) or one of the embedded models (default, gemma3-270m)"
+        ) from None
 
 
 def load_fp_model(name: str, dtype: torch.dtype = torch.float32):
@@ -36,16 +91,36 @@ def load_fp_model(name: str, dtype: torch.dtype = torch.float32):
         dtype: parameter dtype.
     Returns:
         ``(model, tokenizer, resolved_path)``; the model in eval mode on CPU.
+    Raises:
+        ModelLoadError: see the module docstring; also for a quantized checkpoint (this loads
+            full-precision models only).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bitcliff.assets import resolve_model
 
     path = resolve_model(name)
-    if is_quantized_folder(path):
-        raise ValueError(f"{name!r} is a quantized checkpoint; expected a full-precision model")
+    folder = Path(path)
+    if folder.is_dir():
+        if is_quantized_folder(folder):
+            raise ModelLoadError(f"{name!r} is a quantized checkpoint; expected a full-precision model")
+        packed = _holds_gptq_tensors(folder)
+        if packed is not None:
+            raise ModelLoadError(
+                f"{folder} holds GPTQ-packed tensors ({packed}) but its config.json has no quantization_config: "
+                "it is a quantized checkpoint whose quantization settings were removed, and loading it as a "
+                "full-precision model would replace every quantized weight by random values; restore "
+                "quantization_config in config.json"
+            )
+    else:
+        check_hub_reachable(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        parts = [f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}"
+                 for k, v in problems.items() if v]
+        raise ModelLoadError(f"{path}: the weights do not match the model's config ({'; '.join(parts)})")
     return model.eval(), tokenizer, path
 
 

@@ -30,3 +30,33 @@ def tiny_llama():
 
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+def word_tokenizer(vocab_size: int = 128):
+    """A whitespace word-level tokenizer over ``w0 .. w{n-3}`` plus [UNK] and [EOS]: tiny, offline."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 2)} | {"[UNK]": vocab_size - 2, "[EOS]": vocab_size - 1}
+    words = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A saved random 2-layer Llama with a word-level tokenizer, and a text file in its vocabulary
+    (``<folder>/../text.txt``): what the command line needs, without the embedded model."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny")
+    folder = root / "model"
+    LlamaForCausalLM(tiny_llama_config(max_position_embeddings=512)).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    gen = torch.Generator().manual_seed(1)
+    words = [f"w{int(i)}" for i in torch.randint(0, 126, (60000,), generator=gen)]
+    (root / "text.txt").write_text(" ".join(words))
+    return folder

@@ -97,6 +97,30 @@ def check_compatible(fp_model: nn.Module, q_model: nn.Module) -> None:
             raise IncompatibleModels(f"the full-precision and quantized models differ in {what}: {a} vs {b}")
     if not any(isinstance(m, QuantLinear) for m in q_model.modules()):
         raise IncompatibleModels("the quantized model has no QuantLinear layer (is it a full-precision model?)")
+    check_weights_match(fp_model, q_model)
+
+
+#: A quantized weight further than this from the FP weight (relative L2) is no better than an
+#: all-zero weight: it cannot be a quantization of it.  Measured on SmolLM2-135M, the worst
+#: quantization (RTN W2 per-channel, symmetric) reaches 0.75; two different layers of the model 1.32.
+MAX_RELATIVE_WEIGHT_ERROR = 1.0
+
+
+@torch.no_grad()
+def check_weights_match(fp_model: nn.Module, q_model: nn.Module) -> None:
+    """Raise :class:`IncompatibleModels` when a ``QuantLinear`` of ``q_model`` is not a quantization
+    of the full-precision weight at the same place (other weights, permuted layers, another model)."""
+    for name, fp_weight in fp_linear_weights(fp_model, q_model).items():
+        q_weight = q_model.get_submodule(name).dequantize().to(fp_weight.device)
+        w = fp_weight.float()
+        error = float((q_weight - w).norm() / w.norm().clamp_min(1e-30))
+        if error > MAX_RELATIVE_WEIGHT_ERROR:
+            cos = float(torch.nn.functional.cosine_similarity(q_weight.flatten(), w.flatten(), dim=0))
+            raise IncompatibleModels(
+                f"these models do not match ({name}: relative weight error {error:.3g}, cosine {cos:.2f}; "
+                f"a quantization of it stays below {MAX_RELATIVE_WEIGHT_ERROR:g}): the quantized model is not "
+                "a quantization of this full-precision model"
+            )
 
 
 def fp_linear_weights(fp_model: nn.Module, q_model: nn.Module) -> dict[str, torch.Tensor]:

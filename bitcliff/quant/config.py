@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, field
 from bitcliff.kernels.pack import SUPPORTED_BITS
 
 METHODS = ("rtn", "gptq")
+# Groups smaller than this store more scale/zero bits than a 2-bit code carries, and sizes off this
+# grid waste the kernels' 32-code packing units.
+GROUP_MULTIPLE = 16
+# Settings whose default changed: a saved config without them was made with these values.
+LEGACY_DEFAULTS = {"group_size": 128, "true_sequential": False, "refit_rounds": 0}
 DEFAULT_SKIP = ("lm_head",)
 
 
@@ -16,8 +21,9 @@ class QuantConfig:
 
     Attributes:
         bits: code width, 2, 3 or 4.
-        group_size: input channels sharing one scale/zero; -1 for one group per output
-            channel (per-channel).  A size that does not divide a layer's K gives a partial
+        group_size: input channels sharing one scale/zero: -1 for one group per output
+            channel (per-channel), else a positive multiple of 16 (32, 64 and 128 are the sizes
+            other GPTQ readers expect).  A size that does not divide a layer's K gives a partial
             last group.
         sym: symmetric grid (zero point fixed at 2**(bits-1)) instead of asymmetric.
         method: "rtn" (round to nearest) or "gptq".
@@ -29,10 +35,13 @@ class QuantConfig:
         refit_rounds: GPTQ: 0 for plain GPTQ; r > 0 refits each row's scales to the chosen
             codes by least squares (:mod:`bitcliff.quant.refit`), then ``r − 1`` times solves
             the columns again on the refitted grid and refits once more.
+
+    The GPTQ defaults are the best measured setting (true-sequential with one refit round;
+    docs/results_gptq.md); :meth:`paper_gptq` gives the original algorithm.
     """
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int = 64
     sym: bool = False
     method: str = "rtn"
     mse: bool = False
@@ -40,9 +49,9 @@ class QuantConfig:
     damp_percent: float = 0.01
     act_order: bool = False
     static_groups: bool = False
-    true_sequential: bool = False
+    true_sequential: bool = True
     calib_samples: int = 64
-    refit_rounds: int = 0
+    refit_rounds: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
@@ -50,10 +59,11 @@ class QuantConfig:
         if (
             isinstance(self.group_size, bool)
             or not isinstance(self.group_size, int)
-            or (self.group_size != -1 and self.group_size <= 0)
+            or (self.group_size != -1 and (self.group_size <= 0 or self.group_size % GROUP_MULTIPLE))
         ):
             raise ValueError(
-                f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size!r}"
+                f"group_size must be -1 (per-channel) or a positive multiple of {GROUP_MULTIPLE} "
+                f"(32, 64 and 128 are what other GPTQ readers expect), got {self.group_size!r}"
             )
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
@@ -67,6 +77,11 @@ class QuantConfig:
             raise ValueError(f"calib_samples must be a positive integer, got {self.calib_samples!r}")
         if isinstance(self.refit_rounds, bool) or not (isinstance(self.refit_rounds, int) and self.refit_rounds >= 0):
             raise ValueError(f"refit_rounds must be a non-negative integer, got {self.refit_rounds!r}")
+
+    @classmethod
+    def paper_gptq(cls, **settings) -> "QuantConfig":
+        """GPTQ as published: every group's Hessian from the full-precision layer, no scale refit."""
+        return cls(method="gptq", **{"true_sequential": False, "refit_rounds": 0, **settings})
 
     @property
     def maxq(self) -> int:
@@ -83,7 +98,9 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantConfig":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        """The config a dict describes; a field it lacks takes the value it had before that field
+        existed (:data:`LEGACY_DEFAULTS`), since a writer that did not record it did not use it."""
+        known = {**LEGACY_DEFAULTS, **{k: v for k, v in data.items() if k in cls.__dataclass_fields__}}
         if "skip_modules" in known:
             known["skip_modules"] = tuple(known["skip_modules"])
         return cls(**known)

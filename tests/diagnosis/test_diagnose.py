@@ -73,6 +73,16 @@ def test_bad_inputs_are_clear_errors(pair, windows):
         bitcliff.diagnose(fp, fp, windows, options=fast, progress=False)
 
 
+def test_a_quantized_model_of_other_weights_is_refused(pair, windows):
+    fp, q = pair
+    permuted = copy.deepcopy(q)
+    layers = permuted.model.layers
+    layers[0], layers[1] = layers[1], layers[0]  # same architecture, layers swapped
+    with pytest.raises(ValueError, match=r"these models do not match \(model.layers.0.self_attn.q_proj: "
+                                         r"relative weight error [0-9.]+"):
+        bitcliff.diagnose(fp, permuted, windows, options=DiagnoseOptions.fast(), progress=False)
+
+
 def test_cli_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     folder = tmp_path / "not-a-checkpoint"
     folder.mkdir()

@@ -32,7 +32,7 @@ def gptq(**kw) -> QuantConfig:
     kw.setdefault("bits", 3)
     kw.setdefault("group_size", 32)
     kw.setdefault("calib_samples", N_WINDOWS)
-    return QuantConfig(method="gptq", **kw)
+    return QuantConfig.paper_gptq(**kw)
 
 
 def quant_tensors(model) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ def test_bad_bits(bits):
         QuantConfig(bits=bits)
 
 
-@pytest.mark.parametrize("group_size", [0, -2, -128, 1.5, True])
+@pytest.mark.parametrize("group_size", [0, -2, -128, 1.5, True, 7, 100])
 def test_bad_group_size(group_size):
     with pytest.raises(ValueError, match="group_size"):
         QuantConfig(group_size=group_size)

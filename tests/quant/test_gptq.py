@@ -23,7 +23,7 @@ from bitcliff.quant.rtn import quantize_rtn
 
 def gptq_config(**kw) -> QuantConfig:
     kw.setdefault("method", "gptq")
-    return QuantConfig(**kw)
+    return QuantConfig.paper_gptq(**{k: v for k, v in kw.items() if k != "method"})
 
 
 def correlated(k: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:

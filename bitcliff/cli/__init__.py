@@ -1,0 +1,56 @@
+"""The ``bitcliff`` command line: assets, quantize, eval, sweep, diagnose.
+
+Every command checks its arguments before doing any work, and every failure ends with one line
+that names what is wrong (exit status 2; 1 for a full disk or another failure of the machine,
+130 for Ctrl-C, which also says what was kept and how to go on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import sys
+
+from bitcliff.cli import assets, diagnose, evaluate, quantize
+from bitcliff.cli.common import HelpFormatter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitcliff", formatter_class=HelpFormatter,
+        description="Low-bit (2/3/4-bit) quantization of LLMs: quantize, evaluate, and diagnose why a "
+                    "quantized model breaks.  Run `bitcliff COMMAND --help` for a command's options.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    assets.add_parser(sub)
+    quantize.add_parser(sub)
+    evaluate.add_parsers(sub)
+    diagnose.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    prefix = f"bitcliff {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupted_hint", None) or "nothing half-written was left behind (outputs are written atomically)"
+        print(f"\n{prefix}: interrupted; {hint}", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print(f"{prefix}: error: no space left on device ({exc}); the output is written to a temporary "
+                  "folder and renamed only when complete, so nothing was left behind", file=sys.stderr)
+        else:
+            print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""``bitcliff eval`` (perplexity of one model) and ``bitcliff sweep`` (a table over bits and group sizes)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+from bitcliff.cli.common import (
+    HelpFormatter,
+    add_quant_args,
+    add_text_args,
+    check_model_arg,
+    check_text_arg,
+    config_from_args,
+    evaluate,
+    quantize_model,
+)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model or checkpoint (docs/architecture.md: evaluation protocol)",
+                       formatter_class=HelpFormatter)
+    p.add_argument("target", help="a checkpoint folder, default, gemma3-270m, a local HF folder or a hub id")
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    add_text_args(p)
+    p.add_argument("--json", help="write the result (ppl, per-window NLL, config) to this file")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("sweep", help="fp vs quantized perplexity table over bits and group sizes",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[64])
+    add_quant_args(p)
+    add_text_args(p)
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    p.add_argument("--out-dir", default="runs/sweep", help="where checkpoints and sweep.json go")
+    p.set_defaults(func=run_sweep)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from bitcliff.models import load_any
+    from bitcliff.quant.surgery import quant_config
+    from bitcliff.storage import write_json
+
+    check_model_arg(args.target, flag="eval")
+    check_text_arg(args.text_file)
+    model, tokenizer, path, quantized = load_any(args.target)
+    result = evaluate(model, tokenizer, args.text_file, args.windows, args.seq_len)
+    config = quant_config(model)
+    record = {
+        "model": path,
+        "quantized": quantized,
+        "config": config.to_dict() if config else None,
+        "text": args.text_file,
+        "seq_len": args.seq_len,
+        **result,
+    }
+    if args.json:
+        write_json(Path(args.json), record)
+    print(f"{path}: ppl {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows)")
+    return 0
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """fp and quantized perplexities in one table (checkpoints saved and reloaded)."""
+    from bitcliff.models import load_fp_model
+    from bitcliff.quant.checkpoint import load, save
+    from bitcliff.storage import write_json
+
+    configs = [config_from_args(args, bits, group) for group in args.group_sizes for bits in args.bits]
+    check_model_arg(args.model)
+    check_text_arg(args.text_file)
+    fp_model, tokenizer, path = load_fp_model(args.model)
+    out_dir = Path(args.out_dir)
+    rows = [{"setting": "fp32", "bits_per_weight": 32.0,
+             **evaluate(fp_model, tokenizer, args.text_file, args.windows, args.seq_len)}]
+    for config in configs:
+        model = quantize_model(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.seq_len)
+        folder = out_dir / f"{Path(path).name}-{config.describe()}"
+        save(model, folder, tokenizer=tokenizer, overwrite=True)
+        del model
+        reloaded = load(folder)  # evaluate what is on disk, not what is in memory
+        result = evaluate(reloaded, tokenizer, args.text_file, args.windows, args.seq_len)
+        k = fp_model.config.hidden_size
+        rows.append({
+            "setting": config.describe(),
+            "bits_per_weight": round(config.effective_bits(k), 3),
+            "checkpoint": str(folder),
+            "checkpoint_mb": round(_folder_bytes(folder) / 1e6, 1),
+            **result,
+        })
+        write_json(out_dir / "sweep.json", {"model": path, "rows": rows})  # a long sweep keeps what it measured
+    write_json(out_dir / "sweep.json", {"model": path, "rows": rows})
+    print(f"\nperplexity of {path} on {args.text_file} ({rows[0]['windows']} windows x {args.seq_len} tokens)")
+    print(f"{'setting':22s} {'bits/w':>7s} {'disk MB':>8s} {'ppl':>12s}")
+    for row in rows:
+        mb = f"{row['checkpoint_mb']:.1f}" if "checkpoint_mb" in row else "-"
+        print(f"{row['setting']:22s} {row['bits_per_weight']:7.2f} {mb:>8s} {row['ppl']:12.2f}")
+    return 0

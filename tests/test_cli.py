@@ -1,0 +1,154 @@
+"""The command line as a new user meets it: refusals before any work, one-line errors that name
+the flag or the file, nothing of the user's lost, and messages instead of tracebacks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from bitcliff.cli import build_parser, main
+
+
+def _text(folder):
+    return str(folder.parent / "text.txt")
+
+
+def _quantize(folder, out, *extra):
+    return main(["quantize", "--model", str(folder), "--bits", "4", "--group-size", "32", "--out", str(out), *extra])
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err
+
+
+def test_overwrite_never_deletes_a_users_files(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("notes")
+    (out / "data.csv").write_text("1,2")
+    assert _quantize(tiny_folder, out, "--overwrite") == 2
+    assert "holds data.csv (and 1 more), which bitcliff did not write" in _error(capsys)
+    assert (out / "notes.txt").read_text() == "notes" and (out / "data.csv").read_text() == "1,2"
+    ours = tmp_path / "ours"
+    assert _quantize(tiny_folder, ours) == 0
+    assert _quantize(tiny_folder, ours) == 2  # occupied, no --overwrite
+    assert "pass overwrite=True (--overwrite)" in _error(capsys)
+    assert _quantize(tiny_folder, ours, "--overwrite") == 0  # a checkpoint bitcliff wrote is replaced
+
+
+def test_a_checkpoint_without_its_quantization_config_is_refused(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert _quantize(tiny_folder, out) == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(out), "--text-file", _text(tiny_folder), "--seq-len", "32", "--windows", "1"]) == 2
+    err = _error(capsys)
+    assert "holds GPTQ-packed tensors" in err and "qweight" in err and "restore quantization_config" in err
+
+
+def test_missing_weights_are_named(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    assert main(["eval", str(broken), "--text-file", _text(tiny_folder), "--seq-len", "32", "--windows", "1"]) == 2
+    assert "missing keys: model.layers.1.mlp.down_proj.weight" in _error(capsys)
+
+
+def test_an_edited_checkpoint_format_is_caught(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert _quantize(tiny_folder, out) == 0  # asymmetric: written as gptq_v2
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    config["quantization_config"]["checkpoint_format"] = "gptq"
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(out), "--text-file", _text(tiny_folder), "--seq-len", "32", "--windows", "1"]) == 2
+    assert "bitcliff wrote this checkpoint as 'gptq_v2'" in _error(capsys)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize", "--bits", "3", "--group-size", "7", "--out", "x"], "--group-size: group_size must be -1"),
+    (["quantize", "--bits", "5", "--out", "x"], "--bits: bits must be one of"),
+    (["quantize", "--bits", "3", "--text-file", "no/such.txt", "--out", "x"], "--text-file no/such.txt: no such file"),
+    (["quantize", "--bits", "3", "--model", "./no/such/folder", "--out", "x"], "the folder does not exist"),
+    (["quantize", "--bits", "3", "--restart", "--out", "x"], "--restart discards a partial --streaming run"),
+    (["sweep", "--group-sizes", "0"], "--group-size: group_size must be -1"),
+    (["diagnose", "--bits", "2", "--compare", "rtn:5:64", "--out", "x"], "--compare rtn:5:64: bits must be one of"),
+    (["diagnose", "--bits", "2", "--compare", "awq:4:64", "--out", "x"], "--compare 'awq:4:64': expected"),
+    (["diagnose", "--bits", "2", "--patch-examples", "9", "--out", "x"], "patch_examples (9) cannot exceed"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, message, capsys, monkeypatch, tmp_path):
+    import bitcliff.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(bitcliff.models, "load_fp_model", no_loading)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_rtn_refuses_a_text_file_it_would_not_read(tiny_folder, tmp_path, capsys):
+    assert _quantize(tiny_folder, tmp_path / "q", "--text-file", _text(tiny_folder)) == 2
+    assert "--text-file is read only by GPTQ calibration" in _error(capsys)
+
+
+def test_an_unreachable_hub_fails_fast_with_the_way_out(capsys):
+    start = time.perf_counter()
+    assert main(["eval", "no-such-owner/no-such-model"]) == 2
+    assert time.perf_counter() - start < 15
+    err = _error(capsys)
+    assert "cannot load 'no-such-owner/no-such-model' from the Hugging Face hub" in err and "--model PATH" in err
+
+
+def test_invalid_config_json_is_named(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    (broken / "config.json").write_text("{ not json")
+    assert main(["eval", str(broken)]) == 2
+    assert "config.json is not valid JSON" in _error(capsys)
+
+
+def test_a_full_disk_says_nothing_was_left_behind(tiny_folder, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert _quantize(tiny_folder, tmp_path / "q") == 1
+    assert "no space left on device" in _error(capsys) and not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_says_where_the_partial_run_is(tiny_folder, tmp_path, capsys, monkeypatch):
+    from bitcliff.quant import gptq_stream
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gptq_stream, "quantize_gptq_streaming", interrupted)
+    code = main(["quantize", "--model", str(tiny_folder), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--text-file", _text(tiny_folder), "--seq-len", "32", "--calib-samples", "4", "--streaming",
+                 "--out", str(tmp_path / "q")])
+    assert code == 130
+    err = _error(capsys)
+    assert f"kept in {tmp_path / 'q.partial'}" in err and "run the same command again to resume" in err
+
+
+def test_help_shows_the_defaults():
+    text = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
+    assert "(default: 64)" in text and "--paper" in text and "(default: True)" in text
