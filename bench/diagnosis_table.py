@@ -33,7 +33,7 @@ def _row(data: dict) -> str:
     pred = data["inputs"]["predictor"][name]
     rho = data["layer_errors"]["agreement_with_trace"]
     return (f"| {meta.get('model', meta.get('model_type'))} | {name} | {data['ppl_q']:.4g} ({v['ppl_ratio']:.3g}x) | "
-            f"**{v['label']}** {v['confidence']:.2f} | {cell('early_cosine')} | {cell('early_function')} | "
+            f"**{v['label']}** {v.get('agreement', v.get('confidence')):.2f} | {cell('early_cosine')} | {cell('early_function')} | "
             f"{cell('early_attention')} | {cell('final_agreement')} | {_half_recovery(data)} | "
             f"{'–' if rho is None else f'{rho:.2f}'} | {pred['final_spearman']:.2f} / {pred['final_auroc']:.2f} "
             f"(best L{pred['best_layer']} {pred['best_auroc']:.2f}) | {meta.get('wall_seconds', '–')} |")
@@ -64,7 +64,7 @@ def rejudge(path: Path) -> dict:
 
 
 HEADER = (
-    "| model | setting | ppl Q (ratio) | verdict, confidence | early cos | early F | early JS | final top-1 "
+    "| model | setting | ppl Q (ratio) | verdict, agreement | early cos | early F | early JS | final top-1 "
     "| half recovered after layer | capture~trace ρ | magnitude→ΔNLL ρ / AUROC | wall s |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )

@@ -1,4 +1,4 @@
-"""Perplexity table: RTN vs GPTQ variants over bit-widths and group sizes (DESIGN §5 protocol).
+"""Perplexity table: RTN vs GPTQ variants over bit-widths and group sizes (the protocol of docs/architecture.md).
 
 Rows: W4/W3/W2 x group sizes; columns: RTN and GPTQ plain, +act-order, +mse, +static-groups,
 +true-sequential (the default ``--variants``), and on request the combinations with the scale

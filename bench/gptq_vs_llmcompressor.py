@@ -1,6 +1,6 @@
 """bitcliff GPTQ vs llm-compressor GPTQ: perplexity and whole-model quantization time.
 
-Both quantize the same model with the same calibration windows (DESIGN §5: the first 1M
+Both quantize the same model with the same calibration windows (docs/architecture.md protocol: the first 1M
 characters of the corpus, 512-token windows, the first ``--calib-samples``) and the same
 settings (group size, asymmetric integer grid, dampening 0.01, block 128, no act-order, output
 head left in full precision), and both are scored by the same evaluation (the first 16

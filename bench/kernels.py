@@ -6,7 +6,7 @@ For every Llama-3-8B/70B layer shape (K x N), batch M and bit width (g128) it re
 time, the achieved bandwidth, the speedup over fp16, and the *ideal* speedup: the ratio of the two
 floors, each the larger of bytes moved / copy bandwidth (weights + activations + output) and
 FLOPs / fp16 matmul rate, i.e. the bytes ratio while memory-bound (3.82/5.02/7.31x for our W4/W3/W2
-g128 layout at M=1; 3.76/4.92/7.11x with DESIGN.md's fp16 zero, also recorded) and about 1 once
+g128 layout at M=1; 3.76/4.92/7.11x with an fp16 zero per group, also recorded) and about 1 once
 compute-bound, plus the fraction of that ideal reached.  The two floors of each row (bytes / measured copy bandwidth and FLOPs /
 measured fp16 matmul rate) are recorded too.  Capture rows compare ``stats`` and ``error`` with
 the plain kernel, and ``error`` with what it replaces (an fp16 matmul plus the quantized one).
@@ -174,7 +174,7 @@ def ideal(k: int, n: int, m: int, bits: int, group: int, layout_bytes: int) -> d
     io = 2 * m * (k + n)  # fp16 x read + y written
     fp16 = 2 * k * n + io
     groups = 1 if group == -1 else -(-k // group)
-    design = k * n * bits / 8 + groups * n * 4 + io  # DESIGN.md §7 accounting: fp16 scale + fp16 zero
+    design = k * n * bits / 8 + groups * n * 4 + io  # the usual accounting: fp16 scale + fp16 zero
     return {
         "bytes_fp16": fp16, "bytes_q": layout_bytes + io, "flops": 2 * m * k * n,
         "ideal_speedup_bytes": fp16 / (layout_bytes + io), "ideal_speedup_design": fp16 / design,

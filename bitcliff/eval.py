@@ -1,4 +1,4 @@
-"""Perplexity evaluation (DESIGN §5): per-window mean NLL, ppl = exp(mean token NLL)."""
+"""Perplexity evaluation (docs/architecture.md, section 4): per-window mean NLL, ppl = exp(mean token NLL)."""
 
 from __future__ import annotations
 

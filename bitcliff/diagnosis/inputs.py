@@ -12,6 +12,11 @@ whether the full-precision model's residual-stream magnitudes predict it (Chang 
   telling the top ``top_fraction`` examples by ``delta_nll`` from the rest.  ``final_*`` are
   at the last layer's output, fixed in advance; ``best_layer`` is the layer with the highest AUROC,
   chosen on the same examples (an optimistic figure: report it beside ``final_auroc``).
+
+Every statistic carries its sample size and an approximate 95 % interval
+(``metrics.spearman_interval``, ``metrics.auroc_interval``).  AUROCs rest on the few "broken"
+examples: with fewer than :data:`MIN_CLASS` examples in either class they are withheld (None,
+with ``withheld`` saying why) rather than reported from one or two points.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class InputSensitivity:
     nll_fp: list[float]
     delta_nll: dict[str, list[float]]
     magnitude: list[list[float]]
-    correlation: dict[str, dict[str, dict[str, float]]]
+    correlation: dict  # "pearson"/"spearman": {a: {b: r}}, "spearman_interval", "examples"
     predictor: dict[str, dict]
     top_fraction: float
 
@@ -41,6 +46,8 @@ class InputSensitivity:
         return asdict(self)
 
 
+#: AUROCs need at least this many broken (top-fraction) and intact examples; fewer: withheld.
+MIN_CLASS = 5
 #: Largest fp32 logits tensor one batched forward may produce (Gemma 3's vocabulary is 262k).
 LOGITS_BUDGET_BYTES = 512 * 1024**2
 
@@ -72,28 +79,43 @@ class InputsAccumulator:
     def result(self) -> InputSensitivity:
         if self.missing():
             raise ValueError(f"examples {self.missing()[:5]} were never added")
+        n = len(self.nll_fp)
         delta = {name: [q - f for q, f in zip(self.nll_q[name], self.nll_fp)] for name in self.names}
         correlation = {
             kind: {a: {b: fn(delta[a], delta[b]) for b in self.names} for a in self.names}
             for kind, fn in (("pearson", metrics.pearson), ("spearman", metrics.spearman))
         }
+        correlation["examples"] = n
+        correlation["spearman_interval"] = {
+            a: {b: metrics.spearman_interval(correlation["spearman"][a][b], n) for b in self.names} for a in self.names
+        }
         predictor = {}
         for name in self.names:
             top = metrics.top_fraction(delta[name], self.top_fraction)
+            positives = int(sum(top))
+            withheld = None
+            if min(positives, n - positives) < MIN_CLASS:
+                withheld = (f"{n} examples give {positives} broken (top {self.top_fraction:.0%}) and {n - positives} "
+                            f"intact ones; an AUROC needs at least {MIN_CLASS} of each")
             per_layer_spearman, per_layer_auroc = [], []
             for layer in range(len(self.magnitude[0])):
                 column = [row[layer] for row in self.magnitude]
                 per_layer_spearman.append(metrics.spearman(column, delta[name]))
-                per_layer_auroc.append(metrics.auroc(column, top))
-            best = max(range(len(per_layer_auroc)), key=lambda i: per_layer_auroc[i])
+                per_layer_auroc.append(None if withheld else metrics.auroc(column, top))
+            best = None if withheld else max(range(len(per_layer_auroc)), key=lambda i: per_layer_auroc[i])
             predictor[name] = {
+                "examples": n,
                 "spearman": per_layer_spearman,
                 "auroc": per_layer_auroc,
                 "final_spearman": per_layer_spearman[-1],
+                "final_spearman_interval": metrics.spearman_interval(per_layer_spearman[-1], n),
                 "final_auroc": per_layer_auroc[-1],
+                "final_auroc_interval": None if withheld else metrics.auroc_interval(
+                    per_layer_auroc[-1], positives, n - positives),
                 "best_layer": best,
-                "best_auroc": per_layer_auroc[best],
-                "positives": int(sum(top)),
+                "best_auroc": None if withheld else per_layer_auroc[best],
+                "positives": positives,
+                "withheld": withheld,
             }
         return InputSensitivity(list(self.nll_fp), delta, list(self.magnitude), correlation, predictor,
                                 self.top_fraction)

@@ -117,3 +117,23 @@ def top_fraction(values: Sequence[float], fraction: float) -> list[bool]:
     top = torch.zeros(len(x), dtype=torch.bool)
     top[torch.topk(x, k).indices] = True
     return top.tolist()
+
+
+def spearman_interval(rho: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Approximate 95 % interval of a Spearman correlation over ``n`` points (Fisher's z with
+    Bonett and Wright's standard error ``sqrt(1 + rho^2 / 2) / sqrt(n - 3)``); None below 5 points."""
+    if n < 5 or math.isnan(rho):
+        return None
+    r = max(min(rho, 0.999999), -0.999999)
+    centre, half = math.atanh(r), z * math.sqrt(1.0 + r * r / 2.0) / math.sqrt(n - 3)
+    return math.tanh(centre - half), math.tanh(centre + half)
+
+
+def auroc_interval(a: float, n_pos: int, n_neg: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Approximate 95 % interval of an AUROC (Hanley and McNeil's standard error), clipped to [0, 1]."""
+    if n_pos < 1 or n_neg < 1 or math.isnan(a):
+        return None
+    q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+    variance = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    half = z * math.sqrt(max(variance, 0.0))
+    return max(0.0, a - half), min(1.0, a + half)

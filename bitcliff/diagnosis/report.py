@@ -30,7 +30,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def summary_text(report) -> str:
-    """Plain-text summary: line 1 = verdict, confidence and the three strongest pieces of evidence."""
+    """Plain-text summary: line 1 = verdict, agreement and the three strongest pieces of evidence."""
     data = report if isinstance(report, dict) else report.to_dict()
     verdict = data["verdict"]
     top3 = "; ".join(verdict["evidence"][:3]) or "no indicator evaluated"
@@ -46,15 +46,34 @@ def summary_text(report) -> str:
                  f"final top-1 agreement {sig['lens_top1'][-1]:.2f}")
     rho = data["layer_errors"]["agreement_with_trace"]
     lines.append(f"capture vs trace (Spearman over layers): {_fmt(rho, 2)}")
+    lines.append(inputs_text(data))
+    return "\n".join(lines)
+
+
+def _interval(pair) -> str:
+    return "" if not pair else f" [{pair[0]:.2f}, {pair[1]:.2f}]"
+
+
+def inputs_text(data: dict) -> str:
+    """The which-inputs-break statistics with their sample size and 95 % intervals."""
     inputs = data["inputs"]
     name = data["meta"].get("name", "quantized")
     pred = inputs["predictor"][name]
-    lines.append(f"which inputs break: residual magnitude (last layer) vs ΔNLL Spearman {_fmt(pred['final_spearman'], 2)}, "
-                 f"AUROC top {inputs['top_fraction']:.0%} {_fmt(pred['final_auroc'], 2)} "
-                 f"(best layer {pred['best_layer']}: {_fmt(pred['best_auroc'], 2)})")
+    n = pred.get("examples", len(inputs["nll_fp"]))
+    line = (f"which inputs break (n = {n} examples): residual magnitude (last layer) vs ΔNLL Spearman "
+            f"{_fmt(pred['final_spearman'], 2)}{_interval(pred.get('final_spearman_interval'))}; ")
+    if pred.get("withheld"):
+        line += f"AUROC withheld: {pred['withheld']}"
+    else:
+        line += (f"AUROC top {inputs['top_fraction']:.0%} {_fmt(pred['final_auroc'], 2)}"
+                 f"{_interval(pred.get('final_auroc_interval'))} (best layer {pred['best_layer']}, chosen on the "
+                 f"same examples: {_fmt(pred['best_auroc'], 2)})")
+    lines = [line]
+    intervals = inputs["correlation"].get("spearman_interval", {})
     for other in data["meta"].get("compare", []):
         lines.append(f"  ΔNLL correlation with {other}: Pearson {_fmt(inputs['correlation']['pearson'][name][other], 2)}, "
-                     f"Spearman {_fmt(inputs['correlation']['spearman'][name][other], 2)}")
+                     f"Spearman {_fmt(inputs['correlation']['spearman'][name][other], 2)}"
+                     f"{_interval(intervals.get(name, {}).get(other))}")
     return "\n".join(lines)
 
 
@@ -118,6 +137,7 @@ def render_html(data: dict) -> str:
         "<h2>4. Kernel capture per layer</h2>",
         _img(plots.capture_plot(data["layer_errors"], sig), "capture per layer plot"),
         "<h2>5. Which inputs break</h2>",
+        f"<p>{esc(inputs_text(data)).replace(chr(10), '<br>')}</p>",
         _img(plots.inputs_plot(data["inputs"], name), "which inputs break plot"),
     ]
     corr = data["inputs"]["correlation"]["spearman"]

@@ -109,7 +109,7 @@ class DiagnosisReport:
         }
 
     def summary(self) -> str:
-        """Plain-text summary; the first line is the verdict, its confidence and the three
+        """Plain-text summary; the first line is the verdict, its agreement and the three
         strongest pieces of evidence."""
         from bitcliff.diagnosis.report import summary_text
 

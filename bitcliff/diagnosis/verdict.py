@@ -18,8 +18,9 @@ final_agreement      top-1 agreement of the final output with FP                
 
 Verdict: *healthy* when the perplexity ratio Q/FP is at most 1.05 and no indicator fires;
 otherwise *collapse* when at least 3 of the 4 fire, *degradation* when at most 1 fires, *mixed*
-when 2 do.  Confidence is the share of indicators that agree with the verdict (for *mixed*: how
-evenly they split, 1.0).  The thresholds were set once, at round values between the RTN g64 W4
+when 2 do.  ``agreement`` is the share of indicators that agree with the verdict (for *mixed*: the
+share that vote for collapse); the headline states it as a count ("3 of 4 indicators agree").
+It is a vote count, not a probability.  The thresholds were set once, at round values between the RTN g64 W4
 and W2 runs of the default model (SmolLM2-135M), and are not tuned per model; the report states
 them beside every value.
 
@@ -68,7 +69,7 @@ class Indicator:
 @dataclass
 class Verdict:
     label: str
-    confidence: float
+    agreement: float
     ppl_ratio: float
     indicators: list[Indicator]
     evidence: list[str]
@@ -84,7 +85,11 @@ class Verdict:
     def headline(self) -> str:
         names = {"healthy": "healthy", "degradation": "signal degradation", "collapse": "computation collapse",
                  "mixed": "mixed (degradation and collapse indicators disagree)"}
-        return f"verdict: {names[self.label]} (confidence {self.confidence:.2f})"
+        n = len(self.indicators)
+        count = round(self.agreement * n)
+        if self.label == "mixed":
+            return f"verdict: {names[self.label]} ({count} of {n} indicators vote collapse)"
+        return f"verdict: {names[self.label]} ({count} of {n} indicators agree)"
 
 
 def _early(values: list[float]) -> list[float]:
@@ -133,7 +138,7 @@ def _worst_components(components: ComponentAssessment, k: int) -> list[tuple[flo
 
 def decide(signal: SignalTrace, components: ComponentAssessment, patching: PatchingResult | None,
            ppl_ratio: float, thresholds: Thresholds = Thresholds(), n_targets: int = 5) -> Verdict:
-    """The verdict, its confidence, the evidence (strongest first) and the recommended repair.
+    """The verdict, its agreement, the evidence (strongest first) and the recommended repair.
 
     ``patching`` (optional) adds a descriptive line to the evidence: where along the depth the
     damage is done (the residual patch recovering half of it).
@@ -155,7 +160,7 @@ def decide(signal: SignalTrace, components: ComponentAssessment, patching: Patch
         agree = list(inds)
     else:
         agree = [i for i in inds if not i.fires]
-    confidence = len(agree) / n if label != "mixed" else 1.0 - abs(2 * votes / n - 1.0)
+    agreement = len(agree) / n if label != "mixed" else votes / n
     evidence = [f"{i.text} ({'<' if i.value < i.threshold else '>'} {i.threshold:g})"
                 for i in sorted(agree, key=lambda i: -i.strength)]
     if patching is not None and patching.recovery.get("residual") and None not in patching.recovery["residual"]:
@@ -188,7 +193,7 @@ def decide(signal: SignalTrace, components: ComponentAssessment, patching: Patch
             "try both: compensation for the smooth part of the error, and more bits for the least "
             f"functional components: {', '.join(targets)}."
         )
-    return Verdict(label, confidence, ppl_ratio, inds, evidence, recommendation, targets, thresholds)
+    return Verdict(label, agreement, ppl_ratio, inds, evidence, recommendation, targets, thresholds)
 
 
 def verdict_from_dict(data: dict, thresholds: Thresholds = Thresholds()) -> Verdict:

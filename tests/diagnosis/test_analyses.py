@@ -144,10 +144,25 @@ def test_input_sensitivity(tiny_llama, quantized, examples):
     assert result.correlation["pearson"]["w2"]["w2"] == pytest.approx(1.0)
     assert result.correlation["spearman"]["w2"]["w4"] == result.correlation["spearman"]["w4"]["w2"]
     pred = result.predictor["w2"]
-    assert pred["positives"] == 1 and len(pred["auroc"]) == 3
-    assert pred["best_auroc"] == max(pred["auroc"]) and pred["final_auroc"] == pred["auroc"][-1]
+    assert pred["positives"] == 1 and len(pred["auroc"]) == 3 and pred["examples"] == 4
+    assert pred["final_auroc"] is None and "4 examples give 1 broken" in pred["withheld"]  # too few to rank
     with pytest.raises(ValueError, match="at least 3 examples"):
         input_sensitivity(tiny_llama, {"w2": quantized}, examples[:2], progress=False)
+
+
+def test_input_statistics_carry_their_sample_size_and_intervals():
+    from bitcliff.diagnosis.inputs import InputsAccumulator
+
+    acc = InputsAccumulator(["q"], 20, top_fraction=0.25)
+    for i in range(20):  # damage grows with the last-layer magnitude: a perfect predictor there
+        acc.add(i, 2.0, [1.0, float(i)], {"q": 2.0 + 0.1 * i})
+    pred = acc.result().predictor["q"]
+    assert pred["withheld"] is None and pred["positives"] == 5 and pred["examples"] == 20
+    assert pred["final_auroc"] == 1.0 and pred["best_auroc"] == max(pred["auroc"])
+    low, high = pred["final_spearman_interval"]
+    assert pred["final_spearman"] == pytest.approx(1.0) and low > 0.9 and high <= 1.0
+    low, high = pred["final_auroc_interval"]
+    assert 0.0 <= low <= pred["final_auroc"] <= high <= 1.0
 
 
 def test_incompatible_models_are_refused(tiny_llama, quantized):

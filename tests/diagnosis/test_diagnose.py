@@ -36,7 +36,7 @@ def test_diagnose_report_and_files(pair, windows, tmp_path):
     assert fired == ["early_function"] and report.verdict.label == "degradation"
     assert verdict_from_dict(report.to_dict()).label == report.verdict.label
     first = report.summary().splitlines()[0]
-    assert first.startswith("verdict: ") and "confidence" in first
+    assert first.startswith("verdict: signal degradation (3 of 4 indicators agree)")
     assert report.ppl_q > report.ppl_fp > 1
     assert set(report.inputs.delta_nll) == {"w2", "w4"}
     paths = report.save(tmp_path / "diag")

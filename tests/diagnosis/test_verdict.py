@@ -31,16 +31,16 @@ def _patching(total: float) -> PatchingResult:
 
 def test_all_collapse_indicators():
     v = decide(_signal(0.5, 0.05), _components(-0.5, 0.5), _patching(-0.2), ppl_ratio=1000.0)
-    assert v.label == "collapse" and v.confidence == 1.0
+    assert v.label == "collapse" and v.agreement == 1.0
     assert len(v.evidence) == 4 + 1 and v.repair_targets  # four indicators and the patching line
     assert "restoring the FP residual stream after layer 0" in v.evidence[-1]
-    assert v.headline().startswith("verdict: computation collapse (confidence 1.00)")
+    assert v.headline().startswith("verdict: computation collapse (4 of 4 indicators agree)")
     assert "structural" in v.recommendation
 
 
 def test_intact_computation_with_loss_is_degradation():
     v = decide(_signal(0.99, 0.8), _components(0.8, 0.01), _patching(1.0), ppl_ratio=1.3)
-    assert v.label == "degradation" and v.confidence == 1.0
+    assert v.label == "degradation" and v.agreement == 1.0
     assert "compensation" in v.recommendation
 
 
@@ -54,7 +54,8 @@ def test_split_indicators_are_mixed_and_thresholds_are_honoured():
     # early cosine and final agreement fire, the components look fine
     v = decide(_signal(0.5, 0.05), _components(0.8, 0.01), _patching(1.0), ppl_ratio=5.0)
     assert v.label == "mixed"
-    assert v.confidence == pytest.approx(1.0)  # an even split
+    assert v.agreement == pytest.approx(0.5)  # an even split: half vote collapse
+    assert v.headline().endswith("(2 of 4 indicators vote collapse)")
     relaxed = Thresholds(early_cosine=0.4, final_agreement=0.01)
     assert decide(_signal(0.5, 0.05), _components(0.8, 0.01), _patching(1.0), 5.0, relaxed).label == "degradation"
 
@@ -70,7 +71,7 @@ def test_patching_describes_but_does_not_vote():
 
 def test_three_of_four_is_collapse():
     v = decide(_signal(0.5, 0.05), _components(-0.5, 0.01), None, ppl_ratio=100.0)  # attention is fine
-    assert v.label == "collapse" and v.confidence == pytest.approx(0.75)
+    assert v.label == "collapse" and v.agreement == pytest.approx(0.75)
 
 
 def test_verdict_from_a_saved_report_dict():
