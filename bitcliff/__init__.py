@@ -4,7 +4,9 @@ The entry points, each a plain function:
 
 * :func:`quantize` (in place) and :class:`QuantConfig`; :class:`QuantLinear` is what linears become;
 * :func:`save` and :func:`load`: GPTQ-format checkpoints;
-* :func:`diagnose`: why a quantized model breaks (``bitcliff.diagnosis``).
+* :func:`diagnose`: why a quantized model breaks (``bitcliff.diagnosis``);
+* :func:`plan_repair` and :func:`repair`: training-free repairs chosen from a diagnosis
+  (``bitcliff.repairs``).
 """
 
 from bitcliff.diagnosis.run import diagnose
@@ -12,6 +14,8 @@ from bitcliff.quant.checkpoint import load, save
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.convert import quantize
 from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.repairs.plan import RepairPlan, plan_repair
+from bitcliff.repairs.run import repair
 
-__all__ = ["QuantConfig", "QuantLinear", "quantize", "save", "load", "diagnose"]
+__all__ = ["QuantConfig", "QuantLinear", "RepairPlan", "quantize", "save", "load", "diagnose", "plan_repair", "repair"]
 __version__ = "0.1.0"

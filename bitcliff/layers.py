@@ -12,6 +12,7 @@ re-run on any hidden state with :func:`run_layers`.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -91,6 +92,83 @@ def run_layers(layers, calls: list[LayerCall], hidden: torch.Tensor, start: int 
     for index in range(start, len(layers)):
         hidden = run_layer(layers[index], hidden, calls[index])
     return hidden
+
+
+@contextmanager
+def removing(handles: list):
+    """Remove the hook ``handles`` on exit, however the block ends."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class ShareGroup:
+    """Linears of a layer that read one input tensor (q/k/v; gate/up), in call order.
+
+    Attributes:
+        members: their names relative to the layer.
+        source: the leaf module (relative name) whose output that tensor is, e.g. the norm in
+            front of q/k/v; None when it is computed by plain tensor code.
+    """
+
+    members: list[str]
+    source: str | None
+
+
+def share_groups(layer: nn.Module, targets: dict[str, nn.Module], hidden: torch.Tensor, call: LayerCall) -> list[ShareGroup]:
+    """Ordered share groups of ``targets`` (relative name -> module) in ``layer``.
+
+    Runs ``layer`` on ``hidden`` until the last target is reached.  Raises ``RuntimeError`` if a
+    target is never called.
+    """
+    seen: list[tuple[str, torch.Tensor]] = []  # keeps the inputs alive so no address is reused
+    produced: list[tuple[str, torch.Tensor]] = []
+
+    def pre_hook(name):
+        def hook(module, args):
+            if not any(n == name for n, _ in seen):
+                seen.append((name, args[0]))
+            if len(seen) == len(targets):
+                raise StopForward
+
+        return hook
+
+    def out_hook(name):
+        def hook(module, args, out):
+            if isinstance(out, torch.Tensor):
+                produced.append((name, out))
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(pre_hook(name)) for name, module in targets.items()]
+    inside = {id(m) for t in targets.values() for m in t.modules()}
+    handles += [m.register_forward_hook(out_hook(name)) for name, m in layer.named_modules()
+                if name and id(m) not in inside and not list(m.children())]
+    with removing(handles), torch.no_grad():
+        try:
+            run_layer(layer, hidden, call)
+        except StopForward:
+            pass
+    missing = [n for n in targets if all(n != s for s, _ in seen)]
+    if missing:
+        raise RuntimeError(f"the decoder layer never calls {', '.join(missing)}; cannot collect its inputs")
+
+    def key(x: torch.Tensor) -> tuple:
+        return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+    groups: list[ShareGroup] = []
+    keys: list[tuple] = []
+    for name, x in seen:
+        if key(x) in keys:
+            groups[keys.index(key(x))].members.append(name)
+        else:
+            keys.append(key(x))
+            source = next((n for n, out in reversed(produced) if key(out) == key(x)), None)
+            groups.append(ShareGroup([name], source))
+    return groups
 
 
 class _Interner:
@@ -203,3 +281,85 @@ class LayerCalls:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
             self._replaced = False
+
+
+class _Aborted(BaseException):
+    """Ends a suspended batch forward whose run was abandoned."""
+
+
+class SuspendedForwards:
+    """One layer forward per batch, each in its own thread, run one at a time.
+
+    A forward can *suspend* itself (from a hook) and is resumed by :meth:`advance`.  True-
+    sequential GPTQ suspends every batch at the input of the next group of linears, solves that
+    group while all batches wait there, then lets them continue with the quantized weights; the
+    repair walk does the same with its repairs.  The layer is computed exactly once, with no pass
+    restarted from its input.  Exactly one thread runs at any time, so the threads only hold the
+    batches' intermediate activations; they never compete for the cores.  Always :meth:`close`
+    (in a ``finally``): it ends every suspended forward after an error or interruption.
+    """
+
+    POLL_S = 0.2  # how often the waiting caller wakes up, so that Ctrl-C is handled promptly
+
+    def __init__(self, layer: nn.Module, inputs: list[torch.Tensor], calls: list) -> None:
+        n = len(inputs)
+        self.layer, self.inputs, self.calls = layer, inputs, calls
+        self.outputs: list[torch.Tensor | None] = [None] * n
+        self.errors: list[BaseException | None] = [None] * n
+        self.finished = [False] * n
+        self._go = [threading.Event() for _ in range(n)]
+        self._parked = threading.Event()
+        self._threads: list[threading.Thread | None] = [None] * n
+        self._local = threading.local()
+        self._abort = False
+
+    def _body(self, b: int) -> None:
+        self._local.batch = b
+        try:
+            self._wait_for_turn(b)
+            with torch.no_grad():  # grad mode is per thread
+                self.outputs[b] = run_layer(self.layer, self.inputs[b], self.calls[b])
+        except _Aborted:
+            pass
+        except BaseException as exc:  # handed to the caller of advance()
+            self.errors[b] = exc
+        finally:
+            self.finished[b] = True
+            self._parked.set()
+
+    def _wait_for_turn(self, b: int) -> None:
+        self._go[b].wait()
+        self._go[b].clear()
+        if self._abort:
+            raise _Aborted
+
+    def suspend(self) -> None:
+        """Called from a hook inside a batch forward: park until the next :meth:`advance`."""
+        b = self._local.batch
+        self._parked.set()
+        self._wait_for_turn(b)
+
+    def advance(self) -> None:
+        """Let every unfinished batch run until it suspends again or finishes, one at a time."""
+        for b in range(len(self.inputs)):
+            if self.finished[b]:
+                continue
+            if self._threads[b] is None:
+                self._threads[b] = threading.Thread(target=self._body, args=(b,), daemon=True,
+                                                    name=f"layer-batch-{b}")
+                self._threads[b].start()
+            self._parked.clear()
+            self._go[b].set()
+            while not self._parked.wait(self.POLL_S):
+                pass
+            if self.errors[b] is not None:
+                raise self.errors[b]
+
+    def close(self) -> None:
+        """End every suspended forward (after an error or interruption) and join the threads."""
+        self._abort = True
+        for event in self._go:
+            event.set()
+        for thread in self._threads:
+            if thread is not None:
+                thread.join()

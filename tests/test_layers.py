@@ -90,3 +90,22 @@ def test_a_model_that_does_not_chain_its_layers_is_refused():
     recorded = LayerCalls(model.layers)
     with recorded.replacing(), pytest.raises(UnsupportedModelError, match="does not pass each decoder layer's output"):
         model(torch.ones(1, 2, 3))
+
+
+def test_share_groups_name_the_module_that_feeds_them():
+    from bitcliff.layers import share_groups
+
+    model, ids = _gemma3(), _ids(1)
+    _, layers = find_decoder_layers(model)
+    recorded = LayerCalls(layers)
+    with recorded.observing(), torch.no_grad():
+        model(ids, use_cache=False)
+    layer = layers[0]
+    targets = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    groups = share_groups(layer, targets, recorded.inputs[0][0], recorded.for_forward(0)[0])
+    assert [(g.members, g.source) for g in groups] == [
+        (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+        (["self_attn.o_proj"], None),
+        (["mlp.gate_proj", "mlp.up_proj"], "pre_feedforward_layernorm"),  # Gemma 3's norm names
+        (["mlp.down_proj"], None),
+    ]

@@ -1,4 +1,4 @@
-"""The ``bitcliff`` command line: assets, quantize, eval, sweep, diagnose.
+"""The ``bitcliff`` command line: assets, quantize, eval, sweep, diagnose, repair.
 
 Every command checks its arguments before doing any work, and every failure ends with one line
 that names what is wrong (exit status 2; 1 for a full disk or another failure of the machine,
@@ -12,7 +12,7 @@ import errno
 import logging
 import sys
 
-from bitcliff.cli import assets, diagnose, evaluate, quantize
+from bitcliff.cli import assets, diagnose, evaluate, quantize, repair
 from bitcliff.cli.common import HelpFormatter
 
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_parser(sub)
     evaluate.add_parsers(sub)
     diagnose.add_parser(sub)
+    repair.add_parser(sub)
     return parser
 
 

@@ -111,7 +111,7 @@ def check_weights_match(fp_model: nn.Module, q_model: nn.Module) -> None:
     """Raise :class:`IncompatibleModels` when a ``QuantLinear`` of ``q_model`` is not a quantization
     of the full-precision weight at the same place (other weights, permuted layers, another model)."""
     for name, fp_weight in fp_linear_weights(fp_model, q_model).items():
-        q_weight = q_model.get_submodule(name).dequantize().to(fp_weight.device)
+        q_weight = q_model.get_submodule(name).effective_weight().to(fp_weight.device)
         w = fp_weight.float()
         error = float((q_weight - w).norm() / w.norm().clamp_min(1e-30))
         if error > MAX_RELATIVE_WEIGHT_ERROR:
@@ -156,7 +156,7 @@ def dequantized_twin(q_model: nn.Module, dtype: torch.dtype = torch.float32) -> 
         if isinstance(module, QuantLinear):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                device=module.qweight.device, dtype=dtype)
-            linear.weight.copy_(module.dequantize(dtype))
+            linear.weight.copy_(module.effective_weight(dtype))
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
             set_submodule(twin, name, linear)

@@ -16,6 +16,7 @@ in batches.  The capture table runs the real ``QuantLinear`` layers on the first
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from bitcliff.diagnosis.quantized_runs import run_quantized
 from bitcliff.diagnosis.signal import SignalTrace, SignalTracer
 from bitcliff.diagnosis.verdict import Thresholds, Verdict, decide
 from bitcliff.layers import LayerCalls, find_decoder_layers
+from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import quant_config
 
 
@@ -263,6 +265,8 @@ def diagnose(
         "tokens_per_example": sorted({len(e) for e in examples}),
         "options": options.__dict__.copy(),
         "quantization": _describe_quantization(q_model),
+        "modules": quantized_modules(q_model),
+        "fingerprints": fingerprints(fp_model, q_model),
         "compare": sorted(compare or {}),
         "seconds": timings,
         "torch": torch.__version__,
@@ -272,6 +276,31 @@ def diagnose(
 
 def _dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def quantized_modules(q_model: nn.Module) -> dict[str, dict]:
+    """Name -> ``{"in", "out", "bits", "group_size"}`` of every ``QuantLinear``: what a repair plan
+    needs to cost its choices without the model at hand."""
+    return {name: {"in": m.in_features, "out": m.out_features, "bits": m.bits, "group_size": m.group_size}
+            for name, m in q_model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def fingerprints(fp_model: nn.Module, q_model: nn.Module) -> dict[str, str]:
+    """SHA-256 of the FP model's input embeddings and of every ``QuantLinear``'s packed codes and
+    scales: a saved diagnosis is reused only for the models it was made on."""
+    fp = hashlib.sha256(fp_model.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes())
+    return {"fp": fp.hexdigest(), "quantized": quantized_fingerprint(q_model)}
+
+
+def quantized_fingerprint(q_model: nn.Module) -> str:
+    """SHA-256 of every ``QuantLinear``'s name, packed codes and scales."""
+    digest = hashlib.sha256()
+    for name, m in q_model.named_modules():
+        if isinstance(m, QuantLinear):
+            digest.update(name.encode())
+            digest.update(m.qweight.cpu().numpy().tobytes())
+            digest.update(m.scales.cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _describe_quantization(q_model: nn.Module) -> dict | None:

@@ -34,11 +34,15 @@ from safetensors import safe_open
 from torch import nn
 
 from bitcliff.kernels.pack import num_groups, pack_qzeros, packed_length, unpack_qzeros
+from bitcliff.quant.adapter import CONFIG_FILE as ADAPTER_CONFIG
+from bitcliff.quant.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
+from bitcliff.quant.adapter import adapter_tensors, has_adapter, load_adapter
 from bitcliff.quant.config import QuantConfig
+from bitcliff.quant.dynamic import dynamic_entries, dynamic_override, module_overrides
 from bitcliff.quant.gptq_model import gptq_log, write_gptq_log
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import attach_config, quant_config, set_submodule
-from bitcliff.storage import replace_folder, write_json
+from bitcliff.storage import replace_folder, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +174,32 @@ def quantization_config(config: QuantConfig, fmt: str) -> dict:
     }
 
 
-def config_json(model_config: dict, config: QuantConfig, fmt: str, stored_dtype: torch.dtype) -> dict:
-    """``config.json`` of a checkpoint: the model's own config plus ``quantization_config`` and
-    the dtype of its unquantized tensors."""
-    return {
-        **model_config,
-        "quantization_config": quantization_config(config, fmt),
-        "dtype": str(stored_dtype).removeprefix("torch."),
-    }
+def config_json(model_config: dict, config: QuantConfig, fmt: str, stored_dtype: torch.dtype,
+                dynamic: dict | None = None) -> dict:
+    """``config.json`` of a checkpoint: the model's own config plus ``quantization_config`` (with
+    per-module ``dynamic`` overrides when there are any) and the dtype of its unquantized tensors."""
+    qc = quantization_config(config, fmt)
+    if dynamic:
+        qc["dynamic"] = dynamic
+    return {**model_config, "quantization_config": qc, "dtype": str(stored_dtype).removeprefix("torch.")}
+
+
+#: config.json flags that make transformers build biased projections, by the submodule they cover.
+BIAS_FLAGS = {"attention_bias": ".self_attn.", "mlp_bias": ".mlp."}
+
+
+def bias_flags(model: nn.Module) -> dict[str, bool]:
+    """The ``BIAS_FLAGS`` the model's config knows, set where every projection they cover has a
+    bias (a repaired model's corrected biases), so that readers building the model from config.json
+    load them."""
+    config = model.config.to_dict()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, nn.Linear))]
+    flags = {}
+    for flag, part in BIAS_FLAGS.items():
+        covered = [m for n, m in linears if part in f".{n}."]
+        if flag in config and covered and all(m.bias is not None for m in covered):
+            flags[flag] = True
+    return flags
 
 
 def write_index(folder: Path) -> Path:
@@ -207,6 +229,7 @@ def save(
     checkpoint_format: str = "auto",
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    extra_files: dict | None = None,
 ) -> Path:
     """Save a model quantized by :func:`bitcliff.quantize` as a GPTQ checkpoint.
 
@@ -221,6 +244,11 @@ def save(
             keeps the model's own, so the reloaded model computes exactly what was saved.
         max_shard_bytes: shard size limit (huggingface_hub's sharding); one ``model.safetensors``
             when everything fits.
+        extra_files: file name -> ``write(path)``, written into the folder with the rest (a
+            repair's record).
+    Modules stored unlike the config (restored to other bits or full precision) are listed in
+    ``quantization_config["dynamic"]``; low-rank terms go beside the weights as a PEFT LoRA
+    adapter (:mod:`bitcliff.quant.adapter`).
     Returns:
         The checkpoint folder; a model quantized by GPTQ in memory also gets its per-module log,
         ``gptq_log.json``.
@@ -233,17 +261,23 @@ def save(
     fmt = resolve_format(checkpoint_format, config.sym)
     tensors = checkpoint_tensors(model, fmt, dtype)
     stored = dtype or model.get_input_embeddings().weight.dtype
-    model_json = config_json(model.config.to_dict(), config, fmt, stored)
-
+    model_json = config_json({**model.config.to_dict(), **bias_flags(model)}, config, fmt, stored,
+                             dynamic_entries(module_overrides(model, config)))
     entries = gptq_log(model)
+    lora_config, lora_tensors = adapter_tensors(model)
 
     def fill(tmp: Path) -> None:
         save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
         write_json(tmp / "config.json", model_json, sort_keys=True)
         if entries is not None:
             write_gptq_log(entries, tmp)
+        if lora_config:
+            write_json(tmp / ADAPTER_CONFIG, lora_config, sort_keys=True)
+            save_tensors(lora_tensors, tmp / ADAPTER_WEIGHTS)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
 
     path = replace_folder(Path(directory), fill, overwrite, kind="checkpoint")
     log.info("saved a checkpoint to %s (checkpoint_format=%s)", path, fmt)
@@ -350,7 +384,13 @@ def _config_from_qc(qc: dict) -> QuantConfig:
 def _build_layer(name: str, linear: nn.Module, tensors: dict, qc: dict, fmt: str) -> QuantLinear:
     if not isinstance(linear, nn.Linear):
         raise CheckpointError(f"{name} holds quantized tensors but the model has {type(linear).__name__} there")
-    bits, group_size = qc["bits"], qc.get("group_size", -1)
+    override = dynamic_override(qc.get("dynamic"), name)
+    if override is False:
+        raise CheckpointError(f"{name} holds quantized tensors but quantization_config.dynamic leaves it unquantized")
+    override = override or {}
+    bits, group_size = override.get("bits", qc["bits"]), override.get("group_size", qc.get("group_size", -1))
+    if bits not in (2, 3, 4):
+        raise CheckpointError(f"{name}: quantization_config.dynamic gives bits={bits!r}; bitcliff reads 2, 3 or 4")
     k, n = linear.in_features, linear.out_features
     parts = {key: tensors.pop(f"{name}.{key}", None) for key in (*QUANT_KEYS, "bias")}
     missing = [key for key in QUANT_KEYS if parts[key] is None]
@@ -376,7 +416,7 @@ def _build_layer(name: str, linear: nn.Module, tensors: dict, qc: dict, fmt: str
                 f"{name}.qzeros has shape {tuple(parts['qzeros'].shape)}, expected ({n_groups}, {packed_length(n, bits)})"
             )
         parts["qzeros"] = v1_to_v2_qzeros(parts["qzeros"], bits, n)
-    if qc.get("sym", False):
+    if override.get("sym", qc.get("sym", False)):
         zeros = unpack_qzeros(parts["qzeros"], bits, n)
         if bool((zeros != 2 ** (bits - 1)).any()):
             raise CheckpointError(
@@ -402,8 +442,9 @@ def load(
         device: where to put the model.
         trust_remote_code: passed to transformers for custom architectures; off by default.
     Returns:
-        The model in eval mode, its quantized linears replaced by :class:`QuantLinear`, with
-        ``model.bitcliff_config`` describing the checkpoint.
+        The model in eval mode, its quantized linears replaced by :class:`QuantLinear` (each with
+        its ``dynamic`` override of bits and group size, if any), a PEFT LoRA adapter beside the
+        weights attached as their low-rank terms, and the checkpoint's config attached.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -451,7 +492,9 @@ def load(
     attach_config(model, _config_from_qc(qc))
     for module in model.modules():  # activations follow `dtype`; the packed buffers stay as stored
         if isinstance(module, QuantLinear) and module.bias is not None:
-            module.bias = module.bias.to(dtype)
+            module.set_bias(module.bias.to(dtype))
+    if has_adapter(directory):
+        load_adapter(model, directory)
     return model.to(device).eval()
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from bitcliff.layers import LayerCall, StopForward, run_layer
+from bitcliff.layers import LayerCall, StopForward, SuspendedForwards, removing, run_layer, share_groups
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize, split_result
 from bitcliff.quant.qlinear import QuantLinear
@@ -91,56 +91,11 @@ def _run(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tenso
     return run_layer(layer, hidden, call)
 
 
-@contextmanager
-def _hooks(handles: list):
-    """Remove ``handles`` on exit, however the block ends."""
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def discover_groups(
     layer: nn.Module, targets: dict[str, nn.Linear], hidden: torch.Tensor, call: LayerCall
 ) -> list[list[str]]:
-    """Ordered share groups of ``targets``: linears that read the same input tensor.
-
-    Runs ``layer`` on ``hidden`` until the last target is reached.  Raises ``RuntimeError`` if
-    a target is never called.
-    """
-    seen: list[tuple[str, torch.Tensor]] = []  # keeps the inputs alive so no address is reused
-    handles = []
-
-    def pre_hook(name):
-        def hook(module, args):
-            if not any(n == name for n, _ in seen):
-                seen.append((name, args[0]))
-            if len(seen) == len(targets):
-                raise StopForward
-
-        return hook
-
-    for name, module in targets.items():
-        handles.append(module.register_forward_pre_hook(pre_hook(name)))
-    with _hooks(handles), torch.no_grad():
-        try:
-            _run(layer, hidden, call)
-        except StopForward:
-            pass
-    missing = [n for n in targets if all(n != s for s, _ in seen)]
-    if missing:
-        raise RuntimeError(f"the decoder layer never calls {', '.join(missing)}; cannot collect its inputs")
-    groups: list[list[str]] = []
-    keys: list[tuple] = []
-    for name, x in seen:
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-        if key in keys:
-            groups[keys.index(key)].append(name)
-        else:
-            keys.append(key)
-            groups.append([name])
-    return groups
+    """Ordered share groups of ``targets`` (linears that read the same input tensor), by name."""
+    return [group.members for group in share_groups(layer, targets, hidden, call)]
 
 
 class _Passes:
@@ -184,7 +139,7 @@ class _Passes:
             handles.append(self.targets[group[0]].register_forward_pre_hook(capture_hook(group[0])))
             for member in group[1:]:
                 handles.append(self.targets[member].register_forward_pre_hook(member_hook(group[0], member)))
-        with _hooks(handles):
+        with removing(handles):
             yield
 
 
@@ -198,87 +153,6 @@ def _forward_all(layer: nn.Module, inputs: list[torch.Tensor], calls: list) -> l
             except StopForward:
                 continue
     return outputs
-
-
-class _Aborted(BaseException):
-    """Ends a suspended batch forward whose run was abandoned."""
-
-
-class _SuspendedForwards:
-    """One layer forward per calibration batch, each in its own thread, run one at a time.
-
-    A forward can *suspend* itself (from a hook) and is resumed by :meth:`advance`.  True-
-    sequential GPTQ suspends every batch at the input of the next group, solves that group while
-    all batches wait there, then lets them continue with the quantized weights: the layer is
-    computed exactly once, with no pass restarted from its input.  Exactly one thread runs at any
-    time, so the threads only hold the batches' intermediate activations; they never compete
-    for the cores.
-    """
-
-    POLL_S = 0.2  # how often the waiting caller wakes up, so that Ctrl-C is handled promptly
-
-    def __init__(self, layer: nn.Module, inputs: list[torch.Tensor], calls: list) -> None:
-        n = len(inputs)
-        self.layer, self.inputs, self.calls = layer, inputs, calls
-        self.outputs: list[torch.Tensor | None] = [None] * n
-        self.errors: list[BaseException | None] = [None] * n
-        self.finished = [False] * n
-        self._go = [threading.Event() for _ in range(n)]
-        self._parked = threading.Event()
-        self._threads: list[threading.Thread | None] = [None] * n
-        self._local = threading.local()
-        self._abort = False
-
-    def _body(self, b: int) -> None:
-        self._local.batch = b
-        try:
-            self._wait_for_turn(b)
-            with torch.no_grad():  # grad mode is per thread
-                self.outputs[b] = _run(self.layer, self.inputs[b], self.calls[b])
-        except _Aborted:
-            pass
-        except BaseException as exc:  # handed to the caller of advance()
-            self.errors[b] = exc
-        finally:
-            self.finished[b] = True
-            self._parked.set()
-
-    def _wait_for_turn(self, b: int) -> None:
-        self._go[b].wait()
-        self._go[b].clear()
-        if self._abort:
-            raise _Aborted
-
-    def suspend(self) -> None:
-        """Called from a hook inside a batch forward: park until the next :meth:`advance`."""
-        b = self._local.batch
-        self._parked.set()
-        self._wait_for_turn(b)
-
-    def advance(self) -> None:
-        """Let every unfinished batch run until it suspends again or finishes, one at a time."""
-        for b in range(len(self.inputs)):
-            if self.finished[b]:
-                continue
-            if self._threads[b] is None:
-                self._threads[b] = threading.Thread(target=self._body, args=(b,), daemon=True,
-                                                    name=f"gptq-batch-{b}")
-                self._threads[b].start()
-            self._parked.clear()
-            self._go[b].set()
-            while not self._parked.wait(self.POLL_S):
-                pass
-            if self.errors[b] is not None:
-                raise self.errors[b]
-
-    def close(self) -> None:
-        """End every suspended forward (after an error or interruption) and join the threads."""
-        self._abort = True
-        for event in self._go:
-            event.set()
-        for thread in self._threads:
-            if thread is not None:
-                thread.join()
 
 
 def _solve_group(
@@ -339,7 +213,7 @@ def solve_layer(
         accs[group[0]].release()
 
     if config.true_sequential:
-        forwards = _SuspendedForwards(layer, inputs, calls)
+        forwards = SuspendedForwards(layer, inputs, calls)
         try:
             with passes.capturing(groups, on_capture=lambda _: forwards.suspend()):
                 for group in groups:

@@ -22,6 +22,9 @@ class QuantLinear(nn.Module):
         scales: fp16 ``[n_groups, N]``.
         g_idx: int32 ``[K]``.
         bias: optional ``[N]`` (fp16 in checkpoints, any float dtype in memory).
+        lora_A, lora_B: optional low-rank error compensation, fp16 ``[r, K]`` and ``[N, r]``
+            (``bitcliff.repairs.lowrank``): the forward adds ``(x @ lora_Aᵀ) @ lora_Bᵀ``.  Stored
+            beside a checkpoint as a PEFT LoRA adapter, not among its tensors.
 
     The forward accepts ``[..., K]`` fp16/bf16/fp32 activations and returns ``[..., N]`` in the
     activation dtype, through :func:`bitcliff.kernels.ops.run` on the layout for the input's
@@ -70,6 +73,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16))
         else:
             self.bias = None
+        self.lora_A: torch.Tensor | None = None
+        self.lora_B: torch.Tensor | None = None
         self.capture = None
         self._layout: KernelLayout | cpu.CpuLayout | None = None
         self._layout_key: tuple | None = None
@@ -111,11 +116,58 @@ class QuantLinear(nn.Module):
         if int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= self.n_groups:
             raise ValueError(f"{self.name}.g_idx holds group indices outside [0, {self.n_groups})")
         if "bias" in tensors:
-            self.bias = tensors["bias"].clone()
+            self.set_bias(tensors["bias"].clone())
+
+    def set_bias(self, bias: torch.Tensor | None) -> None:
+        """Set (or, with None, remove) the ``[N]`` bias, as a buffer that follows ``.to()``."""
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"{self.name}: bias of shape {tuple(bias.shape)}, expected ({self.out_features},)")
+        self._buffers.pop("bias", None)
+        self.__dict__.pop("bias", None)
+        if bias is None:
+            self.bias = None
+        else:
+            self.register_buffer("bias", bias)
+
+    @property
+    def rank(self) -> int:
+        """Rank of the low-rank compensation (0 without one)."""
+        return 0 if self.lora_A is None else self.lora_A.shape[0]
+
+    def set_lowrank(self, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Set the low-rank term ``B @ A`` (``a`` ``[r, K]``, ``b`` ``[N, r]``, stored as fp16), or
+        remove it with ``None``.  Raises ``ValueError`` naming the layer on a shape mismatch."""
+        for key in ("lora_A", "lora_B"):
+            self._buffers.pop(key, None)
+            self.__dict__.pop(key, None)
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                raise ValueError(f"{self.name}: a low-rank term needs both factors")
+            self.lora_A = self.lora_B = None
+            return
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != self.in_features or b.shape[0] != self.out_features \
+                or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise ValueError(
+                f"{self.name}: low-rank factors of shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
+                f"[{self.out_features}, {self.in_features}] layer (expected A [r, {self.in_features}], "
+                f"B [{self.out_features}, r])"
+            )
+        if a.shape[0] >= min(self.in_features, self.out_features):
+            raise ValueError(f"{self.name}: rank {a.shape[0]} must be below min(K, N) = "
+                             f"{min(self.in_features, self.out_features)}")
+        self.register_buffer("lora_A", a.detach().to(torch.float16).contiguous())
+        self.register_buffer("lora_B", b.detach().to(torch.float16).contiguous())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dense ``[N, K]`` weight in ``dtype``."""
+        """Dense ``[N, K]`` quantized weight in ``dtype`` (without a low-rank term)."""
         return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``[N, K]`` weight the layer applies: the quantized weight plus ``B @ A``."""
+        weight = self.dequantize(torch.float32)
+        if self.lora_A is not None:
+            weight = weight + self.lora_B.float() @ self.lora_A.float()
+        return weight.to(dtype)
 
     def _buffers_key(self) -> tuple:
         tensors = (self.qweight, self.qzeros, self.scales, self.g_idx)
@@ -147,14 +199,19 @@ class QuantLinear(nn.Module):
             )
         capture = self.capture
         if capture is None:
-            return kernel_ops.run(x, self.kernel_layout(), self.bias)
-        y, a, b = kernel_ops.run(x, self.kernel_layout(), self.bias, capture.mode, capture.weight)
-        first, second = capture.mode.signals
-        capture.sink(capture.name, {first: a, second: b})
+            y = kernel_ops.run(x, self.kernel_layout(), self.bias)
+        else:  # the capture measures the quantized weight alone, before any low-rank term
+            y, a, b = kernel_ops.run(x, self.kernel_layout(), self.bias, capture.mode, capture.weight)
+            first, second = capture.mode.signals
+            capture.sink(capture.name, {first: a, second: b})
+        if self.lora_A is not None:
+            # fp32 for the two thin products: the term corrects errors far below fp16 resolution of y
+            y = y + ((x.float() @ self.lora_A.float().t()) @ self.lora_B.float().t()).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
+            + (f", rank={self.rank}" if self.rank else "")
         )

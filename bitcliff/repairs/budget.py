@@ -1,0 +1,46 @@
+"""What a repair costs: every bit it stores, counted as extra bits per quantized weight.
+
+The budget of a repair is spent over the quantized weights of the model it repairs
+(``quantized_weights``: the sum of K x N over its ``QuantLinear`` layers).  A stored fp16 value
+costs 16 bits; a restored module costs the difference between its new and its old bits per
+weight, each counting one fp16 scale and one zero point per group (``QuantConfig.effective_bits``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from bitcliff.quant.qlinear import QuantLinear
+
+FP16_BITS = 16
+
+
+def quantized_weights(model: nn.Module) -> int:
+    """Number of weights held by the ``QuantLinear`` layers of ``model``."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def weight_bits(bits: int, group_size: int, in_features: int) -> float:
+    """Stored bits per weight of a ``bits``-bit layer (16 for full precision): the code plus an fp16
+    scale and a ``bits``-wide zero point per group."""
+    if bits >= FP16_BITS:
+        return float(FP16_BITS)
+    group = in_features if group_size == -1 else min(group_size, in_features)
+    return bits + (FP16_BITS + bits) / group
+
+
+def bias_bits(out_features: int) -> int:
+    """An added fp16 bias."""
+    return FP16_BITS * out_features
+
+
+def lowrank_bits(rank: int, in_features: int, out_features: int) -> int:
+    """fp16 factors ``A [r, K]`` and ``B [N, r]``."""
+    return FP16_BITS * rank * (in_features + out_features)
+
+
+def restore_bits(in_features: int, out_features: int, old: tuple[int, int], new: tuple[int, int]) -> float:
+    """Re-quantizing a ``[N, K]`` layer from ``old = (bits, group_size)`` to ``new`` (bits 16: kept
+    in full precision)."""
+    per_weight = weight_bits(*new, in_features) - weight_bits(*old, in_features)
+    return per_weight * in_features * out_features

@@ -1,0 +1,76 @@
+"""Norm recalibration: a per-channel rescale of the norm that feeds a group of linears, chosen in
+closed form so that the quantized group's outputs best match the full-precision ones.
+
+The linears ``W_i`` (``[N_i, K]``, quantized ``Ŵ_i``) of a share group read ``x = g ∘ x̂``, the
+output of a norm with weight ``g``.  Scaling the norm weight by ``γ`` (``[K]``) feeds them
+``γ ∘ x``; the output error over the group is
+
+    f(γ) = Σ_i E‖W_i x − Ŵ_i (γ ∘ x)‖² = Σ_i tr((W_i − Ŵ_i Γ) C (W_i − Ŵ_i Γ)ᵀ),  Γ = diag(γ),
+
+a quadratic in γ whose minimiser solves ``(C ⊙ Σ_i Ŵ_iᵀŴ_i) γ = diag(Σ_i Ŵ_iᵀ W_i C)``.  A small
+ridge towards γ = 1 keeps directions the inputs barely visit where they were.  The repair costs
+no storage: γ is folded into the norm's own weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Ridge towards γ = 1, relative to the mean diagonal of the system.
+RIDGE = 1e-4
+
+
+def norm_scales(targets: list[torch.Tensor], quantized: list[torch.Tensor], covariance: torch.Tensor) -> torch.Tensor:
+    """fp64 ``[K]`` γ minimising the group's output error (module docstring).
+
+    Args:
+        targets: the full-precision ``[N_i, K]`` weights of the group.
+        quantized: the effective quantized ``[N_i, K]`` weights, same order.
+        covariance: ``[K, K]`` ``E[x xᵀ]`` of the norm's output.
+    """
+    c = covariance.double()
+    gram = sum(q.double().t() @ q.double() for q in quantized)
+    cross = sum(q.double().t() @ w.double() for q, w in zip(quantized, targets))
+    system = c * gram
+    rhs = (cross * c).sum(dim=1)
+    ridge = RIDGE * float(system.diagonal().mean())
+    eye = torch.eye(len(rhs), dtype=torch.float64)
+    return torch.linalg.solve(system + ridge * eye, rhs + ridge)
+
+
+def group_error(targets, quantized, covariance: torch.Tensor, scales: torch.Tensor | None = None) -> float:
+    """``f(γ)`` of the module docstring (γ = 1 when ``scales`` is None)."""
+    c = covariance.double()
+    total = 0.0
+    for w, q in zip(targets, quantized):
+        qs = q.double() if scales is None else q.double() * scales[None, :]
+        e = w.double() - qs
+        total += float(((e @ c) * e).sum())
+    return total
+
+
+@torch.no_grad()
+def fold_into_norm(norm: nn.Module, scales: torch.Tensor) -> None:
+    """Scale ``norm``'s output per channel by folding ``scales`` into its weight.
+
+    Norms store their gain either directly (``y = w ∘ x̂``, Llama) or as an offset from one
+    (``y = (1 + w) ∘ x̂``, Gemma); which one is found by probing the module, and the result is
+    checked on a probe input.
+
+    Raises:
+        ValueError: naming the norm class when neither convention reproduces the scaled output.
+    """
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != scales.shape:
+        raise ValueError(f"{type(norm).__name__} has no per-channel weight of {tuple(scales.shape)} to fold into")
+    probe = torch.randn(3, len(scales), generator=torch.Generator().manual_seed(0)).to(weight)
+    expected = norm(probe) * scales.to(weight)
+    original = weight.detach().clone()
+    gamma = scales.to(weight)
+    for candidate in (original * gamma, (1.0 + original) * gamma - 1.0):
+        weight.copy_(candidate)
+        if torch.allclose(norm(probe), expected, rtol=1e-4, atol=1e-5):
+            return
+    weight.copy_(original)
+    raise ValueError(f"cannot fold a per-channel scale into {type(norm).__name__}: neither w nor 1 + w is its gain")

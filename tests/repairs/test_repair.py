@@ -1,0 +1,111 @@
+"""The repair walk on a tiny model: each repair does what it claims, the bits are counted, and a
+repaired checkpoint (adapter, restored modules, biases) loads back exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import bitcliff
+from bitcliff import QuantConfig
+from bitcliff.diagnosis.run import DiagnoseOptions
+from bitcliff.quant.adapter import AdapterError
+from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.repairs.budget import quantized_weights
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, tie_word_embeddings=True,
+                         initializer_range=0.1)
+    fp = LlamaForCausalLM(config).eval()
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    evaluation = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
+    q = bitcliff.quantize(copy.deepcopy(fp), QuantConfig(bits=2, group_size=32), progress=False)
+    report = bitcliff.diagnose(fp, q, evaluation, options=DiagnoseOptions.fast(), progress=False)
+    return fp, q, calib, evaluation, report
+
+
+def _logit_error(fp, model, ids) -> float:
+    with torch.no_grad():
+        return float(((model(ids).logits - fp(ids).logits) ** 2).mean())
+
+
+@pytest.mark.parametrize("methods", [["bias"], ["norm"], ["lowrank"], ["restore"], None])
+def test_each_repair_lowers_the_error_within_its_budget(setup, methods):
+    fp, q, calib, evaluation, report = setup
+    repaired = copy.deepcopy(q)
+    plan = bitcliff.plan_repair(report, budget=0.5, methods=methods)
+    result = bitcliff.repair(fp, repaired, calib, plan, progress=False)
+    assert result.record.bits <= 0.5 * quantized_weights(q)
+    assert _logit_error(fp, repaired, calib) < _logit_error(fp, q, calib)
+    touched = [m for m in result.record.modules if m.bias or m.rank or m.restored_bits]
+    assert bool(touched) == any(x in plan.methods for x in ("bias", "lowrank", "restore"))
+    for entry in result.record.modules:  # every repair lowers its own module's output error
+        assert entry.error_after <= entry.error_before * (1 + 1e-6) + 1e-9
+
+
+def test_bias_correction_matches_the_fp_mean_output_in_the_first_layer(setup):
+    fp, q, calib, _, report = setup
+    repaired = copy.deepcopy(q)
+    bitcliff.repair(fp, repaired, calib, bitcliff.plan_repair(report, budget=0.5, methods=["bias"]), progress=False)
+    outputs = {}
+    for name, model in (("fp", fp), ("q", repaired)):  # layer 0 sees the same input in both models
+        module = model.model.layers[0].self_attn.q_proj
+        handle = module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
+        with torch.no_grad():
+            model(calib)
+        handle.remove()
+    mean_fp, mean_q = outputs["fp"].mean((0, 1)), outputs["q"].mean((0, 1))
+    assert float((mean_q - mean_fp).abs().max()) < 1e-3 * float(outputs["fp"].abs().mean()) + 1e-4
+
+
+def test_a_repaired_checkpoint_loads_back_exactly(setup, tmp_path):
+    fp, q, calib, evaluation, report = setup
+    repaired = copy.deepcopy(q)
+    plan = bitcliff.plan_repair(report, budget=2.0, methods=["restore", "bias", "lowrank", "norm"])
+    result = bitcliff.repair(fp, repaired, calib, plan, progress=False)
+    assert any(m.rank for m in result.record.modules) and any(m.restored_bits for m in result.record.modules)
+    out = bitcliff.save(repaired, tmp_path / "r", extra_files=result.files())
+    config = json.loads((out / "config.json").read_text())
+    assert config["attention_bias"] and config["mlp_bias"]  # readers build biased projections
+    assert any(k.startswith("+:") for k in config["quantization_config"]["dynamic"])
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["rank_pattern"]
+    assert json.loads((out / "repair.json").read_text())["plan"]["budget"] == 2.0
+    back = bitcliff.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(back(evaluation).logits, repaired(evaluation).logits, rtol=0, atol=1e-5)
+    restored = [n for n, m in back.named_modules() if isinstance(m, QuantLinear) and m.bits == 4]
+    assert restored and all(n in plan.restore for n in restored)
+
+
+def test_an_adapter_that_does_not_fit_its_checkpoint_is_refused(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fp, q, calib, _, report = setup
+    repaired = copy.deepcopy(q)
+    result = bitcliff.repair(fp, repaired, calib, bitcliff.plan_repair(report, 1.0, methods=["lowrank"]),
+                             progress=False)
+    out = bitcliff.save(repaired, tmp_path / "r")
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], 7, dtype=torch.float16)
+    save_file(tensors, out / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"A \(\d+, 7\), B \(\d+, \d+\) do not fit a \[\d+, \d+\] layer"):
+        bitcliff.load(out)
+    assert result.record.bits > 0
+
+
+def test_a_plan_for_another_quantization_is_refused(setup):
+    fp, q, calib, _, report = setup
+    other = bitcliff.quantize(copy.deepcopy(fp), QuantConfig(bits=3, group_size=32), progress=False)
+    with pytest.raises(ValueError, match="made on another quantized model"):
+        bitcliff.repair(fp, other, calib, bitcliff.plan_repair(report, 0.5), progress=False)
