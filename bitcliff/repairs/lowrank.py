@@ -46,8 +46,9 @@ class LowRankSolution:
         return float(self.energy[rank:].sum())
 
 
-def _whitening(covariance: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S, S⁺)`` with ``C = S Sᵀ`` and ``S⁺`` its truncated pseudo-inverse, fp64."""
+def whitening(covariance: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, S⁺)`` with ``C = S Sᵀ`` and ``S⁺`` its truncated pseudo-inverse, fp64 ``[K, K]``;
+    computed once per input covariance and shared by the linears that read that input."""
     eigenvalues, vectors = torch.linalg.eigh(covariance.double())
     kept = eigenvalues > eigenvalues[-1].clamp_min(0.0) * rtol
     root = torch.where(kept, eigenvalues.clamp_min(0.0).sqrt(), torch.zeros_like(eigenvalues))
@@ -55,21 +56,23 @@ def _whitening(covariance: torch.Tensor, rtol: float) -> tuple[torch.Tensor, tor
     return vectors * root, inverse_root[:, None] * vectors.t()
 
 
-def lowrank_solution(error: torch.Tensor, covariance: torch.Tensor, max_rank: int, rtol: float = 1e-6) -> LowRankSolution:
+def lowrank_solution(error: torch.Tensor, covariance: torch.Tensor | tuple, max_rank: int) -> LowRankSolution:
     """The output-error-optimal rank-``≤ max_rank`` correction of ``error``.
 
     Args:
         error: ``[N, K]`` weight error ``W - Ŵ`` (any float dtype).
-        covariance: ``[K, K]`` input covariance ``E[x xᵀ]`` (any positive scale).
+        covariance: ``[K, K]`` input covariance ``E[x xᵀ]`` (any positive scale), or its
+            :func:`whitening` when several linears share the input.
         max_rank: the largest rank that may be used (below ``min(N, K)``).
-        rtol: relative eigenvalue cutoff of the covariance.
     """
     n, k = error.shape
-    if tuple(covariance.shape) != (k, k):
-        raise ValueError(f"covariance has shape {tuple(covariance.shape)}, the error needs ({k}, {k})")
+    s, s_inv = covariance if isinstance(covariance, tuple) else (None, None)
+    if s is None:
+        if tuple(covariance.shape) != (k, k):
+            raise ValueError(f"covariance has shape {tuple(covariance.shape)}, the error needs ({k}, {k})")
+        s, s_inv = whitening(covariance)
     if not 1 <= max_rank < min(n, k):
         raise ValueError(f"rank must lie in [1, min(N, K) = {min(n, k)}), got {max_rank}")
-    s, s_inv = _whitening(covariance, rtol)
     u, sigma, vt = torch.linalg.svd(error.double() @ s, full_matrices=False)
     root = sigma[:max_rank].sqrt()
     b = u[:, :max_rank] * root  # splitting sigma evenly keeps both fp16 factors in range

@@ -1,12 +1,10 @@
-"""The repair walk: decoder layer by decoder layer over calibration windows, the full-precision and
-the quantized model side by side, each layer repaired on the inputs of the layers already
-repaired before it.
+"""The repair walk: decoder layer by decoder layer over calibration windows, each layer of the
+quantized model repaired on the inputs of the layers already repaired before it (the
+full-precision weights are the targets).
 
 Per layer:
 
-1. The full-precision layer runs on its own inputs; hooks keep every linear's mean output (what
-   bias correction aims at).
-2. The quantized layer runs once per batch (:class:`~bitcliff.layers.SuspendedForwards`).  Every
+1. The quantized layer runs once per batch (:class:`~bitcliff.layers.SuspendedForwards`).  Every
    batch stops at the input of each share group in turn (q/k/v, o, gate/up, down); when all have
    stopped there, the group's input statistics are complete (covariance ``E[x xᵀ]`` through a
    :class:`~bitcliff.quant.gptq.HessianAccumulator`, and mean), and the group is repaired in this
@@ -14,7 +12,11 @@ Per layer:
    the group), low-rank compensation, bias correction; then the batches go on through the repaired
    group.  Each linear sits in a :class:`_Slot` while the layer is walked, so that a restored
    module can replace it even while suspended forwards are inside its call.
-3. The repaired layer's outputs are the next layer's inputs.
+2. The repaired layer's outputs are the next layer's inputs.
+
+Statistics skip each window's first position: its activations are the attention sink's, tens of
+times larger than any other token's (``diagnosis.fp_record.FIRST_TOKEN``), and would set every
+mean and covariance alone.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitcliff.diagnosis.fp_record import FIRST_TOKEN
 from bitcliff.layers import LayerCalls, SuspendedForwards, find_decoder_layers, removing, share_groups
 from bitcliff.quant.gptq import HessianAccumulator
 from bitcliff.quant.gptq_model import capture_calibration_inputs
@@ -33,7 +36,7 @@ from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import quant_config, set_submodule
 from bitcliff.repairs import budget as costs
 from bitcliff.repairs.bias import bias_shift
-from bitcliff.repairs.lowrank import lowrank_solution, output_error
+from bitcliff.repairs.lowrank import lowrank_solution, output_error, whitening
 from bitcliff.repairs.norm import fold_into_norm, group_error, norm_scales
 from bitcliff.repairs.plan import BIAS_FAMILIES, RANK_STEP, RepairPlan
 from bitcliff.repairs.restore import restore_module
@@ -103,9 +106,9 @@ class _LayerRepairer:
     """Repairs the share groups of one decoder layer as the walk reaches them."""
 
     def __init__(self, plan: RepairPlan, config, name: str, index: int, fp_layer: nn.Module,
-                 fp_means: dict[str, torch.Tensor], record: WalkRecord, carried: float) -> None:
+                 record: WalkRecord, carried: float) -> None:
         self.plan, self.config, self.name, self.index = plan, config, name, index
-        self.fp_layer, self.fp_means, self.record = fp_layer, fp_means, record
+        self.fp_layer, self.record = fp_layer, record
         self.scales: dict[str, torch.Tensor] = {}  # member -> γ its in-flight input still needs
         # Low-rank bits this layer may still spend: its share plus what earlier layers left unspent.
         self.budget = plan.lowrank_bits.get(index, 0.0) + carried if index in plan.lowrank_bits else carried
@@ -133,7 +136,7 @@ class _LayerRepairer:
         for rel in members:
             module = slots[rel].inner
             if _family(rel) in self.plan.bias_families and isinstance(module, QuantLinear):
-                shift = bias_shift(self.fp_means[rel], _weight(module), mean, module.bias)
+                shift = bias_shift(targets[rel], _weight(module), mean)
                 old = module.bias.float() if module.bias is not None else torch.zeros_like(shift)
                 if module.bias is None:
                     entries[rel].bits += costs.bias_bits(module.out_features)
@@ -171,13 +174,14 @@ class _LayerRepairer:
     def _lowrank(self, members, slots, targets, covariance, share: float, entries) -> float:
         """Spend up to ``share`` bits on the group's low-rank factors; returns the bits spent."""
         solutions = {}
+        shared = whitening(covariance)  # one eigendecomposition for the whole group
         for rel in members:
             module = slots[rel].inner
             if not isinstance(module, QuantLinear) or f"{self.name}.{rel}" in self.plan.restore:
                 continue
             limit = min(self.plan.max_rank, min(module.in_features, module.out_features) - 1)
             if limit >= 1:
-                solutions[rel] = (module, lowrank_solution(targets[rel] - _weight(module), covariance, limit))
+                solutions[rel] = (module, lowrank_solution(targets[rel] - _weight(module), shared, limit))
         ranks = {rel: 0 for rel in solutions}
         spent = 0.0
         if self.plan.rank is not None:  # one rank everywhere, as far as the share allows
@@ -213,29 +217,6 @@ class _LayerRepairer:
         return spent
 
 
-def _fp_output_means(fp_layer: nn.Module, rels: list[str], hidden: list[torch.Tensor], calls) -> tuple[dict, list]:
-    """Mean output of each named linear of the FP layer over all tokens, and the layer's outputs."""
-    sums = {rel: None for rel in rels}
-    count = [0]
-
-    def hook(rel):
-        def fn(module, args, out):
-            flat = out.detach().reshape(-1, out.shape[-1]).double()
-            sums[rel] = flat.sum(0) if sums[rel] is None else sums[rel] + flat.sum(0)
-            if rel == rels[0]:
-                count[0] += flat.shape[0]
-
-        return fn
-
-    handles = [fp_layer.get_submodule(rel).register_forward_hook(hook(rel)) for rel in rels]
-    outputs = []
-    with removing(handles), torch.no_grad():
-        for h, call in zip(hidden, calls):
-            out = fp_layer(h, *call.args, **call.kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-    return {rel: (s / max(count[0], 1)).float() for rel, s in sums.items()}, outputs
-
-
 def repair_walk(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, plan: RepairPlan,
                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> WalkRecord:
     """Apply ``plan`` to ``q_model`` in place, layer by layer (module docstring).
@@ -255,15 +236,13 @@ def repair_walk(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor
     prefix, q_layers = find_decoder_layers(q_model)
     _, fp_layers = find_decoder_layers(fp_model)
     q_calls: LayerCalls = capture_calibration_inputs(q_model, q_layers, calib_ids, batch_size)
-    fp_calls: LayerCalls = capture_calibration_inputs(fp_model, fp_layers, calib_ids, batch_size)
-    q_hidden, fp_hidden = q_calls.inputs[0], fp_calls.inputs[0]
+    q_hidden = q_calls.inputs[0]
     record = WalkRecord(tokens=int(calib_ids.numel()))
     carried = 0.0
     for index in tqdm(range(len(q_layers)), desc="repair", unit="layer", disable=not progress):
         layer, name = q_layers[index], f"{prefix}.{index}"
         linears = {rel: m for rel, m in layer.named_modules() if isinstance(m, (QuantLinear, nn.Linear))}
-        fp_means, fp_hidden = _fp_output_means(fp_layers[index], list(linears), fp_hidden, fp_calls.calls[index])
-        repairer = _LayerRepairer(plan, config, name, index, fp_layers[index], fp_means, record, carried)
+        repairer = _LayerRepairer(plan, config, name, index, fp_layers[index], record, carried)
         q_hidden = _walk_layer(layer, linears, q_hidden, q_calls.calls[index], repairer)
         carried = repairer.budget
     record.seconds = time.perf_counter() - start
@@ -284,7 +263,7 @@ def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[to
 
         def first_hook(rel):
             def hook(module, args):
-                x = args[0]
+                x = args[0][:, FIRST_TOKEN:]  # the attention-sink position would set every statistic
                 accs[rel].add(x)
                 means[rel] += x.detach().reshape(-1, x.shape[-1]).double().sum(0)
                 forwards.suspend()

@@ -51,13 +51,12 @@ def test_lowrank_ignores_directions_the_inputs_never_visit():
 
 def test_bias_shift_removes_a_planted_mean_error_exactly():
     g = torch.Generator().manual_seed(3)
-    w, w_q = torch.randn(12, 20, generator=g), torch.randn(12, 20, generator=g)
+    w = torch.randn(12, 20, generator=g)
+    planted = 0.1 * torch.randn(12, 1, generator=g) * torch.ones(1, 20)  # an error whose mean output is not 0
+    w_q = w + planted + 0.01 * torch.randn(12, 20, generator=g)
     x = torch.randn(500, 20, generator=g) + 2.0
-    planted = torch.randn(12, generator=g)
-    fp_mean = (x @ w.t()).mean(0)
-    shift = bias_shift(fp_mean, w_q, x.mean(0), planted)
-    repaired_mean = (x @ w_q.t() + planted + shift).mean(0)
-    torch.testing.assert_close(repaired_mean, fp_mean, rtol=1e-5, atol=1e-5)
+    shift = bias_shift(w, w_q, x.mean(0))
+    torch.testing.assert_close((x @ w_q.t() + shift).mean(0), (x @ w.t()).mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_norm_scales_minimise_the_group_error():
