@@ -6,10 +6,12 @@ The entry points, each a plain function:
 * :func:`save` and :func:`load`: GPTQ-format checkpoints;
 * :func:`diagnose`: why a quantized model breaks (``bitcliff.diagnosis``);
 * :func:`plan_repair` and :func:`repair`: training-free repairs chosen from a diagnosis
-  (``bitcliff.repairs``).
+  (``bitcliff.repairs``);
+* :class:`BitcliffConfig`: quantize on load with transformers' ``from_pretrained``.
 """
 
 from bitcliff.diagnosis.run import diagnose
+from bitcliff.hf_quantizer import BitcliffConfig
 from bitcliff.quant.checkpoint import load, save
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.convert import quantize
@@ -17,5 +19,5 @@ from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.repairs.plan import RepairPlan, plan_repair
 from bitcliff.repairs.run import repair
 
-__all__ = ["QuantConfig", "QuantLinear", "RepairPlan", "quantize", "save", "load", "diagnose", "plan_repair", "repair"]
+__all__ = ["BitcliffConfig", "QuantConfig", "QuantLinear", "RepairPlan", "quantize", "save", "load", "diagnose", "plan_repair", "repair"]
 __version__ = "0.1.0"

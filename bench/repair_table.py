@@ -1,0 +1,229 @@
+"""Repair table: each repair alone, the diagnosis's plan, and the baselines, at equal bits.
+
+    python -m bench.repair_table --model default --methods gptq --bits 4 3 2 \\
+        --budgets 0.125 0.25 0.5 --variants plan lowrank restore heuristic eora \\
+        --out bench/results/repair-default.jsonl
+
+For every (model, quantization method, bits) the quantized checkpoint (g64; GPTQ at bitcliff's
+default settings) and its diagnosis are made once and kept under ``--work``; then, per budget and
+variant, a copy of the quantized model is repaired on the first ``--calib`` calibration windows
+of the Wikipedia text and evaluated on the protocol's 16 windows of two texts: the Wikipedia
+sample (``wiki``) and the Canterbury books (``canterbury``, not seen in calibration).  Every row
+is appended to ``--out`` as it finishes (JSON lines); a row already there is not run again.
+
+Variants:
+
+* ``none``: the quantized model itself (budget 0): the uniform-bits curve's points.
+* ``plan``: ``bitcliff.plan_repair(diagnosis, budget)``, the diagnosis-chosen repairs.
+* ``bias``, ``norm``, ``lowrank``, ``restore``: that repair alone, at the budget.
+* ``heuristic``: precision restoration by llama.cpp's fixed tensor priority (ffn_down > attn_v >
+  ffn_up > ffn_gate > attn_o > attn_q > attn_k; within a kind the layers llama.cpp's
+  ``use_more_bits`` favours first: the first and last eighth and every third layer between,
+  then the rest in order) to the same bits the plan would use, within the budget.
+* ``eora``: EoRA's published closed form (Liu et al. 2024; the one GPTQModel implements): one
+  rank for every module, the largest the budget pays for, the output-error-optimal factors of
+  ``W - Ŵ`` (``repairs.lowrank.lowrank_solution``: the same minimiser EoRA's eigen-whitened SVD
+  computes) under the input covariance of the *full-precision* model, every layer on its own.  (GPTQModel's own ``adapter.generate`` runs on this CPU only in fp16, at about
+  5 minutes per decoder layer of this 135M model: it was not run for the table.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TEXTS = ("wiki", "canterbury")
+# llama.cpp's priority of tensor kinds for more bits, mapped to Llama/Gemma module names.
+LLAMA_CPP_PRIORITY = ("mlp.down_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.gate_proj",
+                      "self_attn.o_proj", "self_attn.q_proj", "self_attn.k_proj")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _done(path: Path) -> set[tuple]:
+    if not path.is_file():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            keys.add((row["model"], row["method"], row["bits"], row["budget"], row["variant"]))
+    return keys
+
+
+def _append(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as out:
+        out.write(json.dumps(row) + "\n")
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's rule for the layers a tensor kind gets more bits in first."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def heuristic_plan(diagnosis: dict, budget: float):
+    """A restoration plan by llama.cpp's fixed priority, at ``budget`` bits per weight."""
+    from bitcliff.repairs import budget as costs
+    from bitcliff.repairs.plan import RESTORE_BITS, RepairPlan
+
+    modules = diagnosis["meta"]["modules"]
+    n_layers = diagnosis["meta"]["n_layers"]
+    weights = sum(m["in"] * m["out"] for m in modules.values())
+    order = []
+    for kind in LLAMA_CPP_PRIORITY:
+        named = [(int(re.search(r"\.(\d+)\.", n).group(1)), n) for n in modules if n.endswith(kind)]
+        order += [n for layer, n in sorted(named, key=lambda t: (not use_more_bits(t[0], n_layers), t[0]))]
+    restore, spent = {}, 0.0
+    for name in order:
+        m = modules[name]
+        bits = RESTORE_BITS[m["bits"]]
+        cost = costs.restore_bits(m["in"], m["out"], (m["bits"], m["group_size"]), (bits, m["group_size"]))
+        if spent + cost <= budget * weights:
+            restore[name] = bits
+            spent += cost
+    return RepairPlan(budget=budget, verdict=diagnosis["verdict"]["label"], methods=("restore",), restore=restore,
+                      reasons=["llama.cpp's fixed tensor priority"], planned_bits=spent, weights=weights)
+
+
+@torch.no_grad()
+def apply_eora(fp_model, q_model, calib: torch.Tensor, budget: float) -> tuple[int, float]:
+    """EoRA's closed form at one rank for every module (see the module docstring); returns
+    ``(rank, bits per weight)``."""
+    from bitcliff.quant.gptq import HessianAccumulator
+    from bitcliff.quant.qlinear import QuantLinear
+    from bitcliff.repairs import budget as costs
+    from bitcliff.repairs.lowrank import lowrank_solution
+
+    quantized = {n: m for n, m in q_model.named_modules() if isinstance(m, QuantLinear)}
+    weights = sum(m.in_features * m.out_features for m in quantized.values())
+    per_rank = sum(costs.lowrank_bits(1, m.in_features, m.out_features) for m in quantized.values())
+    rank = int(budget * weights // per_rank)
+    if rank < 1:
+        return 0, 0.0
+    fp_modules = dict(fp_model.named_modules())
+    accs = {n: HessianAccumulator(m.in_features) for n, m in quantized.items()}
+    handles = [fp_modules[n].register_forward_pre_hook(lambda mod, args, n=n: accs[n].add(args[0][:, 1:]))
+               for n in quantized]
+    try:
+        for batch in calib.split(8):
+            fp_model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, module in quantized.items():
+        error = fp_modules[name].weight.float() - module.dequantize()
+        solution = lowrank_solution(error, accs[name].hessian() / 2.0, rank)
+        module.set_lowrank(*solution.factors(rank))
+    return rank, rank * per_rank / weights
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--methods", nargs="+", default=["gptq"])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.125, 0.25, 0.5])
+    parser.add_argument("--variants", nargs="+", default=["plan", "lowrank", "restore", "heuristic", "eora"])
+    parser.add_argument("--calib", type=int, default=32, help="calibration windows for the repairs")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-repair"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    import bitcliff
+    from bitcliff.assets import load_text
+    from bitcliff.cli.repair import recovery
+    from bitcliff.data import calibration_windows, evaluation_windows
+    from bitcliff.diagnosis.run import DiagnoseOptions
+    from bitcliff.eval import evaluate_ppl
+    from bitcliff.models import load_fp_model
+    from bitcliff.repairs.plan import PlanError, plan_repair
+
+    done = _done(args.out)
+    fp, tokenizer, path = load_fp_model(args.model)
+    texts = {name: load_text(name) for name in TEXTS}
+    evals = {name: evaluation_windows(tokenizer, text, 16, 512) for name, text in texts.items()}
+    calib = calibration_windows(tokenizer, texts["wiki"], max(args.calib, 64), 512)
+    fp_ppl = {name: evaluate_ppl(fp, ids, progress=False)["ppl"] for name, ids in evals.items()}
+    k = fp.config.hidden_size
+    for method in args.methods:
+        for bits in args.bits:
+            config = bitcliff.QuantConfig(bits=bits, group_size=64, method=method)
+            folder = args.work / f"{args.model}-{config.describe()}"
+            if not (folder / "config.json").is_file():
+                model = bitcliff.quantize(copy.deepcopy(fp), config, calib_ids=calib) if method == "gptq" \
+                    else bitcliff.quantize(copy.deepcopy(fp), config)
+                bitcliff.save(model, folder, tokenizer=tokenizer, overwrite=True)
+            q = bitcliff.load(folder)
+            diag_path = args.work / f"{folder.name}-diagnosis.json"
+            if diag_path.is_file():
+                diagnosis = json.loads(diag_path.read_text())
+            else:
+                options = DiagnoseOptions(trace_examples=8, patch_examples=0, capture_examples=1)
+                diagnosis = bitcliff.diagnose(fp, q, evaluation_windows(tokenizer, texts["wiki"], 16, 256),
+                                              options=options, name=folder.name, progress=False).to_dict()
+                diag_path.write_text(json.dumps(diagnosis))
+            q_ppl = {name: evaluate_ppl(q, ids, progress=False)["ppl"] for name, ids in evals.items()}
+            base = {"model": args.model, "method": method, "bits": bits, "group_size": 64,
+                    "effective_bits": config.effective_bits(k), "verdict": diagnosis["verdict"]["label"],
+                    "ppl_fp": fp_ppl, "ppl_quantized": q_ppl}
+            if (args.model, method, bits, 0.0, "none") not in done:
+                _append(args.out, {**base, "budget": 0.0, "variant": "none", "bits_spent": 0.0,
+                                   "ppl": q_ppl, "recovery": {t: 0.0 for t in TEXTS}, "commit": _commit()})
+            for budget in args.budgets:
+                for variant in args.variants:
+                    key = (args.model, method, bits, budget, variant)
+                    if key in done:
+                        continue
+                    repaired = copy.deepcopy(q)
+                    start = time.perf_counter()
+                    extra = {}
+                    try:
+                        if variant == "eora":
+                            rank, spent = apply_eora(fp, repaired, calib[: args.calib], budget)
+                            extra["rank"] = rank
+                        else:
+                            plan = (heuristic_plan(diagnosis, budget) if variant == "heuristic" else
+                                    plan_repair(diagnosis, budget, methods=None if variant == "plan" else [variant]))
+                            result = bitcliff.repair(fp, repaired, calib[: args.calib], plan, progress=False)
+                            spent = result.bits_per_weight
+                            extra["methods"] = list(plan.methods)
+                            extra["ranks"] = sorted({m.rank for m in result.record.modules if m.rank})
+                            extra["restored"] = len([m for m in result.record.modules if m.restored_bits])
+                    except PlanError as exc:
+                        _append(args.out, {**base, "budget": budget, "variant": variant, "skipped": str(exc)})
+                        continue
+                    seconds = time.perf_counter() - start
+                    ppl = {name: evaluate_ppl(repaired, ids, progress=False)["ppl"] for name, ids in evals.items()}
+                    row = {**base, "budget": budget, "variant": variant, "bits_spent": spent, "ppl": ppl,
+                           "recovery": {t: recovery(fp_ppl[t], q_ppl[t], ppl[t]) for t in TEXTS},
+                           "seconds": round(seconds, 1), "calib_windows": args.calib, **extra,
+                           "commit": _commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                    _append(args.out, row)
+                    print(f"{args.model} {method} w{bits} +{budget:g} {variant:>9}: bits {spent:.4f} "
+                          f"ppl {ppl['wiki']:.2f} / {ppl['canterbury']:.2f} (q {q_ppl['wiki']:.2f} / "
+                          f"{q_ppl['canterbury']:.2f}; recovery {row['recovery']['wiki']:.0%} / "
+                          f"{row['recovery']['canterbury']:.0%}) {seconds:.0f} s", flush=True)
+                    if math.isnan(ppl["wiki"]):
+                        print("  (nan perplexity)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
