@@ -1,4 +1,4 @@
-"""The ``bitcliff`` command line: assets, quantize, eval, sweep, diagnose, repair.
+"""The ``bitcliff`` command line: cliff (the main job), assets, quantize, eval, sweep, diagnose, repair.
 
 Every command checks its arguments before doing any work, and every failure ends with one line
 that names what is wrong (exit status 2; 1 for a full disk or another failure of the machine,
@@ -12,7 +12,7 @@ import errno
 import logging
 import sys
 
-from bitcliff.cli import assets, diagnose, evaluate, quantize, repair
+from bitcliff.cli import assets, cliff, diagnose, evaluate, quantize, repair
 from bitcliff.cli.common import HelpFormatter
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "quantized model breaks.  Run `bitcliff COMMAND --help` for a command's options.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
+    cliff.add_parser(sub)
     assets.add_parser(sub)
     quantize.add_parser(sub)
     evaluate.add_parsers(sub)

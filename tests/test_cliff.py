@@ -1,0 +1,85 @@
+"""The main job on a tiny model: every step runs, a second run reuses them, other settings in the
+same folder are refused, and the report renders."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from bitcliff.cli import main
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _argv(tiny_folder, out, *extra):
+    return ["cliff", "--model", str(tiny_folder), "--text-file", str(tiny_folder.parent / "text.txt"),
+            "--windows", "2", "--calib-samples", "4", "--repair-calib", "4", "--diagnosis-examples", "4",
+            "--trace-examples", "2", "--group-size", "32", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cliff") / "run"
+    assert main(_argv(tiny_folder, out)) == 0
+    return out
+
+
+def test_every_step_is_recorded_and_reported(run, capsys):
+    summary = json.loads((run / "cliff.json").read_text())
+    assert [w["bits"] for w in summary["widths"]] == [4, 3, 2]
+    for width in summary["widths"]:
+        assert width["gptq"]["ppl"] > 1 and width["diagnosis"]["label"] in ("healthy", "degradation", "collapse", "mixed")
+        assert (run / width["gptq"]["checkpoint"] / "config.json").is_file()
+        assert (run / width["diagnosis"]["report"]).is_file()
+    assert set(summary["continuations"]["texts"]) >= {"FP", "W4 GPTQ", "W3 GPTQ", "W2 GPTQ"}
+    page = (run / "report.html").read_text()
+    assert page.count("class='card") == 3 and "id='cliff-plot'" in page and "http" not in page.replace("https://", "")
+
+
+def test_a_second_run_reuses_every_step(run, tiny_folder, monkeypatch, capsys):
+    import bitcliff
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished step was computed again")
+
+    monkeypatch.setattr(bitcliff, "quantize", no_work)
+    monkeypatch.setattr(bitcliff, "diagnose", no_work)
+    monkeypatch.setattr(bitcliff, "repair", no_work)
+    assert main(_argv(tiny_folder, run)) == 0
+    assert "continuations of" in capsys.readouterr().out
+
+
+def test_other_settings_in_the_same_folder_are_refused(run, tiny_folder, capsys):
+    assert main(_argv(tiny_folder, run, "--budget", "0.5")) == 2
+    assert "holds a run with other settings (budget)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--bits", "5"], "bits must be one of"),
+    (["--budget", "-1"], "budget must be a number of bits per weight >= 0"),
+    (["--bits", "3", "3"], "bits must be distinct"),
+])
+def test_bad_settings_are_refused_before_any_work(tiny_folder, tmp_path, extra, message, capsys):
+    assert main(_argv(tiny_folder, tmp_path / "x", *extra)) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_folder_of_someone_elses_files_is_left_alone(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    assert main(_argv(tiny_folder, out)) == 2
+    assert "is not a cliff run" in capsys.readouterr().err and (out / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium browser (apt install chromium)")
+def test_the_report_renders_in_chromium(run):
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--dump-dom", (run / "report.html").as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "The cliff" in dom and re.search(r"verdict: \w+", dom)
+    assert dom.count("class=\"card") == 3 and 'id="cliff-plot"' in dom
