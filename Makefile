@@ -1,5 +1,6 @@
 # Two entry points, both usable on a fresh machine (CPU only is fine):
-#   make run   - set up .venv, fetch the embedded model and corpus, print the RTN perplexity table
+#   make run   - set up .venv, fetch the embedded model and corpus, run the main job (bitcliff cliff):
+#                the 4 -> 3 -> 2-bit cliff, diagnosed and repaired, into runs/cliff
 #   make test  - set up .venv and run the test suite
 PY ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ $(BIN)/bitcliff: pyproject.toml setup.py
 venv: $(BIN)/bitcliff
 
 run: venv
-	$(BIN)/bitcliff sweep
+	$(BIN)/bitcliff cliff
 
 test: venv
 	$(BIN)/python -m pytest

@@ -119,7 +119,7 @@ def apply_eora(fp_model, q_model, calib: torch.Tensor, budget: float) -> tuple[i
         return 0, 0.0
     fp_modules = dict(fp_model.named_modules())
     accs = {n: HessianAccumulator(m.in_features) for n, m in quantized.items()}
-    handles = [fp_modules[n].register_forward_pre_hook(lambda mod, args, n=n: accs[n].add(args[0][:, 1:]))
+    handles = [fp_modules[n].register_forward_pre_hook(lambda mod, args, n=n: accs[n].add(args[0]))
                for n in quantized]
     try:
         for batch in calib.split(8):

@@ -14,9 +14,12 @@ Per layer:
    module can replace it even while suspended forwards are inside its call.
 2. The repaired layer's outputs are the next layer's inputs.
 
-Statistics skip each window's first position: its activations are the attention sink's, tens of
-times larger than any other token's (``diagnosis.fp_record.FIRST_TOKEN``), and would set every
-mean and covariance alone.
+The input covariance counts every position, the first one too: its activations are the attention
+sink's, tens of times larger than any other token's, and a quantization that ignores them (a GPTQ
+re-solve or low-rank factors fitted without that row) corrupts the sink and with it every token's
+attention: restoring all of SmolLM2's W3 modules to 4 bits without it gave ppl 40 where a direct
+W4 GPTQ gives 28.  The mean input that bias correction uses skips it
+(``diagnosis.fp_record.FIRST_TOKEN``), since its huge values would set the mean alone.
 """
 
 from __future__ import annotations
@@ -261,12 +264,14 @@ def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[to
         layer_weights = sum(m.in_features * m.out_features for m in linears.values())
         accs = {g.members[0]: HessianAccumulator(linears[g.members[0]].in_features) for g in groups}
         means = {g.members[0]: torch.zeros(linears[g.members[0]].in_features, dtype=torch.float64) for g in groups}
+        counts = {g.members[0]: 0 for g in groups}
         forwards = SuspendedForwards(layer, hidden, calls)
 
         def first_hook(rel):
             def hook(module, args):
-                x = args[0][:, FIRST_TOKEN:]  # the attention-sink position would set every statistic
-                accs[rel].add(x)
+                accs[rel].add(args[0])  # every position: the attention sink's outputs must stay right
+                x = args[0][:, FIRST_TOKEN:]  # ... but its huge activations would set the mean alone
+                counts[rel] += x.shape[0] * x.shape[1]
                 means[rel] += x.detach().reshape(-1, x.shape[-1]).double().sum(0)
                 forwards.suspend()
                 return _scaled(rel, args)
@@ -290,7 +295,7 @@ def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[to
                     forwards.advance()  # every batch is now parked at this group's input
                     head = g.members[0]
                     acc = accs[head]
-                    mean = (means[head] / max(acc.count, 1)).float()
+                    mean = (means[head] / max(counts[head], 1)).float()
                     weights = sum(linears[m].in_features * linears[m].out_features for m in g.members)
                     repairer.repair(layer, g.members, g.source, slots, acc, mean, weights, layer_weights)
                     layer_weights -= weights  # the next groups share what this one left

@@ -109,3 +109,21 @@ def test_a_plan_for_another_quantization_is_refused(setup):
     other = bitcliff.quantize(copy.deepcopy(fp), QuantConfig(bits=3, group_size=32), progress=False)
     with pytest.raises(ValueError, match="made on another quantized model"):
         bitcliff.repair(fp, other, calib, bitcliff.plan_repair(report, 0.5), progress=False)
+
+
+def test_restoring_every_module_is_gptq_at_the_new_width(setup):
+    """Restoration re-solves GPTQ on the repaired model's inputs, all positions counted: restoring
+    everything to 4 bits must give exactly what quantizing to 4 bits in the first place gives."""
+    from bitcliff.repairs.plan import RepairPlan
+
+    fp, q, calib, evaluation, _ = setup
+    names = [n for n, m in q.named_modules() if isinstance(m, QuantLinear)]
+    plan = RepairPlan(budget=10.0, verdict="collapse", methods=("restore",), restore={n: 4 for n in names},
+                      weights=quantized_weights(q))
+    restored = copy.deepcopy(q)
+    bitcliff.repair(fp, restored, calib, plan, progress=False)
+    config = bitcliff.QuantConfig(bits=4, group_size=32, method="gptq", calib_samples=8)
+    direct = bitcliff.quantize(copy.deepcopy(fp), config, calib_ids=calib, progress=False)
+    for name in names:
+        a, b = restored.get_submodule(name), direct.get_submodule(name)
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales), name
