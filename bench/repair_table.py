@@ -4,8 +4,8 @@
         --budgets 0.125 0.25 0.5 --variants plan lowrank restore heuristic eora \\
         --out bench/results/repair-default.jsonl
 
-For every (model, quantization method, bits) the quantized checkpoint (g64; GPTQ at bitcliff's
-default settings) and its diagnosis are made once and kept under ``--work``; then, per budget and
+For every (model, quantization method, bits) the quantized checkpoint (``--group-size``, 64 by
+default; GPTQ at bitcliff's default settings) and its diagnosis are made once and kept under ``--work``; then, per budget and
 variant, a copy of the quantized model is repaired on the first ``--calib`` calibration windows
 of the Wikipedia text and evaluated on the protocol's 16 windows of two texts: the Wikipedia
 sample (``wiki``) and the Canterbury books (``canterbury``, not seen in calibration).  Every row
@@ -63,7 +63,7 @@ def _done(path: Path) -> set[tuple]:
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            keys.add((row["model"], row["method"], row["bits"], row["budget"], row["variant"]))
+            keys.add((row["model"], row["method"], row["bits"], row["group_size"], row["budget"], row["variant"]))
     return keys
 
 
@@ -140,7 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["gptq"])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.125, 0.25, 0.5])
-    parser.add_argument("--variants", nargs="+", default=["plan", "lowrank", "restore", "heuristic", "eora"])
+    parser.add_argument("--variants", nargs="*", default=["plan", "lowrank", "restore", "heuristic", "eora"],
+                        help="none at all: only the quantized model's own row (a point of the uniform-bits curve)")
+    parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--calib", type=int, default=32, help="calibration windows for the repairs")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-repair"))
     parser.add_argument("--out", type=Path, required=True)
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
     k = fp.config.hidden_size
     for method in args.methods:
         for bits in args.bits:
-            config = bitcliff.QuantConfig(bits=bits, group_size=64, method=method)
+            config = bitcliff.QuantConfig(bits=bits, group_size=args.group_size, method=method)
             folder = args.work / f"{args.model}-{config.describe()}"
             if not (folder / "config.json").is_file():
                 model = bitcliff.quantize(copy.deepcopy(fp), config, calib_ids=calib) if method == "gptq" \
@@ -172,7 +174,9 @@ def main(argv=None) -> int:
                 bitcliff.save(model, folder, tokenizer=tokenizer, overwrite=True)
             q = bitcliff.load(folder)
             diag_path = args.work / f"{folder.name}-diagnosis.json"
-            if diag_path.is_file():
+            if not args.variants:
+                diagnosis = {"verdict": {"label": None}}
+            elif diag_path.is_file():
                 diagnosis = json.loads(diag_path.read_text())
             else:
                 options = DiagnoseOptions(trace_examples=8, patch_examples=0, capture_examples=1)
@@ -180,15 +184,15 @@ def main(argv=None) -> int:
                                               options=options, name=folder.name, progress=False).to_dict()
                 diag_path.write_text(json.dumps(diagnosis))
             q_ppl = {name: evaluate_ppl(q, ids, progress=False)["ppl"] for name, ids in evals.items()}
-            base = {"model": args.model, "method": method, "bits": bits, "group_size": 64,
+            base = {"model": args.model, "method": method, "bits": bits, "group_size": args.group_size,
                     "effective_bits": config.effective_bits(k), "verdict": diagnosis["verdict"]["label"],
                     "ppl_fp": fp_ppl, "ppl_quantized": q_ppl}
-            if (args.model, method, bits, 0.0, "none") not in done:
+            if (args.model, method, bits, args.group_size, 0.0, "none") not in done:
                 _append(args.out, {**base, "budget": 0.0, "variant": "none", "bits_spent": 0.0,
                                    "ppl": q_ppl, "recovery": {t: 0.0 for t in TEXTS}, "commit": _commit()})
             for budget in args.budgets:
                 for variant in args.variants:
-                    key = (args.model, method, bits, budget, variant)
+                    key = (args.model, method, bits, args.group_size, budget, variant)
                     if key in done:
                         continue
                     repaired = copy.deepcopy(q)

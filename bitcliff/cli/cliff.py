@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="the widths")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--budget", type=float, default=0.25, help="repair budget, extra bits per quantized weight")
-    p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki' or a UTF-8 file")
+    p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki', 'canterbury' (embedded) or a UTF-8 file")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows (512 tokens)")
     p.add_argument("--calib-samples", type=int, default=32,
                    help="GPTQ calibration windows (half of `bitcliff quantize`'s default: as good on SmolLM2 W3, half the time)")

@@ -27,7 +27,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def add_text_args(p: argparse.ArgumentParser, seq_len: int | None = 512) -> None:
     p.add_argument("--text-file", default="wiki",
-                   help="corpus: 'wiki' (the embedded Wikipedia sample) or a path to a UTF-8 text file")
+                   help="corpus: 'wiki' (the embedded Wikipedia sample), 'canterbury' (embedded books) or a path to a UTF-8 text file")
     if seq_len is not None:
         p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
 
@@ -81,11 +81,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def check_text_arg(value: str, flag: str = "--text-file") -> None:
     """Refuse, before any work, a text file that does not exist."""
-    if value.strip().lower() == "wiki":
+    from bitcliff.assets import TEXTS
+
+    if value.strip().lower() in TEXTS:
         return
     path = Path(value).expanduser()
     if not path.exists():
-        raise UsageError(f"{flag} {value}: no such file (use 'wiki' for the embedded corpus)")
+        raise UsageError(f"{flag} {value}: no such file (embedded texts: {', '.join(TEXTS)})")
     if not path.is_file():
         raise UsageError(f"{flag} {value}: not a file")
 

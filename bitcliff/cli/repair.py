@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", help="force these repairs, comma-separated: norm,bias,lowrank,restore "
                                      "(default: chosen by the verdict)")
     p.add_argument("--rank", type=int, help="one low-rank rank for every module (default: allocated by measured benefit)")
-    p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki' or a UTF-8 file")
+    p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki', 'canterbury' (embedded) or a UTF-8 file")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows for the before/after perplexity")
