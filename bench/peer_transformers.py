@@ -40,9 +40,12 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def _compare(reference, logits) -> dict:
+def _compare(reference, logits, without=None) -> dict:
     diff = (logits - reference).float()
-    return {"rel_l2": float(diff.norm() / reference.norm()), "max_abs": float(diff.abs().max())}
+    row = {"rel_l2": float(diff.norm() / reference.norm()), "max_abs": float(diff.abs().max())}
+    if without is not None:
+        row["rel_l2_to_checkpoint_without_adapter"] = float((logits - without).norm() / without.norm())
+    return row
 
 
 def check(folder: Path, ids) -> list[dict]:
@@ -51,12 +54,23 @@ def check(folder: Path, ids) -> list[dict]:
     import bitcliff
 
     reference = _logits(bitcliff.load(folder), ids)
+    # With an adapter, also the distance to the same checkpoint without it: a reader that silently
+    # skipped the adapter would sit near this one instead of near the reference.
+    without = None
+    if (folder / "adapter_config.json").is_file():
+        from bitcliff.quant.qlinear import QuantLinear
+
+        bare = bitcliff.load(folder)
+        for module in bare.modules():
+            if isinstance(module, QuantLinear):
+                module.set_lowrank(None, None)
+        without = _logits(bare, ids)
     rows = []
     try:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(folder), device_map="cpu", dtype=torch.float16)
-        rows.append({"reader": "transformers", "dtype": "float16", **_compare(reference, _logits(model, ids))})
+        rows.append({"reader": "transformers", "dtype": "float16", **_compare(reference, _logits(model, ids), without)})
     except Exception as exc:  # noqa: BLE001 - report, keep checking
         rows.append({"reader": "transformers", "error": f"{type(exc).__name__}: {exc}"[:400],
                      "trace": traceback.format_exc(limit=3)[-600:]})
@@ -70,7 +84,7 @@ def check(folder: Path, ids) -> list[dict]:
             kwargs["adapter"] = Lora(path=str(folder), rank=config["r"])
         model = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16, **kwargs)
         rows.append({"reader": "gptqmodel", "dtype": "float16", "adapter": bool(kwargs),
-                     **_compare(reference, _logits(model.model, ids))})
+                     **_compare(reference, _logits(model.model, ids), without)})
     except Exception as exc:  # noqa: BLE001
         rows.append({"reader": "gptqmodel", "error": f"{type(exc).__name__}: {exc}"[:400],
                      "trace": traceback.format_exc(limit=3)[-600:]})
@@ -106,7 +120,9 @@ def main(argv=None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     for row in rows:
-        outcome = row.get("error") or f"rel L2 {row['rel_l2']:.2e}, max abs {row['max_abs']:.2e}"
+        outcome = row.get("error") or f"rel L2 {row['rel_l2']:.2e}, max abs {row['max_abs']:.2e}" + (
+            f" (to the checkpoint without its adapter: {row['rel_l2_to_checkpoint_without_adapter']:.2e})"
+            if "rel_l2_to_checkpoint_without_adapter" in row else "")
         print(f"{row['checkpoint']:>28} {row['reader']:>12}: {outcome}")
     return 0
 

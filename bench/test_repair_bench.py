@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.repair_plot import bits_per_weight, plot
+from bench.repair_report import bits_per_weight, markdown, plot, uniform_ppl
 from bench.repair_table import LLAMA_CPP_PRIORITY, heuristic_plan, use_more_bits
 
 KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -54,3 +54,15 @@ def test_the_plot_draws_uniform_curves_and_repair_points():
     assert set(lines) == {"GPTQ g64, uniform bits", "GPTQ g32, uniform bits", "GPTQ + plan", "GPTQ + restore"}
     assert list(lines["GPTQ g64, uniform bits"].get_ydata()) == [48.0, 28.0]  # sorted by bits
     assert list(figure.axes[1].get_lines()[0].get_ydata()) != list(wiki.get_lines()[0].get_ydata())
+
+
+def test_the_uniform_curve_interpolates_in_log_perplexity():
+    rows = [{"method": "gptq", "bits": b, "group_size": 64, "variant": "none", "budget": 0.0,
+             "effective_bits": float(b), "bits_spent": 0.0, "ppl": {"wiki": p, "canterbury": p}}
+            for b, p in ((3, 40.0), (4, 10.0))]
+    assert uniform_ppl(rows, "gptq", 3.5, "wiki") == pytest.approx(20.0)  # the geometric mean
+    assert uniform_ppl(rows, "gptq", 4.5, "wiki") != uniform_ppl(rows, "gptq", 4.5, "wiki")  # NaN outside
+    rows.append({**rows[0], "variant": "plan", "budget": 0.5, "bits_spent": 0.5, "ppl": {"wiki": 15.0, "canterbury": 30.0},
+                 "recovery": {"wiki": 0.5, "canterbury": 0.1}, "seconds": 12.0})
+    table = markdown(rows)
+    assert "| GPTQ W3 g64 | plan | 0.500 | 3.50 | 15.00 | 30.00 | 50% | 10% | 20.00 | 12 |" in table

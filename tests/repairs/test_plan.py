@@ -46,7 +46,8 @@ def test_collapse_restores_the_components_the_evidence_names_early_layers_first(
 def test_degradation_compensates_and_restores_nothing():
     data = _diagnosis("degradation", [0.8] * 6, local_error=[0.1, 0.1, 0.1, 0.4, 0.1, 0.1])
     plan = plan_repair(data, budget=1.0)
-    assert plan.restore == {} and plan.norm and plan.bias_families == ("attn", "mlp")
+    assert plan.restore == {} and plan.norm and plan.bias_families == ()  # bias only when forced
+    assert plan.methods == ("norm", "lowrank")
     assert max(plan.lowrank_bits, key=plan.lowrank_bits.get) == 3  # where the error is added
     assert sum(plan.lowrank_bits.values()) + plan.planned_bits - sum(plan.lowrank_bits.values()) <= plan.weights
 

@@ -1,6 +1,7 @@
-"""Plot the repair table: perplexity against bits per weight, repairs against uniform bits.
+"""The repair table as a plot and a Markdown table: perplexity against bits per weight, repairs
+against uniform bits.
 
-    python -m bench.repair_plot bench/results/repair-default.jsonl --out docs/repair/repair-default.png
+    python -m bench.repair_report bench/results/repair-default.jsonl --out docs/repair/repair-default.png
 
 One panel per evaluation text.  The uniform-bits curves join the quantized models' own rows
 (variant ``none``) of one method and group size, so a repair point below the curve at the same
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -63,6 +65,36 @@ def plot(rows: list[dict], texts=("wiki", "canterbury")) -> Figure:
     return figure
 
 
+def uniform_ppl(rows: list[dict], method: str, bits: float, text: str, group_size: int = 64) -> float:
+    """Perplexity of the uniform-bits curve at ``bits`` per weight: the quantized models' own rows
+    of ``method`` at ``group_size`` (variant ``none``), interpolated linearly in log perplexity;
+    NaN outside the measured range."""
+    points = sorted((bits_per_weight(r), math.log(r["ppl"][text])) for r in rows
+                    if r["variant"] == "none" and r["method"] == method and r["group_size"] == group_size)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= bits <= x1:
+            return math.exp(y0 + (y1 - y0) * (bits - x0) / (x1 - x0))
+    return float("nan")
+
+
+def markdown(rows: list[dict], texts=("wiki", "canterbury")) -> str:
+    """One line per row: the setting, bits, perplexities, recovery, and the uniform curve at the same bits."""
+    head = ("| quantized | variant | +bits | bits/weight | " + " | ".join(f"ppl {t}" for t in texts) +
+            " | " + " | ".join(f"recovery {t}" for t in texts) + " | uniform at same bits (wiki) | repair s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(rows, key=lambda r: (r["method"], -r["bits"], r["group_size"], r["budget"], r["variant"] != "plan",
+                                         r["variant"])):
+        bpw = bits_per_weight(r)
+        uniform = uniform_ppl(rows, r["method"], bpw, "wiki") if r["variant"] != "none" else float("nan")
+        lines.append(
+            f"| {r['method'].upper()} W{r['bits']} g{r['group_size']} | {r['variant']} | {r['bits_spent']:.3f} | "
+            f"{bpw:.2f} | " + " | ".join(f"{r['ppl'][t]:.2f}" for t in texts) + " | " +
+            " | ".join(f"{r['recovery'][t]:.0%}" if r["variant"] != "none" else "" for t in texts) + " | " +
+            (f"{uniform:.2f}" if uniform == uniform else "") + " | " + (f"{r['seconds']:.0f}" if "seconds" in r else "")
+            + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("table", type=Path, help="a repair table (JSON lines, bench/repair_table.py)")
@@ -74,6 +106,7 @@ def main(argv=None) -> int:
         parser.error(f"{args.table} holds no finished {args.method} rows")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows).savefig(args.out, dpi=120)
+    print(markdown(rows))
     print(f"wrote {args.out}")
     return 0
 
