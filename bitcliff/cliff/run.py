@@ -170,7 +170,7 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
     from bitcliff.quant.config import QuantConfig
     from bitcliff.repairs.plan import plan_repair
 
-    fp_model, tokenizer, path = load_fp_model(settings.model)
+    fp_model, tokenizer, _ = load_fp_model(settings.model)
     identity = {**settings.to_dict(), "model_fingerprint": _fingerprint(fp_model)}
     store = StepStore.open(Path(out), identity, restart)
     text = load_text(settings.text)
@@ -258,7 +258,10 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
 
     texts = step("continuations", continuations)
     bar.close()
-    summary = {"model": path, "settings": settings.to_dict(), "fp": fp, "widths": [widths[b] for b in settings.bits],
+    # The name the user gave (an embedded name, a folder, a hub id), not where the cache put it.
+    parameters = sum(p.numel() for p in fp_model.parameters())
+    name = f"{settings.model} ({fp_model.config.model_type}, {parameters / 1e6:.0f}M parameters)"
+    summary = {"model": name, "settings": settings.to_dict(), "fp": fp, "widths": [widths[b] for b in settings.bits],
                "continuations": texts, "seconds": round(sum(s.get("seconds", 0) for s in store.steps.values()), 1)}
     write_json(Path(out) / "cliff.json", summary)
     write_report(summary, Path(out))
