@@ -63,40 +63,72 @@ class HessianAccumulator:
 
     ``add`` takes activations ``[..., K]`` (any float dtype; all leading dims are tokens);
     :meth:`hessian` returns ``H = 2 Σ x xᵀ / n`` with ``n`` the number of tokens seen.
+
+    The products of the adds are summed in *pairwise* order, like a binary counter: two partial
+    sums over the same number of adds are merged, earlier plus later.  That order is what lets a
+    run split over ranks (:mod:`bitcliff.distributed`) reproduce one process's Hessian bit for
+    bit: when every rank holds the same power-of-two number of batches, each rank's partial sum is
+    a whole subtree of the one-process tree, and :meth:`merge` of the ranks' :meth:`parts` in rank
+    order rebuilds that tree.  (A running sum would add the same numbers in another order.)
+    Pairwise sums are also more accurate (rounding error grows with log n, not n), at the cost of
+    holding up to ``log2(adds) + 1`` partial ``[K, K]`` matrices instead of one.
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         if in_features <= 0:
             raise ValueError(f"in_features must be positive, got {in_features}")
         self.in_features = in_features
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.device = torch.device(device)
         self.count = 0
+        self._parts: list[tuple[int, torch.Tensor]] = []  # (adds summed, float32 [K, K] partial sum)
         self._blocks = staircase_blocks(in_features)
 
     def add(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"activations have {x.shape[-1]} features, the accumulator expects {self.in_features}")
-        x = x.reshape(-1, self.in_features).to(device=self.sum.device, dtype=torch.float32)
+        x = x.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
         if x.shape[0] == 0:
             return
+        product = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
         if self._blocks > 1:
             step = -(-self.in_features // self._blocks)
             for a0 in range(0, self.in_features, step):
                 a1 = min(a0 + step, self.in_features)
-                self.sum[a0:a1, :a1].addmm_(x[:, a0:a1].t(), x[:, :a1])
+                product[a0:a1, :a1].addmm_(x[:, a0:a1].t(), x[:, :a1])
         else:
-            self.sum.addmm_(x.t(), x)
+            product.addmm_(x.t(), x)
+        self._push(1, product)
         self.count += x.shape[0]
 
+    def _push(self, adds: int, partial: torch.Tensor) -> None:
+        self._parts.append((adds, partial))
+        while len(self._parts) >= 2 and self._parts[-1][0] == self._parts[-2][0]:
+            (later_adds, later), (earlier_adds, earlier) = self._parts.pop(), self._parts.pop()
+            self._parts.append((earlier_adds + later_adds, earlier.add_(later)))
+
+    def parts(self) -> list[tuple[int, torch.Tensor]]:
+        """The partial sums, oldest first: ``(adds summed, float32 [K, K])`` each (the upper
+        triangle beyond the block staircase is not filled).  What a rank sends to the owner."""
+        return list(self._parts)
+
+    def merge(self, parts: list[tuple[int, torch.Tensor]], count: int) -> None:
+        """Append the :meth:`parts` and token ``count`` of an accumulator that saw the batches
+        after this one's (the next rank's share)."""
+        for adds, partial in parts:
+            self._push(adds, partial.to(device=self.device, dtype=torch.float32))
+        self.count += count
+
     def release(self) -> None:
-        """Free the accumulated sum (the token count stays for reporting)."""
-        self.sum = torch.empty(0)
+        """Free the accumulated sums (the token count stays for reporting)."""
+        self._parts = []
 
     def hessian(self) -> torch.Tensor:
         """float32 ``[K, K]`` symmetric ``2 Σ x xᵀ / n``; raises ``ValueError`` before any ``add``."""
         if self.count == 0:
             raise ValueError("no calibration tokens were accumulated: the Hessian is undefined")
-        s = self.sum
+        s = self._parts[-1][1]
+        for _, partial in reversed(self._parts[:-1]):  # the smallest partial sums first
+            s = partial + s
         if self._blocks > 1:
             s = torch.tril(s) + torch.tril(s, -1).t()
         return s * (2.0 / self.count)
