@@ -114,8 +114,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     check_replaceable(out, overwrite)
 
 
-def quantize_model(model, tokenizer, config: QuantConfig, text: str, seq_len: int):
-    """Quantize ``model`` in place (GPTQ calibrates on the head of ``text``); returns it."""
+def quantize_model(model, tokenizer, config: QuantConfig, text: str, seq_len: int, ranks=None):
+    """Quantize ``model`` in place (GPTQ calibrates on the head of ``text``, over ``ranks``:
+    :class:`bitcliff.distributed.Ranks`, None for one process); returns it."""
     import bitcliff
 
     if config.method == "gptq":
@@ -123,7 +124,7 @@ def quantize_model(model, tokenizer, config: QuantConfig, text: str, seq_len: in
         from bitcliff.data import calibration_windows
 
         calib = calibration_windows(tokenizer, load_text(text), config.calib_samples, seq_len)
-        return bitcliff.quantize(model, config, calib_ids=calib)
+        return bitcliff.quantize(model, config, calib_ids=calib, ranks=ranks)
     return bitcliff.quantize(model, config)
 
 

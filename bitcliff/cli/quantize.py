@@ -1,8 +1,16 @@
-"""``bitcliff quantize``: quantize a model and save a GPTQ-format checkpoint."""
+"""``bitcliff quantize``: quantize a model and save a GPTQ-format checkpoint.
+
+GPTQ runs on several processes when started by torchrun (``torchrun --nproc-per-node N -m
+bitcliff quantize ...``, with ``--nnodes`` for several machines), or with ``--nproc N``, which
+starts torchrun on this machine; see :mod:`bitcliff.distributed`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +25,7 @@ from bitcliff.cli.common import (
     config_from_args,
     quantize_model,
 )
+from bitcliff.distributed import DEFAULT_TIMEOUT_S, Ranks
 
 
 def add_parser(sub) -> None:
@@ -34,6 +43,13 @@ def add_parser(sub) -> None:
                    help="GPTQ one decoder layer at a time from the source files (models larger than memory); "
                         "an interrupted run resumes from its last finished layer")
     p.add_argument("--restart", action="store_true", help="with --streaming: discard a partial run and start over")
+    ranks = p.add_argument_group(
+        "ranks", "GPTQ over several processes: the calibration batches are split among them and each module\n"
+        "is solved by one of them.  Under torchrun the ranks come from its environment.")
+    ranks.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="start N processes on this machine (through torchrun), each with its share of the cores")
+    ranks.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                       help="how long a rank waits for another before giving up with an error that names it")
     p.set_defaults(func=run)
 
 
@@ -50,20 +66,62 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--streaming is a GPTQ mode; pass --method gptq (RTN needs no calibration pass)")
     if args.restart and not args.streaming:
         raise UsageError("--restart discards a partial --streaming run; it has no meaning without --streaming")
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if (args.nproc > 1 or under_torchrun) and config.method != "gptq":
+        raise UsageError("several processes share GPTQ's calibration work; RTN needs none (drop --nproc / torchrun "
+                         "or pass --method gptq)")
+    if args.nproc > 1 and under_torchrun:
+        raise UsageError("--nproc starts torchrun itself; under torchrun, drop --nproc")
+    if not args.rank_timeout > 0:
+        raise UsageError(f"--rank-timeout must be positive seconds, got {args.rank_timeout}")
     out = Path(args.out)
     check_out(out, args.overwrite)
-    if args.streaming:
-        return _quantize_streaming(args, config, out)
-    model, tokenizer, path = load_fp_model(args.model)
-    start = time.perf_counter()
-    quantize_model(model, tokenizer, config, args.text_file, args.seq_len)
-    seconds = time.perf_counter() - start
-    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, checkpoint_format=args.checkpoint_format)
-    print(f"quantized {path} with {config.describe()} in {seconds:.1f} s -> {out}")
-    return 0
+    if args.nproc > 1:
+        return _launch(args)
+    ranks = Ranks.from_environment(args.rank_timeout)
+    try:
+        if args.streaming:
+            return _quantize_streaming(args, config, out, ranks)
+        model, tokenizer, path = load_fp_model(args.model)
+        start = time.perf_counter()
+        quantize_model(model, tokenizer, config, args.text_file, args.seq_len, ranks)
+        seconds = time.perf_counter() - start
+        ranks.on_writer("writing the checkpoint", lambda: save(
+            model, out, tokenizer=tokenizer, overwrite=args.overwrite, checkpoint_format=args.checkpoint_format))
+        if ranks.writes:
+            print(f"quantized {path} with {config.describe()}{_on(ranks)} in {seconds:.1f} s -> {out}")
+        return 0
+    finally:
+        ranks.close()
 
 
-def _quantize_streaming(args: argparse.Namespace, config, out: Path) -> int:
+def _on(ranks: Ranks) -> str:
+    if not ranks.distributed:
+        return ""
+    return f" on {ranks.world} ranks (rank 0 spent {ranks.exchange_s:.1f} s in exchanges)"
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run this very command under torchrun with ``--nproc`` processes on this machine, each with
+    its share of the cores; returns torchrun's exit status."""
+    argv, skip = [], False
+    for token in args.argv:  # the same command without --nproc
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            argv.append(token)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "bitcliff", *argv]
+    return subprocess.run(command, env=env, check=False).returncode
+
+
+def _quantize_streaming(args: argparse.Namespace, config, out: Path, ranks: Ranks) -> int:
     """GPTQ one decoder layer at a time from the source safetensors; resumes an interrupted run."""
     from transformers import AutoTokenizer
 
@@ -80,6 +138,8 @@ def _quantize_streaming(args: argparse.Namespace, config, out: Path) -> int:
                              "command again to resume from there (--restart discards them)")
     start = time.perf_counter()
     quantize_gptq_streaming(path, config, calib, out, overwrite=args.overwrite, resume=not args.restart,
-                            checkpoint_format=args.checkpoint_format)
-    print(f"quantized {path} with {config.describe()} (streaming) in {time.perf_counter() - start:.1f} s -> {out}")
+                            checkpoint_format=args.checkpoint_format, ranks=ranks)
+    if ranks.writes:
+        print(f"quantized {path} with {config.describe()} (streaming){_on(ranks)} in "
+              f"{time.perf_counter() - start:.1f} s -> {out}")
     return 0

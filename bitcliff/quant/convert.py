@@ -18,14 +18,15 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, **gpt
         config: the quantization settings; ``config.method`` picks RTN or GPTQ.
         progress: show a tqdm bar.
         gptq_inputs: for ``method="gptq"``, the calibration windows ``calib_ids`` (int64
-            ``[n_windows, seq_len]``) and optionally ``batch_size``
-            (:func:`bitcliff.quant.gptq_model.quantize_gptq`); RTN ignores them.
+            ``[n_windows, seq_len]``) and optionally ``batch_size`` and ``ranks``
+            (:func:`bitcliff.quant.gptq_model.quantize_gptq`); RTN ignores them (every rank
+            rounds the same weights alike).
     Returns:
         The same model, with every selected ``nn.Linear`` replaced by a :class:`QuantLinear`.
     """
     if config.method == "gptq":
         return quantize_gptq(model, config, progress=progress, **gptq_inputs)
-    unknown = set(gptq_inputs) - {"calib_ids", "batch_size"}  # calibration data is simply not needed
+    unknown = set(gptq_inputs) - {"calib_ids", "batch_size", "ranks"}  # calibration data is simply not needed
     if unknown:
         raise TypeError(f"quantize() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     targets = [name for name, _ in quantizable_linears(model, config)]

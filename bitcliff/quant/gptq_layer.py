@@ -18,6 +18,14 @@ resulting ordered *share groups* (for Llama: ``[q,k,v] [o] [gate,up] [down]``) d
 
 Forwards stop early by raising a private exception from a forward pre-hook; every hook is
 removed in a ``finally`` block, and parked threads are released on any error or interruption.
+
+Over several ranks (:mod:`bitcliff.distributed`) every rank runs the layer on its own share of
+the calibration batches.  Each group has an *owner* rank (balancing the solve cost, rows x K²):
+the other ranks send it their partial Hessians, it solves the group, and it sends the packed
+result back to every rank, which swaps it in and goes on.  In the default schedule the owners
+solve their groups at the same time; in the true-sequential one a group's input depends on the
+groups before it, so the groups of a layer are solved one after another and the ranks share
+the forwards and Hessian sums, not the solves.
 """
 
 from __future__ import annotations
@@ -31,10 +39,25 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from bitcliff.layers import LayerCall, StopForward, SuspendedForwards, removing, run_layer, share_groups
+from bitcliff.distributed import Ranks
+from bitcliff.kernels.pack import unpack_qweight, unpack_qzeros
+from bitcliff.layers import (
+    LayerCall,
+    StopForward,
+    SuspendedForwards,
+    removing,
+    run_layer,
+    share_groups,
+)
 from bitcliff.quant.config import QuantConfig
-from bitcliff.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize, split_result
+from bitcliff.quant.gptq import (
+    GPTQResult,
+    HessianAccumulator,
+    gptq_quantize,
+    split_result,
+)
 from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.qweight import QuantizedWeight
 from bitcliff.quant.surgery import quantizable_linears, set_submodule
 
 log = logging.getLogger(__name__)
@@ -157,22 +180,56 @@ def _forward_all(layer: nn.Module, inputs: list[torch.Tensor], calls: list) -> l
 
 def _solve_group(
     group: list[str],
-    acc: HessianAccumulator,
+    hessian: torch.Tensor,
     targets: dict[str, nn.Linear],
     full_names: dict[str, str],
     config: QuantConfig,
-) -> tuple[dict[str, GPTQResult], float]:
-    start = time.perf_counter()
+) -> dict[str, GPTQResult]:
     weights = [targets[name].weight for name in group]
     stacked = torch.cat([w.detach().float() for w in weights], dim=0) if len(group) > 1 else weights[0]
     label = ", ".join(full_names[name] for name in group)
-    result = gptq_quantize(stacked, acc.hessian(), config, name=label)
+    result = gptq_quantize(stacked, hessian, config, name=label)
     parts = split_result(result, [w.shape[0] for w in weights]) if len(group) > 1 else [result]
+    return dict(zip(group, parts))
+
+
+def _swap_in(targets: dict[str, nn.Linear], results: dict[str, GPTQResult]) -> None:
+    """Later passes must see the quantized weights; nn.Linear runs them faster than unpacking."""
     with torch.no_grad():
-        for name, part in zip(group, parts):
-            # Later passes must see the quantized weight; nn.Linear runs it faster than unpacking.
-            targets[name].weight.copy_(part.qweight.dequantize(targets[name].weight.dtype))
-    return dict(zip(group, parts)), time.perf_counter() - start
+        for name, result in results.items():
+            targets[name].weight.copy_(result.qweight.dequantize(targets[name].weight.dtype))
+
+
+def solve_cost(group: list[str], targets: dict[str, nn.Linear]) -> float:
+    """Relative cost of solving a share group: its rows times K² (GPTQ's column updates)."""
+    k = targets[group[0]].in_features
+    return float(sum(targets[name].out_features for name in group) * k * k)
+
+
+def _result_message(results: dict[str, GPTQResult], seconds: float, tokens: int):
+    """A solved group as a picklable header and tensors (codes and zeros packed)."""
+    header, tensors = {"seconds": seconds, "tokens": tokens, "modules": []}, []
+    for name, r in results.items():
+        qw = r.qweight
+        header["modules"].append({"name": name, "bits": qw.bits, "in": qw.codes.shape[0], "out": qw.codes.shape[1],
+                                  "loss": r.loss, "damp_percent": r.damp_percent, "fallback": r.fallback,
+                                  "refit": r.refit_rows is not None})
+        packed = qw.packed()
+        tensors += [packed["qweight"], packed["qzeros"], qw.scales, qw.g_idx, r.row_loss]
+        if r.refit_rows is not None:
+            tensors.append(r.refit_rows.to(torch.uint8))  # not every backend sends bool
+    return header, tensors
+
+
+def _result_from_message(header: dict, tensors: list[torch.Tensor]) -> dict[str, GPTQResult]:
+    results, it = {}, iter(tensors)
+    for m in header["modules"]:
+        qweight, qzeros, scales, g_idx, row_loss = (next(it) for _ in range(5))
+        qw = QuantizedWeight(unpack_qweight(qweight, m["bits"], m["in"]), scales,
+                             unpack_qzeros(qzeros, m["bits"], m["out"]), g_idx, m["bits"])
+        refit = next(it).bool() if m["refit"] else None
+        results[m["name"]] = GPTQResult(qw, m["loss"], row_loss, m["damp_percent"], m["fallback"], refit)
+    return results
 
 
 @dataclass
@@ -195,22 +252,58 @@ def solve_layer(
     calls: list[LayerCall],
     config: QuantConfig,
     full_names: dict[str, str],
+    ranks: Ranks | None = None,
 ) -> SolvedLayer:
     """Accumulate every group's Hessian, solve it, and compute the layer's outputs (see the
-    module docstring for the default and the true-sequential schedule).  The target linears end
+    module docstring for the default and the true-sequential schedule, and for ``ranks``:
+    ``inputs`` and ``calls`` are then this rank's share of the batches).  The target linears end
     up holding their dequantized weights."""
+    ranks = ranks or Ranks.single()
     accs = {g[0]: HessianAccumulator(targets[g[0]].in_features, targets[g[0]].weight.device) for g in groups}
+    owner = dict(zip((g[0] for g in groups), ranks.owners([solve_cost(g, targets) for g in groups])))
     passes = _Passes(targets, accs)
     results: dict[str, GPTQResult] = {}
     seconds: dict[str, float] = {}
     tokens: dict[str, int] = {}
 
-    def solve(group):
-        solved, secs = _solve_group(group, accs[group[0]], targets, full_names, config)
-        results.update(solved)
-        seconds.update({member: secs for member in group})
-        tokens.update({member: accs[group[0]].count for member in group})
-        accs[group[0]].release()
+    def owned_hessian(group) -> HessianAccumulator | None:
+        """The group's Hessian over every rank's batches, on its owner (None elsewhere)."""
+        acc, dst = accs[group[0]], owner[group[0]]
+        if not ranks.distributed:
+            return acc
+        what = f"summing the Hessian of {full_names[group[0]]}"
+        gathered = ranks.gather([n for n, _ in acc.parts()] + [acc.count], [p for _, p in acc.parts()], dst, what)
+        acc.release()
+        if gathered is None:
+            return None
+        total = HessianAccumulator(acc.in_features, acc.device)
+        for header, partials in gathered:  # in rank order: the one-process summation order
+            total.merge(list(zip(header[:-1], partials)), header[-1])
+        return total
+
+    def solve(batch: list[list[str]]) -> None:
+        """Solve ``batch``'s groups on their owners (at once) and give every rank the results."""
+        hessians = {g[0]: owned_hessian(g) for g in batch}
+        solved = {}
+        for group in batch:
+            acc = hessians[group[0]]
+            if acc is None:
+                continue
+            start = time.perf_counter()
+            solved[group[0]] = (_solve_group(group, acc.hessian(), targets, full_names, config),
+                                time.perf_counter() - start, acc.count)
+            acc.release()
+        for group in batch:
+            if ranks.distributed:
+                message = _result_message(*solved[group[0]]) if group[0] in solved else (None, None)
+                header, tensors = ranks.broadcast(*message, src=owner[group[0]],
+                                                  what=f"sending the quantized {full_names[group[0]]}")
+                solved[group[0]] = (_result_from_message(header, tensors), header["seconds"], header["tokens"])
+            group_results, secs, count = solved[group[0]]
+            _swap_in(targets, group_results)
+            results.update(group_results)
+            seconds.update({member: secs for member in group})
+            tokens.update({member: count for member in group})
 
     if config.true_sequential:
         forwards = SuspendedForwards(layer, inputs, calls)
@@ -218,7 +311,7 @@ def solve_layer(
             with passes.capturing(groups, on_capture=lambda _: forwards.suspend()):
                 for group in groups:
                     forwards.advance()  # every batch runs up to this group's input and waits there
-                    solve(group)
+                    solve([group])
                 forwards.advance()  # ... and on to the layer output, through the quantized group
         finally:
             forwards.close()
@@ -226,8 +319,7 @@ def solve_layer(
     else:
         with passes.capturing(groups, stop_at=groups[-1][0]):
             _forward_all(layer, inputs, calls)  # full precision; the last group's output is not needed
-        for group in groups:
-            solve(group)
+        solve(groups)
         outputs = _forward_all(layer, inputs, calls)
     return SolvedLayer(outputs, results, seconds, tokens)
 
@@ -239,6 +331,7 @@ def quantize_decoder_layer(
     calls: list[LayerCall],
     config: QuantConfig,
     groups: list[list[str]] | None = None,
+    ranks: Ranks | None = None,
 ) -> LayerStep:
     """Quantize the linears of one decoder layer by GPTQ and swap them for ``QuantLinear``.
 
@@ -250,6 +343,8 @@ def quantize_decoder_layer(
         config: GPTQ settings.
         groups: share groups of a previous layer, reused when this layer's linears have the
             same relative names (else discovered here).
+        ranks: the ranks sharing the work (``inputs`` and ``calls`` are this rank's share of
+            the batches); None for one process.
     Returns:
         A :class:`LayerStep`; ``outputs`` are computed with the quantized weights.
     """
@@ -261,7 +356,7 @@ def quantize_decoder_layer(
     if groups is None or {n for g in groups for n in g} != set(targets):
         groups = discover_groups(layer, targets, inputs[0], calls[0])
     full_names = {rel: f"{name}.{rel}" for rel in targets}
-    solved = solve_layer(layer, targets, groups, inputs, calls, config, full_names)
+    solved = solve_layer(layer, targets, groups, inputs, calls, config, full_names, ranks)
     entries = []
     for group in groups:
         for rel in group:

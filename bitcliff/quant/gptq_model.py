@@ -13,7 +13,10 @@
    (:func:`quantize_outside_layers_rtn`).
 
 The streaming path (:mod:`bitcliff.quant.gptq_stream`) runs the same steps with one layer in
-memory at a time.
+memory at a time.  Both run on several ranks (:mod:`bitcliff.distributed`): the calibration
+batches are split into contiguous shares, each rank captures and carries its own share through
+the layers, and the solves are shared as :mod:`bitcliff.quant.gptq_layer` describes; every rank
+ends with the same quantized model.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitcliff.distributed import Ranks
 from bitcliff.layers import LayerCalls, StopForward, find_decoder_layers
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq_layer import LayerStep, ModuleLog, quantize_decoder_layer
@@ -61,6 +65,22 @@ def check_calib_ids(calib_ids: torch.Tensor | None, config: QuantConfig) -> torc
             "pass more windows or lower calib_samples"
         )
     return calib_ids[: config.calib_samples].long()
+
+
+def rank_share(calib_ids: torch.Tensor, batch_size: int, ranks: Ranks) -> torch.Tensor:
+    """This rank's contiguous share of the calibration windows, in whole batches of ``batch_size``.
+
+    Raises:
+        ValueError: fewer batches than ranks (a rank would have nothing to compute).
+    """
+    n_batches = -(-calib_ids.shape[0] // batch_size)
+    if n_batches < ranks.world:
+        raise ValueError(
+            f"{ranks.world} ranks need at least {ranks.world} calibration batches, but {calib_ids.shape[0]} windows "
+            f"in batches of {batch_size} make {n_batches}: use fewer ranks or more calibration windows"
+        )
+    share = ranks.share(n_batches)
+    return calib_ids[share.start * batch_size: share.stop * batch_size]
 
 
 def capture_calibration_inputs(
@@ -114,6 +134,7 @@ def quantize_gptq(
     progress: bool = True,
     calib_ids: torch.Tensor | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    ranks: Ranks | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place by GPTQ, one decoder layer at a time.
 
@@ -125,6 +146,10 @@ def quantize_gptq(
             (:func:`bitcliff.data.calibration_windows`); the first ``config.calib_samples`` are used.
         batch_size: windows per layer forward (memory vs speed; results depend on it slightly
             through float32 summation order).
+        ranks: the processes sharing the work (:class:`bitcliff.distributed.Ranks`); None for
+            one.  Every rank passes the same model and windows and gets the same result; it is
+            bit-identical to one process's when every rank holds the same power-of-two number
+            of batches (see :class:`bitcliff.quant.gptq.HessianAccumulator`).
     Returns:
         The same model with its linears replaced by :class:`QuantLinear`, its config attached
         and ``model.bitcliff_log`` holding one :class:`ModuleLog` per module.
@@ -135,16 +160,18 @@ def quantize_gptq(
         raise ValueError(f"quantize_gptq needs config.method='gptq', got {config.method!r}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    calib_ids = check_calib_ids(calib_ids, config)
+    ranks = ranks or Ranks.single()
+    calib_ids = rank_share(check_calib_ids(calib_ids, config), batch_size, ranks)
     prefix, layers = find_decoder_layers(model)
     recorded = capture_calibration_inputs(model, layers, calib_ids, batch_size)
     entries: list[ModuleLog] = []
     hidden = recorded.inputs[0]
     groups = None
-    bar = tqdm(range(len(layers)), desc=f"GPTQ {config.describe()}", disable=not progress, unit="layer")
+    bar = tqdm(range(len(layers)), desc=f"GPTQ {config.describe()}", disable=not (progress and ranks.writes),
+               unit="layer")
     for i in bar:
         start = time.perf_counter()
-        step = quantize_decoder_layer(layers[i], f"{prefix}.{i}", hidden, recorded.calls[i], config, groups)
+        step = quantize_decoder_layer(layers[i], f"{prefix}.{i}", hidden, recorded.calls[i], config, groups, ranks)
         hidden, groups = step.outputs, step.groups
         entries.extend(step.log)
         report_layer(bar, i, step, time.perf_counter() - start)

@@ -21,6 +21,13 @@ remaining tensors (embeddings, final norm, head), the index, ``config.json`` (wi
 ``quantization_config``), the tokenizer files and ``gptq_log.json`` written, and the folder
 renamed to ``out_dir``: a folder at ``out_dir`` is always a complete checkpoint, readable by
 :func:`bitcliff.quant.checkpoint.load`.
+
+Over several ranks (:mod:`bitcliff.distributed`) every rank reads each layer from the source,
+runs it on its share of the calibration batches and takes part in the solves; rank 0 alone
+writes: the layer files, the next layer's inputs (the ranks send it their shares) and the
+progress.  Every rank must see the source folder and the work folder at the same path (one
+machine, or a shared filesystem).  Inputs are stored for all windows, so a run resumes with any
+number of ranks.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitcliff.distributed import Ranks
 from bitcliff.layers import find_decoder_layers
 from bitcliff.quant.checkpoint import (
     SAFETENSORS_DTYPES,
@@ -55,6 +63,7 @@ from bitcliff.quant.gptq_model import (
     capture_calibration_inputs,
     check_calib_ids,
     quantize_outside_layers_rtn,
+    rank_share,
     report_layer,
     write_gptq_log,
 )
@@ -175,6 +184,7 @@ def quantize_gptq_streaming(
     resume: bool = True,
     checkpoint_format: str = "auto",
     dtype: torch.dtype | None = None,
+    ranks: Ranks | None = None,
 ) -> Path:
     """GPTQ-quantize the model in ``src_folder`` layer by layer and write a GPTQ checkpoint.
 
@@ -193,6 +203,7 @@ def quantize_gptq_streaming(
             (:func:`bitcliff.quant.checkpoint.resolve_format`).
         dtype: dtype of the unquantized floating tensors (embeddings, norms, head); ``None``
             keeps the source's (that of its embeddings).
+        ranks: the processes sharing the work (see the module docstring); None for one.
     Returns:
         ``out_dir``, holding the checkpoint and ``gptq_log.json``.
     Raises:
@@ -204,8 +215,10 @@ def quantize_gptq_streaming(
     if config.method != "gptq":
         raise ValueError(f"quantize_gptq_streaming needs config.method='gptq', got {config.method!r}")
     src, out_dir = Path(src_folder), Path(out_dir)
+    ranks = ranks or Ranks.single()
     check_replaceable(out_dir, overwrite)
     calib_ids = check_calib_ids(calib_ids, config)
+    n_windows = calib_ids.shape[0]
     fmt = resolve_format(checkpoint_format, config.sym)
     source = SourceTensors(src)
     hf_config, model = _skeleton(src)
@@ -220,7 +233,9 @@ def quantize_gptq_streaming(
     }
     settings = json.loads(json.dumps(settings))  # the form it has once read back from progress.json
     work = out_dir.parent / f"{out_dir.name}.partial"
-    state = _start_work(work, settings, resume)
+    state = ranks.on_writer("preparing the work folder", lambda: _start_work(work, settings, resume))
+    calib_ids = rank_share(calib_ids, batch_size, ranks)
+    share = ranks.share(-(-n_windows // batch_size))
 
     # Only what the capture forward needs: the output head (often the largest tensor) stays on meta.
     head = {n for n, _ in quantizable_linears(model, config) if not n.startswith(prefix + ".")}
@@ -229,49 +244,58 @@ def quantize_gptq_streaming(
         _assign(model, key, source.get(key).float())
     recorded = capture_calibration_inputs(model, layers, calib_ids, batch_size)
     start = state["layers_done"]
-    hidden = recorded.inputs[0] if start == 0 else _load_inputs(work, start, batch_size)
+    hidden = recorded.inputs[0] if start == 0 else _load_inputs(work, start, batch_size)[share.start: share.stop]
     for key in needed:  # not needed again until the end
         _assign(model, key, torch.empty(0, device="meta"))
 
     groups = None
-    bar = tqdm(range(start, n_layers), desc=f"GPTQ {config.describe()}", disable=not progress, unit="layer",
-               initial=start, total=n_layers)
+    bar = tqdm(range(start, n_layers), desc=f"GPTQ {config.describe()}", disable=not (progress and ranks.writes),
+               unit="layer", initial=start, total=n_layers)
     for i in bar:
         t0 = time.perf_counter()
         name = f"{prefix}.{i}"
         layer = layers[i]
         stored = source.get_many([f"{name}.{k}" for k in layer.state_dict()])
         layer.load_state_dict({k.removeprefix(name + "."): v.float() for k, v in stored.items()}, strict=True, assign=True)
-        step = quantize_decoder_layer(layer, name, hidden, recorded.calls[i], config, groups)
-        save_tensors(checkpoint_tensors(layer, fmt, stored_dtype, prefix=name + "."), work / f"layer-{i:05d}.safetensors")
-        if i + 1 < n_layers:
-            save_tensors({"hidden": torch.cat(step.outputs)}, work / f"inputs-{i + 1:05d}.safetensors")
-        state["layers_done"] = i + 1
-        state["log"].extend(e.to_dict() for e in step.log)
-        write_json(work / PROGRESS_FILE, state, sort_keys=True)
-        (work / f"inputs-{i:05d}.safetensors").unlink(missing_ok=True)
+        step = quantize_decoder_layer(layer, name, hidden, recorded.calls[i], config, groups, ranks)
+        shares = None
+        if i + 1 < n_layers:  # the next layer's inputs, every rank's share, for a resume
+            shares = ranks.gather(None, [torch.cat(step.outputs)], 0, f"collecting the outputs of layer {i}")
+        if ranks.writes:
+            save_tensors(checkpoint_tensors(layer, fmt, stored_dtype, prefix=name + "."),
+                         work / f"layer-{i:05d}.safetensors")
+            if shares is not None:
+                save_tensors({"hidden": torch.cat([t for _, (t,) in shares])}, work / f"inputs-{i + 1:05d}.safetensors")
+            state["layers_done"] = i + 1
+            state["log"].extend(e.to_dict() for e in step.log)
+            write_json(work / PROGRESS_FILE, state, sort_keys=True)
+            (work / f"inputs-{i:05d}.safetensors").unlink(missing_ok=True)
         layers[i] = layer.to("meta")
         hidden, groups = step.outputs, step.groups
         report_layer(bar, i, step, time.perf_counter() - t0)
     del hidden, recorded
 
-    for key in outside:  # the rest of the model, for the head's RTN and the last file
-        if key in source:
-            _assign(model, key, source.get(key).float())
-    model.tie_weights()
-    absent = [k for k, v in model.state_dict().items() if v.is_meta and not k.startswith(prefix + ".")]
-    if absent:
-        raise ValueError(f"{src} has no tensor {absent[0]!r}, which the model needs outside its decoder layers")
-    entries = [ModuleLog(**e) for e in state["log"]] + quantize_outside_layers_rtn(model, prefix, config)
-    save_tensors(checkpoint_tensors(model, fmt, stored_dtype, exclude=prefix), work / REST_FILE)
-    for leftover in work.glob("inputs-*.safetensors"):
-        leftover.unlink()
-    write_index(work)
-    write_json(work / "config.json", config_json(hf_config.to_dict(), config, fmt, stored_dtype), sort_keys=True)
-    for name in TOKENIZER_FILES:
-        if (source.folder / name).is_file():
-            shutil.copy2(source.folder / name, work / name)
-    write_gptq_log(entries, work)
-    (work / PROGRESS_FILE).unlink()
-    finish_folder(work, out_dir, overwrite, kind="checkpoint")
+    def finish() -> None:
+        """The rest of the model (head by RTN), the last files, and the folder renamed: rank 0."""
+        for key in outside:  # the rest of the model, for the head's RTN and the last file
+            if key in source:
+                _assign(model, key, source.get(key).float())
+        model.tie_weights()
+        absent = [k for k, v in model.state_dict().items() if v.is_meta and not k.startswith(prefix + ".")]
+        if absent:
+            raise ValueError(f"{src} has no tensor {absent[0]!r}, which the model needs outside its decoder layers")
+        entries = [ModuleLog(**e) for e in state["log"]] + quantize_outside_layers_rtn(model, prefix, config)
+        save_tensors(checkpoint_tensors(model, fmt, stored_dtype, exclude=prefix), work / REST_FILE)
+        for leftover in work.glob("inputs-*.safetensors"):
+            leftover.unlink()
+        write_index(work)
+        write_json(work / "config.json", config_json(hf_config.to_dict(), config, fmt, stored_dtype), sort_keys=True)
+        for name in TOKENIZER_FILES:
+            if (source.folder / name).is_file():
+                shutil.copy2(source.folder / name, work / name)
+        write_gptq_log(entries, work)
+        (work / PROGRESS_FILE).unlink()
+        finish_folder(work, out_dir, overwrite, kind="checkpoint")
+
+    ranks.on_writer("writing the checkpoint", finish)
     return out_dir

@@ -20,13 +20,15 @@ def test_true_sequential_solves_each_group_on_inputs_from_the_quantized_groups_b
     config = gptq(true_sequential=True, act_order=True)
     fast = quantize_gptq(tiny_model(), config, progress=False, calib_ids=ids, batch_size=4)
 
-    def restart_per_group(layer, targets, groups, inputs, calls, config, names):
+    def restart_per_group(layer, targets, groups, inputs, calls, config, names, ranks=None):
         accs = {g[0]: gptq_layer.HessianAccumulator(targets[g[0]].in_features) for g in groups}
         passes, results, seconds, tokens = gptq_layer._Passes(targets, accs), {}, {}, {}
         for group in groups:
             with passes.capturing([group], stop_at=group[0]):
                 gptq_layer._forward_all(layer, inputs, calls)
-            results.update(gptq_layer._solve_group(group, accs[group[0]], targets, names, config)[0])
+            solved = gptq_layer._solve_group(group, accs[group[0]].hessian(), targets, names, config)
+            gptq_layer._swap_in(targets, solved)
+            results.update(solved)
             seconds.update({n: 0.0 for n in group})
             tokens.update({n: accs[group[0]].count for n in group})
         return gptq_layer.SolvedLayer(gptq_layer._forward_all(layer, inputs, calls), results, seconds, tokens)
