@@ -497,6 +497,33 @@ def split_result(result: GPTQResult, sizes: list[int]) -> list[GPTQResult]:
     return parts
 
 
+def concat_rows(blocks: list[GPTQResult]) -> GPTQResult:
+    """The result of a weight from the results of its consecutive row blocks, each solved against
+    the same Hessian (the inverse of :func:`split_result`; rows are independent under GPTQ).
+
+    Raises:
+        ValueError: blocks that cannot come from one weight (another grid or bit width, or some
+            fell back to RTN and others not: solve the whole weight again instead).
+    """
+    first = blocks[0]
+    if any(b.qweight.bits != first.qweight.bits or not torch.equal(b.qweight.g_idx, first.qweight.g_idx)
+           for b in blocks):
+        raise ValueError("the row blocks use different grids; they are not parts of one weight")
+    if len({b.fallback is None for b in blocks}) > 1:
+        raise ValueError("some row blocks fell back to RTN and others not")
+    refit = None if first.refit_rows is None else torch.cat([b.refit_rows for b in blocks])
+    row_loss = torch.cat([b.row_loss for b in blocks])
+    qweight = QuantizedWeight(
+        codes=torch.cat([b.qweight.codes for b in blocks], dim=1),
+        scales=torch.cat([b.qweight.scales for b in blocks], dim=1),
+        zeros=torch.cat([b.qweight.zeros for b in blocks], dim=1),
+        g_idx=first.qweight.g_idx,
+        bits=first.qweight.bits,
+    )
+    loss = None if first.loss is None else float(row_loss.sum())
+    return GPTQResult(qweight, loss, row_loss, first.damp_percent, first.fallback, refit)
+
+
 def proxy_loss(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``: with ``H = 2XXᵀ/n`` this is twice the mean squared output error."""
     return float(row_output_error(weight, dequantized, hessian).sum())

@@ -20,12 +20,13 @@ Forwards stop early by raising a private exception from a forward pre-hook; ever
 removed in a ``finally`` block, and parked threads are released on any error or interruption.
 
 Over several ranks (:mod:`bitcliff.distributed`) every rank runs the layer on its own share of
-the calibration batches.  Each group has an *owner* rank (balancing the solve cost, rows x K²):
-the other ranks send it their partial Hessians, it solves the group, and it sends the packed
-result back to every rank, which swaps it in and goes on.  In the default schedule the owners
-solve their groups at the same time; in the true-sequential one a group's input depends on the
-groups before it, so the groups of a layer are solved one after another and the ranks share
-the forwards and Hessian sums, not the solves.
+the calibration batches.  Each group has an *owner* rank (balancing the work it does, rows x
+K²): the other ranks send it their partial Hessians, it sums them in rank order and sends the
+Hessian back; every rank solves its own block of the group's rows (rows are independent under
+GPTQ); the owner collects the blocks and sends every rank the packed whole, which it swaps in
+before going on.  Splitting rows rather than giving each group to one rank is what lets the
+ranks share the solves in the true-sequential schedule too, where a group's input depends on
+the groups before it and the groups of a layer can only be solved one after another.
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq import (
     GPTQResult,
     HessianAccumulator,
+    concat_rows,
     gptq_quantize,
     split_result,
 )
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.qweight import QuantizedWeight
+from bitcliff.quant.rtn import check_finite
 from bitcliff.quant.surgery import quantizable_linears, set_submodule
 
 log = logging.getLogger(__name__)
@@ -178,19 +181,11 @@ def _forward_all(layer: nn.Module, inputs: list[torch.Tensor], calls: list) -> l
     return outputs
 
 
-def _solve_group(
-    group: list[str],
-    hessian: torch.Tensor,
-    targets: dict[str, nn.Linear],
-    full_names: dict[str, str],
-    config: QuantConfig,
-) -> dict[str, GPTQResult]:
+def _stacked(group: list[str], targets: dict[str, nn.Linear]) -> torch.Tensor:
+    """The group's weights stacked by rows ``[sum N, K]``: solving them at once against their
+    shared Hessian is exact, since GPTQ treats rows independently."""
     weights = [targets[name].weight for name in group]
-    stacked = torch.cat([w.detach().float() for w in weights], dim=0) if len(group) > 1 else weights[0]
-    label = ", ".join(full_names[name] for name in group)
-    result = gptq_quantize(stacked, hessian, config, name=label)
-    parts = split_result(result, [w.shape[0] for w in weights]) if len(group) > 1 else [result]
-    return dict(zip(group, parts))
+    return torch.cat([w.detach().float() for w in weights], dim=0) if len(group) > 1 else weights[0]
 
 
 def _swap_in(targets: dict[str, nn.Linear], results: dict[str, GPTQResult]) -> None:
@@ -201,14 +196,14 @@ def _swap_in(targets: dict[str, nn.Linear], results: dict[str, GPTQResult]) -> N
 
 
 def solve_cost(group: list[str], targets: dict[str, nn.Linear]) -> float:
-    """Relative cost of solving a share group: its rows times K² (GPTQ's column updates)."""
+    """Relative cost of a share group for its owner (summing, sending): its rows times K²."""
     k = targets[group[0]].in_features
     return float(sum(targets[name].out_features for name in group) * k * k)
 
 
-def _result_message(results: dict[str, GPTQResult], seconds: float, tokens: int):
-    """A solved group as a picklable header and tensors (codes and zeros packed)."""
-    header, tensors = {"seconds": seconds, "tokens": tokens, "modules": []}, []
+def _result_message(results: dict[str, GPTQResult], seconds: float):
+    """Solved weights as a picklable header and tensors (codes and zeros packed)."""
+    header, tensors = {"seconds": seconds, "modules": []}, []
     for name, r in results.items():
         qw = r.qweight
         header["modules"].append({"name": name, "bits": qw.bits, "in": qw.codes.shape[0], "out": qw.codes.shape[1],
@@ -266,44 +261,66 @@ def solve_layer(
     seconds: dict[str, float] = {}
     tokens: dict[str, int] = {}
 
-    def owned_hessian(group) -> HessianAccumulator | None:
-        """The group's Hessian over every rank's batches, on its owner (None elsewhere)."""
+    def shared_hessian(group) -> tuple[torch.Tensor, int]:
+        """The group's Hessian over every rank's batches and its token count, on every rank: the
+        owner sums the ranks' partial sums in rank order (the one-process order), sends it back."""
         acc, dst = accs[group[0]], owner[group[0]]
         if not ranks.distributed:
-            return acc
-        what = f"summing the Hessian of {full_names[group[0]]}"
-        gathered = ranks.gather([n for n, _ in acc.parts()] + [acc.count], [p for _, p in acc.parts()], dst, what)
+            hessian = acc.hessian()
+            acc.release()
+            return hessian, acc.count
+        name = full_names[group[0]]
+        gathered = ranks.gather([n for n, _ in acc.parts()] + [acc.count], [p for _, p in acc.parts()], dst,
+                                f"summing the Hessian of {name}")
         acc.release()
-        if gathered is None:
-            return None
-        total = HessianAccumulator(acc.in_features, acc.device)
-        for header, partials in gathered:  # in rank order: the one-process summation order
-            total.merge(list(zip(header[:-1], partials)), header[-1])
-        return total
+        message = (None, None)
+        if gathered is not None:
+            total = HessianAccumulator(acc.in_features, acc.device)
+            for header, partials in gathered:
+                total.merge(list(zip(header[:-1], partials)), header[-1])
+            message = (total.count, [total.hessian()])
+        count, (hessian,) = ranks.broadcast(*message, src=dst, what=f"sending the Hessian of {name}")
+        return hessian.to(acc.device), count
 
     def solve(batch: list[list[str]]) -> None:
-        """Solve ``batch``'s groups on their owners (at once) and give every rank the results."""
-        hessians = {g[0]: owned_hessian(g) for g in batch}
-        solved = {}
+        """Solve ``batch``'s groups, every rank its block of each group's rows, and give every rank
+        the whole results (assembled by each group's owner)."""
+        hessians = {g[0]: shared_hessian(g) for g in batch}
+        blocks = {}
         for group in batch:
-            acc = hessians[group[0]]
-            if acc is None:
-                continue
+            weight, (hessian, _) = _stacked(group, targets), hessians[group[0]]
+            rows = ranks.share(weight.shape[0])
+            label = ", ".join(full_names[name] for name in group)
             start = time.perf_counter()
-            solved[group[0]] = (_solve_group(group, acc.hessian(), targets, full_names, config),
-                                time.perf_counter() - start, acc.count)
-            acc.release()
+            check_finite(weight, label)  # the whole weight: every rank must agree on an error
+            blocks[group[0]] = (gptq_quantize(weight[rows.start: rows.stop], hessian, config, name=label),
+                                time.perf_counter() - start)
         for group in batch:
+            block, secs = blocks[group[0]]
             if ranks.distributed:
-                message = _result_message(*solved[group[0]]) if group[0] in solved else (None, None)
-                header, tensors = ranks.broadcast(*message, src=owner[group[0]],
-                                                  what=f"sending the quantized {full_names[group[0]]}")
-                solved[group[0]] = (_result_from_message(header, tensors), header["seconds"], header["tokens"])
-            group_results, secs, count = solved[group[0]]
+                block, secs = _assemble(group, block, secs, hessians[group[0]][0])
+            parts = split_result(block, [targets[n].out_features for n in group]) if len(group) > 1 else [block]
+            group_results = dict(zip(group, parts))
             _swap_in(targets, group_results)
             results.update(group_results)
             seconds.update({member: secs for member in group})
-            tokens.update({member: count for member in group})
+            tokens.update({member: hessians[group[0]][1] for member in group})
+            del hessians[group[0]]
+
+    def _assemble(group, block: GPTQResult, secs: float, hessian: torch.Tensor) -> tuple[GPTQResult, float]:
+        """The whole group's result on every rank, from the ranks' row blocks (through the owner)."""
+        dst, name = owner[group[0]], full_names[group[0]]
+        gathered = ranks.gather(*_result_message({group[0]: block}, secs), dst, f"collecting the rows of {name}")
+        message = (None, None)
+        if gathered is not None:
+            pieces = [_result_from_message(h, t)[group[0]] for h, t in gathered]
+            try:
+                whole = concat_rows(pieces)
+            except ValueError:  # some blocks fell back to RTN: solve it whole, as one process would
+                whole = gptq_quantize(_stacked(group, targets), hessian, config, name=name)
+            message = _result_message({group[0]: whole}, max(h["seconds"] for h, _ in gathered))
+        header, tensors = ranks.broadcast(*message, src=dst, what=f"sending the quantized {name}")
+        return _result_from_message(header, tensors)[group[0]], header["seconds"]
 
     if config.true_sequential:
         forwards = SuspendedForwards(layer, inputs, calls)

@@ -12,6 +12,7 @@ from bitcliff.kernels.pack import default_g_idx
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq import (
     HessianAccumulator,
+    concat_rows,
     gptq_quantize,
     inverse_hessian_factor,
     proxy_loss,
@@ -272,3 +273,21 @@ def test_stacked_solve_matches_separate_solves():
         assert part.qweight.codes.shape == (k, w.shape[0])
     with pytest.raises(ValueError, match="add up"):
         split_result(parts[0], [1, 2])
+
+
+@pytest.mark.parametrize("refit_rounds", [0, 2])
+def test_row_blocks_solved_apart_concatenate_to_the_whole_solve(refit_rounds):
+    k = 96
+    h = hessian_of(correlated(k))
+    w = weight(70, k, seed=4)
+    config = gptq_config(bits=3, group_size=32, refit_rounds=refit_rounds)
+    whole = gptq_quantize(w, h, config, "whole")
+    joined = concat_rows([gptq_quantize(w[a:b], h, config, "block") for a, b in ((0, 35), (35, 70))])
+    assert torch.equal(joined.qweight.codes, whole.qweight.codes)
+    assert torch.equal(joined.qweight.scales, whole.qweight.scales)
+    assert torch.equal(joined.qweight.zeros, whole.qweight.zeros)
+    assert joined.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert (joined.refit_rows is None) == (refit_rounds == 0)
+    other = gptq_quantize(w[:8], h, gptq_config(bits=4, group_size=32), "other")
+    with pytest.raises(ValueError, match="different grids"):
+        concat_rows([whole, other])

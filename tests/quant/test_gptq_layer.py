@@ -26,7 +26,9 @@ def test_true_sequential_solves_each_group_on_inputs_from_the_quantized_groups_b
         for group in groups:
             with passes.capturing([group], stop_at=group[0]):
                 gptq_layer._forward_all(layer, inputs, calls)
-            solved = gptq_layer._solve_group(group, accs[group[0]].hessian(), targets, names, config)
+            result = gptq_layer.gptq_quantize(gptq_layer._stacked(group, targets), accs[group[0]].hessian(), config)
+            sizes = [targets[n].out_features for n in group]
+            solved = dict(zip(group, gptq_layer.split_result(result, sizes)))
             gptq_layer._swap_in(targets, solved)
             results.update(solved)
             seconds.update({n: 0.0 for n in group})
