@@ -10,20 +10,25 @@ from tqdm.auto import tqdm
 
 
 @torch.inference_mode()
-def window_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of each window.
+def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of every predicted token.
 
     Args:
         model: a causal LM returning ``.logits``.
         ids: int64 ``[B, T]`` token windows.
     Returns:
-        float64 ``[B]``: mean NLL over the ``T - 1`` predicted tokens of each window.
+        float32 ``[B, T - 1]`` (on the cpu): entry ``[b, t]`` is the NLL of token ``t + 1``.
     """
     device = next(model.parameters(), torch.empty(0)).device
     ids = ids.to(device)
     logits = model(input_ids=ids).logits.float()  # [B, T, V]
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
-    return nll.mean(dim=1).double().cpu()
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").cpu()
+
+
+def window_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each window: float64 ``[B]`` over the ``T - 1`` predicted tokens of
+    each window of ``ids`` (int64 ``[B, T]``)."""
+    return token_nll(model, ids).mean(dim=1).double()
 
 
 def evaluate_ppl(model, eval_ids: torch.Tensor, batch_size: int = 1, progress: bool = True) -> dict:

@@ -136,3 +136,11 @@ def load_any(name: str, dtype: torch.dtype = torch.float32):
         return load(name, dtype=dtype), load_tokenizer(name), str(name), True
     model, tokenizer, path = load_fp_model(name, dtype)
     return model, tokenizer, path, False
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's input embeddings: tells two models apart under one name."""
+    import hashlib
+
+    weight = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    return hashlib.sha256(weight.tobytes()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""The ``bitcliff`` command line: cliff (the main job), assets, quantize, eval, sweep, diagnose, repair.
+"""The ``bitcliff`` command line: cliff (the main job), assets, quantize, eval, sweep, diagnose, repair, study.
 
 Every command checks its arguments before doing any work, and every failure ends with one line
 that names what is wrong (exit status 2; 1 for a full disk or another failure of the machine,
@@ -12,7 +12,7 @@ import errno
 import logging
 import sys
 
-from bitcliff.cli import assets, cliff, diagnose, evaluate, quantize, repair
+from bitcliff.cli import assets, cliff, diagnose, evaluate, quantize, repair, study
 from bitcliff.cli.common import HelpFormatter
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parsers(sub)
     diagnose.add_parser(sub)
     repair.add_parser(sub)
+    study.add_parser(sub)
     return parser
 
 

@@ -16,7 +16,6 @@ cliff can be read as well as measured.  Everything lands in one run folder:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import time
@@ -144,11 +143,6 @@ def _remove_run(folder: Path) -> None:
             raise OccupiedOutputError(f"{folder} holds {entry.name}, which bitcliff did not write; nothing was removed")
 
 
-def _fingerprint(model) -> str:
-    weight = model.get_input_embeddings().weight.detach().float().cpu().numpy()
-    return hashlib.sha256(weight.tobytes()).hexdigest()[:16]
-
-
 @torch.inference_mode()
 def continuation(model, tokenizer, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS) -> str:
     """The greedy continuation of ``prompt`` (``new_tokens`` tokens, decoded)."""
@@ -166,12 +160,12 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
     from bitcliff.data import calibration_windows, evaluation_windows
     from bitcliff.diagnosis.run import DiagnoseOptions
     from bitcliff.eval import evaluate_ppl
-    from bitcliff.models import load_fp_model
+    from bitcliff.models import load_fp_model, model_fingerprint
     from bitcliff.quant.config import QuantConfig
     from bitcliff.repairs.plan import plan_repair
 
     fp_model, tokenizer, _ = load_fp_model(settings.model)
-    identity = {**settings.to_dict(), "model_fingerprint": _fingerprint(fp_model)}
+    identity = {**settings.to_dict(), "model_fingerprint": model_fingerprint(fp_model)}
     store = StepStore.open(Path(out), identity, restart)
     text = load_text(settings.text)
     eval_ids = evaluation_windows(tokenizer, text, settings.windows, 512)

@@ -56,7 +56,7 @@ def test_hessian_parts_merged_in_rank_order_equal_one_accumulator_bit_for_bit():
     torch.testing.assert_close(one.hessian().double(), exact, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("settings", [dict(true_sequential=True, refit_rounds=1), dict(true_sequential=False)])
+@pytest.mark.parametrize("settings", [{"true_sequential": True, "refit_rounds": 1}, {"true_sequential": False}])
 def test_two_ranks_give_the_one_process_checkpoint_bit_for_bit(tmp_path, settings):
     config = gptq(calib_samples=8, **settings)
     torch.set_num_threads(1)  # the ranks run one thread each; BLAS sums may depend on the count
@@ -67,7 +67,7 @@ def test_two_ranks_give_the_one_process_checkpoint_bit_for_bit(tmp_path, setting
     assert run_ranks(quantize_in_memory, 2, config, 8, 2, tmp_path) == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank in ranks:  # 4 batches: two per rank, whole subtrees of the one-process Hessian sums
-        assert_same_tensors(rank["tensors"], {k: v for k, v in _tensors(one).items()})
+        assert_same_tensors(rank["tensors"], _tensors(one))
         assert [e["loss"] for e in rank["log"]] == [e.loss for e in one.bitcliff_log]
         assert [e["tokens"] for e in rank["log"]] == [e.tokens for e in one.bitcliff_log]
 
@@ -133,10 +133,10 @@ def test_the_command_line_starts_its_ranks_and_matches_one_process(tiny_folder, 
               "--calib-samples", "16", "--seq-len", "64", "--text-file", str(text)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "bitcliff", *common, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "bitcliff", *common, "--nproc", "2", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
     assert two.returncode == 0, two.stderr
     assert "on 2 ranks" in two.stdout
     assert_same_tensors(folder_tensors(tmp_path / "one"), folder_tensors(tmp_path / "two"))

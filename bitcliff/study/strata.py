@@ -1,0 +1,140 @@
+"""Token strata that can be measured offline, each a *proxy* for a kind of knowledge.
+
+Zhou et al. (2025) split what a model knows into *memorization* (facts stored in the weights)
+and *utilization* (using what the context provides).  Their benchmarks need the network; these
+are the offline stand-ins, built from the evaluation text and its tokenizer alone:
+
+* ``overall``: every predicted token of the protocol's evaluation windows (16 x 512 tokens of
+  the tail of the text): the usual perplexity.
+* ``memorization``: in those windows, the first token of a word that starts with a capital
+  letter or a digit, is not the first word of a sentence, and has not occurred earlier in the
+  window.  Such a token (a name, a place, a year, a quantity) cannot be copied from the context;
+  predicting it takes what the weights store.  A proxy: some of these words are guessable from
+  grammar alone, and facts hide in lower-case words too.
+* ``utilization``: windows made of a span of the text followed by the same span again
+  (induction, in-context copying); the stratum is the second copy, from its second token on
+  (the first cannot be known to repeat).  Every such token is in the context already, so this
+  measures how well the model retrieves and uses it, not what it knows.  A proxy too: copying
+  is the simplest use of context.
+
+No honest offline proxy for *reasoning* was found in the embedded texts (they hold no
+questions with checkable answers), so there is no reasoning stratum.
+
+Damage in a stratum is the increase of mean NLL over its tokens, quantized minus full
+precision (:func:`stratum_nll`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitcliff.data import WindowSpec, sequence_prefix, token_windows
+
+STRATA = ("overall", "memorization", "utilization")
+SENTENCE_ENDS = (".", "!", "?", "\n", ":", ";", '"', "(", "=")
+REPEAT_SPAN = 128  # tokens per copied span: two copies fit a 256-token window
+
+
+@dataclass
+class StratumWindows:
+    """Token windows and which of their predicted tokens form one stratum.
+
+    Attributes:
+        name: the stratum.
+        ids: int64 ``[B, T]`` windows.
+        mask: bool ``[B, T - 1]``: ``mask[b, t]`` when token ``t + 1`` belongs to the stratum.
+    """
+
+    name: str
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def check_strata(names) -> tuple[str, ...]:
+    """``names`` as a tuple; raises ``ValueError`` naming an unknown stratum."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in STRATA]
+    if unknown:
+        raise ValueError(f"unknown stratum {unknown[0]!r}: choose from {', '.join(STRATA)}")
+    if not names:
+        raise ValueError(f"no strata given: choose from {', '.join(STRATA)}")
+    return names
+
+
+def memorization_mask(tokenizer, ids: torch.Tensor, skip: int) -> torch.Tensor:
+    """bool ``[B, T - 1]``: the memorization tokens of ``ids`` (module docstring); the first
+    ``skip`` tokens of every window (the sequence prefix) are never in it."""
+    mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+    for b, window in enumerate(ids.tolist()):
+        pieces = [tokenizer.decode([t]) for t in window]
+        seen: set[str] = set()
+        previous = ""
+        for t in range(skip, len(window)):
+            piece = pieces[t]
+            starts_word = piece[:1].isspace() or previous[-1:].isspace() or t == skip
+            word = piece.strip()
+            if starts_word and word:
+                sentence_start = not previous.strip() or previous.strip()[-1] in SENTENCE_ENDS
+                key = word.lower()
+                if (word[0].isupper() or word[0].isdigit()) and not sentence_start and key not in seen and t > skip:
+                    mask[b, t - 1] = True
+                seen.add(key)
+            previous = piece if piece.strip() or not previous else previous + piece
+    return mask
+
+
+def build_strata(tokenizer, text: str, n_windows: int = 16, seq_len: int = 512,
+                 names=STRATA) -> dict[str, StratumWindows]:
+    """The strata ``names`` of ``text`` (its evaluation part, as in the protocol), by name.
+
+    Raises:
+        ValueError: an unknown stratum, a text too short for the windows (the message says how
+            many it gives), or a stratum with no token in this text.
+    """
+    names = check_strata(names)
+    prefix = len(sequence_prefix(tokenizer))
+    natural = token_windows(tokenizer, text, WindowSpec("eval", n_windows, seq_len))
+    overall = torch.ones(natural.shape[0], natural.shape[1] - 1, dtype=torch.bool)
+    overall[:, : max(prefix - 1, 0)] = False
+    spans = token_windows(tokenizer, text, WindowSpec("eval", n_windows, REPEAT_SPAN + prefix))[:, prefix:]
+    head = natural[:, :prefix]
+    repeated = torch.cat([head, spans, spans], dim=1)
+    copy = torch.zeros(repeated.shape[0], repeated.shape[1] - 1, dtype=torch.bool)
+    copy[:, prefix + REPEAT_SPAN:] = True  # predicts tokens prefix + span + 1 ..: the second copy, from its second token
+    builders = {
+        "overall": lambda: StratumWindows("overall", natural, overall),
+        "memorization": lambda: StratumWindows("memorization", natural, memorization_mask(tokenizer, natural, prefix)),
+        "utilization": lambda: StratumWindows("utilization", repeated, copy),
+    }
+    strata = {name: builders[name]() for name in names}
+    empty = [name for name, stratum in strata.items() if stratum.tokens == 0]
+    if empty:
+        raise ValueError(f"the text gives no {empty[0]} tokens (see bitcliff.study.strata); leave that stratum out")
+    return strata
+
+
+def stratum_nll(model, strata: dict[str, StratumWindows], batch_size: int = 4) -> dict[str, float]:
+    """Mean NLL of ``model`` over each stratum's tokens, by name.  Strata sharing their windows
+    (overall and memorization) share one forward."""
+    from bitcliff.eval import token_nll
+
+    was_training = model.training
+    model.eval()
+    cache: dict[int, torch.Tensor] = {}
+    out = {}
+    try:
+        for name, stratum in strata.items():
+            key = id(stratum.ids)
+            if key not in cache:
+                cache[key] = torch.cat([token_nll(model, chunk) for chunk in stratum.ids.split(batch_size)])
+            nll = cache[key]
+            out[name] = float(nll[stratum.mask].double().mean())
+    finally:
+        model.train(was_training)
+    return out
