@@ -134,6 +134,28 @@ class HessianAccumulator:
         return s * (2.0 / self.count)
 
 
+def summed_over_ranks(acc: HessianAccumulator, ranks, owner: int, what: str) -> HessianAccumulator:
+    """``acc`` summed over every rank's batches, the same on every rank: ``owner`` merges the
+    ranks' :meth:`~HessianAccumulator.parts` in rank order (the one-process order when the shares
+    are whole subtrees) and sends the merged parts back.  ``ranks``: a
+    :class:`bitcliff.distributed.Ranks`; with one rank, ``acc`` itself.  ``acc`` is emptied."""
+    if not ranks.distributed:
+        return acc
+    gathered = ranks.gather([n for n, _ in acc.parts()] + [acc.count], [p for _, p in acc.parts()], owner,
+                            f"summing the input covariance of {what}")
+    acc.release()
+    message = (None, None)
+    if gathered is not None:
+        total = HessianAccumulator(acc.in_features, acc.device)
+        for header, partials in gathered:
+            total.merge(list(zip(header[:-1], partials)), header[-1])
+        message = ([n for n, _ in total.parts()] + [total.count], [p for _, p in total.parts()])
+    header, partials = ranks.broadcast(*message, src=owner, what=f"sending the input covariance of {what}")
+    shared = HessianAccumulator(acc.in_features, acc.device)
+    shared.merge(list(zip(header[:-1], partials)), header[-1])
+    return shared
+
+
 @dataclass
 class GPTQResult:
     """Outcome of :func:`gptq_quantize` for one (possibly stacked) weight.

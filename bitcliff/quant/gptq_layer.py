@@ -57,6 +57,7 @@ from bitcliff.quant.gptq import (
     concat_rows,
     gptq_quantize,
     split_result,
+    summed_over_ranks,
 )
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.qweight import QuantizedWeight
@@ -262,25 +263,11 @@ def solve_layer(
     tokens: dict[str, int] = {}
 
     def shared_hessian(group) -> tuple[torch.Tensor, int]:
-        """The group's Hessian over every rank's batches and its token count, on every rank: the
-        owner sums the ranks' partial sums in rank order (the one-process order), sends it back."""
-        acc, dst = accs[group[0]], owner[group[0]]
-        if not ranks.distributed:
-            hessian = acc.hessian()
-            acc.release()
-            return hessian, acc.count
-        name = full_names[group[0]]
-        gathered = ranks.gather([n for n, _ in acc.parts()] + [acc.count], [p for _, p in acc.parts()], dst,
-                                f"summing the Hessian of {name}")
+        """The group's Hessian over every rank's batches and its token count, on every rank."""
+        acc = summed_over_ranks(accs[group[0]], ranks, owner[group[0]], full_names[group[0]])
+        hessian = acc.hessian()
         acc.release()
-        message = (None, None)
-        if gathered is not None:
-            total = HessianAccumulator(acc.in_features, acc.device)
-            for header, partials in gathered:
-                total.merge(list(zip(header[:-1], partials)), header[-1])
-            message = (total.count, [total.hessian()])
-        count, (hessian,) = ranks.broadcast(*message, src=dst, what=f"sending the Hessian of {name}")
-        return hessian.to(acc.device), count
+        return hessian, acc.count
 
     def solve(batch: list[list[str]]) -> None:
         """Solve ``batch``'s groups, every rank its block of each group's rows, and give every rank

@@ -67,7 +67,7 @@ def check_plan_fits(plan: RepairPlan, fp_model: nn.Module, q_model: nn.Module) -
 
 
 def repair(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, plan: RepairPlan,
-           batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> RepairResult:
+           batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, ranks=None) -> RepairResult:
     """Repair ``q_model`` in place by ``plan`` and return what was done.
 
     Args:
@@ -77,6 +77,8 @@ def repair(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, pla
         plan: from :func:`bitcliff.repairs.plan.plan_repair`.
         batch_size: windows per forward.
         progress: tqdm bars.
+        ranks: a :class:`bitcliff.distributed.Ranks` sharing the calibration walk; None for one
+            process.
     Raises:
         ValueError: a plan made for another model, or calibration data of the wrong form.
     """
@@ -86,7 +88,8 @@ def repair(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, pla
     weights = quantized_weights(q_model)
     fp_model.eval()
     q_model.eval()
-    record = repair_walk(fp_model, q_model, calib_ids.long(), plan, batch_size=batch_size, progress=progress)
+    record = repair_walk(fp_model, q_model, calib_ids.long(), plan, batch_size=batch_size, progress=progress,
+                         ranks=ranks)
     allowed = plan.budget * weights
     if record.bits > allowed * (1 + 1e-9) + 1e-6:
         raise RuntimeError(f"the repair stored {record.bits:.0f} bits where the budget allows {allowed:.0f}")

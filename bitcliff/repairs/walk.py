@@ -14,6 +14,10 @@ Per layer:
    module can replace it even while suspended forwards are inside its call.
 2. The repaired layer's outputs are the next layer's inputs.
 
+Over several ranks (:mod:`bitcliff.distributed`) every rank walks its share of the calibration
+batches; at each group the input statistics are summed over the ranks (by the group's owner, in
+rank order) and every rank makes the same repair from them.
+
 The input covariance counts every position, the first one too: its activations are the attention
 sink's, tens of times larger than any other token's, and a quantization that ignores them (a GPTQ
 re-solve or low-rank factors fitted without that row) corrupts the sink and with it every token's
@@ -32,9 +36,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitcliff.diagnosis.fp_record import FIRST_TOKEN
-from bitcliff.layers import LayerCalls, SuspendedForwards, find_decoder_layers, removing, share_groups
-from bitcliff.quant.gptq import HessianAccumulator
-from bitcliff.quant.gptq_model import capture_calibration_inputs
+from bitcliff.distributed import Ranks
+from bitcliff.layers import (
+    LayerCalls,
+    SuspendedForwards,
+    find_decoder_layers,
+    removing,
+    share_groups,
+)
+from bitcliff.quant.gptq import HessianAccumulator, summed_over_ranks
+from bitcliff.quant.gptq_model import capture_calibration_inputs, rank_share
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import quant_config, set_submodule
 from bitcliff.repairs import budget as costs
@@ -223,7 +234,7 @@ class _LayerRepairer:
 
 
 def repair_walk(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, plan: RepairPlan,
-                batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> WalkRecord:
+                batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, ranks: Ranks | None = None) -> WalkRecord:
     """Apply ``plan`` to ``q_model`` in place, layer by layer (module docstring).
 
     Args:
@@ -233,29 +244,33 @@ def repair_walk(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor
         plan: what to repair (:func:`bitcliff.repairs.plan.plan_repair`).
         batch_size: windows per forward.
         progress: a tqdm bar over the layers.
+        ranks: the processes sharing the walk (each passes the same models and windows, and ends
+            with the same repaired model); None for one.
     """
     start = time.perf_counter()
+    ranks = ranks or Ranks.single()
     config = quant_config(q_model)
     if config is None:
         raise ValueError("the quantized model carries no QuantConfig: load it with bitcliff.load or quantize it first")
     prefix, q_layers = find_decoder_layers(q_model)
     _, fp_layers = find_decoder_layers(fp_model)
-    q_calls: LayerCalls = capture_calibration_inputs(q_model, q_layers, calib_ids, batch_size)
-    q_hidden = q_calls.inputs[0]
     record = WalkRecord(tokens=int(calib_ids.numel()))
+    q_calls: LayerCalls = capture_calibration_inputs(q_model, q_layers, rank_share(calib_ids, batch_size, ranks),
+                                                     batch_size)
+    q_hidden = q_calls.inputs[0]
     carried = 0.0
-    for index in tqdm(range(len(q_layers)), desc="repair", unit="layer", disable=not progress):
+    for index in tqdm(range(len(q_layers)), desc="repair", unit="layer", disable=not (progress and ranks.writes)):
         layer, name = q_layers[index], f"{prefix}.{index}"
         linears = {rel: m for rel, m in layer.named_modules() if isinstance(m, (QuantLinear, nn.Linear))}
         repairer = _LayerRepairer(plan, config, name, index, fp_layers[index], record, carried)
-        q_hidden = _walk_layer(layer, linears, q_hidden, q_calls.calls[index], repairer)
+        q_hidden = _walk_layer(layer, linears, q_hidden, q_calls.calls[index], repairer, ranks, name)
         carried = repairer.budget
     record.seconds = time.perf_counter() - start
     return record
 
 
 def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[torch.Tensor], calls,
-                repairer: _LayerRepairer) -> list[torch.Tensor]:
+                repairer: _LayerRepairer, ranks: Ranks, name: str) -> list[torch.Tensor]:
     slots = {rel: _Slot(module) for rel, module in linears.items()}
     for rel, slot in slots.items():
         set_submodule(layer, rel, slot)
@@ -265,6 +280,8 @@ def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[to
         accs = {g.members[0]: HessianAccumulator(linears[g.members[0]].in_features) for g in groups}
         means = {g.members[0]: torch.zeros(linears[g.members[0]].in_features, dtype=torch.float64) for g in groups}
         counts = {g.members[0]: 0 for g in groups}
+        owners = dict(zip((g.members[0] for g in groups),
+                          ranks.owners([float(linears[g.members[0]].in_features) ** 2 for g in groups])))
         forwards = SuspendedForwards(layer, hidden, calls)
 
         def first_hook(rel):
@@ -294,8 +311,9 @@ def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[to
                 for g in groups:
                     forwards.advance()  # every batch is now parked at this group's input
                     head = g.members[0]
-                    acc = accs[head]
-                    mean = (means[head] / max(counts[head], 1)).float()
+                    acc = summed_over_ranks(accs[head], ranks, owners[head], f"{name}.{head}")
+                    total, count = _summed_mean(ranks, means[head], counts[head], owners[head], f"{name}.{head}")
+                    mean = (total / max(count, 1)).float()
                     weights = sum(linears[m].in_features * linears[m].out_features for m in g.members)
                     repairer.repair(layer, g.members, g.source, slots, acc, mean, weights, layer_weights)
                     layer_weights -= weights  # the next groups share what this one left
@@ -307,3 +325,15 @@ def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[to
     finally:
         for rel, slot in slots.items():
             set_submodule(layer, rel, slot.inner)
+
+
+def _summed_mean(ranks: Ranks, total: torch.Tensor, count: int, owner: int, what: str) -> tuple[torch.Tensor, int]:
+    """A float64 ``[K]`` sum of inputs and its token count, summed over the ranks in rank order."""
+    if not ranks.distributed:
+        return total, count
+    gathered = ranks.gather(count, [total], owner, f"summing the mean input of {what}")
+    message = (None, None)
+    if gathered is not None:
+        message = (sum(c for c, _ in gathered), [sum((t for _, (t,) in gathered[1:]), gathered[0][1][0])])
+    count, (total,) = ranks.broadcast(*message, src=owner, what=f"sending the mean input of {what}")
+    return total, count

@@ -93,3 +93,18 @@ def quantize_streaming(rank, world, port, source: Path, config, n_windows, batch
         Path(f"{out}.rank{rank}.error").write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         os._exit(2)  # the process group cannot be left cleanly once a peer is gone
     ranks.close()
+
+
+def repair_tiny(rank, world, port, plan, out: Path) -> None:
+    """The repair walk of the tiny repair model over the ranks; every rank saves its result."""
+    from repair_helpers import repair_setup
+
+    import bitcliff
+
+    ranks = join(rank, world, port)
+    try:
+        fp, q, calib = repair_setup()
+        result = bitcliff.repair(fp, q, calib, plan, batch_size=2, progress=False, ranks=ranks)
+        torch.save({"state": q.state_dict(), "bits": result.record.bits}, out / f"repair{rank}.pt")
+    finally:
+        ranks.close()

@@ -154,3 +154,30 @@ def test_bad_rank_options_are_refused_before_any_work(tiny_folder, tmp_path, ext
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_the_repair_walk_on_two_ranks_makes_the_one_process_repair(tmp_path):
+    from rank_workers import repair_tiny
+    from repair_helpers import repair_setup
+
+    import bitcliff
+    from bitcliff.diagnosis.run import DiagnoseOptions
+
+    fp, q, calib = repair_setup()
+    evaluation = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
+    report = bitcliff.diagnose(fp, q, evaluation, options=DiagnoseOptions.fast(), progress=False)
+    plan = bitcliff.plan_repair(report, budget=1.0, methods=["restore", "norm", "lowrank", "bias"])
+    assert plan.restore and plan.lowrank_bits and plan.bias_families and plan.norm
+    torch.set_num_threads(1)
+    try:
+        one = bitcliff.repair(fp, q, calib, plan, batch_size=2, progress=False)
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    assert run_ranks(repair_tiny, 2, plan, tmp_path) == [0, 0]
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"repair{rank}.pt")
+        assert saved["bits"] == one.record.bits
+        state = q.state_dict()
+        assert saved["state"].keys() == state.keys()
+        for key, value in state.items():
+            torch.testing.assert_close(saved["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
