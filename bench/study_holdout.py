@@ -33,8 +33,8 @@ def main(argv=None) -> int:
     from bitcliff.quant.config import QuantConfig
     from bitcliff.study.fit import load_law
     from bitcliff.study.law import factors_of, predict
-    from bitcliff.study.sweep import SweepSettings, damages, run_sweep
     from bitcliff.study.sweep import Configuration as C
+    from bitcliff.study.sweep import SweepSettings, damages, run_sweep
 
     law, fits = load_law(args.law)
     held = json.loads((args.law.parent / "sweep.json").read_text())
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         checks = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for key, fit in fits.items():
+            for fit in fits.values():
                 if fit.method != row["method"]:
                     continue
                 p = predict(fit, factors, model["nll_fp"].get(fit.stratum))
