@@ -19,16 +19,10 @@ from bitcliff.repairs.budget import quantized_weights
 
 @pytest.fixture(scope="module")
 def setup():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import repair_setup
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, tie_word_embeddings=True,
-                         initializer_range=0.1)
-    fp = LlamaForCausalLM(config).eval()
-    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    fp, q, calib = repair_setup()
     evaluation = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
-    q = bitcliff.quantize(copy.deepcopy(fp), QuantConfig(bits=2, group_size=32), progress=False)
     report = bitcliff.diagnose(fp, q, evaluation, options=DiagnoseOptions.fast(), progress=False)
     return fp, q, calib, evaluation, report
 
