@@ -44,8 +44,9 @@ def add_parser(sub) -> None:
                         "an interrupted run resumes from its last finished layer")
     p.add_argument("--restart", action="store_true", help="with --streaming: discard a partial run and start over")
     ranks = p.add_argument_group(
-        "ranks", "GPTQ over several processes: the calibration batches are split among them and each module\n"
-        "is solved by one of them.  Under torchrun the ranks come from its environment.")
+        "ranks", "GPTQ over several processes: the calibration batches are split among them, each module's\n"
+        "Hessian is summed by one of them and every one solves a block of its rows.  Under torchrun\n"
+        "the ranks come from its environment.")
     ranks.add_argument("--nproc", type=int, default=1, metavar="N",
                        help="start N processes on this machine (through torchrun), each with its share of the cores")
     ranks.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
