@@ -97,7 +97,7 @@ def quantize_streaming(rank, world, port, source: Path, config, n_windows, batch
 
 def repair_tiny(rank, world, port, plan, out: Path) -> None:
     """The repair walk of the tiny repair model over the ranks; every rank saves its result."""
-    from conftest import repair_setup
+    from repair_fixtures import repair_setup
 
     import bitcliff
 

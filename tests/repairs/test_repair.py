@@ -19,7 +19,7 @@ from bitcliff.repairs.budget import quantized_weights
 
 @pytest.fixture(scope="module")
 def setup():
-    from conftest import repair_setup
+    from repair_fixtures import repair_setup
 
     fp, q, calib = repair_setup()
     evaluation = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
