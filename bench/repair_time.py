@@ -28,7 +28,6 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--repair-calib", type=int, default=32)
-    parser.add_argument("--diagnosis", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -36,7 +35,8 @@ def main(argv=None) -> int:
 
     import bitcliff
     from bitcliff.assets import load_text
-    from bitcliff.data import calibration_windows
+    from bitcliff.data import calibration_windows, evaluation_windows
+    from bitcliff.diagnosis.run import DiagnoseOptions
     from bitcliff.models import load_fp_model
 
     fp, tokenizer, _ = load_fp_model(args.model)
@@ -45,7 +45,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     q = bitcliff.quantize(copy.deepcopy(fp), config, progress=False, calib_ids=calib)
     gptq_s = time.perf_counter() - start
-    plan = bitcliff.plan_repair(json.loads(args.diagnosis.read_text()), args.budget)
+    options = DiagnoseOptions(trace_examples=8, patch_examples=0, capture_examples=1)
+    report = bitcliff.diagnose(fp, q, evaluation_windows(tokenizer, load_text("wiki"), 16, 256), options=options,
+                               progress=False)
+    plan = bitcliff.plan_repair(report, args.budget)
     start = time.perf_counter()
     result = bitcliff.repair(fp, q, calib[: args.repair_calib], plan, progress=False)
     repair_s = time.perf_counter() - start
