@@ -95,7 +95,7 @@ def summary(law: dict, fits: dict[str, Fit]) -> list[str]:
                           for f in FACTORS if f in fit.free)
         loo = f"LOO rmse(log damage) {fit.loo_rmse:.2f}"
         if fit.loo_ppl_error is not None:
-            loo += f", ppl error {fit.loo_ppl_error:.0%}"
+            loo += f", median ppl error {fit.loo_ppl_error:.0%}"
         size = "" if "N" not in fit.free or size_identified(fit) else "  (N barely identified: sizes within 1.5x)"
         lines.append(f"{key:>22}: damage = e^{fit.coef[0]:.2f} {terms}")
         lines.append(f"{'':>22}  R² {fit.r2:.3f}, {loo}; {fit.rows} rows ({fit.dropped} without positive damage); "

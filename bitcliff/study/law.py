@@ -55,8 +55,9 @@ class Fit:
         ranges: per factor, the (min, max) seen in the rows.
         r2: in log space.
         loo_rmse: leave-one-out root mean squared error of log damage.
-        loo_ppl_error: for the overall stratum, mean absolute relative ppl error of the
-            leave-one-out predictions (None for the others).
+        loo_ppl_error: for the overall stratum, the median absolute relative ppl error of the
+            leave-one-out predictions (None for the others; the median, since near the cliff a
+            small error in log damage is a huge one in ppl).
         rows, dropped: rows fitted, and rows left out for a damage that was not positive.
     """
 
@@ -151,7 +152,7 @@ def fit_law(rows: list[dict], stratum: str, method: str, seed: int = 0) -> Fit:
         pick = rng.integers(0, len(usable), len(usable))
         boot.append(_lstsq(a[pick], y[pick]).tolist())
     return Fit(stratum, method, free, coef.tolist(), boot, ranges, r2,
-               float(np.sqrt(np.mean(np.square(loo)))), float(np.mean(ppl_errors)) if ppl_errors else None,
+               float(np.sqrt(np.mean(np.square(loo)))), float(np.median(ppl_errors)) if ppl_errors else None,
                len(usable), len(chosen) - len(usable))
 
 
