@@ -482,14 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.peer_python:
-        rest, skip = [], False
-        for a in argv:
-            if skip:
-                skip = False
-            elif a == "--peer-python":
-                skip = True
-            elif not a.startswith("--peer-python="):
-                rest.append(a)
+        from bitcliff.cli.common import without_option
+
+        rest = without_option(argv, "--peer-python")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         return subprocess.call([args.peer_python, "-m", "bench.peer_gptqmodel", *rest], cwd=REPO, env=env)

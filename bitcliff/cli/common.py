@@ -107,6 +107,20 @@ def check_model_arg(value: str, flag: str = "--model") -> None:
                      "an existing folder or a hub id 'owner/name'")
 
 
+def without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag`` and its value (``--flag V`` or ``--flag=V``): the same command,
+    to run again somewhere else."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == flag:
+            skip = True
+        elif not token.startswith(flag + "="):
+            out.append(token)
+    return out
+
+
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an occupied output folder before any work is done (see ``bitcliff.storage``)."""
     from bitcliff.storage import check_replaceable

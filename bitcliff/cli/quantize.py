@@ -24,6 +24,7 @@ from bitcliff.cli.common import (
     check_text_arg,
     config_from_args,
     quantize_model,
+    without_option,
 )
 from bitcliff.distributed import DEFAULT_TIMEOUT_S, Ranks
 
@@ -107,14 +108,7 @@ def _on(ranks: Ranks) -> str:
 def _launch(args: argparse.Namespace) -> int:
     """Run this very command under torchrun with ``--nproc`` processes on this machine, each with
     its share of the cores; returns torchrun's exit status."""
-    argv, skip = [], False
-    for token in args.argv:  # the same command without --nproc
-        if skip:
-            skip = False
-        elif token == "--nproc":
-            skip = True
-        elif not token.startswith("--nproc="):
-            argv.append(token)
+    argv = without_option(args.argv, "--nproc")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
