@@ -279,7 +279,8 @@ def solve_layer(
             rows = ranks.share(weight.shape[0])
             label = ", ".join(full_names[name] for name in group)
             start = time.perf_counter()
-            check_finite(weight, label)  # the whole weight: every rank must agree on an error
+            if ranks.distributed:  # the whole weight, so that every rank agrees on the error
+                check_finite(weight, label)
             blocks[group[0]] = (gptq_quantize(weight[rows.start: rows.stop], hessian, config, name=label),
                                 time.perf_counter() - start)
         for group in batch:
