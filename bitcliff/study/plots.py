@@ -23,6 +23,7 @@ def plot_fits(rows: list[dict], fits: list[Fit], models: dict, path: Path) -> Pa
         if r["method"] == method:
             series.setdefault((r["model"], r["group_size"], r.get("calib")), []).append(r)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = dict(zip(sorted({model for model, _, _ in series}), "o^sDv"))  # one marker per model
     for ax, fit in zip(axes[0], fits):
         for i, ((model, group, calib), members) in enumerate(sorted(series.items(), key=str)):
             members = sorted(members, key=lambda r: r["effective_bits"])
@@ -30,7 +31,8 @@ def plot_fits(rows: list[dict], fits: list[Fit], models: dict, path: Path) -> Pa
             color = colors[i % len(colors)]
             xs = [r["effective_bits"] for r in members]
             ys = [r["damage"][fit.stratum] for r in members]
-            ax.scatter([x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0], color=color, s=14, label=label)
+            ax.scatter([x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0], color=color, s=14,
+                       marker=markers.get(model, "o"), label=label)
             lo, hi = min(xs), max(xs)
             grid = [lo + (hi - lo) * k / 40 for k in range(41)]
             base = factors_of(members[0])
