@@ -1,7 +1,7 @@
 """The study's Markdown tables: full-precision NLL per model, damage per configuration, and the
 held-out predictions against their measurements.
 
-    python -m bench.study_report bench/results/study-default.jsonl \\
+    python -m bench.study_report bench/results/study-rows.jsonl \\
         --holdout bench/results/study-holdout.json
 
 Prints to standard output; docs/study.md holds its output.
