@@ -34,8 +34,10 @@ def fp_table(rows: list[dict]) -> list[str]:
 def damage_table(rows: list[dict], method: str) -> list[str]:
     """One line per quantized row of ``method``, sorted by model, bits, group size (per-channel
     last) and calibration."""
-    chosen = sorted((r for r in rows if r["method"] == method),
-                    key=lambda r: (r["model"], r["bits"], r["group_size"] if r["group_size"] > 0 else math.inf, r.get("calib") or 0))
+    def order(r: dict) -> tuple:
+        return r["model"], r["bits"], r["group_size"] if r["group_size"] > 0 else math.inf, r.get("calib") or 0
+
+    chosen = sorted((r for r in rows if r["method"] == method), key=order)
     strata = list(chosen[0]["damage"])
     calib = method == "gptq"
     lines = ["| model | bits | group | " + ("calib | " if calib else "") + "b_eff | ppl | "
@@ -65,13 +67,13 @@ def holdout_table(holdout: dict) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("rows", type=Path, help="a study sweep's rows (JSON lines)")
+    parser.add_argument("rows", type=Path, help="a study sweep folder, or its rows (JSON lines)")
     parser.add_argument("--holdout", type=Path, help="bench.study_holdout's output")
     args = parser.parse_args(argv)
 
-    from bitcliff.study.sweep import damages
+    from bitcliff.study.sweep import damages, read_rows
 
-    rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+    rows = read_rows(args.rows)
     measured = damages(rows)
     sections = [fp_table(rows)] + [damage_table(measured, m) for m in ("rtn", "gptq")
                                    if any(r["method"] == m for r in measured)]

@@ -90,8 +90,9 @@ def grid(models, bits, group_sizes, calib, methods, full_gptq: bool = False) -> 
 
 
 def read_rows(folder: str | Path) -> list[dict]:
-    """The rows of a sweep folder (``rows.jsonl``), in the order they were written."""
-    path = Path(folder) / ROWS_FILE
+    """The rows of a sweep folder (its ``rows.jsonl``; or such a file itself, e.g. a copy kept
+    with the results), in the order they were written."""
+    path = Path(folder) if Path(folder).is_file() else Path(folder) / ROWS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no {ROWS_FILE}: not a study sweep folder (run `bitcliff study sweep`)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
