@@ -4,11 +4,15 @@ The GPTQ checkpoint layout (``pack.py``) is a bit stream along K: fine for 2 and
 3-bit codes straddle int32 words, which costs a kernel two loads and a funnel shift per code.
 The kernel layout removes that and everything else a kernel would otherwise redo per call:
 
-* **bit planes along K.**  Codes are stored in *planes* of 2 or 4 bits that never straddle:
+* **bit planes along K.**  Codes are stored in *planes* of 1, 2 or 4 bits that never straddle:
   plane word ``[r, n]`` holds codes ``k = r*PER .. r*PER+PER-1`` of column ``n`` (``PER = 32 /
-  plane bits``), least significant first.  4-bit and 2-bit weights have one plane (which is
-  bit-for-bit the GPTQ ``qweight``); 3-bit weights have a 2-bit plane ``lo`` (bits 0-1 of every
-  code) and a 1-bit plane ``hi`` (bit 2).  Both are exactly 3 bits per weight.
+  plane bits``).  4-bit and 2-bit weights have one plane; 3-bit weights have a 2-bit plane ``lo``
+  (bits 0-1 of every code) and a 1-bit plane ``hi`` (bit 2).  Both are exactly 3 bits per weight.
+* **even codes in the low half-word, odd codes in the high one.**  Code ``i`` of a word sits at
+  bit ``16 * (i % 2) + width * (i // 2)``: the two codes of a pair ``(2m, 2m+1)`` share a field
+  position in the two halves, so the GPU decodes them with one instruction into one ``half2``
+  that multiplies activations ``(x[2m], x[2m+1])`` as they lie in memory (``decode.py``).  (The
+  GPTQ ``qweight`` stores codes in order, ``i`` at bit ``width * i``.)
 * **zeros unpacked** to ``uint8 [n_groups, N]``: one byte per group and column instead of a
   bit-packed row along N that each kernel tile would have to unpack (fewer bytes than an fp16
   zero, and exact: the kernel forms ``code - zero`` in fp32).
@@ -49,6 +53,12 @@ def plane_bits(bits: int) -> tuple[int, ...]:
     return (2, 1) if bits == 3 else (bits,)
 
 
+def code_bit(position: torch.Tensor | int, width: int):
+    """Bit offset of the code at ``position`` (0..PER-1) within its plane word: even codes in the
+    low half-word, odd codes in the high half-word, each half filled from bit 0 up."""
+    return 16 * (position % 2) + width * (position // 2)
+
+
 def pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
     """Pack ``[L, C]`` codes of ``width`` bits (L a multiple of 32) along dim 0 into int32 words."""
     per = 32 // width
@@ -56,7 +66,7 @@ def pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
     if length % per:
         raise ValueError(f"plane length {length} is not a multiple of {per} codes")
     c = codes.to(torch.int64).view(length // per, per, cols)
-    shifts = (torch.arange(per, dtype=torch.int64) * width).view(1, per, 1)
+    shifts = code_bit(torch.arange(per, dtype=torch.int64), width).view(1, per, 1)
     words = (c << shifts).sum(dim=1)  # disjoint bit fields: the sum is their OR
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -66,7 +76,7 @@ def unpack_plane(words: torch.Tensor, width: int) -> torch.Tensor:
     per = 32 // width
     rows, cols = words.shape
     w = (words.to(torch.int64) & 0xFFFFFFFF).view(rows, 1, cols)
-    shifts = (torch.arange(per, dtype=torch.int64) * width).view(1, per, 1)
+    shifts = code_bit(torch.arange(per, dtype=torch.int64), width).view(1, per, 1)
     return ((w >> shifts) & ((1 << width) - 1)).view(rows * per, cols)
 
 

@@ -1,55 +1,52 @@
-"""Triton dequant-matmul for 2/3/4-bit group-quantized weights, with fused error capture.
+"""Triton dequant-matmul for 2/3/4-bit group-quantized weights, with fused error capture: the launcher.
 
 Computes ``y = x @ dequant(W)ᵀ (+ bias)`` for fp16/bf16 activations ``x [M, K]`` and a weight in
 the kernel layout of ``layout.py`` (bit planes along K, uint8 zeros, contiguous 32-aligned groups).
-``kernels/reference.py`` defines the result; this file only makes it fast.
+``kernels/reference.py`` defines the result; the kernels only make it fast.
 
-One source serves every bit width: ``BITS``, ``GROUP_SIZE`` and ``CAPTURE`` are ``tl.constexpr``
-and all unpacking goes through :func:`_unpack`.  Two schedules, chosen by M:
+One source serves every bit width: ``BITS``, ``GROUP_SIZE`` and ``CAPTURE`` are ``tl.constexpr``.
+Three schedules, chosen by M:
 
-* ``gemv`` (decode, ``M <= GEMV_MAX_M``): one program per (row, BLOCK_N columns, K slice), one
-  column per thread.  Each packed word is loaded once (a warp reads 128 contiguous bytes of a
-  plane row) and expanded in registers to the PER codes it holds; partial sums stay per
-  (unit, position, column) in registers and are reduced once after the K loop, so the loop has
-  no shared memory, no barriers and no tensor cores (a GEMV has nothing for them to do).  Codes
-  become floats by the 2**23 mantissa trick rather than int->float conversions (a quarter-rate
-  unit on Hopper); ``code - zero`` is exact in fp32 and the scale is applied once per K tile.
-  Rows of one tile run as neighbouring programs, so M > 1 re-reads the weight from L2, not DRAM.
-* ``tiled`` (prefill, larger M): the matmul tutorial's grouped tile order; each K step unpacks a
-  ``[BLOCK_K, BLOCK_N]`` weight tile to the activation dtype and feeds ``tl.dot``.
+* ``gemv`` (decode, ``M <= GEMV_MAX_M``, ``gemv.py``): each thread owns a few output columns for a K
+  slice and decodes two codes per instruction (``decode.py``) with no shared memory;
+* ``tiled`` (prefill, larger M, ``tiled.py``): dequantized weight tiles feed ``tl.dot``;
+* ``dequant`` (``dequant.py``): the dense weight written once, then ``torch.matmul``.  From
+  ``DEQUANT_MIN_M`` rows (plain launches on a GPU) the first launch of each shape class times it
+  against ``tiled`` and the faster is kept in the tuning cache with both times.
 
-Both split K when the output has too few tiles to fill the GPU (``SPLIT_K`` > 1): partial tiles are
-added into an fp32 workspace and the *last* program of a tile (an atomic counter tells it) reads the
-sum back, leaves the workspace and counter zeroed for the next launch, and runs the epilogue.  So a
-launch is one kernel, with no memset and no second pass, and capture always sees the final ``y``.
+Both split K when the output has too few tiles to fill the GPU, and both end in ``epilogue.py``
+(bias, store, capture, the split-K reduction: one launch, no memset, no second pass).
 
-The epilogue (:func:`_epilogue`) adds the bias, stores ``y`` and, when capturing, reduces per row:
-``stats`` gives ``sum(y**2)`` and ``max|y|`` of the stored ``y``; ``error`` gives
-``||y_q - y_fp||**2`` and ``||y_fp||**2`` in fp32, where ``y_fp`` was accumulated in the same K loop
-from the full-precision weight tile loaded beside the packed one (never written to memory).  Rows
-span several column tiles, so these reductions are fp32 atomics into ``[M]`` buffers.  With
-``CAPTURE="none"`` none of this code exists in the compiled kernel.
+Activations are handed to the kernels in the layout's K order: for an act-order layout (``kidx``)
+this launcher gathers the columns first (zero at padding positions); and the gemv reads them as
+int32 pairs, so rows must start at even, 4-byte aligned offsets (a copy fixes any other ``x``).
 
 Tuning: ``triton.autotune`` over block shapes and ``SPLIT_K`` (keys: M bucket, N, K, and the
 constexprs; candidate lists and pruning in ``tuning.py``), and the winner per device, Triton version
 and shape class is kept in a JSON file under ``$BITCLIFF_CACHE`` (default ``~/.cache/bitcliff``) so
-later runs launch it directly.  Under
-``TRITON_INTERPRET=1`` (CPU tests) a fixed small configuration is used and nothing is tuned.
+later runs launch it directly.  Under ``TRITON_INTERPRET=1`` (CPU tests) a fixed small configuration
+is used and nothing is tuned.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
-import triton.language as tl
 
+from bitcliff.kernels import decode
+from bitcliff.kernels.dequant import dequantize
+from bitcliff.kernels.gemv import qmm_gemv_kernel
 from bitcliff.kernels.layout import KernelLayout
 from bitcliff.kernels.reference import CaptureMode
+from bitcliff.kernels.tiled import qmm_tiled_kernel
 from bitcliff.kernels.tuning import (
     DEFAULT_CONFIGS,
+    DEQUANT_MIN_M,
     GEMV_MAX_M,
     SPLIT_MAX_M,
     TUNING_CACHE,
+    choose_by_measurement,
     config_dict,
     gemv_configs,
     m_bucket,
@@ -58,341 +55,41 @@ from bitcliff.kernels.tuning import (
     tiled_configs,
 )
 
-SCHEDULES = ("auto", "gemv", "tiled")
-_MAGIC = tl.constexpr(8388608.0)  # 2**23: a code OR-ed into its mantissa reads as 2**23 + code
-
-# ---------------------------------------------------------------------------------------------
-# Shared device helpers
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _unpack(lo, hi, kin, BITS: tl.constexpr):
-    """Integer codes at position ``kin`` (0..31) of their 32-code unit.
-
-    ``lo``: the low-plane word holding that position (word ``k // PER`` of the plane);
-    ``hi``: the unit's high-plane word (3-bit only, ignored otherwise).  ``kin`` is either a
-    compile-time int (gemv) or a tensor broadcastable against the words (tiled).  Shifts are
-    arithmetic on int32, so every field is masked after shifting.
-    """
-    LO: tl.constexpr = 2 if BITS == 3 else BITS
-    PER: tl.constexpr = 32 // LO
-    q = (lo >> ((kin % PER) * LO)) & ((1 << LO) - 1)
-    if BITS == 3:
-        q = q | (((hi >> kin) & 1) << 2)
-    return q
-
-
-@triton.jit
-def _mma(a, b, acc, INTERPRET: tl.constexpr):
-    if INTERPRET or a.dtype == tl.float32:
-        # The interpreter's dot has no bfloat16 (numpy); fp32 upcasts give the same exact
-        # products.  fp32 activations also take this path so they are not rounded to tf32.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _epilogue(
-    acc, acc_fp, offs_m, offs_n, M, N,
-    y_ptr, stride_ym, bias_ptr, cap_a_ptr, cap_b_ptr,
-    HAS_BIAS: tl.constexpr, CAPTURE: tl.constexpr,
-):
-    """Bias, store, and per-row capture reductions of one ``[BM, BN]`` output tile."""
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-        if CAPTURE == "error":
-            acc_fp = acc_fp + bias[None, :]
-    y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
-    if CAPTURE == "stats":
-        # From the stored (rounded) y, so the numbers describe exactly what the next layer sees.
-        yf = tl.where(mask, y.to(tl.float32), 0.0)
-        tl.atomic_add(cap_a_ptr + offs_m, tl.sum(yf * yf, axis=1), mask=mask_m)
-        tl.atomic_max(cap_b_ptr + offs_m, tl.max(tl.abs(yf), axis=1), mask=mask_m)
-    if CAPTURE == "error":
-        d = tl.where(mask, acc - acc_fp, 0.0)
-        f = tl.where(mask, acc_fp, 0.0)
-        tl.atomic_add(cap_a_ptr + offs_m, tl.sum(d * d, axis=1), mask=mask_m)
-        tl.atomic_add(cap_b_ptr + offs_m, tl.sum(f * f, axis=1), mask=mask_m)
-
-
-@triton.jit
-def _finish(
-    acc, acc_fp, offs_m, offs_n, tile_id, M, N,
-    y_ptr, stride_ym, bias_ptr, cap_a_ptr, cap_b_ptr, ws_ptr, lock_ptr,
-    HAS_BIAS: tl.constexpr, CAPTURE: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """Epilogue directly (``SPLIT_K == 1``) or after the split-K reduction in the workspace."""
-    if SPLIT_K == 1:
-        _epilogue(acc, acc_fp, offs_m, offs_n, M, N, y_ptr, stride_ym, bias_ptr,
-                  cap_a_ptr, cap_b_ptr, HAS_BIAS, CAPTURE)
-    else:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        ws_q = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        ws_fp = ws_q + M * N
-        tl.atomic_add(ws_q, acc, mask=mask)
-        if CAPTURE == "error":
-            tl.atomic_add(ws_fp, acc_fp, mask=mask)
-        # Every thread's partial sums are in L2 before the counter moves (acq_rel atomics).
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + tile_id, 1)
-        if arrived == SPLIT_K - 1:
-            zero = tl.zeros_like(acc)
-            # Read the total with atomics (served by L2, the point of coherence), then leave
-            # the workspace and the counter zeroed for the next launch.
-            # (Masked-off lanes of an atomic return undefined values: keep them out.)
-            acc = tl.where(mask, tl.atomic_add(ws_q, zero, mask=mask), 0.0)
-            tl.store(ws_q, zero, mask=mask)
-            if CAPTURE == "error":
-                acc_fp = tl.where(mask, tl.atomic_add(ws_fp, zero, mask=mask), 0.0)
-                tl.store(ws_fp, zero, mask=mask)
-            tl.atomic_xchg(lock_ptr + tile_id, 0)
-            _epilogue(acc, acc_fp, offs_m, offs_n, M, N, y_ptr, stride_ym, bias_ptr,
-                      cap_a_ptr, cap_b_ptr, HAS_BIAS, CAPTURE)
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedule 1: GEMV / split-K for decode
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _qmm_gemv_kernel(
-    # pointers
-    x_ptr,  # [M, K] activations (fp16/bf16/fp32), unit stride along K
-    lo_ptr, hi_ptr,  # int32 bit planes [KP*LO/32, N], [KP/32, N] (hi: 3-bit only)
-    scales_ptr, zeros_ptr,  # [G, N] scales (any float), uint8 zeros
-    kidx_ptr,  # int32 [KP]: activation column of each kernel K position (PERMUTED only)
-    bias_ptr,  # [N] (HAS_BIAS only)
-    wfp_ptr,  # [N, K] full-precision weight (CAPTURE == "error" only)
-    y_ptr,  # [M, N] output, x's dtype
-    cap_a_ptr, cap_b_ptr,  # fp32 [M] capture outputs, zero-initialized
-    ws_ptr, lock_ptr,  # fp32 split-K workspace and int32 tile counters, zero at rest
-    # sizes
-    M, N, K, KP,
-    M_BUCKET,  # autotuning key only
-    # strides, in elements
-    stride_xm, stride_wfp, stride_ym,
-    # what to compute
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, CAPTURE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PERMUTED: tl.constexpr, INTERPRET: tl.constexpr,
-    # how (tuned)
-    BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    LO: tl.constexpr = 2 if BITS == 3 else BITS
-    PER: tl.constexpr = 32 // LO
-    BLOCK_K: tl.constexpr = 32 * BLOCK_U
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_u = tl.arange(0, BLOCK_U)
-    n_units = KP // 32
-    n_tiles = tl.cdiv(n_units, BLOCK_U)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_start = pid_k * per_split
-    t_end = tl.minimum(t_start + per_split, n_tiles)
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-
-    # acc[u, j, n]: column n's sum over the codes at position j of the words of K tile row u.
-    # Reduced over (u, j) once, after the K loop, so the loop body is elementwise only.
-    acc = tl.zeros([BLOCK_U, PER, BLOCK_N], dtype=tl.float32)
-    acc_fp = tl.zeros([BLOCK_N], dtype=tl.float32)
-    offs_j = tl.arange(0, PER)
-    for t in range(t_start, t_end):
-        u = t * BLOCK_U + offs_u
-        mask_w = (u < n_units)[:, None] & mask_n[None, :]
-        # Scale and zero of each (unit, column): one row when the tile lies in one group.
-        # Words, scales and zeros are all loaded as [BLOCK_U, 1, BLOCK_N] tensors so that they
-        # land in the layout of the [BLOCK_U, PER, BLOCK_N] codes they combine with (a mismatch
-        # costs a shuffle through shared memory and two barriers per tile).  Within one group the
-        # BLOCK_U scale rows repeat one address: L1 hits.
-        u3 = u[:, None, None]
-        n3 = offs_n[None, None, :]
-        mask_w3 = mask_w[:, None, :]
-        if GROUP_SIZE == -1:
-            g_off = n3 + 0 * u3
-        elif GROUP_SIZE % BLOCK_K == 0:
-            g_off = ((t * BLOCK_K) // GROUP_SIZE) * N + n3 + 0 * u3
-        else:
-            g_off = ((u3 * 32) // GROUP_SIZE) * N + n3
-        scale = tl.load(scales_ptr + g_off, mask=mask_w3, other=0.0).to(tl.float32)
-        zero_magic = tl.load(zeros_ptr + g_off, mask=mask_w3, other=0).to(tl.float32) + _MAGIC
-        if BITS == 3:
-            hi = tl.load(hi_ptr + u3 * N + n3, mask=mask_w3, other=0)
-        else:
-            hi = 0
-        part = tl.zeros([BLOCK_U, PER, BLOCK_N], dtype=tl.float32)
-        for w in tl.static_range(LO):
-            # Plane word w of each unit holds the codes at unit positions w*PER .. w*PER+PER-1.
-            lo = tl.load(lo_ptr + (u3 * LO + w) * N + n3, mask=mask_w3, other=0)
-            kin = w * PER + offs_j
-            k = u[:, None] * 32 + kin[None, :]
-            if PERMUTED:
-                src = tl.load(kidx_ptr + k, mask=(u < n_units)[:, None], other=-1)
-                xv = tl.load(x_row + src, mask=src >= 0, other=0.0).to(tl.float32)
-            else:
-                xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-            q = _unpack(lo, hi, kin[None, :, None], BITS)
-            # float(q) - zero, exactly: OR the code into the mantissa of 2**23 and subtract
-            # 2**23 + zero (one LOP3 and one FADD; no int->float conversion unit).
-            qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic
-            part += qf * xv[:, :, None]
-        acc += part * scale
-        if CAPTURE == "error":
-            # The fp weight row segment, read along K (its contiguous dim) beside the codes.
-            kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            if PERMUTED:
-                src_k = tl.load(kidx_ptr + kk, mask=kk < KP, other=-1)
-                valid = src_k >= 0
-            else:
-                src_k = kk
-                valid = kk < K
-            xk = tl.load(x_row + src_k, mask=valid, other=0.0).to(tl.float32)
-            wf = tl.load(
-                wfp_ptr + offs_n.to(tl.int64)[:, None] * stride_wfp + src_k[None, :],
-                mask=mask_n[:, None] & valid[None, :], other=0.0,
-            ).to(tl.float32)
-            acc_fp += tl.sum(wf * xk[None, :], axis=1)
-
-    acc_n = tl.sum(tl.sum(acc, axis=1), axis=0)
-    offs_m = pid_m + tl.arange(0, 1)
-    tile_id = pid_m * tl.num_programs(1) + pid_n
-    _finish(acc_n[None, :], acc_fp[None, :], offs_m, offs_n, tile_id, M, N,
-            y_ptr, stride_ym, bias_ptr, cap_a_ptr, cap_b_ptr, ws_ptr, lock_ptr,
-            HAS_BIAS, CAPTURE, SPLIT_K)
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedule 2: tiled tl.dot for prefill
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _qmm_tiled_kernel(
-    # pointers (as in _qmm_gemv_kernel)
-    x_ptr, lo_ptr, hi_ptr, scales_ptr, zeros_ptr, kidx_ptr, bias_ptr, wfp_ptr,
-    y_ptr, cap_a_ptr, cap_b_ptr, ws_ptr, lock_ptr,
-    # sizes
-    M, N, K, KP,
-    M_BUCKET,  # autotuning key only
-    # strides, in elements
-    stride_xm, stride_wfp, stride_ym,
-    # what to compute
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, CAPTURE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PERMUTED: tl.constexpr, INTERPRET: tl.constexpr,
-    # how (tuned)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    LO: tl.constexpr = 2 if BITS == 3 else BITS
-    PER: tl.constexpr = 32 // LO
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so the weight tiles
-    # they share stay in L2.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-
-    n_tiles = tl.cdiv(KP, BLOCK_K)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_start = pid_k * per_split
-    t_end = tl.minimum(t_start + per_split, n_tiles)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_fp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for t in range(t_start, t_end):
-        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < KP
-        if PERMUTED:
-            src = tl.load(kidx_ptr + offs_k, mask=mask_k, other=-1)
-            valid = src >= 0
-        else:
-            src = offs_k
-            valid = offs_k < K
-        a = tl.load(x_rows + src[None, :], mask=mask_m[:, None] & valid[None, :], other=0.0)
-
-        mask_w = mask_k[:, None] & mask_n[None, :]
-        # Load each plane word once ([BLOCK_K / PER, BLOCK_N], what the pipeliner stages in
-        # shared memory) and replicate it in registers to the PER codes it holds.
-        rows = t * (BLOCK_K // PER) + tl.arange(0, BLOCK_K // PER)
-        lo = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :],
-                     mask=(rows < KP // PER)[:, None] & mask_n[None, :], other=0)
-        lo = tl.reshape(tl.broadcast_to(lo[:, None, :], (BLOCK_K // PER, PER, BLOCK_N)), (BLOCK_K, BLOCK_N))
-        if BITS == 3:
-            rows_hi = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-            hi = tl.load(hi_ptr + rows_hi[:, None] * N + offs_n[None, :],
-                         mask=(rows_hi < KP // 32)[:, None] & mask_n[None, :], other=0)
-            hi = tl.reshape(tl.broadcast_to(hi[:, None, :], (BLOCK_K // 32, 32, BLOCK_N)), (BLOCK_K, BLOCK_N))
-        else:
-            hi = lo
-        q = _unpack(lo, hi, (offs_k % 32)[:, None], BITS)
-
-        if GROUP_SIZE == -1:
-            g_off = offs_n[None, :]
-            g_mask = mask_n[None, :]
-        elif GROUP_SIZE % BLOCK_K == 0:
-            g_off = ((t * BLOCK_K) // GROUP_SIZE) * N + offs_n[None, :]
-            g_mask = mask_n[None, :]
-        else:
-            g_off = (offs_k // GROUP_SIZE)[:, None] * N + offs_n[None, :]
-            g_mask = mask_w
-        scale = tl.load(scales_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
-        zero_magic = tl.load(zeros_ptr + g_off, mask=g_mask, other=0).to(tl.float32) + _MAGIC
-        # One rounding, to the activation dtype, of the exact fp32 value scale * (q - zero).
-        qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic  # exact float(q) - zero
-        w = (qf * scale).to(a.dtype)
-        acc = _mma(a, w, acc, INTERPRET)
-        if CAPTURE == "error":
-            wf = tl.load(
-                wfp_ptr + offs_n.to(tl.int64)[None, :] * stride_wfp + src[:, None],
-                mask=valid[:, None] & mask_n[None, :], other=0.0,
-            ).to(a.dtype)
-            acc_fp = _mma(a, wf, acc_fp, INTERPRET)
-
-    tile_id = pid_m * num_pid_n + pid_n
-    _finish(acc, acc_fp, offs_m, offs_n, tile_id, M, N,
-            y_ptr, stride_ym, bias_ptr, cap_a_ptr, cap_b_ptr, ws_ptr, lock_ptr,
-            HAS_BIAS, CAPTURE, SPLIT_K)
-
+SCHEDULES = ("auto", "gemv", "tiled", "dequant")
+_DECODE_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # ---------------------------------------------------------------------------------------------
 # Configurations and tuning
 # ---------------------------------------------------------------------------------------------
 
-INTERPRETED = not isinstance(_qmm_gemv_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(qmm_gemv_kernel, triton.runtime.JITFunction)
 KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "CAPTURE", "HAS_BIAS", "PERMUTED"]
 
+def gemv_even(args: dict) -> bool:
+    """Whether a gemv launch needs no masks in its K loop: whole tiles of units, whole column
+    blocks, and activations over every kernel K position."""
+    return (args["KP"] // 32) % args["BLOCK_U"] == 0 and args["N"] % args["BLOCK_N"] == 0 \
+        and args["K"] == args["KP"]
+
+
+_gemv = triton.heuristics({"EVEN": gemv_even})(qmm_gemv_kernel)
 _gemv_tuned = triton.autotune(
     configs=gemv_configs(), key=KEY, reset_to_zero=["cap_a_ptr", "cap_b_ptr"],
     prune_configs_by={"early_config_prune": prune_gemv},
-)(_qmm_gemv_kernel)
+)(_gemv)
+def tiled_fast(args: dict) -> bool:
+    """The tiled kernel decodes with the word program when it can and each K tile lies in one group."""
+    return args["DECODABLE"] and (args["GROUP_SIZE"] == -1 or args["GROUP_SIZE"] % args["BLOCK_K"] == 0)
+
+
+_tiled = triton.heuristics({"FAST": tiled_fast, "EVEN_K": lambda args: args["KP"] % args["BLOCK_K"] == 0})(
+    qmm_tiled_kernel)
 _tiled_tuned = triton.autotune(
     configs=tiled_configs(), key=KEY, reset_to_zero=["cap_a_ptr", "cap_b_ptr"],
     prune_configs_by={"early_config_prune": prune_tiled},
-)(_qmm_tiled_kernel)
+)(_tiled)
 
-_KERNELS = {"gemv": (_qmm_gemv_kernel, _gemv_tuned), "tiled": (_qmm_tiled_kernel, _tiled_tuned)}
+_KERNELS = {"gemv": (_gemv, _gemv_tuned), "tiled": (_tiled, _tiled_tuned)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,8 +130,28 @@ def _workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.
 
 
 def choose_schedule(m: int) -> str:
-    """``gemv`` for decode-sized batches, ``tiled`` otherwise."""
+    """``gemv`` for decode-sized batches, ``tiled`` otherwise (before any measured choice)."""
     return "gemv" if m <= GEMV_MAX_M else "tiled"
+
+
+def _measured_schedule(x2, layout, bias, key_parts) -> str:
+    """``tiled`` or ``dequant`` for a large plain launch, by timing both once per shape class."""
+    key = "|".join(["choice", *map(str, key_parts)])
+
+    def run(schedule):
+        return lambda: quant_matmul(x2, layout, bias, schedule=schedule)
+
+    return choose_by_measurement(x2.device, key, {"tiled": run("tiled"), "dequant": run("dequant")})
+
+
+def _dequant_matmul(xk, layout, bias, y) -> None:
+    """The ``dequant`` schedule: ``y = xk @ W_kᵀ (+ bias)`` with the dense weight in kernel K order."""
+    weight = dequantize(layout, xk.dtype, decode_meta("tiled", xk.dtype, layout.bits))
+    weight = weight[:, : xk.shape[1]]  # an identity K order: x may stop short of k_padded
+    if bias is None:
+        torch.matmul(xk, weight.t(), out=y)
+    else:
+        torch.addmm(bias.to(y.dtype), xk, weight.t(), out=y)
 
 
 def quant_matmul(
@@ -456,7 +173,8 @@ def quant_matmul(
         bias: optional ``[N]``, any float dtype.
         capture: a :class:`~bitcliff.kernels.reference.CaptureMode` or its name.
         weight_fp: ``[N, K]`` full-precision weight, required for ``"error"``.
-        schedule: ``"auto"`` (by M), ``"gemv"`` or ``"tiled"``.
+        schedule: ``"auto"`` (by M, and by measurement for large M), ``"gemv"``, ``"tiled"`` or
+            ``"dequant"`` (no capture).
         config: meta-parameters to launch with instead of tuning (tests, benchmarks).
         out: optional preallocated ``[M, N]`` output (contiguous, x's dtype).
     Returns:
@@ -508,6 +226,17 @@ def quant_matmul(
 
     if schedule == "auto":
         schedule = choose_schedule(m)
+        if (schedule == "tiled" and capture == "none" and m >= DEQUANT_MIN_M and config is None
+                and not INTERPRETED):
+            schedule = _measured_schedule(x2, layout, bias, (
+                layout.bits, layout.group_size, str(x.dtype).removeprefix("torch."), f"m{m_bucket(m)}",
+                f"n{n}", f"k{layout.k_padded}", int(bias is not None), int(layout.kidx is not None)))
+    if schedule == "dequant":
+        if capture != "none":
+            raise ValueError("the dequant schedule has no fused capture: use schedule 'auto' or 'tiled'")
+        xk, _ = kernel_order_activations(x2, layout)
+        _dequant_matmul(xk, layout, bias, y)
+        return _result(y, cap_a, cap_b, lead, n, capture)
     raw, tuned = _KERNELS[schedule]
     key = None
     if config is None and not INTERPRETED:
@@ -527,19 +256,21 @@ def quant_matmul(
     floats = (2 if capture == "error" else 1) * m * n
     ws, lock = _workspace(device, floats if may_split else 1, counters if may_split else 1)
 
+    xk, k_valid = kernel_order_activations(x2, layout)
     args = (
-        x2, layout.lo, layout.hi if layout.hi is not None else layout.lo,
+        xk, layout.lo, layout.hi if layout.hi is not None else layout.lo,
         layout.scales, layout.zeros,
         layout.kidx if layout.kidx is not None else lock,
         bias if bias is not None else cap_a, wfp,
         y, cap_a, cap_b, ws, lock,
-        m, n, k, layout.k_padded, m_bucket(m),
-        x2.stride(0), wfp.stride(0), y.stride(0),
+        m, n, k_valid, layout.k_padded, m_bucket(m),
+        xk.stride(0), wfp.stride(0), y.stride(0),
     )
     meta = dict(
         BITS=layout.bits, GROUP_SIZE=layout.group_size, CAPTURE=capture,
         HAS_BIAS=bias is not None, PERMUTED=layout.kidx is not None, INTERPRET=INTERPRETED,
     )
+    meta.update(decode_meta(schedule, x.dtype, layout.bits))
     if config is None:
         tuned[_grid(schedule, m, n)](*args, **meta)
         TUNING_CACHE.put(device, key, config_dict(tuned.best_config))
@@ -548,11 +279,42 @@ def quant_matmul(
     return _result(y, cap_a, cap_b, lead, n, capture)
 
 
+def kernel_order_activations(x2: torch.Tensor, layout: KernelLayout) -> tuple[torch.Tensor, int]:
+    """``x2 [M, K]`` as the kernels read it, and how many of its columns hold activations.
+
+    Act-order layouts get ``[M, k_padded]`` in the layout's K order (zeros at padding positions).
+    Otherwise ``x2`` itself when its rows start 4-byte aligned at an even length (the gemv reads
+    activation pairs as int32), else a copy padded to an even length.
+    """
+    if layout.kidx is not None:
+        source = layout.kidx.long()
+        gathered = F.pad(x2, (0, 1))[:, torch.where(source >= 0, source, x2.shape[1])]
+        return gathered.contiguous(), layout.k_padded
+    k = x2.shape[1]
+    aligned = k % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
+    return (x2, k) if aligned else (F.pad(x2, (0, k % 2)).contiguous(), k)
+
+
+def decode_meta(schedule: str, dtype: torch.dtype, bits: int) -> dict:
+    """The decode program's constexprs for a schedule: its PTX for fp16/bf16 activations on a GPU
+    (``DECODABLE``), empty for the interpreter and fp32 activations (the portable path)."""
+    decodable = not INTERPRETED and dtype in _DECODE_DTYPES
+    if schedule == "gemv":
+        prog = decode.program(bits, _DECODE_DTYPES[dtype]) if decodable else None
+        return {"FAST": decodable, "DECODE": prog.ptx if prog else "",
+                "ZERO_CONSTANTS": prog.zero_constants_ptx if prog else "",
+                "CONSTRAINTS": prog.constraints if prog else ""}
+    prog = decode.word_program(bits, _DECODE_DTYPES[dtype]) if decodable else None
+    return {"DECODABLE": decodable, "WORD": prog.ptx if prog else "",
+            "ZERO_CONSTANTS": prog.zero_constants_ptx if prog else "",
+            "WORD_CONSTRAINTS": prog.constraints if prog else ""}
+
+
 def _grid(schedule: str, m: int, n: int):
     if schedule == "gemv":
         return lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
     return lambda meta: (
-        triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
+        triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"]
     )
 
 

@@ -20,26 +20,34 @@ import triton
 from bitcliff.storage import cache_root, write_json
 
 GEMV_MAX_M = 4  # above this the tiled schedule shares each dequantized tile among BLOCK_M rows
+DEQUANT_MIN_M = 512  # from here a plain launch times "tiled" against "dequant" once and keeps the faster
 SPLIT_MAX_M = 64  # larger M has enough output tiles: no split-K, no workspace
 
 # Small, fixed configurations for the interpreter (and the default when tuning is off).
 DEFAULT_CONFIGS = {
-    "gemv": {"BLOCK_N": 64, "BLOCK_U": 4, "SPLIT_K": 1, "num_warps": 2, "num_stages": 2},
+    "gemv": {"BLOCK_N": 64, "BLOCK_U": 4, "SPLIT_K": 1, "num_warps": 2, "num_stages": 1},
     "tiled": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 4,
               "num_warps": 4, "num_stages": 2},
 }
 
 
+# (BLOCK_N, num_warps): four or eight columns per thread.  A thread reads 16 or 32 contiguous bytes
+# of each plane row; more columns share each activation load and zero-point constant among more
+# weights, fewer give more programs and warps to fill the GPU.
+_GEMV_SHAPES = ((128, 1), (256, 2), (512, 4), (256, 1), (512, 2), (1024, 4))
+
+
 def gemv_configs() -> list[triton.Config]:
     configs = []
-    for block_n in (32, 64, 128, 256):  # 32 only for narrow N (pruned otherwise)
-        for block_u in (1, 2, 4):
-            for split_k in (1, 2, 4, 8, 16):
-                # One column per thread: a warp reads 128 contiguous bytes of each plane row, and
-                # the [BLOCK_U, PER] partial sums of a column stay in that thread's registers.
+    for block_n, warps in _GEMV_SHAPES:
+        for block_u in (2, 4):
+            for split_k in (1, 2, 4, 8, 16, 32):
+                # No software pipelining: the loop keeps everything in registers (a pipelined load
+                # would go through shared memory); each warp issues a whole tile's loads before
+                # using them, and resident warps keep the memory system busy.
                 configs.append(triton.Config(
                     {"BLOCK_N": block_n, "BLOCK_U": block_u, "SPLIT_K": split_k},
-                    num_warps=block_n // 32, num_stages=3,
+                    num_warps=warps, num_stages=1,
                 ))
     return configs
 
@@ -74,19 +82,18 @@ def _num_sms(device: torch.device) -> int:
 
 def prune_gemv(configs, named_args, **kwargs):
     m, n, kp = named_args["M"], named_args["N"], named_args["KP"]
-    bits = kwargs.get("BITS", named_args.get("BITS", 4))
-    per = 32 // (2 if bits == 3 else bits)
     sms = _num_sms(named_args["y_ptr"].device)
     units = kp // 32
     keep = []
     for c in configs:
         bn, bu, sk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_U"], c.kwargs["SPLIT_K"]
         programs = m * triton.cdiv(n, bn) * sk
-        if bn > max(32, triton.next_power_of_2(n)) or (bn == 32 and n >= 2048) or sk * bu > units:
+        if bn > max(128, triton.next_power_of_2(n)) or sk * bu > units:
             continue
-        if bu * per > 32:  # two [BLOCK_U, PER] fp32 accumulators per thread: keep them <= 64 regs
-            continue
-        if sms <= programs < 4 * sms:  # at least one wave, and K slices that stay long
+        # Enough warps for every scheduler of every SM, at most one full occupancy wave of them,
+        # and K slices of at least two tiles.
+        warps = programs * c.num_warps
+        if 4 * sms <= warps <= 64 * sms and 2 * sk * bu <= units:
             keep.append(c)
     return keep or [min(configs, key=lambda c: abs(m * triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] - 2 * sms))]
 
@@ -159,6 +166,27 @@ class TuningCache:
 
 
 TUNING_CACHE = TuningCache()
+
+
+def choose_by_measurement(device: torch.device, key: str, candidates: dict, timer=None) -> str:
+    """The name of the fastest of ``candidates`` (name -> zero-argument callable) for ``key``.
+
+    Timed once (``timer(fn) -> ms``, default ``triton.testing.do_bench``'s median) and remembered in
+    :data:`TUNING_CACHE` with every candidate's time, so the choice can be read and explained.
+    """
+    entry = TUNING_CACHE.get(device, key)
+    if entry is not None and entry.get("schedule") in candidates:
+        return entry["schedule"]
+    if timer is None:
+        import triton.testing  # noqa: PLC0415
+
+        timer = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    for fn in candidates.values():  # compile and tune each before timing any
+        fn()
+    times = {name: float(timer(fn)) for name, fn in candidates.items()}
+    best = min(times, key=times.get)
+    TUNING_CACHE.put(device, key, {"schedule": best, "ms": times})
+    return best
 
 
 def config_dict(config: triton.Config) -> dict:

@@ -64,11 +64,16 @@ def test_gptq_roundtrip_is_exact(bits, k, n, group_size, g_idx):
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_two_and_four_bit_planes_are_the_gptq_words(bits):
+def test_plane_words_hold_even_codes_low_and_odd_codes_high(bits):
     tensors = gptq_tensors(128, 8, bits, 64)
     layout = kl.from_gptq(**tensors, bits=bits)
     assert layout.kidx is None and layout.group_size == 64
-    assert torch.equal(layout.lo, tensors["qweight"])
+    codes = unpack_qweight(tensors["qweight"], bits, 128).to(torch.int64)
+    per = 32 // bits
+    word = int(layout.lo[1, 3]) & 0xFFFFFFFF  # codes per .. 2*per-1 of column 3
+    for i in range(per):
+        half, field = i % 2, i // 2
+        assert (word >> (16 * half + bits * field)) & (2**bits - 1) == codes[per + i, 3]
 
 
 def test_three_bit_planes_hold_low_and_high_bits():

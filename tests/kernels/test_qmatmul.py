@@ -219,11 +219,41 @@ def test_autotune_pruning_keeps_sensible_configs(k, n, bits):
         kept = tuning.prune_gemv(tuning.gemv_configs(), args, BITS=bits, GROUP_SIZE=128)
         assert kept
         for c in kept:
-            per = 32 // (2 if bits == 3 else bits)
-            assert c.kwargs["BLOCK_U"] * per <= 32 and c.num_warps == c.kwargs["BLOCK_N"] // 32
+            assert c.kwargs["BLOCK_N"] // (32 * c.num_warps) in (4, 8)  # columns per thread
+            assert c.num_stages == 1
     for m in (16, 64, 2048):
         args = {"M": m, "N": n, "KP": k, "y_ptr": y}
         kept = tuning.prune_tiled(tuning.tiled_configs(), args, BITS=bits, GROUP_SIZE=128)
         assert kept
         assert all(128 % c.kwargs["BLOCK_K"] == 0 for c in kept)
         assert m <= tuning.SPLIT_MAX_M or all(c.kwargs["SPLIT_K"] == 1 for c in kept)
+
+
+@pytest.mark.parametrize("bits,group_size,k", [(2, 64, 160), (3, 32, 96), (4, 128, 200), (4, -1, 100)])
+def test_dequant_schedule(kernels, device, bits, group_size, k):
+    """The dense weight written once, then a matmul: same result as the reference."""
+    run_case(kernels, device, bits=bits, group_size=group_size, k=k, m=5, dtype=torch.float16,
+             schedule="dequant", capture="none", seed=bits)
+
+
+def test_dequant_schedule_has_no_capture(kernels, device):
+    tensors, _ = make_weight(64, 8, 4, 32)
+    layout = from_gptq(**tensors, bits=4).to(device)
+    x = torch.randn(2, 64, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="dequant schedule has no fused capture"):
+        kernels.quant_matmul(x, layout, capture="stats", schedule="dequant")
+
+
+def test_measured_choice_keeps_the_faster_and_both_times(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITCLIFF_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "TUNING_CACHE", tuning.TuningCache())
+    calls = []
+    candidates = {"tiled": lambda: calls.append("tiled"), "dequant": lambda: calls.append("dequant")}
+    times = {"tiled": 2.0, "dequant": 1.5}
+    fake_timer = lambda fn: times[next(name for name, f in candidates.items() if f is fn)]  # noqa: E731
+    dev = torch.device("cpu")
+    assert tuning.choose_by_measurement(dev, "choice|k", candidates, fake_timer) == "dequant"
+    assert calls == ["tiled", "dequant"]  # each compiled and tuned once before timing
+    assert tuning.TuningCache().get(dev, "choice|k") == {"schedule": "dequant", "ms": times}
+    times["dequant"] = 9.0  # remembered: not timed again
+    assert tuning.choose_by_measurement(dev, "choice|k", candidates, fake_timer) == "dequant"
