@@ -37,7 +37,7 @@ INTS = ("M", "N", "K", "KP", "M_BUCKET", "stride_xm", "stride_wfp", "stride_ym")
 
 
 def compile_variant(kernel, constexprs: dict, arch: int, dtype: str):
-    signature = dict(POINTERS, **{name: "i32" for name in INTS})
+    signature = {name: POINTERS.get(name, "i32") for name in kernel.arg_names if name in POINTERS or name in INTS}
     for name in ("x_ptr", "y_ptr", "wfp_ptr"):
         signature[name] = f"*{dtype}"
     meta = {k: v for k, v in constexprs.items() if k not in ("num_warps", "num_stages")}
@@ -81,19 +81,44 @@ def sass_summary(cubin: bytes) -> dict:
     }
 
 
-def variants():
-    gemv = {"BLOCK_N": 128, "BLOCK_U": 2, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}
-    tiled = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8,
-             "num_warps": 8, "num_stages": 3}
+def constexprs(schedule: str, bits: int, capture: str, dtype: str, config: dict, group: int = 128,
+               bias: bool = False, permuted: bool = False) -> dict:
+    """Every constexpr of a kernel launch as the launcher (``qmatmul.quant_matmul``) would pass it,
+    for fp16/bf16 activations on a GPU (whole tiles: no masks in the gemv loop)."""
+    import torch
+
+    from bitcliff.kernels import qmatmul
+
+    meta = {"BITS": bits, "GROUP_SIZE": group, "CAPTURE": capture, "HAS_BIAS": bias,
+            "PERMUTED": permuted, "INTERPRET": False}
+    meta.update(qmatmul.decode_meta(schedule, {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype], bits))
+    meta.update(config)
+    if schedule == "gemv":
+        meta["EVEN"] = True
+    else:
+        meta["FAST"] = qmatmul.tiled_fast(meta)
+        meta["EVEN_K"] = True  # the Llama shapes: K a multiple of every BLOCK_K
+    return meta
+
+
+def kernel(schedule: str):
+    from bitcliff.kernels import gemv, tiled
+
+    return gemv.qmm_gemv_kernel if schedule == "gemv" else tiled.qmm_tiled_kernel
+
+
+GEMV = {"BLOCK_N": 256, "BLOCK_U": 4, "SPLIT_K": 1, "num_warps": 1, "num_stages": 1}
+TILED = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": 4,
+         "num_stages": 3}
+
+
+def variants(dtype: str = "fp16"):
     for bits, capture, split in itertools.product((2, 3, 4), ("none", "stats", "error"), (1, 4)):
-        common = {"BITS": bits, "GROUP_SIZE": 128, "CAPTURE": capture, "HAS_BIAS": False,
-                  "PERMUTED": False, "INTERPRET": False}
-        yield "gemv", qmatmul._qmm_gemv_kernel, dict(common, **dict(gemv, SPLIT_K=split))
-        yield "tiled", qmatmul._qmm_tiled_kernel, dict(common, **dict(tiled, SPLIT_K=split))
-    extra = {"BITS": 4, "GROUP_SIZE": 32, "CAPTURE": "none", "HAS_BIAS": True, "PERMUTED": True,
-             "INTERPRET": False}
-    yield "gemv", qmatmul._qmm_gemv_kernel, dict(extra, **gemv)
-    yield "tiled", qmatmul._qmm_tiled_kernel, dict(extra, **tiled)
+        for schedule, config in (("gemv", GEMV), ("tiled", TILED)):
+            yield schedule, kernel(schedule), constexprs(schedule, bits, capture, dtype, dict(config, SPLIT_K=split))
+    for schedule, config in (("gemv", GEMV), ("tiled", TILED)):
+        yield schedule, kernel(schedule), constexprs(schedule, 4, "none", dtype, config, group=32, bias=True,
+                                                     permuted=True)
 
 
 def main(argv=None) -> int:
@@ -110,19 +135,20 @@ def main(argv=None) -> int:
     print(f"{'schedule':8} {'bits':>4} {'capture':8} {'split':>5} {'gs':>4} {'regs':>5} {'stack':>6} "
           f"{'smem':>7} {'hgmma':>6} {'hmma':>5} {'ldg128':>6} {'i2f':>4} {'local':>5} {'loopsmem':>8}")
     failures = 0
-    for schedule, kernel, constexprs in variants():
+    for schedule, fn, meta in variants(args.dtype):
         try:
-            compiled = compile_variant(kernel, constexprs, args.arch, args.dtype)
+            compiled = compile_variant(fn, meta, args.arch, args.dtype)
         except Exception as exc:  # report every failing variant, not just the first
             failures += 1
-            print(f"{schedule:8} {constexprs['BITS']:>4} {constexprs['CAPTURE']:8} FAILED: {exc}")
+            print(f"{schedule:8} {meta['BITS']:>4} {meta['CAPTURE']:8} FAILED: {exc}")
             continue
         md = compiled.metadata
         sass = sass_summary(compiled.asm["cubin"])
-        row = {"schedule": schedule, **constexprs, "shared": md.shared, **sass}
+        row = {"schedule": schedule, **{k: v for k, v in meta.items() if not isinstance(v, str) or len(v) < 40},
+               "shared": md.shared, **sass}
         rows.append(row)
-        print(f"{schedule:8} {constexprs['BITS']:>4} {constexprs['CAPTURE']:8} {constexprs['SPLIT_K']:>5} "
-              f"{constexprs['GROUP_SIZE']:>4} {sass.get('regs', '?'):>5} {sass.get('stack', '?'):>6} {md.shared:>7} "
+        print(f"{schedule:8} {meta['BITS']:>4} {meta['CAPTURE']:8} {meta['SPLIT_K']:>5} "
+              f"{meta['GROUP_SIZE']:>4} {sass.get('regs', '?'):>5} {sass.get('stack', '?'):>6} {md.shared:>7} "
               f"{sass.get('hgmma', '?'):>6} {sass.get('hmma', '?'):>5} {sass.get('ldg128', '?'):>6} "
               f"{sass.get('i2f', '?'):>4} {sass.get('local', '?'):>5} {sass.get('loop_smem', '?'):>8}")
     if args.json:

@@ -1,6 +1,6 @@
 """End-to-end decode speed: tokens/s of a model in fp16 and with W4/W3/W2 ``QuantLinear`` layers.
 
-    python -m bench.decode [--model default] [--bits 4 3 2] [--group 128] [--new-tokens 128]
+    python -m bench.decode [--model default [MODEL ...]] [--bits 4 3 2] [--group 128] [--new-tokens 128]
                            [--batch 1] [--compile] [--device cuda|cpu] [--out DIR]
 
 On ``--device cpu`` the model stays fp32 (the baseline row is then ``fp32``) and the quantized
@@ -11,10 +11,12 @@ Greedy generation of ``--new-tokens`` tokens after a short prompt, timed after a
 ``--compile`` it also times ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) over a static
 KV cache; a variant that fails to compile is reported, not fatal.
 
-The model is ``bitcliff.assets.resolve_model(--model)`` (default: the embedded SmolLM2-135M).
-Where that cannot be prepared (a machine with no network and no cache), ``--model random`` or the
-automatic fallback builds the same architecture with random weights: decode speed depends on the
-shapes, not the values, and the JSON says which was used.  Quantization is RTN on CPU.
+Each model is ``bitcliff.assets.resolve_model(name)`` (default: the embedded SmolLM2-135M), or a
+random-weight model built from a config, with no download: ``random`` (SmolLM2-135M's architecture,
+also the fallback where the asset cannot be prepared) and ``llama3-8b-layers`` (Llama-3-8B's decoder
+layers, 4 of them, with a small vocabulary so that the layers, not the embedding, set the speed).
+Decode speed depends on the shapes, not the values, and the JSON says which was used.
+Quantization is RTN on CPU.
 """
 
 from __future__ import annotations
@@ -38,10 +40,24 @@ SMOLLM2_SHAPE = dict(
 )
 
 
+# Llama-3-8B's decoder layer (hidden 4096, MLP 14336, GQA 32/8 heads), a stack of four.
+LLAMA3_8B_LAYERS = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=1024, max_position_embeddings=8192, rope_theta=500000.0,
+    tie_word_embeddings=False, rms_norm_eps=1e-5,
+)
+RANDOM_MODELS = {"random": (SMOLLM2_SHAPE, "random weights, SmolLM2-135M shape"),
+                 "llama3-8b-layers": (LLAMA3_8B_LAYERS, "random weights, 4 Llama-3-8B decoder layers")}
+
+
 def load_model(name: str):
     """(fp32 CPU model, description)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    if name in RANDOM_MODELS:
+        torch.manual_seed(0)
+        shape, description = RANDOM_MODELS[name]
+        return LlamaForCausalLM(LlamaConfig(**shape)).eval(), description
     if name != "random":
         try:
             from bitcliff.assets import resolve_model
@@ -55,8 +71,7 @@ def load_model(name: str):
         except Exception as exc:  # noqa: BLE001 - any failure to prepare the asset: fall back
             print(f"decode: model {name!r} unavailable ({type(exc).__name__}: {exc}); "
                   "using the SmolLM2-135M architecture with random weights", file=sys.stderr)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval(), "random weights, SmolLM2-135M shape"
+    return load_model("random")
 
 
 @torch.inference_mode()
@@ -79,25 +94,11 @@ def time_generate(model, prompt, new_tokens: int, reps: int, static: bool) -> di
     return {"seconds": median, "tokens_per_s": prompt.shape[0] * new_tokens / median}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    parser.add_argument("--group", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graphs")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.device == "cuda":
-        require_cuda()
+def time_model(name: str, args) -> dict:
+    """Every variant of one model: fp16 (fp32 on CPU) and each width, eager and compiled."""
     from bitcliff import QuantConfig, quantize
 
-    env = environment(args.device)
-    base, description = load_model(args.model)
+    base, description = load_model(name)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, base.config.vocab_size, (args.batch, args.prompt_tokens), generator=gen)
     prompt = prompt.to(args.device)
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
             speed = f"{row['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in row else row["error"]
-            print(f"{label:>8} {mode:>8}: {speed}", flush=True)
+            print(f"{name:>16} {label:>8} {mode:>8}: {speed}", flush=True)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -128,18 +129,41 @@ def main(argv=None) -> int:
     for r in rows:
         if r.get("tokens_per_s") and base_speed.get(r["mode"]):
             r[f"speedup_vs_{baseline}"] = r["tokens_per_s"] / base_speed[r["mode"]]
-    result = {"environment": env, "model": description, "batch": args.batch, "group": args.group,
+    return {"name": name, "model": description, "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["default"],
+                        help=f"asset names or paths, or random-weight shapes: {', '.join(RANDOM_MODELS)}")
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graphs")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        require_cuda()
+    env = environment(args.device)
+    models = [time_model(name, args) for name in args.model]
+    baseline = "fp16" if args.device == "cuda" else "fp32"
+    result = {"environment": env, "batch": args.batch, "group": args.group,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "reps": args.reps,
-              "rows": rows}
+              "models": models}
     args.out.mkdir(parents=True, exist_ok=True)
     path = results_path(args.out, env, "decode-")
     path.write_text(json.dumps(result, indent=1))
     key = f"speedup_vs_{baseline}"
-    lines = [f"{'variant':>8} {'mode':>8} {'tok/s':>9} {'vs ' + baseline:>8}"]
-    for r in rows:
-        tps = f"{r['tokens_per_s']:9.1f}" if "tokens_per_s" in r else f"{'failed':>9}"
-        sp = f"{r[key]:8.2f}" if key in r else f"{'':>8}"
-        lines.append(f"{r['variant']:>8} {r['mode']:>8} {tps} {sp}")
+    lines = [f"{'model':>16} {'variant':>8} {'mode':>8} {'tok/s':>9} {'vs ' + baseline:>8}"]
+    for m in models:
+        for r in m["rows"]:
+            tps = f"{r['tokens_per_s']:9.1f}" if "tokens_per_s" in r else f"{'failed':>9}"
+            sp = f"{r[key]:8.2f}" if key in r else f"{'':>8}"
+            lines.append(f"{m['name']:>16} {r['variant']:>8} {r['mode']:>8} {tps} {sp}")
     (args.out / f"decode-{args.device}-summary.txt").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path}\n" + "\n".join(lines))
     return 0

@@ -13,9 +13,12 @@ the plain kernel, and ``error`` with what it replaces (an fp16 matmul plus the q
 
 Timing: memory-bound rows (M <= 64) replay a CUDA graph over enough copies of the weights to
 exceed twice the L2 (so every call reads DRAM, and launch gaps vanish); large-M rows use
-``triton.testing.do_bench`` (median, L2 flushed before each call).  Peers (gemlite, torchao int4)
-run beside ours when importable and are skipped cleanly otherwise.  Results go to
-``<out>/<device>-<date>.json`` with the device, torch/triton versions and git commit.
+``triton.testing.do_bench`` (median, L2 flushed before each call).  The peer, GemLite (its current
+API, ``GemLiteLinearTriton``; 2 and 4 bits, it has no 3-bit kernel), gets exactly the same codes,
+scales, zeros and activations and is timed the same way; it is skipped with the reason when not
+installed.  Each row also carries the static model's prediction (``bench/sass_model.py``) and the
+prediction's error.  Results go to ``<out>/kernels-<device>-<date>.json`` with the device,
+torch/triton versions and commit.
 """
 
 from __future__ import annotations
@@ -149,25 +152,39 @@ def measure_ceilings() -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def random_layout(k: int, n: int, bits: int, group: int):
-    """A kernel layout of random codes built on the GPU (any int32 word is valid codes)."""
-    from bitcliff.kernels.layout import KernelLayout, plane_bits
-
-    dev = "cuda"
-    kp = -(-k // 32) * 32
+def random_weight(k: int, n: int, bits: int, group: int) -> dict:
+    """Random codes ``[K, N]`` (uint8), fp16 scales and integer zeros ``[G, N]``, on the GPU."""
     groups = 1 if group == -1 else -(-k // group)
+    return {"codes": torch.randint(0, 2**bits, (k, n), dtype=torch.uint8, device="cuda"),
+            "scales": (torch.rand(groups, n, device="cuda") * 0.01 + 0.001).half(),
+            "zeros": torch.randint(0, 2**bits, (groups, n), dtype=torch.uint8, device="cuda")}
 
-    def words(rows):
-        return torch.randint(-2**31, 2**31 - 1, (rows, n), dtype=torch.int32, device=dev)
 
-    lo_bits = plane_bits(bits)[0]
+def kernel_layout(w: dict, bits: int, group: int):
+    """Our kernel layout of ``random_weight``'s tensors (packed on the GPU)."""
+    from bitcliff.kernels.layout import KernelLayout, pack_plane, plane_bits
+
+    k, n = w["codes"].shape
+    kp = -(-k // 32) * 32
+    codes = torch.zeros(kp, n, dtype=torch.int64, device="cuda")
+    codes[:k] = w["codes"]
+    lo = plane_bits(bits)[0]
     return KernelLayout(
         bits=bits, in_features=k, out_features=n, group_size=group,
-        lo=words(kp * lo_bits // 32), hi=words(kp // 32) if bits == 3 else None,
-        scales=(torch.rand(groups, n, device=dev) * 0.01 + 0.001).half(),
-        zeros=torch.randint(0, 2**bits, (groups, n), dtype=torch.uint8, device=dev),
-        kidx=None,
+        lo=pack_plane(codes & ((1 << lo) - 1), lo), hi=pack_plane(codes >> 2, 1) if bits == 3 else None,
+        scales=w["scales"], zeros=w["zeros"], kidx=None,
     )
+
+
+def gemlite_layer(w: dict, bits: int, group: int):
+    """GemLite's linear layer (its current API) holding exactly the same weights."""
+    from gemlite.core import DType, GemLiteLinearTriton
+
+    k, n = w["codes"].shape
+    layer = GemLiteLinearTriton(bits, group_size=group, in_features=k, out_features=n,
+                                input_dtype=DType.FP16, output_dtype=DType.FP16)
+    layer.pack(w["codes"].t().contiguous(), w["scales"].t().contiguous(), w["zeros"].t().contiguous().half(), None)
+    return layer
 
 
 def ideal(k: int, n: int, m: int, bits: int, group: int, layout_bytes: int) -> dict:
@@ -187,12 +204,16 @@ def copies_for(bytes_per_call: int, l2_bytes: int, budget: int = 3 << 30) -> int
     return max(1, min(want, budget // max(bytes_per_call, 1), 64))
 
 
-def bench_row(k, n, m, bits, group, l2_bytes, ceilings, capture_rows: bool) -> dict:
+def bench_row(k, n, m, bits, group, l2_bytes, ceilings, capture_rows: bool, peers: bool) -> dict:
+    """Ours, fp16 ``torch.matmul`` and (where it has the width) GemLite on the same weights, each
+    timed the same way: a CUDA graph over rotated copies (M <= 64) or do_bench."""
     from bitcliff.kernels import qmatmul
 
-    layout = random_layout(k, n, bits, group)
+    first = random_weight(k, n, bits, group)
+    layout = kernel_layout(first, bits, group)
     copies = copies_for(layout.nbytes(), l2_bytes) if m <= GRAPH_MAX_M else 1
-    layouts = [layout] + [random_layout(k, n, bits, group) for _ in range(copies - 1)]
+    weights = [first] + [random_weight(k, n, bits, group) for _ in range(copies - 1)]
+    layouts = [layout] + [kernel_layout(w, bits, group) for w in weights[1:]]
     xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
     ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
 
@@ -202,9 +223,9 @@ def bench_row(k, n, m, bits, group, l2_bytes, ceilings, capture_rows: bool) -> d
             return time_graph(calls)
         return time_call(calls[0])
 
-    row = {"K": k, "N": n, "M": m, "bits": bits, "group": group,
-           "schedule": qmatmul.choose_schedule(m), "copies": copies}
+    row = {"K": k, "N": n, "M": m, "bits": bits, "group": group, "copies": copies}
     row["ms"] = timed(lambda i: (lambda: qmatmul.quant_matmul(xs[i], layouts[i])))
+    row["schedule"] = chosen_schedule(qmatmul, xs[0], layout)
     row["fp16_ms"] = timed(lambda i: (lambda: torch.matmul(xs[i], ws[i].t())))
     row.update(ideal(k, n, m, bits, group, layout.nbytes()))
     row["GBps"] = row["bytes_q"] / row["ms"] / 1e6
@@ -217,6 +238,11 @@ def bench_row(k, n, m, bits, group, l2_bytes, ceilings, capture_rows: bool) -> d
     row["ideal_speedup"] = row["fp16_floor_ms"] / row["floor_ms"]
     row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
     row["fraction_of_floor"] = row["floor_ms"] / row["ms"]
+    y = qmatmul.quant_matmul(xs[0], layout).float()
+    dense = (first["scales"].float().repeat_interleave(group if group > 0 else k, 0)[:k]
+             * (first["codes"].float() - first["zeros"].float().repeat_interleave(group if group > 0 else k, 0)[:k]))
+    ref = xs[0].float() @ dense
+    row["rel_err"] = float((y - ref).norm() / ref.norm())
     if capture_rows:
         row["stats_ms"] = timed(lambda i: (lambda: qmatmul.quant_matmul(xs[i], layouts[i], capture="stats")))
         row["error_ms"] = timed(lambda i: (lambda: qmatmul.quant_matmul(
@@ -224,39 +250,49 @@ def bench_row(k, n, m, bits, group, l2_bytes, ceilings, capture_rows: bool) -> d
         row["stats_overhead"] = row["stats_ms"] / row["ms"] - 1
         row["error_vs_plain"] = row["error_ms"] / row["ms"]
         row["error_vs_fp16_plus_q"] = row["error_ms"] / (row["fp16_ms"] + row["ms"])
-    del layouts, xs, ws
+    if peers:
+        row.update(bench_gemlite(weights, xs, bits, group, timed, y))
+    del layouts, xs, ws, weights
     torch.cuda.empty_cache()
     return row
 
 
-# ---------------------------------------------------------------------------------------------
-# Peers (optional)
-# ---------------------------------------------------------------------------------------------
+def chosen_schedule(qmatmul, x, layout) -> str:
+    """The schedule a plain launch used (for large M the measured choice, with both times)."""
+    from bitcliff.kernels import tuning
+
+    schedule = qmatmul.choose_schedule(x.shape[0])
+    if schedule != "tiled" or x.shape[0] < tuning.DEQUANT_MIN_M:
+        return schedule
+    key = "|".join(str(v) for v in ("choice", layout.bits, layout.group_size, "float16",
+                                    f"m{tuning.m_bucket(x.shape[0])}", f"n{layout.out_features}",
+                                    f"k{layout.k_padded}", 0, 0))
+    entry = tuning.TUNING_CACHE.get(x.device, key) or {}
+    times = ", ".join(f"{k} {v:.3f} ms" for k, v in entry.get("ms", {}).items())
+    return f"{entry.get('schedule', schedule)} ({times})" if entry else schedule
 
 
-def bench_peers(k: int, n: int, m: int) -> dict:
-    """torchao int4 weight-only and gemlite A16W4, when importable; reasons when not."""
-    out = {}
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+def bench_gemlite(weights, xs, bits, group, timed, y_ours) -> dict:
+    """GemLite on the same weights and activations, timed as ours; skipped with the reason when it
+    is not installed or has no kernel for the width."""
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        layers = [gemlite_layer(w, bits, group) for w in weights]
+        y = layers[0](xs[0]).float()
+        out = {"gemlite_ms": timed(lambda i: (lambda: layers[i](xs[i]))),
+               "gemlite_vs_ours_rel_diff": float((y - y_ours).norm() / y_ours.norm())}
+        del layers
+        return out
+    except Exception as exc:  # noqa: BLE001 - an optional peer: record why it did not run
+        return {"gemlite": f"skipped: {type(exc).__name__}: {exc}"[:200]}
 
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        quantize_(lin, Int4WeightOnlyConfig(group_size=128))
-        out["torchao_int4_ms"] = time_call(lambda: lin(x))
-    except Exception as exc:  # noqa: BLE001 - report any failure of an optional peer
-        out["torchao_int4"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
-    try:
-        import gemlite  # noqa: F401
-        from gemlite.helper import A16W4
 
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
-        layer = A16W4(device="cuda").from_linear(lin)
-        xh = x.half()
-        out["gemlite_w4_ms"] = time_call(lambda: layer(xh))
-    except Exception as exc:  # noqa: BLE001
-        out["gemlite_w4"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
-    return out
+def predictions() -> dict:
+    """The static model's predictions (``bench/results/sass-*.json``, newest), by (bits, K, N, M)."""
+    found = sorted(RESULTS.glob("sass-*.json"))
+    if not found:
+        return {}
+    rows = json.loads(found[-1].read_text())["rows"]
+    return {(r["bits"], r["K"], r["N"], r["M"]): r for r in rows if r["capture"] == "none"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,15 +302,17 @@ def bench_peers(k: int, n: int, m: int) -> dict:
 
 def summary_table(rows: list[dict]) -> str:
     head = (f"{'K x N':>13} {'M':>5} {'b':>2} {'us':>9} {'GB/s':>7} {'fp16 us':>9} {'speedup':>7} "
-            f"{'ideal':>6} {'frac':>5} {'stats+':>7} {'err/(fp+q)':>10}")
+            f"{'pred':>5} {'ideal':>6} {'frac':>5} {'stats+':>7} {'err/(fp+q)':>10} {'gemlite':>8}")
     lines = [head]
     for r in rows:
         stats = f"{100 * r['stats_overhead']:6.1f}%" if "stats_overhead" in r else f"{'':>7}"
         err = f"{r['error_vs_fp16_plus_q']:10.2f}" if "error_vs_fp16_plus_q" in r else f"{'':>10}"
+        pred = f"{r['predicted_speedup']:5.2f}" if "predicted_speedup" in r else f"{'':>5}"
+        peer = f"{r['fp16_ms'] / r['gemlite_ms']:8.2f}" if "gemlite_ms" in r else f"{'-':>8}"
         lines.append(
             f"{r['K']:>6}x{r['N']:<6} {r['M']:>5} {r['bits']:>2} {1000 * r['ms']:9.1f} {r['GBps']:7.0f} "
-            f"{1000 * r['fp16_ms']:9.1f} {r['speedup']:7.2f} {r['ideal_speedup']:6.2f} "
-            f"{r['fraction_of_ideal']:5.2f} {stats} {err}"
+            f"{1000 * r['fp16_ms']:9.1f} {r['speedup']:7.2f} {pred} {r['ideal_speedup']:6.2f} "
+            f"{r['fraction_of_ideal']:5.2f} {stats} {err} {peer}"
         )
     return "\n".join(lines)
 
@@ -285,6 +323,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="four shapes, capture rows at 4-bit only")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="KxN", help="instead of the Llama-3 list")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -295,19 +334,26 @@ def main(argv=None) -> int:
     print(f"{env['device']}: copy {ceilings['copy_GBps']:.0f} GB/s, fp16 matmul "
           f"{ceilings['fp16_TFLOPs']:.0f} TFLOP/s; torch {env['torch']}, triton {env['triton']}", flush=True)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    rows, peers = [], []
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    predicted = predictions()
+    rows = []
     started = time.time()
     for k, n in shapes:
         for m in args.batches:
             for bits in args.bits:
                 capture_rows = bits == 4 or not args.quick
-                row = bench_row(k, n, m, bits, args.group, l2, ceilings, capture_rows)
+                row = bench_row(k, n, m, bits, args.group, l2, ceilings, capture_rows, peers=not args.no_peers)
+                p = predicted.get((bits, k, n, m))
+                if p:  # the static model's prediction and its error
+                    row["predicted_speedup"] = p["speedup"]
+                    row["predicted_us"] = p["seconds"] * 1e6
+                    row["prediction_error"] = row["ms"] * 1e3 / row["predicted_us"] - 1
                 rows.append(row)
                 print(summary_table([row]).splitlines()[1], flush=True)
-            if not args.no_peers and m in (1, 16):
-                peers.append({"K": k, "N": n, "M": m, **bench_peers(k, n, m)})
     result = {"environment": env, "ceilings": ceilings, "group": args.group, "rows": rows,
-              "peers": peers, "seconds": round(time.time() - started, 1)}
+              "seconds": round(time.time() - started, 1),
+              "predictions": "bench/results/sass-*.json (static model of the sm_90a code)"}
     args.out.mkdir(parents=True, exist_ok=True)
     path = results_path(args.out, env, "kernels-")
     path.write_text(json.dumps(result, indent=1))

@@ -1,11 +1,12 @@
 """Run every kernel path once on small shapes and check it against the reference.
 
-    compute-sanitizer --tool memcheck python3 bench/sanitize_kernels.py
+    compute-sanitizer --tool memcheck python3 bench/sanitize_kernels.py [--quick]
 
 Meant to run under compute-sanitizer (memcheck, racecheck): every schedule, bit width and
 capture mode, with and without split-K, bias, act-order reordering and a multi-group K tile,
-at sizes that are not multiples of any block.  Configurations are fixed (no autotuning: under the
-sanitizer every launch is slow).  Exits non-zero if any result is off.  Without CUDA it runs
+at sizes that are not multiples of any block, plus the unmasked gemv path (whole tiles) and the
+``dequant`` schedule.  Configurations are fixed (no autotuning: under the sanitizer every launch is
+slow).  ``--quick`` runs each schedule and width once (captures rotated), for a short lease.  Exits non-zero if any result is off.  Without CUDA it runs
 through Triton's interpreter (set TRITON_INTERPRET=1 before starting Python).
 """
 
@@ -29,14 +30,16 @@ from bitcliff.kernels.pack import default_g_idx, num_groups, pack_qweight, pack_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIGS = {
-    ("gemv", 1): {"BLOCK_N": 32, "BLOCK_U": 2, "SPLIT_K": 1, "num_warps": 1},
+    ("gemv", 1): {"BLOCK_N": 128, "BLOCK_U": 2, "SPLIT_K": 1, "num_warps": 1},
     ("gemv", 2): {"BLOCK_N": 64, "BLOCK_U": 1, "SPLIT_K": 3, "num_warps": 2},
+    ("dequant", 1): None,
     ("tiled", 1): {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1},
     ("tiled", 2): {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2},
 }
 
 
 def case(schedule, bits, capture, split, act_order, bias, m=5, k=200, n=72, group=64, seed=0):
+    """One launch against the reference: (ok, relative error of y)."""
     gen = torch.Generator().manual_seed(seed)
     g = num_groups(k, group)
     codes = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int32)
@@ -71,16 +74,26 @@ def case(schedule, bits, capture, split, act_order, bias, m=5, k=200, n=72, grou
     return ok, rel
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
     failures = 0
     rows = list(itertools.product(("gemv", "tiled"), (2, 3, 4), ("none", "stats", "error")))
-    for i, (schedule, bits, capture) in enumerate(rows):
-        split = 1 + i % 2
-        act_order, bias = i % 3 == 0, i % 2 == 0
-        ok, rel = case(schedule, bits, capture, split, act_order, bias, seed=i)
+    if quick:
+        rows = [(s, b, ("none", "stats", "error")[(i + b) % 3]) for i, (s, b) in
+                enumerate(itertools.product(("gemv", "tiled"), (2, 3, 4)))]
+    cases = [dict(schedule=s, bits=b, capture=c, split=1 + i % 2, act_order=i % 3 == 0, bias=i % 2 == 0,
+                  seed=i) for i, (s, b, c) in enumerate(rows)]
+    # Whole tiles (no masks in the gemv loop, 128-bit activation loads) and the dense-weight schedule.
+    cases += [dict(schedule="gemv", bits=b, capture="none", split=1, act_order=False, bias=False, k=256,
+                   n=128, group=128, seed=40 + b) for b in (2, 3, 4)]
+    cases += [dict(schedule="dequant", bits=b, capture="none", split=1, act_order=b == 3, bias=True, seed=50 + b)
+              for b in (2, 3, 4)]
+    for c in cases:
+        ok, rel = case(**c)
         failures += not ok
-        print(f"{schedule:5} w{bits} {capture:5} split={split} act_order={act_order!s:5} bias={bias!s:5} "
-              f"rel={rel:.2e} {'ok' if ok else 'FAILED'}", flush=True)
+        print(f"{c['schedule']:7} w{c['bits']} {c['capture']:5} split={c['split']} act_order={c['act_order']!s:5} "
+              f"bias={c['bias']!s:5} rel={rel:.2e} {'ok' if ok else 'FAILED'}", flush=True)
+    rows = cases
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     print(f"{len(rows) - failures}/{len(rows)} kernel paths ok")
