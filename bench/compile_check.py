@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bitcliff.kernels import qmatmul  # noqa: E402
+from bitcliff.kernels.pack import SUPPORTED_BITS  # noqa: E402
 
 POINTERS = {
     "x_ptr": "*fp16", "lo_ptr": "*i32", "hi_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8",
@@ -89,7 +90,10 @@ def constexprs(schedule: str, bits: int, capture: str, dtype: str, config: dict,
 
     from bitcliff.kernels import qmatmul
 
-    meta = {"BITS": bits, "GROUP_SIZE": group, "CAPTURE": capture, "HAS_BIAS": bias,
+    from bitcliff.kernels.layout import width
+
+    spec = width(bits)
+    meta = {"BITS": bits, "GROUP_SIZE": group, "CAPTURE": capture, "LO": spec.lo, "HI": spec.hi, "HAS_BIAS": bias,
             "PERMUTED": permuted, "INTERPRET": False}
     meta.update(qmatmul.decode_meta(schedule, {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype], bits))
     meta.update(config)
@@ -113,7 +117,7 @@ TILED = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 
 
 
 def variants(dtype: str = "fp16"):
-    for bits, capture, split in itertools.product((2, 3, 4), ("none", "stats", "error"), (1, 4)):
+    for bits, capture, split in itertools.product(SUPPORTED_BITS, ("none", "stats", "error"), (1, 4)):
         for schedule, config in (("gemv", GEMV), ("tiled", TILED)):
             yield schedule, kernel(schedule), constexprs(schedule, bits, capture, dtype, dict(config, SPLIT_K=split))
     for schedule, config in (("gemv", GEMV), ("tiled", TILED)):

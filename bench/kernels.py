@@ -162,16 +162,17 @@ def random_weight(k: int, n: int, bits: int, group: int) -> dict:
 
 def kernel_layout(w: dict, bits: int, group: int):
     """Our kernel layout of ``random_weight``'s tensors (packed on the GPU)."""
-    from bitcliff.kernels.layout import KernelLayout, pack_plane, plane_bits
+    from bitcliff.kernels.layout import KernelLayout, pack_plane, width
 
     k, n = w["codes"].shape
     kp = -(-k // 32) * 32
     codes = torch.zeros(kp, n, dtype=torch.int64, device="cuda")
     codes[:k] = w["codes"]
-    lo = plane_bits(bits)[0]
+    spec = width(bits)
     return KernelLayout(
         bits=bits, in_features=k, out_features=n, group_size=group,
-        lo=pack_plane(codes & ((1 << lo) - 1), lo), hi=pack_plane(codes >> 2, 1) if bits == 3 else None,
+        lo=pack_plane(codes & ((1 << spec.lo) - 1), spec.lo),
+        hi=pack_plane(codes >> spec.lo, spec.hi) if spec.hi else None,
         scales=w["scales"], zeros=w["zeros"], kidx=None,
     )
 

@@ -26,6 +26,7 @@ from bitcliff.cli.common import (
     quantize_model,
     without_option,
 )
+from bitcliff.kernels.pack import widths_text
 from bitcliff.distributed import DEFAULT_TIMEOUT_S, Ranks
 
 
@@ -33,7 +34,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save a GPTQ-format checkpoint",
                        formatter_class=HelpFormatter)
     p.add_argument("--model", default="default", help="default, gemma3-270m, a local HF folder or a hub id")
-    p.add_argument("--bits", type=int, required=True, help="2, 3 or 4")
+    p.add_argument("--bits", type=int, required=True, help=widths_text())
     add_quant_args(p)
     add_text_args(p)
     p.add_argument("--out", required=True, help="output checkpoint folder")

@@ -19,6 +19,7 @@ from bitcliff.cli.common import (
     check_model_arg,
     check_text_arg,
 )
+from bitcliff.kernels.pack import SUPPORTED_BITS, widths_text
 
 
 def add_parser(sub) -> None:
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
     s = steps.add_parser("sweep", help="measure every configuration of a grid, one row at a time (resumable)",
                          formatter_class=HelpFormatter)
     s.add_argument("--models", nargs="+", default=["default"])
-    s.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    s.add_argument("--bits", type=int, nargs="+", default=list(SUPPORTED_BITS))
     s.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128, -1])
     s.add_argument("--calib", type=int, nargs="+", default=[8, 16, 32, 64], help="GPTQ calibration windows")
     s.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
@@ -69,8 +70,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     strata = check_strata(args.strata or STRATA)
     if any(g != -1 and (g <= 0 or g % 16) for g in args.group_sizes):
         raise UsageError(f"--group-sizes {args.group_sizes}: each must be a positive multiple of 16, or -1")
-    if any(b not in (2, 3, 4) for b in args.bits):
-        raise UsageError(f"--bits {args.bits}: each must be 2, 3 or 4")
+    if any(b not in SUPPORTED_BITS for b in args.bits):
+        raise UsageError(f"--bits {args.bits}: each must be {widths_text()}")
     configs = grid(args.models, args.bits, args.group_sizes, args.calib if "gptq" in args.methods else [],
                    args.methods, args.full_gptq)
     rows = sweep(args.out, configs, SweepSettings(text=args.text_file, windows=args.windows, strata=strata))

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bitcliff.kernels.layout import plane_bits
+from bitcliff.kernels.layout import width
 
 N_WORDS = 4  # low-plane word operands (the most any width has per unit)
 N_X = 16  # activation pairs per program: one 32-code unit
@@ -309,12 +309,14 @@ class _Builder:
     def __init__(self, bits: int, dtype: str):
         self.bits, self.fmt = bits, FORMATS[dtype]
         self.magic_pair = _pair(self.fmt.bits_of(self.fmt.magic))
-        widths = plane_bits(bits)
-        self.lo_width, self.has_hi = widths[0], len(widths) > 1
+        spec = width(bits)
+        self.lo_width, self.has_hi = spec.lo, spec.hi > 0
+        if spec.hi > 1:
+            raise ValueError(f"{bits}-bit codes: the decode program handles a high plane of one bit")
         self.per_word = 32 // self.lo_width // 2  # pairs per low-plane word
         self.lo_fields = _fields(self.lo_width, self.per_word, self.fmt)
         # 3 bits, fp16: the high bit is added by the fma2 that multiplies it, onto the low part
-        # minus magic * 2**(-j-2) (folded into the zero constant); that is exact only for high
+        # minus magic * 2**(lo-j-4) (folded into the zero constant); that is exact only for high
         # fields at offsets j >= 3, so the high word is shifted to put them there, j tied to the
         # low offset o so that one constant serves each (o, j).  bf16 adds the parts with one more fma2.
         self.merge = self.has_hi and self.fmt.name == "f16"
@@ -362,13 +364,14 @@ class _Builder:
         if self.has_hi:
             th = self.temp()
             self.ops.append(Op("extract", th, (self.source(hi, hs), f"imm:{_pair(1 << j)}", f"imm:{self.magic_pair}")))
-            # (magic + 2**j b) * 2**(-j-2) = magic * 2**(-j-2) + b/4
+            # (magic + 2**j b) * 2**(lo-j-4) = magic * 2**(lo-j-4) + 2**lo b / 16: the high bit's weight
             if self.merge:
                 merged = self.temp()
-                self.ops.append(Op("fma2", merged, (th, self.imm(2.0 ** (-j - 2)), value)))
+                self.ops.append(Op("fma2", merged, (th, self.imm(2.0 ** (self.lo_width - j - 4)), value)))
                 return merged
             high = self.temp()
-            self.ops.append(Op("fma2", high, (th, self.imm(2.0 ** (-j - 2)), self.imm(-self.fmt.magic * 2.0 ** (-j - 2)))))
+            weight = 2.0 ** (self.lo_width - j - 4)
+            self.ops.append(Op("fma2", high, (th, self.imm(weight), self.imm(-self.fmt.magic * weight))))
             summed = self.temp()
             self.ops.append(Op("fma2", summed, (high, self.imm(1.0), value)))
             return summed
@@ -381,7 +384,7 @@ class _Builder:
         for (o, j), _ in sorted(self.constants.items(), key=lambda kv: kv[1]):
             base = self.fmt.magic * 2.0 ** (-o - 4)
             if j is not None:
-                base += self.fmt.magic * 2.0 ** (-j - 2)
+                base += self.fmt.magic * 2.0 ** (self.lo_width - j - 4)
             out.append(_linear_constant(base, self.bits, self.fmt))
         return tuple(out)
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitcliff.kernels.layout import KernelLayout
+from bitcliff.kernels.layout import KernelLayout, width
 from bitcliff.kernels.tiled import weights_fast, weights_portable
 
 BLOCK_N = 64
@@ -30,11 +30,10 @@ def dequant_kernel(
     lo_ptr, hi_ptr, scales_ptr, zeros_ptr,  # the kernel layout (as in tiled.qmm_tiled_kernel)
     w_ptr,  # [N, KP] output, fp16/bf16, K contiguous
     N, KP,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, FAST: tl.constexpr,
+    LO: tl.constexpr, HI: tl.constexpr, GROUP_SIZE: tl.constexpr, FAST: tl.constexpr,
     WORD: tl.constexpr, ZERO_CONSTANTS: tl.constexpr, WORD_CONSTRAINTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    LO: tl.constexpr = 2 if BITS == 3 else BITS  # the low plane's code width (layout.plane_bits)
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,11 +46,11 @@ def dequant_kernel(
         scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + g * N + offs_n, mask=mask_n, other=0)
         w = weights_fast(lo_ptr, hi_ptr, t, offs_n, mask_n, scale, zero, N, KP, like, WORD, ZERO_CONSTANTS,
-                         WORD_CONSTRAINTS, LO, BITS == 3, BLOCK_N, BLOCK_K, True)  # BLOCK_K divides KP
+                         WORD_CONSTRAINTS, LO, HI, BLOCK_N, BLOCK_K, True)  # BLOCK_K divides KP
         tl.store(w_ptr + rows, w, mask=mask_n[:, None])
     else:
         w = weights_portable(lo_ptr, hi_ptr, t, offs_k, offs_k < KP, offs_n, mask_n, scales_ptr, zeros_ptr,
-                             N, KP, LO, BITS == 3, GROUP_SIZE, BLOCK_N, BLOCK_K, like.dtype)
+                             N, KP, LO, HI, GROUP_SIZE, BLOCK_N, BLOCK_K, like.dtype)
         tl.store(w_ptr + rows, tl.trans(w), mask=mask_n[:, None])
 
 
@@ -70,7 +69,7 @@ def dequantize(layout: KernelLayout, dtype: torch.dtype, meta: dict) -> torch.Te
     grid = (triton.cdiv(n, BLOCK_N), kp // block_k)
     dequant_kernel[grid](
         layout.lo, hi, layout.scales, layout.zeros, w, n, kp,
-        BITS=layout.bits, GROUP_SIZE=layout.group_size, FAST=meta["DECODABLE"], WORD=meta["WORD"],
+        LO=width(layout.bits).lo, HI=width(layout.bits).hi, GROUP_SIZE=layout.group_size, FAST=meta["DECODABLE"], WORD=meta["WORD"],
         ZERO_CONSTANTS=meta["ZERO_CONSTANTS"], WORD_CONSTRAINTS=meta["WORD_CONSTRAINTS"],
         BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=4,
     )

@@ -100,21 +100,25 @@ def _zero_constants(zero, ZERO_CONSTANTS: tl.constexpr):
 
 
 @triton.jit
+def _plane_codes(plane_ptr, u, kin, n2, mask2, N, WIDTH: tl.constexpr):
+    """The ``WIDTH``-bit fields of codes ``kin`` of unit ``u`` in one plane: plane word
+    ``kin // PER`` of the unit, bit ``16 (kin % 2) + WIDTH (kin % PER // 2)`` (layout.code_bit)."""
+    PER: tl.constexpr = 32 // WIDTH
+    word = tl.load(plane_ptr + (u * WIDTH + kin // PER) * N + n2, mask=mask2, other=0)
+    return (word >> (16 * (kin % 2) + WIDTH * (kin % PER // 2))) & ((1 << WIDTH) - 1)
+
+
+@triton.jit
 def _unit_portable(
-    part, x_row, lo_ptr, hi_ptr, u, offs_n, mask, zero, K, N,
-    LO: tl.constexpr, LO_WORDS: tl.constexpr, HAS_HI: tl.constexpr,
+    part, x_row, lo_ptr, hi_ptr, u, offs_n, mask, zero, K, N, LO: tl.constexpr, HI: tl.constexpr,
 ):
     """``part + sum (q - z) * x`` over unit ``u``'s 32 codes of each column, in fp32."""
-    PER: tl.constexpr = 32 // LO
     kin = tl.arange(0, 32)[:, None]
     n2 = offs_n[None, :]
     mask2 = mask[None, :]
-    # Code kin of the unit: plane word kin // PER, bit 16 * (kin % 2) + LO * (kin % PER // 2).
-    lo = tl.load(lo_ptr + (u * LO_WORDS + kin // PER) * N + n2, mask=mask2, other=0)
-    q = (lo >> (16 * (kin % 2) + LO * (kin % PER // 2))) & ((1 << LO) - 1)
-    if HAS_HI:
-        hi = tl.load(hi_ptr + u * N + n2, mask=mask2, other=0)
-        q = q | (((hi >> (16 * (kin % 2) + kin // 2)) & 1) << 2)
+    q = _plane_codes(lo_ptr, u, kin, n2, mask2, N, LO)
+    if HI > 0:
+        q = q | (_plane_codes(hi_ptr, u, kin, n2, mask2, N, HI) << LO)
     k = u * 32 + kin
     xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
     w = q.to(tl.float32) - zero.to(tl.float32)[None, :]
@@ -125,7 +129,7 @@ def _unit_portable(
 def qmm_gemv_kernel(
     # pointers
     x_ptr,  # [M, K] activations (fp16/bf16/fp32) in kernel K order, unit stride along K
-    lo_ptr, hi_ptr,  # int32 bit planes [KP*LO/32, N], [KP/32, N] (hi: 3-bit only)
+    lo_ptr, hi_ptr,  # int32 bit planes [KP*LO/32, N], [KP*HI/32, N] (hi: widths with two planes)
     scales_ptr, zeros_ptr,  # [G, N] scales (any float), uint8 zeros
     kidx_ptr,  # int32 [KP]: activation column of each kernel K position (PERMUTED error capture)
     bias_ptr,  # [N] (HAS_BIAS only)
@@ -140,6 +144,7 @@ def qmm_gemv_kernel(
     stride_xm, stride_wfp, stride_ym,
     # what to compute
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, CAPTURE: tl.constexpr,
+    LO: tl.constexpr, HI: tl.constexpr,  # bit planes of the width (layout.width): low, high (0: none)
     HAS_BIAS: tl.constexpr, PERMUTED: tl.constexpr, INTERPRET: tl.constexpr,
     FAST: tl.constexpr,  # the decode program (fp16/bf16 activations, compiled)
     EVEN: tl.constexpr,  # whole tiles of units, N % BLOCK_N == 0 and K == KP: no masks in the loop
@@ -147,9 +152,9 @@ def qmm_gemv_kernel(
     # how (tuned)
     BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    LO: tl.constexpr = 2 if BITS == 3 else BITS  # the low plane's code width (layout.plane_bits)
     LO_WORDS: tl.constexpr = LO  # low-plane words per 32-code unit
-    HAS_HI: tl.constexpr = BITS == 3
+    HAS_HI: tl.constexpr = HI > 0
+    tl.static_assert(HI <= 1, "the gemv decodes a high plane of one bit")
     BLOCK_K: tl.constexpr = 32 * BLOCK_U
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -187,8 +192,7 @@ def qmm_gemv_kernel(
                 part = _unit_fast(part, x32_row, lo_ptr, hi_ptr, u, offs_n, mask, c0, c1, c2, c3, c4,
                                   K, N, DECODE, CONSTRAINTS, LO_WORDS, HAS_HI, EVEN)
             else:
-                part = _unit_portable(part, x_row, lo_ptr, hi_ptr, u, offs_n, mask, zero, K, N,
-                                      LO, LO_WORDS, HAS_HI)
+                part = _unit_portable(part, x_row, lo_ptr, hi_ptr, u, offs_n, mask, zero, K, N, LO, HI)
             if not ONE_GROUP:
                 acc += part * (scale * 16.0 if FAST else scale)
                 part = tl.zeros([BLOCK_N], dtype=tl.float32)

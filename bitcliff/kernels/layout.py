@@ -46,11 +46,52 @@ from bitcliff.kernels.pack import (
 UNIT = 32  # codes per packing unit; k_padded and group sizes are multiples of it
 
 
+@dataclass(frozen=True)
+class Width:
+    """How ``bits``-bit codes live in the kernel layout, derived from the width alone.
+
+    A code is split into bit *planes* of power-of-two widths (so that no plane word ever straddles),
+    the widest first, holding the code's low bits: 4 -> ``(4,)``, 3 -> ``(2, 1)``.  The kernels take
+    ``lo`` and ``hi`` as compile-time constants; nothing in them branches on the width itself.
+    """
+
+    bits: int
+    planes: tuple[int, ...]
+
+    @property
+    def lo(self) -> int:
+        """Bits of the low plane (the code's low bits)."""
+        return self.planes[0]
+
+    @property
+    def hi(self) -> int:
+        """Bits of the high plane (0: none); the kernels decode at most two planes."""
+        return self.planes[1] if len(self.planes) > 1 else 0
+
+    @property
+    def codes_per_word(self) -> int:
+        """Codes in one low-plane word."""
+        return 32 // self.lo
+
+
+def _planes(bits: int) -> tuple[int, ...]:
+    """``bits`` as a sum of powers of two, widest first (its binary digits)."""
+    return tuple(1 << i for i in reversed(range(bits.bit_length())) if bits >> i & 1)
+
+
+def width(bits: int) -> Width:
+    """The :class:`Width` of ``bits``-bit codes; ``ValueError`` naming the supported widths."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    spec = Width(bits, _planes(bits))
+    if len(spec.planes) > 2:
+        raise ValueError(f"{bits}-bit codes need {len(spec.planes)} bit planes; the kernels decode at most two")
+    return spec
+
+
 def plane_bits(bits: int) -> tuple[int, ...]:
     """Widths of the bit planes a ``bits``-bit code is split into (low plane first)."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    return (2, 1) if bits == 3 else (bits,)
+    return width(bits).planes
 
 
 def code_bit(position: torch.Tensor | int, width: int):
@@ -90,7 +131,8 @@ class KernelLayout:
         out_features: N.
         group_size: group size along the kernel's K order: ``-1`` (one group) or a multiple of 32.
         lo: int32 ``[k_padded * lo_bits / 32, N]``, the low plane (the only one for 2/4 bits).
-        hi: int32 ``[k_padded / 32, N]``, bit 2 of each 3-bit code; ``None`` for 2/4 bits.
+        hi: int32 ``[k_padded * hi_bits / 32, N]``, the high plane (bit 2 of each 3-bit code);
+            ``None`` for widths with one plane (:func:`width`).
         scales: ``[n_groups, N]`` (fp16 as stored in the checkpoint).
         zeros: uint8 ``[n_groups, N]``, the true (v2) zero points.
         kidx: int32 ``[k_padded]``, the activation column read at each kernel K position
@@ -109,7 +151,7 @@ class KernelLayout:
 
     @property
     def k_padded(self) -> int:
-        return self.lo.shape[0] * 32 // plane_bits(self.bits)[0]
+        return self.lo.shape[0] * width(self.bits).codes_per_word
 
     @property
     def n_groups(self) -> int:
@@ -133,10 +175,10 @@ class KernelLayout:
 
     def codes(self) -> torch.Tensor:
         """Codes in kernel K order, int64 ``[k_padded, N]`` (padding positions hold 0)."""
-        widths = plane_bits(self.bits)
-        codes = unpack_plane(self.lo.cpu(), widths[0])
+        spec = width(self.bits)
+        codes = unpack_plane(self.lo.cpu(), spec.lo)
         if self.hi is not None:
-            codes = codes | (unpack_plane(self.hi.cpu(), 1) << 2)
+            codes = codes | (unpack_plane(self.hi.cpu(), spec.hi) << spec.lo)
         return codes
 
     def source_columns(self) -> torch.Tensor:
@@ -222,9 +264,9 @@ def from_gptq(
     else:
         valid = kidx >= 0
         kcodes[valid] = codes[kidx[valid]]
-    widths = plane_bits(bits)
-    lo = pack_plane(kcodes & ((1 << widths[0]) - 1), widths[0])
-    hi = pack_plane(kcodes >> 2, 1) if bits == 3 else None
+    spec = width(bits)
+    lo = pack_plane(kcodes & ((1 << spec.lo) - 1), spec.lo)
+    hi = pack_plane(kcodes >> spec.lo, spec.hi) if spec.hi else None
     layout = KernelLayout(
         bits=bits,
         in_features=in_features,

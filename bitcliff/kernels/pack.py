@@ -20,8 +20,17 @@ from __future__ import annotations
 
 import torch
 
+#: The code widths bitcliff packs, quantizes, loads and runs: the one list of widths.  Everything
+#: else about a width (its bit planes in the kernel layout, how the GPU decodes it, what a restored
+#: module gets) is derived from it (``layout.width``).
 SUPPORTED_BITS = (2, 3, 4)
 CODES_PER_UNIT = 32  # one packing unit = 32 codes = `bits` int32 words
+
+
+def widths_text() -> str:
+    """``"2, 3 or 4"``: the supported widths, for messages and help."""
+    *head, last = (str(b) for b in SUPPORTED_BITS)
+    return f"{', '.join(head)} or {last}" if head else last
 
 
 def _check_bits(bits: int) -> None:

@@ -37,7 +37,7 @@ import triton
 from bitcliff.kernels import decode
 from bitcliff.kernels.dequant import dequantize
 from bitcliff.kernels.gemv import qmm_gemv_kernel
-from bitcliff.kernels.layout import KernelLayout
+from bitcliff.kernels.layout import KernelLayout, width
 from bitcliff.kernels.reference import CaptureMode
 from bitcliff.kernels.tiled import qmm_tiled_kernel
 from bitcliff.kernels.tuning import (
@@ -266,8 +266,9 @@ def quant_matmul(
         m, n, k_valid, layout.k_padded, m_bucket(m),
         xk.stride(0), wfp.stride(0), y.stride(0),
     )
+    spec = width(layout.bits)
     meta = dict(
-        BITS=layout.bits, GROUP_SIZE=layout.group_size, CAPTURE=capture,
+        BITS=layout.bits, GROUP_SIZE=layout.group_size, CAPTURE=capture, LO=spec.lo, HI=spec.hi,
         HAS_BIAS=bias is not None, PERMUTED=layout.kidx is not None, INTERPRET=INTERPRETED,
     )
     meta.update(decode_meta(schedule, x.dtype, layout.bits))

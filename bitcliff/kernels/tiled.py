@@ -33,27 +33,25 @@ def _mma(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def weights_portable(lo_ptr, hi_ptr, t, offs_k, mask_k, offs_n, mask_n, scales_ptr, zeros_ptr, N, KP,
-                      LO: tl.constexpr, HAS_HI: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
-    """``[BLOCK_K, BLOCK_N]`` weights of K tile ``t`` in ``DTYPE``, decoded in fp32."""
-    PER: tl.constexpr = 32 // LO
-    mask_w = mask_k[:, None] & mask_n[None, :]
-    # Load each plane word once ([BLOCK_K / PER, BLOCK_N]) and replicate it to the PER codes it holds.
-    rows = t * (BLOCK_K // PER) + tl.arange(0, BLOCK_K // PER)
-    lo = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :],
-                 mask=(rows < KP // PER)[:, None] & mask_n[None, :], other=0)
-    lo = tl.reshape(tl.broadcast_to(lo[:, None, :], (BLOCK_K // PER, PER, BLOCK_N)), (BLOCK_K, BLOCK_N))
-    kin = (offs_k % 32)[:, None]
-    # Code kin of its word: bit 16 * (kin % 2) + LO * (kin % PER // 2) (layout.code_bit).
-    q = (lo >> (16 * (kin % 2) + LO * (kin % PER // 2))) & ((1 << LO) - 1)
-    if HAS_HI:
-        rows_hi = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        hi = tl.load(hi_ptr + rows_hi[:, None] * N + offs_n[None, :],
-                     mask=(rows_hi < KP // 32)[:, None] & mask_n[None, :], other=0)
-        hi = tl.reshape(tl.broadcast_to(hi[:, None, :], (BLOCK_K // 32, 32, BLOCK_N)), (BLOCK_K, BLOCK_N))
-        q = q | (((hi >> (16 * (kin % 2) + kin // 2)) & 1) << 2)
+def _plane_codes(plane_ptr, offs_k, mask_k, offs_n, mask_n, N, WIDTH: tl.constexpr):
+    """``[BLOCK_K, BLOCK_N]`` ``WIDTH``-bit fields of codes ``offs_k`` in one plane: code ``k`` sits in
+    word ``k // PER``, at bit ``16 (k % 2) + WIDTH (k % PER // 2)`` (layout.code_bit)."""
+    PER: tl.constexpr = 32 // WIDTH
+    kin = (offs_k % PER)[:, None]
+    word = tl.load(plane_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :],
+                   mask=mask_k[:, None] & mask_n[None, :], other=0)
+    return (word >> (16 * (kin % 2) + WIDTH * (kin // 2))) & ((1 << WIDTH) - 1)
 
+
+@triton.jit
+def weights_portable(lo_ptr, hi_ptr, t, offs_k, mask_k, offs_n, mask_n, scales_ptr, zeros_ptr, N, KP,
+                     LO: tl.constexpr, HI: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """``[BLOCK_K, BLOCK_N]`` weights of K tile ``t`` in ``DTYPE``, decoded in fp32 (each plane word
+    read once per code it holds: the interpreter's path, and fp32 activations')."""
+    q = _plane_codes(lo_ptr, offs_k, mask_k, offs_n, mask_n, N, LO)
+    if HI > 0:
+        q = q | (_plane_codes(hi_ptr, offs_k, mask_k, offs_n, mask_n, N, HI) << LO)
     if GROUP_SIZE == -1:
         g_off = offs_n[None, :]
         g_mask = mask_n[None, :]
@@ -62,14 +60,13 @@ def weights_portable(lo_ptr, hi_ptr, t, offs_k, mask_k, offs_n, mask_n, scales_p
         g_mask = mask_n[None, :]
     else:
         g_off = (offs_k // GROUP_SIZE)[:, None] * N + offs_n[None, :]
-        g_mask = mask_w
+        g_mask = mask_k[:, None] & mask_n[None, :]
     scale = tl.load(scales_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
     zero_magic = tl.load(zeros_ptr + g_off, mask=g_mask, other=0).to(tl.float32) + 8388608.0
     # float(q) - zero exactly, without an int->float conversion: q OR-ed into the mantissa of
     # 2**23 reads as 2**23 + q.  Then one rounding, to the activation dtype, of scale * (q - z).
     qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic
-    w = (qf * scale).to(DTYPE)
-    return w
+    return (qf * scale).to(DTYPE)
 
 
 @triton.jit
@@ -82,11 +79,12 @@ def _ordered8(y0, y1, y2, y3, y4, y5, y6, y7):
 @triton.jit
 def weights_fast(lo_ptr, hi_ptr, t, offs_n, mask_n, scale, zero, N, KP, a,
                   WORD: tl.constexpr, ZERO_CONSTANTS: tl.constexpr, WORD_CONSTRAINTS: tl.constexpr,
-                  LO: tl.constexpr, HAS_HI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  LO: tl.constexpr, HI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_K: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` weights of K tile ``t`` in the dtype of the activations ``a``,
     K-contiguous per column."""
     DTYPE = a.dtype
+    tl.static_assert(HI <= 1, "the word program decodes a high plane of one bit")
     PER: tl.constexpr = 32 // LO  # codes per low-plane word
     R: tl.constexpr = BLOCK_K // PER  # words per column in the tile
     rows = t * R + tl.arange(0, R)
@@ -99,7 +97,7 @@ def weights_fast(lo_ptr, hi_ptr, t, offs_n, mask_n, scale, zero, N, KP, a,
         mask = mask_n[:, None] & (rows < KP // PER)[None, :]
         mask_hi = mask_n[:, None] & (units < KP // 32)[None, :]
     w = tl.load(lo_ptr + rows[None, :] * N + n2, mask=mask, other=0)  # [BLOCK_N, R]
-    if HAS_HI:
+    if HI > 0:
         # The unit's high word serves its two low words: the second one's bits sit 8 fields up.
         hu = tl.load(hi_ptr + units[None, :] * N + n2, mask=mask_hi, other=0).to(tl.uint32, bitcast=True)
         h = tl.reshape(tl.join(hu, hu >> 8), (BLOCK_N, R)).to(tl.int32, bitcast=True)
@@ -141,6 +139,7 @@ def qmm_tiled_kernel(
     stride_xm, stride_wfp, stride_ym,
     # what to compute
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, CAPTURE: tl.constexpr,
+    LO: tl.constexpr, HI: tl.constexpr,  # bit planes of the width (layout.width): low, high (0: none)
     HAS_BIAS: tl.constexpr, PERMUTED: tl.constexpr, INTERPRET: tl.constexpr,
     DECODABLE: tl.constexpr,  # fp16/bf16 activations, compiled: the word program applies
     FAST: tl.constexpr,  # DECODABLE and every K tile inside one group: use it (qmatmul.tiled_fast)
@@ -150,8 +149,6 @@ def qmm_tiled_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    LO: tl.constexpr = 2 if BITS == 3 else BITS  # the low plane's code width (layout.plane_bits)
-    PER: tl.constexpr = 32 // LO
     pid = tl.program_id(0)
     # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so the weight tiles
     # they share stay in L2.
@@ -183,11 +180,11 @@ def qmm_tiled_kernel(
             scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             zero = tl.load(zeros_ptr + g * N + offs_n, mask=mask_n, other=0)
             wt = weights_fast(lo_ptr, hi_ptr, t, offs_n, mask_n, scale, zero, N, KP, a, WORD, ZERO_CONSTANTS,
-                              WORD_CONSTRAINTS, LO, BITS == 3, BLOCK_N, BLOCK_K, EVEN_K)
+                              WORD_CONSTRAINTS, LO, HI, BLOCK_N, BLOCK_K, EVEN_K)
             acc = tl.dot(a, tl.trans(wt), acc)
         else:
             w = weights_portable(lo_ptr, hi_ptr, t, offs_k, mask_k, offs_n, mask_n, scales_ptr, zeros_ptr,
-                                  N, KP, LO, BITS == 3, GROUP_SIZE, BLOCK_N, BLOCK_K, a.dtype)
+                                 N, KP, LO, HI, GROUP_SIZE, BLOCK_N, BLOCK_K, a.dtype)
             acc = _mma(a, w, acc, INTERPRET)
         if CAPTURE == "error":
             if PERMUTED:

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from bitcliff.kernels.pack import num_groups, pack_qzeros, packed_length, unpack_qzeros
+from bitcliff.kernels.pack import SUPPORTED_BITS, num_groups, pack_qzeros, packed_length, unpack_qzeros, widths_text
 from bitcliff.quant.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from bitcliff.quant.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from bitcliff.quant.adapter import adapter_tensors, has_adapter, load_adapter
@@ -313,8 +313,8 @@ def read_quantization_config(directory: Path) -> tuple[dict, dict]:
             f"point. Set checkpoint_format back to {written!r}"
         )
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
-    if bits not in (2, 3, 4):
-        raise CheckpointError(f"{directory}: quantization_config bits={bits!r}; bitcliff reads 2, 3 or 4")
+    if bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"{directory}: quantization_config bits={bits!r}; bitcliff reads {widths_text()}")
     if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise CheckpointError(f"{directory}: quantization_config group_size={group_size!r} is invalid")
     return model_config, qc
@@ -389,8 +389,8 @@ def _build_layer(name: str, linear: nn.Module, tensors: dict, qc: dict, fmt: str
         raise CheckpointError(f"{name} holds quantized tensors but quantization_config.dynamic leaves it unquantized")
     override = override or {}
     bits, group_size = override.get("bits", qc["bits"]), override.get("group_size", qc.get("group_size", -1))
-    if bits not in (2, 3, 4):
-        raise CheckpointError(f"{name}: quantization_config.dynamic gives bits={bits!r}; bitcliff reads 2, 3 or 4")
+    if bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"{name}: quantization_config.dynamic gives bits={bits!r}; bitcliff reads {widths_text()}")
     k, n = linear.in_features, linear.out_features
     parts = {key: tensors.pop(f"{name}.{key}", None) for key in (*QUANT_KEYS, "bias")}
     missing = [key for key in QUANT_KEYS if parts[key] is None]

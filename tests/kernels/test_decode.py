@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bitcliff.kernels import decode
-from bitcliff.kernels.layout import code_bit, plane_bits
+from bitcliff.kernels.layout import code_bit, width
 
 DTYPES = ("fp16", "bf16")
 PATTERNS = np.arange(1 << 16, dtype=np.uint32)
@@ -34,12 +34,11 @@ def _field(words: np.ndarray, position: int, width: int) -> np.ndarray:
 
 def _unit_codes(words: dict, bits: int, pair: int, half: int) -> np.ndarray:
     """Code ``2 * pair + half`` of the unit, as the kernel layout stores it."""
-    lo_width = plane_bits(bits)[0]
-    per_word = 32 // lo_width
+    spec = width(bits)
     position = 2 * pair + half
-    code = _field(words[f"w{position // per_word}"], position % per_word, lo_width)
-    if bits == 3:
-        code = code | (_field(words["h"], position, 1) << 2)
+    code = _field(words[f"w{position // spec.codes_per_word}"], position % spec.codes_per_word, spec.lo)
+    if spec.hi:
+        code = code | (_field(words["h"], position, spec.hi) << spec.lo)
     return code
 
 
@@ -121,8 +120,8 @@ def test_word_program_gives_scaled_weights_in_k_order(bits, dtype):
     weight must be ``s * (q - z)`` rounded once to the dtype (as the reference rounds it)."""
     prog = decode.word_program(bits, dtype)
     fmt = decode.FORMATS[dtype]
-    lo_width = plane_bits(bits)[0]
-    per_word = 32 // lo_width
+    spec = width(bits)
+    per_word = spec.codes_per_word
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     scales = (torch.rand(2**bits, 1, generator=torch.Generator().manual_seed(bits)) * 0.02 + 1e-3).to(torch_dtype)
     scale_bits = scales.view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
@@ -132,9 +131,9 @@ def test_word_program_gives_scaled_weights_in_k_order(bits, dtype):
         got = prog.emulate(words, zeros=zeros, scale=scale_bits)  # [Z, 65536, codes]
         assert got.shape[-1] == per_word
         for position in range(per_word):
-            code = _field(words["w"], position, lo_width)
-            if bits == 3:
-                code = code | (_field(words["h"], position, 1) << 2)
+            code = _field(words["w"], position, spec.lo)
+            if spec.hi:
+                code = code | (_field(words["h"], position, spec.hi) << spec.lo)
             exact = torch.from_numpy((code.astype(np.float64) - zeros) * scales.double().numpy())
             expected = exact.to(torch_dtype).view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
             np.testing.assert_array_equal(got[..., position], expected, err_msg=f"position {position}")
