@@ -89,7 +89,6 @@ def constexprs(schedule: str, bits: int, capture: str, dtype: str, config: dict,
     import torch
 
     from bitcliff.kernels import qmatmul
-
     from bitcliff.kernels.layout import width
 
     spec = width(bits)

@@ -13,7 +13,6 @@ checkpoint's bit for bit (else how many differ).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import re
@@ -22,13 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.repair_table import _append, _commit
-
-
-def _done(path: Path) -> set[tuple]:
-    if not path.is_file():
-        return set()
-    return {(r["model"], r["bits"], r["nproc"]) for r in map(json.loads, path.read_text().splitlines())}
+from bench.provenance import commit, now
+from bitcliff.rows import append_row, done_keys
 
 
 def _tensors(folder: Path) -> dict:
@@ -52,7 +46,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    done = _done(args.out)
+    done = done_keys(args.out, ("model", "bits", "nproc"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for bits in args.bits:
         for nproc in sorted(args.nproc):
@@ -79,9 +73,8 @@ def main(argv=None) -> int:
                 a, b = _tensors(reference), _tensors(folder)
                 differ = sorted(k for k in a if k not in b or not torch.equal(a[k], b[k]))
                 row.update(tensors=len(a), tensors_differing=len(differ), bit_identical=not differ and a.keys() == b.keys())
-            row.update(torch=torch.__version__, cpus=os.cpu_count(), commit=_commit(),
-                       date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-            _append(args.out, row)
+            row.update(torch=torch.__version__, cpus=os.cpu_count(), commit=commit(short=True), date=now())
+            append_row(args.out, row)
             print(json.dumps(row), flush=True)
     return 0
 

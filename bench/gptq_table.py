@@ -17,10 +17,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from bitcliff.rows import append_row, done_keys, read_rows
 
 VARIANTS = {
     "rtn": {"method": "rtn"},
@@ -37,12 +38,6 @@ VARIANTS = {
     "+ts+refit3": {"true_sequential": True, "refit_rounds": 3},
     "+ts+static+refit3": {"true_sequential": True, "static_groups": True, "refit_rounds": 3},
 }
-
-
-def _load(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -65,11 +60,10 @@ def run(args: argparse.Namespace) -> None:
     eval_ids = evaluation_windows(tokenizer, text, args.eval_windows, args.seq_len)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["model"], r["bits"], r["group_size"], r["variant"], r["calib_samples"]) for r in _load(results)}
+    done = done_keys(results, ("model", "bits", "group_size", "variant", "calib_samples"))
 
     def record(row: dict) -> None:
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(results, row)
 
     if (args.model, 32, -1, "fp", args.calib_samples) not in done:
         fp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -144,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.markdown:
         run(args)
-    print(markdown(_load(Path(args.results)), list(VARIANTS)))
+    print(markdown(read_rows(Path(args.results)), list(VARIANTS)))
     return 0
 
 

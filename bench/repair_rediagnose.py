@@ -11,12 +11,11 @@ the four indicators can be read side by side.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
 
-from bench.repair_table import _commit
+from bench.provenance import commit, now
 
 
 def _summary(report: dict) -> dict:
@@ -35,17 +34,16 @@ def main(argv=None) -> int:
     import bitcliff
     from bitcliff.assets import load_text
     from bitcliff.data import evaluation_windows
-    from bitcliff.diagnosis.run import DiagnoseOptions
     from bitcliff.models import load_fp_model
+    from bitcliff.repairs.run import PLANNING_DIAGNOSIS
 
     fp, tokenizer, _ = load_fp_model(args.model)
     examples = evaluation_windows(tokenizer, load_text("wiki"), 16, 256)
-    options = DiagnoseOptions(trace_examples=8, patch_examples=0, capture_examples=1)
     rows = []
     for quantized, repaired in args.pair:
         row = {"quantized": quantized, "repaired": repaired}
         for key, folder in (("before", quantized), ("after", repaired)):
-            report = bitcliff.diagnose(fp, bitcliff.load(folder), examples, options=options,
+            report = bitcliff.diagnose(fp, bitcliff.load(folder), examples, options=PLANNING_DIAGNOSIS,
                                        name=Path(folder).name, progress=False).to_dict()
             row[key] = _summary(report)
         repair_json = Path(repaired) / "repair.json"
@@ -56,8 +54,8 @@ def main(argv=None) -> int:
         print(f"{Path(quantized).name}: {row['before']['headline']}  ->  repaired: {row['after']['headline']}",
               flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "model": args.model, "commit": _commit(),
-                                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+    args.out.write_text(json.dumps({"rows": rows, "model": args.model, "commit": commit(short=True),
+                                    "date": now()},
                                    indent=1))
     return 0
 

@@ -12,7 +12,6 @@ model's effective bits plus the bits it spent.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -20,13 +19,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from bitcliff import rows as rows_file
+
 MARKERS = {"plan": "o", "lowrank": "s", "restore": "^", "heuristic": "v", "eora": "D", "bias": "P", "norm": "X"}
 
 
 def read_rows(path: Path) -> list[dict]:
     """The finished (not skipped) rows of a repair table (JSON lines)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "skipped" not in r]
+    return [r for r in rows_file.read_rows(path) if "skipped" not in r]
 
 
 def bits_per_weight(row: dict) -> float:

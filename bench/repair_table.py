@@ -31,46 +31,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import math
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench.provenance import commit, now
+from bitcliff.rows import append_row, done_keys
+
 TEXTS = ("wiki", "canterbury")
 # llama.cpp's priority of tensor kinds for more bits, mapped to Llama/Gemma module names.
 LLAMA_CPP_PRIORITY = ("mlp.down_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.gate_proj",
                       "self_attn.o_proj", "self_attn.q_proj", "self_attn.k_proj")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _done(path: Path) -> set[tuple]:
-    if not path.is_file():
-        return set()
-    keys = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            keys.add((row["model"], row["method"], row["bits"], row["group_size"], row["budget"], row["variant"]))
-    return keys
-
-
-def _append(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as out:
-        out.write(json.dumps(row) + "\n")
 
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
@@ -80,8 +56,8 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
 
 def heuristic_plan(diagnosis: dict, budget: float):
     """A restoration plan by llama.cpp's fixed priority, at ``budget`` bits per weight."""
-    from bitcliff.repairs import budget as costs
-    from bitcliff.repairs.plan import RESTORE_BITS, RepairPlan
+    from bitcliff.repairs.plan import RepairPlan
+    from bitcliff.repairs.restore import restore_cost, restored_width
 
     modules = diagnosis["meta"]["modules"]
     n_layers = diagnosis["meta"]["n_layers"]
@@ -92,14 +68,13 @@ def heuristic_plan(diagnosis: dict, budget: float):
         order += [n for layer, n in sorted(named, key=lambda t: (not use_more_bits(t[0], n_layers), t[0]))]
     restore, spent = {}, 0.0
     for name in order:
-        m = modules[name]
-        bits = RESTORE_BITS[m["bits"]]
-        cost = costs.restore_bits(m["in"], m["out"], (m["bits"], m["group_size"]), (bits, m["group_size"]))
+        cost = restore_cost(modules[name])
         if spent + cost <= budget * weights:
-            restore[name] = bits
+            restore[name] = restored_width(modules[name]["bits"])
             spent += cost
-    return RepairPlan(budget=budget, verdict=diagnosis["verdict"]["label"], methods=("restore",), restore=restore,
-                      reasons=["llama.cpp's fixed tensor priority"], planned_bits=spent, weights=weights)
+    return RepairPlan(budget=budget, verdict=diagnosis["verdict"]["label"], methods=("restore",),
+                      steps={"restore": {"modules": restore}}, reasons=["llama.cpp's fixed tensor priority"],
+                      planned_bits=spent, weights=weights)
 
 
 @torch.no_grad()
@@ -108,12 +83,11 @@ def apply_eora(fp_model, q_model, calib: torch.Tensor, budget: float) -> tuple[i
     ``(rank, bits per weight)``."""
     from bitcliff.quant.gptq import HessianAccumulator
     from bitcliff.quant.qlinear import QuantLinear
-    from bitcliff.repairs import budget as costs
-    from bitcliff.repairs.lowrank import lowrank_solution
+    from bitcliff.repairs.lowrank import lowrank_bits, lowrank_solution
 
     quantized = {n: m for n, m in q_model.named_modules() if isinstance(m, QuantLinear)}
     weights = sum(m.in_features * m.out_features for m in quantized.values())
-    per_rank = sum(costs.lowrank_bits(1, m.in_features, m.out_features) for m in quantized.values())
+    per_rank = sum(lowrank_bits(1, m.in_features, m.out_features) for m in quantized.values())
     rank = int(budget * weights // per_rank)
     if rank < 1:
         return 0, 0.0
@@ -150,14 +124,13 @@ def main(argv=None) -> int:
 
     import bitcliff
     from bitcliff.assets import load_text
-    from bitcliff.cli.repair import recovery
     from bitcliff.data import calibration_windows, evaluation_windows
-    from bitcliff.diagnosis.run import DiagnoseOptions
     from bitcliff.eval import evaluate_ppl
     from bitcliff.models import load_fp_model
-    from bitcliff.repairs.plan import PlanError, plan_repair
+    from bitcliff.repairs.plan import PlanError
+    from bitcliff.repairs.run import PLANNING_DIAGNOSIS, diagnose_and_repair, recovery
 
-    done = _done(args.out)
+    done = done_keys(args.out, ("model", "method", "bits", "group_size", "budget", "variant"))
     fp, tokenizer, path = load_fp_model(args.model)
     texts = {name: load_text(name) for name in TEXTS}
     evals = {name: evaluation_windows(tokenizer, text, 16, 512) for name, text in texts.items()}
@@ -179,17 +152,16 @@ def main(argv=None) -> int:
             elif diag_path.is_file():
                 diagnosis = json.loads(diag_path.read_text())
             else:
-                options = DiagnoseOptions(trace_examples=8, patch_examples=0, capture_examples=1)
                 diagnosis = bitcliff.diagnose(fp, q, evaluation_windows(tokenizer, texts["wiki"], 16, 256),
-                                              options=options, name=folder.name, progress=False).to_dict()
+                                              options=PLANNING_DIAGNOSIS, name=folder.name, progress=False).to_dict()
                 diag_path.write_text(json.dumps(diagnosis))
             q_ppl = {name: evaluate_ppl(q, ids, progress=False)["ppl"] for name, ids in evals.items()}
             base = {"model": args.model, "method": method, "bits": bits, "group_size": args.group_size,
                     "effective_bits": config.effective_bits(k), "verdict": diagnosis["verdict"]["label"],
                     "ppl_fp": fp_ppl, "ppl_quantized": q_ppl}
             if (args.model, method, bits, args.group_size, 0.0, "none") not in done:
-                _append(args.out, {**base, "budget": 0.0, "variant": "none", "bits_spent": 0.0,
-                                   "ppl": q_ppl, "recovery": {t: 0.0 for t in TEXTS}, "commit": _commit()})
+                append_row(args.out, {**base, "budget": 0.0, "variant": "none", "bits_spent": 0.0,
+                                      "ppl": q_ppl, "recovery": {t: 0.0 for t in TEXTS}, "commit": commit(short=True)})
             for budget in args.budgets:
                 for variant in args.variants:
                     key = (args.model, method, bits, args.group_size, budget, variant)
@@ -203,23 +175,29 @@ def main(argv=None) -> int:
                             rank, spent = apply_eora(fp, repaired, calib[: args.calib], budget)
                             extra["rank"] = rank
                         else:
-                            plan = (heuristic_plan(diagnosis, budget) if variant == "heuristic" else
-                                    plan_repair(diagnosis, budget, methods=None if variant == "plan" else [variant]))
-                            result = bitcliff.repair(fp, repaired, calib[: args.calib], plan, progress=False)
-                            spent = result.bits_per_weight
+                            if variant == "heuristic":
+                                plan = heuristic_plan(diagnosis, budget)
+                                result = bitcliff.repair(fp, repaired, calib[: args.calib], plan, progress=False)
+                            else:
+                                outcome = diagnose_and_repair(fp, repaired, calib[: args.calib], budget,
+                                                              diagnosis=diagnosis,
+                                                              methods=None if variant == "plan" else [variant])
+                                plan, result = outcome.plan, outcome.result
+                            modules = result.record.modules if result is not None else []  # None: nothing planned
+                            spent = result.bits_per_weight if result is not None else 0.0
                             extra["methods"] = list(plan.methods)
-                            extra["ranks"] = sorted({m.rank for m in result.record.modules if m.rank})
-                            extra["restored"] = len([m for m in result.record.modules if m.restored_bits])
+                            extra["ranks"] = sorted({m.rank for m in modules if m.rank})
+                            extra["restored"] = len([m for m in modules if m.restored_bits])
                     except PlanError as exc:
-                        _append(args.out, {**base, "budget": budget, "variant": variant, "skipped": str(exc)})
+                        append_row(args.out, {**base, "budget": budget, "variant": variant, "skipped": str(exc)})
                         continue
                     seconds = time.perf_counter() - start
                     ppl = {name: evaluate_ppl(repaired, ids, progress=False)["ppl"] for name, ids in evals.items()}
                     row = {**base, "budget": budget, "variant": variant, "bits_spent": spent, "ppl": ppl,
                            "recovery": {t: recovery(fp_ppl[t], q_ppl[t], ppl[t]) for t in TEXTS},
                            "seconds": round(seconds, 1), "calib_windows": args.calib, **extra,
-                           "commit": _commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-                    _append(args.out, row)
+                           "commit": commit(short=True), "date": now()}
+                    append_row(args.out, row)
                     print(f"{args.model} {method} w{bits} +{budget:g} {variant:>9}: bits {spent:.4f} "
                           f"ppl {ppl['wiki']:.2f} / {ppl['canterbury']:.2f} (q {q_ppl['wiki']:.2f} / "
                           f"{q_ppl['canterbury']:.2f}; recovery {row['recovery']['wiki']:.0%} / "

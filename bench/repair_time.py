@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import sys
 import time
 from pathlib import Path
 
-from bench.repair_table import _commit
+from bench.provenance import commit, now
 
 
 def main(argv=None) -> int:
@@ -36,8 +35,8 @@ def main(argv=None) -> int:
     import bitcliff
     from bitcliff.assets import load_text
     from bitcliff.data import calibration_windows, evaluation_windows
-    from bitcliff.diagnosis.run import DiagnoseOptions
     from bitcliff.models import load_fp_model
+    from bitcliff.repairs.run import diagnose_and_repair
 
     fp, tokenizer, _ = load_fp_model(args.model)
     config = bitcliff.QuantConfig(bits=args.bits, group_size=64, method="gptq")
@@ -45,18 +44,15 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     q = bitcliff.quantize(copy.deepcopy(fp), config, progress=False, calib_ids=calib)
     gptq_s = time.perf_counter() - start
-    options = DiagnoseOptions(trace_examples=8, patch_examples=0, capture_examples=1)
-    report = bitcliff.diagnose(fp, q, evaluation_windows(tokenizer, load_text("wiki"), 16, 256), options=options,
-                               progress=False)
-    plan = bitcliff.plan_repair(report, args.budget)
-    start = time.perf_counter()
-    result = bitcliff.repair(fp, q, calib[: args.repair_calib], plan, progress=False)
-    repair_s = time.perf_counter() - start
+    # Diagnosed untimed; the repair alone is timed (its own clock in the outcome).
+    outcome = diagnose_and_repair(fp, q, calib[: args.repair_calib], args.budget,
+                                  examples=evaluation_windows(tokenizer, load_text("wiki"), 16, 256))
+    plan, result, repair_s = outcome.plan, outcome.result, outcome.seconds["repair"]
     row = {"model": args.model, "bits": args.bits, "gptq_calib": config.calib_samples, "gptq_s": round(gptq_s, 1),
            "repair_calib": args.repair_calib, "budget": args.budget, "methods": list(plan.methods),
            "bits_spent": result.bits_per_weight, "repair_s": round(repair_s, 1), "ratio": round(repair_s / gptq_s, 3),
-           "threads": torch.get_num_threads(), "commit": _commit(),
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+           "threads": torch.get_num_threads(), "commit": commit(short=True),
+           "date": now()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=1))
     print(json.dumps(row))

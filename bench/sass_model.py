@@ -32,7 +32,6 @@ import argparse
 import collections
 import datetime as dt
 import json
-import math
 import os
 import re
 import subprocess

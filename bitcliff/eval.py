@@ -9,20 +9,28 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-@torch.inference_mode()
-def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL of every predicted token.
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The NLL of every token after the first under the logits before it (the one definition).
 
     Args:
-        model: a causal LM returning ``.logits``.
-        ids: int64 ``[B, T]`` token windows.
+        logits: ``[..., T, V]`` (any float dtype; computed in fp32).
+        ids: int64 ``[..., T]``, the same leading dims.
     Returns:
-        float32 ``[B, T - 1]`` (on the cpu): entry ``[b, t]`` is the NLL of token ``t + 1``.
+        float32 ``[..., T - 1]``: entry ``t`` is the NLL of token ``t + 1``.
     """
+    lead = ids.shape[:-1]
+    flat_logits = logits.float().reshape(-1, *logits.shape[-2:])  # [B, T, V]
+    flat_ids = ids.reshape(-1, ids.shape[-1])
+    nll = F.cross_entropy(flat_logits[:, :-1].transpose(1, 2), flat_ids[:, 1:], reduction="none")
+    return nll.reshape(*lead, -1)
+
+
+@torch.inference_mode()
+def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """:func:`next_token_nll` of ``model`` on ``ids`` (int64 ``[B, T]``): float32 ``[B, T - 1]`` on the cpu."""
     device = next(model.parameters(), torch.empty(0)).device
     ids = ids.to(device)
-    logits = model(input_ids=ids).logits.float()  # [B, T, V]
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").cpu()
+    return next_token_nll(model(input_ids=ids).logits, ids).cpu()
 
 
 def window_nll(model, ids: torch.Tensor) -> torch.Tensor:

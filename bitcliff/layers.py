@@ -31,6 +31,66 @@ LAYER_PATHS = (
 )
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """Where a decoder-only model keeps the parts bitcliff names (its one description of them).
+
+    Attributes:
+        attention, mlp: the attribute of a decoder layer holding its attention and MLP blocks.
+        gate: the MLP's gate projection (gated MLPs: SwiGLU, GeGLU), an attribute of ``mlp``.
+        final_norm: the norm beside the decoder layers, applied before the unembedding.
+        unembedding: the model's output projection.
+        bias_flags: config.json flags that make transformers build biased projections, by the
+            component they cover (``attention_bias`` covers every attention projection).
+    """
+
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    gate: str = "gate_proj"
+    final_norm: str = "norm"
+    unembedding: str = "lm_head"
+    bias_flags: tuple[tuple[str, str], ...] = (("attention_bias", "attn"), ("mlp_bias", "mlp"))
+
+    def attribute(self, component: str) -> str:
+        """``"attn"`` -> ``"self_attn"``, ``"mlp"`` -> ``"mlp"``."""
+        return {"attn": self.attention, "mlp": self.mlp}[component]
+
+
+#: The architectures bitcliff analyses and repairs: the Llama family (SmolLM2, Llama, Mistral,
+#: Qwen2...) and Gemma 3 share these names.
+ARCHITECTURE = Architecture()
+#: The components of a decoder layer the analyses assess and patch, and the repairs act on.
+COMPONENTS = ("attn", "mlp")
+
+
+def component(layer: nn.Module, name: str) -> nn.Module:
+    """A decoder layer's ``"attn"`` (attention block, output before any post-attention norm) or
+    ``"mlp"`` block."""
+    return getattr(layer, ARCHITECTURE.attribute(name))
+
+
+def component_of(module_name: str, layer_prefix: str | None = None) -> tuple[int | None, str] | None:
+    """``(layer, "attn" | "mlp")`` of a linear, or None outside the components.
+
+    ``module_name`` is a full name (``model.layers.3.mlp.up_proj``, with ``layer_prefix`` the
+    layers' path) or one relative to its decoder layer (``mlp.up_proj``; the layer is then None).
+    """
+    if layer_prefix is not None:
+        index = layer_index(module_name, layer_prefix)
+        if index is None:
+            return None
+        rest = module_name[len(layer_prefix) + 1:].split(".", 1)
+        if len(rest) < 2:
+            return None
+        module_name = rest[1]
+    else:
+        index = None
+    for short in COMPONENTS:
+        if module_name.startswith(ARCHITECTURE.attribute(short) + "."):
+            return index, short
+    return None
+
+
 class UnsupportedModelError(ValueError):
     """The model's structure is not one bitcliff can walk layer by layer."""
 

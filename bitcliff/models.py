@@ -13,17 +13,9 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class ModelLoadError(ValueError):
     """A model folder or hub id that cannot be loaded as what was asked for."""
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def read_config_json(folder: str | Path) -> dict:
@@ -138,9 +130,10 @@ def load_any(name: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer, path, False
 
 
-def model_fingerprint(model) -> str:
-    """A short hash of the model's input embeddings: tells two models apart under one name."""
+def model_fingerprint(model, digits: int = 64) -> str:
+    """SHA-256 of the model's input embeddings (its first ``digits`` hex digits): tells two models
+    apart under one name, and a saved diagnosis from the models it was not made on."""
     import hashlib
 
     weight = model.get_input_embeddings().weight.detach().float().cpu().numpy()
-    return hashlib.sha256(weight.tobytes()).hexdigest()[:16]
+    return hashlib.sha256(weight.tobytes()).hexdigest()[:digits]

@@ -6,7 +6,12 @@ import argparse
 import time
 from pathlib import Path
 
-from bitcliff.cli.common import HelpFormatter, UsageError, check_model_arg, check_text_arg
+from bitcliff.cli.common import (
+    HelpFormatter,
+    UsageError,
+    check_model_arg,
+    check_text_arg,
+)
 
 
 def add_parser(sub) -> None:

@@ -26,8 +26,8 @@ from bitcliff.cli.common import (
     quantize_model,
     without_option,
 )
-from bitcliff.kernels.pack import widths_text
 from bitcliff.distributed import DEFAULT_TIMEOUT_S, Ranks
+from bitcliff.kernels.pack import widths_text
 
 
 def add_parser(sub) -> None:

@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bitcliff.storage import MANIFEST, OccupiedOutputError, check_replaceable, write_json, write_manifest
+from bitcliff.storage import (
+    MANIFEST,
+    OccupiedOutputError,
+    check_replaceable,
+    write_json,
+    write_manifest,
+)
 
 STATE_FILE = "state.json"
 PROMPT = "The history of the printing press began in"
@@ -155,17 +161,16 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
     """Run (or resume) the cliff in ``out``; returns the summary written to ``cliff.json``."""
     import bitcliff
     from bitcliff.assets import load_text
-    from bitcliff.cli.repair import recovery
     from bitcliff.cliff.report import write_report
     from bitcliff.data import calibration_windows, evaluation_windows
     from bitcliff.diagnosis.run import DiagnoseOptions
     from bitcliff.eval import evaluate_ppl
     from bitcliff.models import load_fp_model, model_fingerprint
     from bitcliff.quant.config import QuantConfig
-    from bitcliff.repairs.plan import plan_repair
+    from bitcliff.repairs.run import diagnose_and_repair
 
     fp_model, tokenizer, _ = load_fp_model(settings.model)
-    identity = {**settings.to_dict(), "model_fingerprint": model_fingerprint(fp_model)}
+    identity = {**settings.to_dict(), "model_fingerprint": model_fingerprint(fp_model, digits=16)}
     store = StepStore.open(Path(out), identity, restart)
     text = load_text(settings.text)
     eval_ids = evaluation_windows(tokenizer, text, settings.windows, 512)
@@ -223,18 +228,18 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
         diagnosis = step(f"diagnosis-w{bits}", diagnose)
 
         def repair():
-            q_model = bitcliff.load(gptq_dir)
-            report = json.loads((diag_dir / "diagnosis.json").read_text())
-            plan = plan_repair(report, settings.budget)
-            if not plan.methods:
+            outcome = diagnose_and_repair(
+                fp_model, bitcliff.load(gptq_dir), calib[: settings.repair_calib], settings.budget,
+                diagnosis=json.loads((diag_dir / "diagnosis.json").read_text()), eval_ids=eval_ids,
+                known_ppl={"fp": fp["ppl"], "quantized": gptq["ppl"]}, out=repaired_dir, tokenizer=tokenizer,
+                overwrite=True, progress=progress)
+            plan = outcome.plan
+            if outcome.result is None:
                 return {"ppl": gptq["ppl"], "bits_spent": 0.0, "methods": [], "reasons": plan.reasons,
                         "recovery": 0.0}
-            result = bitcliff.repair(fp_model, q_model, calib[: settings.repair_calib], plan, progress=progress)
-            bitcliff.save(q_model, repaired_dir, tokenizer=tokenizer, overwrite=True, extra_files=result.files())
-            ppl = evaluate(bitcliff.load(repaired_dir))["ppl"]
-            return {"ppl": ppl, "bits_spent": result.bits_per_weight, "methods": list(plan.methods),
-                    "reasons": plan.reasons, "checkpoint": repaired_dir.name,
-                    "recovery": recovery(fp["ppl"], gptq["ppl"], ppl)}
+            return {"ppl": outcome.ppl["repaired"], "bits_spent": outcome.result.bits_per_weight,
+                    "methods": list(plan.methods), "reasons": plan.reasons, "checkpoint": repaired_dir.name,
+                    "recovery": outcome.recovery}
 
         repaired = step(f"repair-w{bits}", repair)
         widths[bits] = {"bits": bits, "effective_bits": rtn_config.effective_bits(k), "rtn": rtn, "gptq": gptq,

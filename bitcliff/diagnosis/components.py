@@ -26,10 +26,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnosis.fp_record import FIRST_TOKEN, FPRecord, eager_attention, record_fp
+from bitcliff.diagnosis.fp_record import (
+    FIRST_TOKEN,
+    FPRecord,
+    eager_attention,
+    record_fp,
+)
 from bitcliff.diagnosis.hooks import Hooks
 from bitcliff.diagnosis.metrics import js_divergence
-from bitcliff.diagnosis.model_parts import COMPONENTS, component, decoder_layers, gate_projection
+from bitcliff.diagnosis.model_parts import (
+    COMPONENTS,
+    component,
+    decoder_layers,
+    gate_projection,
+)
 from bitcliff.diagnosis.quantized_runs import RUNS, run_quantized
 
 
@@ -94,7 +104,7 @@ class ComponentAssessor:
         for i, layer in enumerate(layers):
             for c in COMPONENTS:
                 hooks.output(component(layer, c), lambda o, c=c, i=i: on_component(c, i, o))
-            hooks.raw_output(layer.self_attn, lambda out, i=i: on_attention(i, out))
+            hooks.raw_output(component(layer, "attn"), lambda out, i=i: on_attention(i, out))
             gate = gate_projection(layer)
             if gates and gate is not None:
                 hooks.output(gate, lambda g, i=i: on_gate(i, g))

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitcliff.diagnosis.hooks import Hooks
-from bitcliff.diagnosis.model_parts import COMPONENTS, component, decoder_layers, gate_projection
+from bitcliff.diagnosis.model_parts import (
+    COMPONENTS,
+    component,
+    decoder_layers,
+    gate_projection,
+)
+from bitcliff.eval import next_token_nll
 
 #: Norms, means and sampled positions skip the tokens before this index.  Position 0 carries the
 #: attention sink: residual norms there are tens of times larger than anywhere else, so including
@@ -62,11 +68,6 @@ class FPRecord:
 def mean_token_norm(hidden: torch.Tensor) -> torch.Tensor:
     """fp64 ``[B]``: the mean L2 norm of ``hidden`` ``[B, T, d]`` over the tokens from ``FIRST_TOKEN`` on."""
     return hidden[:, FIRST_TOKEN:].double().norm(dim=-1).mean(dim=-1)
-
-
-def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """fp64 ``[T - 1]`` next-token NLL of ``ids`` (int64 ``[T]``) under ``logits`` (``[T, V]``)."""
-    return F.cross_entropy(logits[:-1].float(), ids[1:], reduction="none").double()
 
 
 def query_rows(n_tokens: int, n_rows: int) -> torch.Tensor:
@@ -128,11 +129,11 @@ def record_fp(model: nn.Module, ids: torch.Tensor, attention_rows: int = 0, gate
                 if gate is not None:
                     hooks.output(gate, lambda g: gate_active.append(g[0] > 0))
             if attention_rows:
-                hooks.raw_output(layer.self_attn, lambda out: attention.append(_attention_rows(out, rows)))
+                hooks.raw_output(component(layer, "attn"), lambda out: attention.append(_attention_rows(out, rows)))
         logits = model_logits(model, ids)
     if gates and len(gate_active) != len(layers):
         gate_active = None  # not a gated MLP in every layer
-    return FPRecord(ids.cpu(), residual, outputs, gate_active, attention, rows, token_nll(logits.cpu(), ids.cpu()))
+    return FPRecord(ids.cpu(), residual, outputs, gate_active, attention, rows, next_token_nll(logits.cpu(), ids.cpu()).double())
 
 
 def _attention_rows(output, rows: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitcliff.diagnosis import metrics
-from bitcliff.diagnosis.fp_record import mean_token_norm, token_nll
+from bitcliff.diagnosis.fp_record import mean_token_norm
 from bitcliff.diagnosis.hooks import Hooks
 from bitcliff.diagnosis.model_parts import decoder_layers
+from bitcliff.eval import next_token_nll
 
 
 @dataclass
@@ -152,7 +153,7 @@ def batch_mean_nll(model: nn.Module, ids: torch.Tensor) -> list[float]:
     """Per row of int64 ``[B, T]`` windows, the mean next-token NLL under ``model``."""
     device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
-    return [float(token_nll(row, window).mean()) for row, window in zip(logits, ids)]
+    return [float(next_token_nll(row, window).double().mean()) for row, window in zip(logits, ids)]
 
 
 def add_example_stats(

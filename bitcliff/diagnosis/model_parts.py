@@ -2,8 +2,9 @@
 (full precision and quantized) are comparable part by part.
 
 Supported: decoder layers where :func:`bitcliff.layers.find_decoder_layers` finds them, each
-with ``self_attn`` and ``mlp``, a final ``norm`` beside them and an ``lm_head``: the Llama family
-(SmolLM2, Llama, Mistral, Qwen2...) and Gemma 3.
+with the attention and MLP blocks, final norm and unembedding that
+:data:`bitcliff.layers.ARCHITECTURE` names: the Llama family (SmolLM2, Llama, Mistral, Qwen2...)
+and Gemma 3.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import copy
 import torch
 from torch import nn
 
-from bitcliff.layers import find_decoder_layers
+from bitcliff.layers import ARCHITECTURE, COMPONENTS, component, find_decoder_layers
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import set_submodule
 
-#: The components of one decoder layer that the analyses assess and patch, by short name.
-COMPONENTS = ("attn", "mlp")
+__all__ = ["COMPONENTS", "component"]  # the analyses' names for the parts (bitcliff.layers)
 
 
 class IncompatibleModels(ValueError):
@@ -32,34 +32,30 @@ def backbone(model: nn.Module) -> nn.Module:
     except ValueError as exc:
         raise IncompatibleModels(str(exc)) from exc
     inner = model.get_submodule(prefix.rpartition(".")[0])
-    if not hasattr(inner, "norm") or not hasattr(model, "lm_head"):
+    if not hasattr(inner, ARCHITECTURE.final_norm) or not hasattr(model, ARCHITECTURE.unembedding):
         raise IncompatibleModels(
-            f"{type(model).__name__} is not a supported decoder-only model: expected a final norm beside "
-            f"{prefix} and an lm_head (Llama-family or Gemma 3 causal LMs)"
+            f"{type(model).__name__} is not a supported decoder-only model: expected a final "
+            f"{ARCHITECTURE.final_norm} beside {prefix} and an {ARCHITECTURE.unembedding} (Llama-family or "
+            "Gemma 3 causal LMs)"
         )
     return inner
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers, each checked to have ``self_attn`` and ``mlp``."""
+    """The decoder layers, each checked to have every component of :data:`COMPONENTS`."""
     backbone(model)
     layers = list(find_decoder_layers(model)[1])
     for i, layer in enumerate(layers):
-        for part in ("self_attn", "mlp"):
-            if not hasattr(layer, part):
-                raise IncompatibleModels(f"decoder layer {i} ({type(layer).__name__}) has no {part}")
+        for part in COMPONENTS:
+            if not hasattr(layer, ARCHITECTURE.attribute(part)):
+                raise IncompatibleModels(f"decoder layer {i} ({type(layer).__name__}) has no "
+                                         f"{ARCHITECTURE.attribute(part)}")
     return layers
-
-
-def component(layer: nn.Module, name: str) -> nn.Module:
-    """``"attn"`` → the attention block (its output is taken before any post-attention norm),
-    ``"mlp"`` → the MLP block."""
-    return {"attn": layer.self_attn, "mlp": layer.mlp}[name]
 
 
 def gate_projection(layer: nn.Module) -> nn.Module | None:
     """The MLP's gate projection (gated MLPs: SwiGLU, GeGLU), or None."""
-    return getattr(layer.mlp, "gate_proj", None)
+    return getattr(component(layer, "mlp"), ARCHITECTURE.gate, None)
 
 
 def logit_lens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -71,7 +67,8 @@ def logit_lens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     Returns:
         fp32 ``[..., vocab]``.
     """
-    logits = model.lm_head(backbone(model).norm(hidden)).float()
+    norm = getattr(backbone(model), ARCHITECTURE.final_norm)
+    logits = getattr(model, ARCHITECTURE.unembedding)(norm(hidden)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -27,10 +27,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnosis.fp_record import FPRecord, record_fp, token_nll
+from bitcliff.diagnosis.fp_record import FPRecord, record_fp
 from bitcliff.diagnosis.hooks import Hooks
-from bitcliff.diagnosis.model_parts import COMPONENTS, component, decoder_layers, logit_lens
+from bitcliff.diagnosis.model_parts import (
+    COMPONENTS,
+    component,
+    decoder_layers,
+    logit_lens,
+)
 from bitcliff.diagnosis.quantized_runs import run_quantized
+from bitcliff.eval import next_token_nll
 from bitcliff.layers import LayerCalls, find_decoder_layers, run_layers
 
 TARGETS = (*COMPONENTS, "residual")
@@ -81,7 +87,7 @@ class PatchingAccumulator:
         run, and that run's fp32 ``[T, V]`` logits (the unpatched baseline)."""
         layers = decoder_layers(q_model)
         call = calls.for_forward(0)
-        nll_q = float(token_nll(q_logits.cpu(), record.ids).mean())
+        nll_q = float(next_token_nll(q_logits.cpu(), record.ids).double().mean())
         self.damage += nll_q - record.mean_nll()
         for i in range(len(layers)):
             batch = calls.inputs[i][0].expand(len(self.targets), -1, -1)  # one row per target
@@ -119,7 +125,7 @@ def _with_row(hidden: torch.Tensor, row: int, value: torch.Tensor) -> torch.Tens
 def _mean_nll(model: nn.Module, final_hidden: torch.Tensor, ids: torch.Tensor) -> list[float]:
     """Per row of the last layer's output ``[B, T, d]``: the mean next-token NLL of ``ids``."""
     logits = logit_lens(model, final_hidden).cpu()
-    return [float(token_nll(row, ids).mean()) for row in logits]
+    return [float(next_token_nll(row, ids).double().mean()) for row in logits]
 
 
 def patch_activations(

@@ -27,15 +27,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitcliff.diagnosis.components import ComponentAssessment, ComponentAssessor
-from bitcliff.diagnosis.fp_record import eager_attention, model_logits, record_fp, token_nll
-from bitcliff.diagnosis.inputs import InputsAccumulator, InputSensitivity, add_example_stats
+from bitcliff.diagnosis.fp_record import eager_attention, model_logits, record_fp
+from bitcliff.diagnosis.inputs import (
+    InputsAccumulator,
+    InputSensitivity,
+    add_example_stats,
+)
 from bitcliff.diagnosis.layer_errors import LayerErrors, capture_layer_errors
-from bitcliff.diagnosis.model_parts import check_compatible, context_length, decoder_layers, dequantized_twin
+from bitcliff.diagnosis.model_parts import (
+    check_compatible,
+    context_length,
+    decoder_layers,
+    dequantized_twin,
+)
 from bitcliff.diagnosis.patching import PatchingAccumulator, PatchingResult
 from bitcliff.diagnosis.quantized_runs import run_quantized
 from bitcliff.diagnosis.signal import SignalTrace, SignalTracer
 from bitcliff.diagnosis.verdict import Thresholds, Verdict, decide
+from bitcliff.eval import next_token_nll
 from bitcliff.layers import LayerCalls, find_decoder_layers
+from bitcliff.models import model_fingerprint
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import quant_config
 
@@ -234,8 +245,8 @@ def diagnose(
         run_quantized(sim, record, "local", [tracer, assessor])
         tracer.add_example(record, logits)
         assessor.add_example(record)
-        nll_q = {name: float(token_nll(logits.cpu(), ids).mean())}
-        nll_q.update({n: float(token_nll(model_logits(m, ids).cpu(), ids).mean()) for n, m in others.items()})
+        nll_q = {name: float(next_token_nll(logits.cpu(), ids).double().mean())}
+        nll_q.update({n: float(next_token_nll(model_logits(m, ids).cpu(), ids).double().mean()) for n, m in others.items()})
         inputs_acc.add(e, record.mean_nll(), record.magnitudes(), nll_q)
         return record, calls, logits
 
@@ -286,10 +297,10 @@ def quantized_modules(q_model: nn.Module) -> dict[str, dict]:
 
 
 def fingerprints(fp_model: nn.Module, q_model: nn.Module) -> dict[str, str]:
-    """SHA-256 of the FP model's input embeddings and of every ``QuantLinear``'s packed codes and
-    scales: a saved diagnosis is reused only for the models it was made on."""
-    fp = hashlib.sha256(fp_model.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes())
-    return {"fp": fp.hexdigest(), "quantized": quantized_fingerprint(q_model)}
+    """SHA-256 of the FP model's input embeddings (``models.model_fingerprint``) and of every
+    ``QuantLinear``'s packed codes and scales: a saved diagnosis is reused only for the models it
+    was made on."""
+    return {"fp": model_fingerprint(fp_model), "quantized": quantized_fingerprint(q_model)}
 
 
 def quantized_fingerprint(q_model: nn.Module) -> str:

@@ -31,10 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitcliff.diagnosis import metrics
-from bitcliff.diagnosis.fp_record import FIRST_TOKEN, FPRecord, query_rows, record_fp, token_nll
+from bitcliff.diagnosis.fp_record import FIRST_TOKEN, FPRecord, query_rows, record_fp
 from bitcliff.diagnosis.hooks import Hooks
 from bitcliff.diagnosis.model_parts import decoder_layers, logit_lens
 from bitcliff.diagnosis.quantized_runs import run_quantized
+from bitcliff.eval import next_token_nll
 
 
 @dataclass
@@ -116,7 +117,7 @@ class SignalTracer:
         self.lens_positions += len(query_rows(len(record.ids), self.lens_tokens))
         self.examples += 1
         self.nll_fp.append(record.mean_nll())
-        self.nll_q.append(float(token_nll(q_logits.cpu(), record.ids).mean()))
+        self.nll_q.append(float(next_token_nll(q_logits.cpu(), record.ids).double().mean()))
 
     def result(self) -> SignalTrace:
         if not self.examples:

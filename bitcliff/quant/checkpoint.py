@@ -33,7 +33,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from bitcliff.kernels.pack import SUPPORTED_BITS, num_groups, pack_qzeros, packed_length, unpack_qzeros, widths_text
+from bitcliff.kernels.pack import (
+    SUPPORTED_BITS,
+    num_groups,
+    pack_qzeros,
+    packed_length,
+    unpack_qzeros,
+    widths_text,
+)
+from bitcliff.layers import ARCHITECTURE
 from bitcliff.quant.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from bitcliff.quant.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from bitcliff.quant.adapter import adapter_tensors, has_adapter, load_adapter
@@ -184,19 +192,15 @@ def config_json(model_config: dict, config: QuantConfig, fmt: str, stored_dtype:
     return {**model_config, "quantization_config": qc, "dtype": str(stored_dtype).removeprefix("torch.")}
 
 
-#: config.json flags that make transformers build biased projections, by the submodule they cover.
-BIAS_FLAGS = {"attention_bias": ".self_attn.", "mlp_bias": ".mlp."}
-
-
 def bias_flags(model: nn.Module) -> dict[str, bool]:
-    """The ``BIAS_FLAGS`` the model's config knows, set where every projection they cover has a
-    bias (a repaired model's corrected biases), so that readers building the model from config.json
-    load them."""
+    """The config.json bias flags (``ARCHITECTURE.bias_flags``) the model's config knows, set where
+    every projection they cover has a bias (a repaired model's corrected biases), so that readers
+    building the model from config.json load them."""
     config = model.config.to_dict()
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, nn.Linear))]
     flags = {}
-    for flag, part in BIAS_FLAGS.items():
-        covered = [m for n, m in linears if part in f".{n}."]
+    for flag, part in ARCHITECTURE.bias_flags:
+        covered = [m for n, m in linears if f".{ARCHITECTURE.attribute(part)}." in f".{n}."]
         if flag in config and covered and all(m.bias is not None for m in covered):
             flags[flag] = True
     return flags

@@ -1,9 +1,11 @@
-"""What a repair costs: every bit it stores, counted as extra bits per quantized weight.
+"""What repairs cost, in common terms: every bit stored, counted as extra bits per quantized weight.
 
 The budget of a repair is spent over the quantized weights of the model it repairs
 (``quantized_weights``: the sum of K x N over its ``QuantLinear`` layers).  A stored fp16 value
-costs 16 bits; a restored module costs the difference between its new and its old bits per
-weight, each counting one fp16 scale and one zero point per group (``QuantConfig.effective_bits``).
+costs 16 bits; a module at another width costs the difference between its new and its old bits
+per weight, each counting one fp16 scale and one zero point per group
+(``QuantConfig.effective_bits``).  Each repair counts its own storage with these (``bias.bias_bits``,
+``lowrank.lowrank_bits``, ``restore.restore_cost``).
 """
 
 from __future__ import annotations
@@ -29,17 +31,7 @@ def weight_bits(bits: int, group_size: int, in_features: int) -> float:
     return bits + (FP16_BITS + bits) / group
 
 
-def bias_bits(out_features: int) -> int:
-    """An added fp16 bias."""
-    return FP16_BITS * out_features
-
-
-def lowrank_bits(rank: int, in_features: int, out_features: int) -> int:
-    """fp16 factors ``A [r, K]`` and ``B [N, r]``."""
-    return FP16_BITS * rank * (in_features + out_features)
-
-
-def restore_bits(in_features: int, out_features: int, old: tuple[int, int], new: tuple[int, int]) -> float:
+def width_change_bits(in_features: int, out_features: int, old: tuple[int, int], new: tuple[int, int]) -> float:
     """Re-quantizing a ``[N, K]`` layer from ``old = (bits, group_size)`` to ``new`` (bits 16: kept
     in full precision)."""
     per_weight = weight_bits(*new, in_features) - weight_bits(*old, in_features)

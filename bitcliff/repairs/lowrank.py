@@ -20,6 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from bitcliff.layers import component_of
+from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.repairs.budget import FP16_BITS
+from bitcliff.repairs.registry import GroupRepair, PlanContext, Planned, Repair
+
 #: Ridge added to the covariance before its Cholesky factor, relative to its mean diagonal.
 RIDGE = 1e-6
 #: Extra random directions and power iterations of the randomized SVD.
@@ -112,3 +117,129 @@ def output_error(error: torch.Tensor, covariance: torch.Tensor) -> float:
     """``tr(E C Eᵀ)``: the mean over inputs of ``‖E x‖²``."""
     e = error.double()
     return float(((e @ covariance.double()) * e).sum())
+
+
+def lowrank_bits(rank: int, in_features: int, out_features: int) -> int:
+    """What fp16 factors ``A [r, K]`` and ``B [N, r]`` store."""
+    return FP16_BITS * rank * (in_features + out_features)
+
+
+#: Low-rank factors are allocated in steps of this many ranks, up to :data:`MAX_RANK`.
+RANK_STEP = 4
+MAX_RANK = 64
+
+
+class LowRankCompensation(Repair):
+    """Compensation: output-error-optimal low-rank factors (a PEFT LoRA adapter beside the checkpoint).
+
+    The plan shares its bits among the decoder layers in proportion to how much error each adds
+    (the diagnosis's local error relative to its update, ``local_update_error``) times its weights;
+    inside a layer the walk spends that share group by group on the measured spectra, greedily by
+    the relative output error removed per bit, ``RANK_STEP`` ranks at a time, carrying what a
+    layer leaves to the next.  Options: ``rank`` (one rank everywhere), ``max_rank``.
+    """
+
+    name, kind, order, plan_order = "lowrank", "compensation", 20, 10
+
+    def _modules(self, ctx: PlanContext):
+        replaced = ctx.replaced()
+        for name, m in ctx.modules.items():
+            component = component_of(name, ctx.prefix)
+            if component is not None and name not in replaced:
+                yield name, component[0], m
+
+    def plan(self, ctx: PlanContext, available: float) -> Planned | None:
+        rank = ctx.options.get("rank")
+        max_rank = rank or ctx.options.get("max_rank", MAX_RANK)
+        if available <= 0:
+            return None
+        layer_weights: dict[int, int] = {}
+        layer_cheapest: dict[int, int] = {}
+        for _, layer, m in self._modules(ctx):
+            layer_weights[layer] = layer_weights.get(layer, 0) + m["in"] * m["out"]
+            cheapest = lowrank_bits(rank or RANK_STEP, m["in"], m["out"])
+            layer_cheapest[layer] = min(layer_cheapest.get(layer, cheapest), cheapest)
+        local = ctx.diagnosis["signal"]["local_update_error"]
+        share = {layer: w * max(float(local[layer] or 0.0), 1e-6) for layer, w in layer_weights.items()}
+        whole = sum(share.values())
+        layer_bits = {layer: available * share[layer] / whole for layer in layer_weights}
+        if rank is not None:  # a fixed rank: every module gets it where the budget allows
+            fixed = {layer: 0 for layer in layer_weights}
+            for _, layer, m in self._modules(ctx):
+                fixed[layer] += lowrank_bits(rank, m["in"], m["out"])
+            if sum(fixed.values()) <= available:
+                layer_bits = fixed
+        layer_bits = {k: v for k, v in layer_bits.items() if v >= layer_cheapest[k]}
+        if not layer_bits:
+            return None
+        ranked = sorted(layer_bits, key=lambda k: -layer_bits[k] / layer_weights[k])[:5]
+        reason = (f"low-rank compensation with {sum(layer_bits.values()) / ctx.weights:.4f} bits/weight, shared "
+                  "among layers by the error each adds (local error relative to its update) times its weights; most "
+                  "per weight: " + ", ".join(f"layer {k} ({local[k]:.3f})" for k in ranked)
+                  + ("" if rank is None else f"; rank {rank} on every module"))
+        step = {"layer_bits": {str(k): v for k, v in layer_bits.items()}, "rank": rank, "max_rank": max_rank}
+        return Planned(step, sum(layer_bits.values()), reason)
+
+    def cheapest(self, ctx: PlanContext) -> float | None:
+        return min(lowrank_bits(RANK_STEP, m["in"], m["out"]) for m in ctx.modules.values())
+
+    def start_layer(self, step: dict, state: dict, index: int) -> None:
+        # This layer's share plus what earlier layers left unspent.
+        state["budget"] = state.get("budget", 0.0) + step["layer_bits"].get(str(index), 0.0)
+
+    def apply(self, step: dict, state: dict, group: GroupRepair) -> None:
+        if state.get("budget", 0.0) <= 0:
+            return
+        share = state["budget"] * group.weights / max(group.layer_weights, 1)
+        state["budget"] -= self._spend(step, group, share)
+
+    def _spend(self, step: dict, group: GroupRepair, share: float) -> float:
+        """Spend up to ``share`` bits on the group's factors; returns the bits spent."""
+        solutions, energy = {}, {}
+        shared = whitening(group.covariance)  # one factorisation for the whole group
+        for rel in group.members:
+            module = group.modules[rel]
+            if not isinstance(module, QuantLinear) or group.entries[rel].restored_bits is not None:
+                continue
+            limit = min(step["max_rank"], min(module.in_features, module.out_features) - 1)
+            if limit >= 1:
+                error = group.targets[rel] - group.weight(rel)
+                solutions[rel] = (module, lowrank_solution(error, group.covariance, limit, root=shared))
+                energy[rel] = max(output_error(group.targets[rel], group.covariance), 1e-30)  # E‖W x‖²
+        ranks = {rel: 0 for rel in solutions}
+        spent = 0.0
+        if step["rank"] is not None:  # one rank everywhere, as far as the share allows
+            for rel, (module, _) in solutions.items():
+                cost = lowrank_bits(step["rank"], module.in_features, module.out_features)
+                if spent + cost <= share + 1e-6:
+                    ranks[rel], spent = step["rank"], spent + cost
+        else:  # greedy on the measured relative output error removed per bit, RANK_STEP ranks at a time
+            while True:
+                best, best_gain = None, 0.0
+                for rel, (module, solution) in solutions.items():
+                    r = ranks[rel]
+                    size = min(RANK_STEP, solution.a.shape[0] - r)
+                    cost = lowrank_bits(size, module.in_features, module.out_features)
+                    if size <= 0 or spent + cost > share:
+                        continue
+                    # output error removed relative to the output itself: what the next norm sees
+                    gain = (solution.remaining(r) - solution.remaining(r + size)) / energy[rel]
+                    gain = gain * (module.in_features * module.out_features) / cost
+                    if gain > best_gain:
+                        best, best_gain = rel, gain
+                if best is None:
+                    break
+                module, solution = solutions[best]
+                size = min(RANK_STEP, solution.a.shape[0] - ranks[best])
+                ranks[best] += size
+                spent += lowrank_bits(size, module.in_features, module.out_features)
+        for rel, r in ranks.items():
+            if r:
+                module, solution = solutions[rel]
+                module.set_lowrank(*solution.factors(r))
+                group.entries[rel].rank = r
+                group.entries[rel].bits += lowrank_bits(r, module.in_features, module.out_features)
+        return spent
+
+
+REPAIR = LowRankCompensation()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitcliff.repairs.registry import GroupRepair, PlanContext, Planned, Repair
+
 #: Ridge towards γ = 1, relative to the mean diagonal of the system.
 RIDGE = 1e-4
 
@@ -74,3 +76,38 @@ def fold_into_norm(norm: nn.Module, scales: torch.Tensor) -> None:
             return
     weight.copy_(original)
     raise ValueError(f"cannot fold a per-channel scale into {type(norm).__name__}: neither w nor 1 + w is its gain")
+
+
+class NormRecalibration(Repair):
+    """Free compensation: every norm that feeds a share group, rescaled where that lowers the group's
+    output error."""
+
+    name, kind, order, plan_order = "norm", "free", 10, 0
+
+    def plan(self, ctx: PlanContext, available: float) -> Planned:
+        return Planned({}, 0.0, "norm recalibration on every norm that feeds quantized linears: free (folded into "
+                                "the norm weights)")
+
+    def apply(self, step: dict, state: dict, group: GroupRepair) -> None:
+        if group.source is None:
+            return
+        norm = group.layer.get_submodule(group.source)
+        quantized = [group.weight(rel) for rel in group.members]
+        weights = [group.targets[rel] for rel in group.members]
+        gamma = norm_scales(weights, quantized, group.covariance)
+        before = group_error(weights, quantized, group.covariance)
+        after = group_error(weights, quantized, group.covariance, gamma)
+        if not after < before:
+            return
+        fold_into_norm(norm, gamma)
+        group.record.norms.append({"norm": f"{group.name}.{group.source}",
+                                   "feeds": [f"{group.name}.{m}" for m in group.members],
+                                   "error_before": before, "error_after": after})
+        # The group's inputs are now γ ∘ x: statistics and targets in that scale.
+        group.covariance = group.covariance * gamma[:, None] * gamma[None, :]
+        group.mean = group.mean * gamma
+        group.targets = {rel: w / gamma.float()[None, :] for rel, w in group.targets.items()}
+        group.scales.update({rel: gamma.float() for rel in group.members})
+
+
+REPAIR = NormRecalibration()

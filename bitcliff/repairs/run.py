@@ -1,25 +1,50 @@
-"""``repair()``: apply a repair plan to a quantized model, on calibration data.
+"""``repair()``: apply a repair plan to a quantized model, on calibration data; and
+``diagnose_and_repair()``, the whole sequence every caller runs.
 
     plan = bitcliff.plan_repair(report, budget=0.25)          # from a diagnosis
     result = bitcliff.repair(fp_model, q_model, calib_ids, plan)
     bitcliff.save(q_model, "runs/w3g64-r", extra_files=result.files())   # checkpoint + adapter + repair.json
+
+    outcome = diagnose_and_repair(fp_model, q_model, calib_ids, 0.25, examples=windows,
+                                  eval_ids=eval_windows, out="runs/w3g64-r", tokenizer=tokenizer)
+
+The sequence (diagnose, or take a diagnosis; plan; repair; evaluate; write) is the one the command
+line (``bitcliff repair``), the main job (``bitcliff cliff``) and the benchmarks run.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bitcliff.diagnosis.run import fingerprints, quantized_modules
+from bitcliff.diagnosis.run import (
+    DiagnoseOptions,
+    diagnose,
+    fingerprints,
+    quantized_modules,
+)
 from bitcliff.repairs.budget import quantized_weights
-from bitcliff.repairs.plan import RepairPlan
+from bitcliff.repairs.plan import RepairPlan, plan_repair
 from bitcliff.repairs.walk import DEFAULT_BATCH_SIZE, WalkRecord, repair_walk
+from bitcliff.storage import write_json
 
 RECORD_FILE = "repair.json"
+#: The diagnosis a repair plan is made from: its examples traced and one captured, no activation
+#: patching (it does not vote on the verdict, and it is the slowest analysis).
+PLANNING_DIAGNOSIS = DiagnoseOptions(trace_examples=8, patch_examples=0, capture_examples=1)
+
+
+def recovery(ppl_fp: float, ppl_q: float, ppl_r: float) -> float:
+    """Share of the quantization gap a repair closes, in log perplexity (NaN without a gap)."""
+    gap = math.log(ppl_q) - math.log(ppl_fp)
+    return (math.log(ppl_q) - math.log(ppl_r)) / gap if gap > 0 else float("nan")
 
 
 @dataclass
@@ -94,3 +119,112 @@ def repair(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, pla
     if record.bits > allowed * (1 + 1e-9) + 1e-6:
         raise RuntimeError(f"the repair stored {record.bits:.0f} bits where the budget allows {allowed:.0f}")
     return RepairResult(plan, record, weights)
+
+
+@dataclass
+class RepairOutcome:
+    """What :func:`diagnose_and_repair` did.
+
+    Attributes:
+        diagnosis: the diagnosis the plan follows (``DiagnosisReport.to_dict()``).
+        plan: the plan.
+        result: the repair, or None when the plan had nothing to do (a healthy verdict).
+        ppl: perplexities evaluated (``fp``, ``quantized``, ``repaired``) on ``eval_ids``.
+        seconds: ``diagnosis`` and ``repair`` times.
+    """
+
+    diagnosis: dict
+    plan: RepairPlan
+    result: RepairResult | None
+    ppl: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def recovery(self) -> float:
+        if not {"fp", "quantized", "repaired"} <= set(self.ppl):
+            return float("nan")
+        return recovery(self.ppl["fp"], self.ppl["quantized"], self.ppl["repaired"])
+
+    def record(self, **extra) -> dict:
+        """``repair.json``: the plan, what the walk did, the bits, and the evaluation."""
+        base = self.result.to_dict() if self.result is not None else {"plan": self.plan.to_dict(), "bits_per_weight": 0.0}
+        return {**base, "ppl": self.ppl, "recovery": self.recovery,
+                "seconds": {k: round(v, 1) for k, v in self.seconds.items()}, **extra}
+
+
+def diagnose_and_repair(
+    fp_model: nn.Module,
+    q_model: nn.Module,
+    calib_ids: torch.Tensor,
+    budget: float,
+    *,
+    diagnosis: dict | None = None,
+    examples: torch.Tensor | None = None,
+    methods=None,
+    rank: int | None = None,
+    eval_ids: torch.Tensor | None = None,
+    known_ppl: dict | None = None,
+    out: str | Path | None = None,
+    tokenizer=None,
+    overwrite: bool = False,
+    record_extra: dict | None = None,
+    on_plan: Callable[[dict, RepairPlan], None] | None = None,
+    progress: bool = False,
+    name: str = "quantized",
+) -> RepairOutcome:
+    """Diagnose (or take ``diagnosis``), plan, repair ``q_model`` in place, evaluate, and write.
+
+    Args:
+        fp_model, q_model: the full-precision model and its quantization (repaired in place).
+        calib_ids: int64 ``[n, T]`` calibration windows for the repair.
+        budget: extra bits per quantized weight.
+        diagnosis: a diagnosis of these models to plan from; else one is made on ``examples``
+            with :data:`PLANNING_DIAGNOSIS`.
+        methods, rank: forced repairs and low-rank rank (:func:`~bitcliff.repairs.plan.plan_repair`).
+        eval_ids: windows to evaluate the perplexity on (none: no evaluation).
+        known_ppl: perplexities already measured on ``eval_ids`` (``fp``, ``quantized``), not run again.
+        out: a folder to save the repaired checkpoint to (with ``repair.json``), ``tokenizer`` beside it.
+        record_extra: more fields for ``repair.json``.
+        on_plan: called with the diagnosis and the plan before the repair runs (to show it).
+    Raises:
+        PlanError: the budget buys nothing, or bad methods or rank.
+        ValueError: a diagnosis of other models, or bad calibration data.
+    """
+    import bitcliff  # noqa: PLC0415 - the package's save
+    from bitcliff.eval import evaluate_ppl  # noqa: PLC0415
+
+    seconds = {}
+    start = time.perf_counter()
+    if diagnosis is None:
+        if examples is None:
+            raise ValueError("diagnose_and_repair needs a diagnosis or examples to diagnose on")
+        diagnosis = diagnose(fp_model, q_model, examples, options=PLANNING_DIAGNOSIS, name=name,
+                             progress=progress).to_dict()
+        seconds["diagnosis"] = time.perf_counter() - start
+    plan = plan_repair(diagnosis, budget, methods=methods, rank=rank)
+    if on_plan is not None:
+        on_plan(diagnosis, plan)
+    ppl = dict(known_ppl or {})
+    if eval_ids is not None:
+        for key, model in (("fp", fp_model), ("quantized", q_model)):
+            if key not in ppl:
+                ppl[key] = evaluate_ppl(model, eval_ids, progress=False)["ppl"]
+    if not plan.methods:
+        if "quantized" in ppl:
+            ppl["repaired"] = ppl["quantized"]
+        return RepairOutcome(diagnosis, plan, None, ppl, seconds)
+    start = time.perf_counter()
+    result = repair(fp_model, q_model, calib_ids, plan, progress=progress)
+    seconds["repair"] = time.perf_counter() - start
+    outcome = RepairOutcome(diagnosis, plan, result, ppl, seconds)
+    if out is None:
+        if eval_ids is not None:
+            ppl["repaired"] = evaluate_ppl(q_model, eval_ids, progress=False)["ppl"]
+        return outcome
+    text = json.dumps(outcome.record(**(record_extra or {})), indent=1)
+    bitcliff.save(q_model, out, tokenizer=tokenizer, overwrite=overwrite,
+                  extra_files={RECORD_FILE: lambda path: Path(path).write_text(text)})
+    if eval_ids is not None:  # the checkpoint as written is what is measured
+        ppl["repaired"] = evaluate_ppl(bitcliff.load(out), eval_ids, progress=False)["ppl"]
+        write_json(Path(out) / RECORD_FILE, outcome.record(**(record_extra or {})), indent=1)
+    return outcome

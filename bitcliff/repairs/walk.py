@@ -7,10 +7,10 @@ Per layer:
 1. The quantized layer runs once per batch (:class:`~bitcliff.layers.SuspendedForwards`).  Every
    batch stops at the input of each share group in turn (q/k/v, o, gate/up, down); when all have
    stopped there, the group's input statistics are complete (covariance ``E[x xᵀ]`` through a
-   :class:`~bitcliff.quant.gptq.HessianAccumulator`, and mean), and the group is repaired in this
-   order: restoration (GPTQ at more bits on these inputs), norm recalibration (the norm that feeds
-   the group), low-rank compensation, bias correction; then the batches go on through the repaired
-   group.  Each linear sits in a :class:`_Slot` while the layer is walked, so that a restored
+   :class:`~bitcliff.quant.gptq.HessianAccumulator`, and mean), and the plan's repairs are applied
+   to the group in the registry's order (``registry.repairs()``: restoration, GPTQ at more bits on
+   these inputs; norm recalibration of the norm that feeds the group; low-rank compensation; bias
+   correction); then the batches go on through the repaired group.  Each linear sits in a :class:`_Slot` while the layer is walked, so that a restored
    module can replace it even while suspended forwards are inside its call.
 2. The repaired layer's outputs are the next layer's inputs.
 
@@ -29,7 +29,6 @@ W4 GPTQ gives 28.  The mean input that bias correction uses skips it
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -48,50 +47,11 @@ from bitcliff.quant.gptq import HessianAccumulator, summed_over_ranks
 from bitcliff.quant.gptq_model import capture_calibration_inputs, rank_share
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import quant_config, set_submodule
-from bitcliff.repairs import budget as costs
-from bitcliff.repairs.bias import bias_shift
-from bitcliff.repairs.lowrank import lowrank_solution, output_error, whitening
-from bitcliff.repairs.norm import fold_into_norm, group_error, norm_scales
-from bitcliff.repairs.plan import BIAS_FAMILIES, RANK_STEP, RepairPlan
-from bitcliff.repairs.restore import restore_module
+from bitcliff.repairs.lowrank import output_error
+from bitcliff.repairs.plan import RepairPlan
+from bitcliff.repairs.registry import GroupRepair, ModuleRepair, WalkRecord, repairs
 
 DEFAULT_BATCH_SIZE = 8
-
-
-@dataclass
-class ModuleRepair:
-    """What the walk did to one module (one entry of ``repair.json``).
-
-    Attributes:
-        module: full name.
-        layer: decoder layer index.
-        restored_bits: bits it was re-quantized to (16: full precision), or None.
-        rank: rank of its low-rank factors (0: none).
-        bias: whether its bias was corrected.
-        error_before, error_after: its output error ``E‖y_fp − y_q‖²`` on the repaired model's
-            inputs (summed over outputs, mean over tokens) before and after the repairs.
-        bits: the bits its repairs store.
-    """
-
-    module: str
-    layer: int
-    restored_bits: int | None = None
-    rank: int = 0
-    bias: bool = False
-    error_before: float = 0.0
-    error_after: float = 0.0
-    bits: float = 0.0
-
-
-@dataclass
-class WalkRecord:
-    """Everything the walk did: per module, per norm, the bits spent, and timings."""
-
-    modules: list[ModuleRepair] = field(default_factory=list)
-    norms: list[dict] = field(default_factory=list)
-    bits: float = 0.0
-    seconds: float = 0.0
-    tokens: int = 0
 
 
 class _Slot(nn.Module):
@@ -105,132 +65,41 @@ class _Slot(nn.Module):
         return self.inner(x)
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    """The effective fp32 ``[N, K]`` weight a linear applies."""
-    if isinstance(module, QuantLinear):
-        return module.effective_weight()
-    return module.weight.detach().float()
-
-
-def _family(rel: str) -> str | None:
-    return next((short for short, attribute in BIAS_FAMILIES.items() if rel.startswith(attribute + ".")), None)
-
-
 class _LayerRepairer:
-    """Repairs the share groups of one decoder layer as the walk reaches them."""
+    """Repairs the share groups of one decoder layer as the walk reaches them: every repair of the
+    plan in turn (``registry.repairs()`` order), on the group's input statistics."""
 
     def __init__(self, plan: RepairPlan, config, name: str, index: int, fp_layer: nn.Module,
-                 record: WalkRecord, carried: float) -> None:
+                 record: WalkRecord, states: dict) -> None:
         self.plan, self.config, self.name, self.index = plan, config, name, index
-        self.fp_layer, self.record = fp_layer, record
+        self.fp_layer, self.record, self.states = fp_layer, record, states
         self.scales: dict[str, torch.Tensor] = {}  # member -> γ its in-flight input still needs
-        # Low-rank bits this layer may still spend: its share plus what earlier layers left unspent.
-        self.budget = plan.lowrank_bits.get(index, 0.0) + carried if index in plan.lowrank_bits else carried
+        for method, step in plan.steps.items():
+            repairs()[method].start_layer(step, states[method], index)
 
     def repair(self, layer: nn.Module, members: list[str], source: str | None, slots: dict[str, _Slot],
-               acc: HessianAccumulator, mean: torch.Tensor, group_weights: int, layer_weights: int) -> None:
-        covariance = acc.hessian() / 2.0  # E[x xᵀ]
-        targets = {rel: self.fp_layer.get_submodule(rel).weight.detach().float() for rel in members}
-        entries = {rel: ModuleRepair(f"{self.name}.{rel}", self.index) for rel in members}
+               acc: HessianAccumulator, mean: torch.Tensor, weights: tuple[int, int]) -> None:
+        """Repair one group; ``weights``: the group's and those of the layer's groups not yet repaired."""
+        group = GroupRepair(
+            layer=layer, name=self.name, index=self.index, members=members, source=source,
+            modules={rel: slots[rel].inner for rel in members},
+            targets={rel: self.fp_layer.get_submodule(rel).weight.detach().float() for rel in members},
+            covariance=acc.hessian() / 2.0, mean=mean, statistics=acc,  # E[x xᵀ]
+            entries={rel: ModuleRepair(f"{self.name}.{rel}", self.index) for rel in members},
+            weights=weights[0], layer_weights=weights[1], config=self.config, fp_layer=self.fp_layer,
+            record=self.record, scales=self.scales,
+        )
         for rel in members:
-            entries[rel].error_before = output_error(targets[rel] - _weight(slots[rel].inner), covariance)
-            full = f"{self.name}.{rel}"
-            if full in self.plan.restore:
-                self._restore(rel, full, slots, targets[rel], acc, entries[rel])
-        if self.plan.norm and source is not None:
-            gamma = self._recalibrate_norm(layer, source, members, slots, targets, covariance)
-            if gamma is not None:
-                covariance = covariance * gamma[:, None] * gamma[None, :]
-                mean = mean * gamma
-                targets = {rel: w / gamma.float()[None, :] for rel, w in targets.items()}
-                self.scales.update({rel: gamma.float() for rel in members})
-        if self.budget > 0:
-            share = self.budget * group_weights / max(layer_weights, 1)
-            self.budget -= self._lowrank(members, slots, targets, covariance, share, entries)
+            group.entries[rel].error_before = output_error(group.targets[rel] - group.weight(rel), group.covariance)
+        for method, step in self.plan.steps.items():
+            repairs()[method].apply(step, self.states[method], group)
+            for rel in members:  # a repair may have put another module in a member's place
+                slots[rel].inner = group.modules[rel]
         for rel in members:
-            module = slots[rel].inner
-            if _family(rel) in self.plan.bias_families and isinstance(module, QuantLinear):
-                shift = bias_shift(targets[rel], _weight(module), mean)
-                old = module.bias.float() if module.bias is not None else torch.zeros_like(shift)
-                if module.bias is None:
-                    entries[rel].bits += costs.bias_bits(module.out_features)
-                module.set_bias((old + shift).to(torch.float16))
-                entries[rel].bias = True
-            entries[rel].error_after = output_error(targets[rel] - _weight(slots[rel].inner), covariance)
-        for rel in members:
-            self.record.modules.append(entries[rel])
-            self.record.bits += entries[rel].bits
-
-    def _restore(self, rel, full, slots, target, acc, entry) -> None:
-        old = slots[rel].inner
-        bits = self.plan.restore[full]
-        if not isinstance(old, QuantLinear):
-            return
-        bias = old.bias.float() if old.bias is not None else None
-        slots[rel].inner = restore_module(full, target, bias, acc.hessian(), self.config, bits)
-        entry.restored_bits = bits
-        entry.bits += costs.restore_bits(old.in_features, old.out_features, (old.bits, old.group_size),
-                                         (bits, self.config.group_size))
-
-    def _recalibrate_norm(self, layer, source, members, slots, targets, covariance) -> torch.Tensor | None:
-        norm = layer.get_submodule(source)
-        quantized = [_weight(slots[rel].inner) for rel in members]
-        weights = [targets[rel] for rel in members]
-        gamma = norm_scales(weights, quantized, covariance)
-        before, after = group_error(weights, quantized, covariance), group_error(weights, quantized, covariance, gamma)
-        if not after < before:
-            return None
-        fold_into_norm(norm, gamma)
-        self.record.norms.append({"norm": f"{self.name}.{source}", "feeds": [f"{self.name}.{m}" for m in members],
-                                  "error_before": before, "error_after": after})
-        return gamma
-
-    def _lowrank(self, members, slots, targets, covariance, share: float, entries) -> float:
-        """Spend up to ``share`` bits on the group's low-rank factors; returns the bits spent."""
-        solutions, energy = {}, {}
-        shared = whitening(covariance)  # one factorisation for the whole group
-        for rel in members:
-            module = slots[rel].inner
-            if not isinstance(module, QuantLinear) or f"{self.name}.{rel}" in self.plan.restore:
-                continue
-            limit = min(self.plan.max_rank, min(module.in_features, module.out_features) - 1)
-            if limit >= 1:
-                solutions[rel] = (module, lowrank_solution(targets[rel] - _weight(module), covariance, limit, root=shared))
-                energy[rel] = max(output_error(targets[rel], covariance), 1e-30)  # E‖W x‖²
-        ranks = {rel: 0 for rel in solutions}
-        spent = 0.0
-        if self.plan.rank is not None:  # one rank everywhere, as far as the share allows
-            for rel, (module, _) in solutions.items():
-                cost = costs.lowrank_bits(self.plan.rank, module.in_features, module.out_features)
-                if spent + cost <= share + 1e-6:
-                    ranks[rel], spent = self.plan.rank, spent + cost
-        else:  # greedy on the measured relative output error removed per bit, RANK_STEP ranks at a time
-            while True:
-                best, best_gain = None, 0.0
-                for rel, (module, solution) in solutions.items():
-                    r = ranks[rel]
-                    step = min(RANK_STEP, solution.a.shape[0] - r)
-                    cost = costs.lowrank_bits(step, module.in_features, module.out_features)
-                    if step <= 0 or spent + cost > share:
-                        continue
-                    # output error removed relative to the output itself: what the next norm sees
-                    gain = (solution.remaining(r) - solution.remaining(r + step)) / energy[rel]
-                    gain = gain * (module.in_features * module.out_features) / cost
-                    if gain > best_gain:
-                        best, best_gain = rel, gain
-                if best is None:
-                    break
-                module, solution = solutions[best]
-                step = min(RANK_STEP, solution.a.shape[0] - ranks[best])
-                ranks[best] += step
-                spent += costs.lowrank_bits(step, module.in_features, module.out_features)
-        for rel, r in ranks.items():
-            if r:
-                module, solution = solutions[rel]
-                module.set_lowrank(*solution.factors(r))
-                entries[rel].rank = r
-                entries[rel].bits += costs.lowrank_bits(r, module.in_features, module.out_features)
-        return spent
+            entry = group.entries[rel]
+            entry.error_after = output_error(group.targets[rel] - group.weight(rel), group.covariance)
+            self.record.modules.append(entry)
+            self.record.bits += entry.bits
 
 
 def repair_walk(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, plan: RepairPlan,
@@ -258,13 +127,12 @@ def repair_walk(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor
     q_calls: LayerCalls = capture_calibration_inputs(q_model, q_layers, rank_share(calib_ids, batch_size, ranks),
                                                      batch_size)
     q_hidden = q_calls.inputs[0]
-    carried = 0.0
+    states = {method: {} for method in plan.steps}  # each repair's state over the walk
     for index in tqdm(range(len(q_layers)), desc="repair", unit="layer", disable=not (progress and ranks.writes)):
         layer, name = q_layers[index], f"{prefix}.{index}"
         linears = {rel: m for rel, m in layer.named_modules() if isinstance(m, (QuantLinear, nn.Linear))}
-        repairer = _LayerRepairer(plan, config, name, index, fp_layers[index], record, carried)
+        repairer = _LayerRepairer(plan, config, name, index, fp_layers[index], record, states)
         q_hidden = _walk_layer(layer, linears, q_hidden, q_calls.calls[index], repairer, ranks, name)
-        carried = repairer.budget
     record.seconds = time.perf_counter() - start
     return record
 
@@ -315,7 +183,7 @@ def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[to
                     total, count = _summed_mean(ranks, means[head], counts[head], owners[head], f"{name}.{head}")
                     mean = (total / max(count, 1)).float()
                     weights = sum(linears[m].in_features * linears[m].out_features for m in g.members)
-                    repairer.repair(layer, g.members, g.source, slots, acc, mean, weights, layer_weights)
+                    repairer.repair(layer, g.members, g.source, slots, acc, mean, (weights, layer_weights))
                     layer_weights -= weights  # the next groups share what this one left
                     acc.release()
                 forwards.advance()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from bitcliff import rows as rows_file
 from bitcliff.storage import write_json
 from bitcliff.study.strata import STRATA
 
@@ -95,13 +96,11 @@ def read_rows(folder: str | Path) -> list[dict]:
     path = Path(folder) if Path(folder).is_file() else Path(folder) / ROWS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no {ROWS_FILE}: not a study sweep folder (run `bitcliff study sweep`)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows_file.read_rows(path)
 
 
 def _append(folder: Path, row: dict) -> None:
-    with (folder / ROWS_FILE).open("a") as out:
-        out.write(json.dumps(row) + "\n")
-        out.flush()
+    rows_file.append_row(folder / ROWS_FILE, row)
 
 
 def _open_folder(folder: Path, settings: SweepSettings) -> None:
@@ -152,7 +151,7 @@ def run_sweep(folder: str | Path, configs: list[Configuration], settings: SweepS
         by_model.setdefault(c.model, []).append(c)
     for model_name, model_configs in by_model.items():
         fp, tokenizer, _ = load_fp_model(model_name)
-        fingerprint = model_fingerprint(fp)
+        fingerprint = model_fingerprint(fp, digits=16)
         reference = done.get(Configuration(model_name, "fp").key())
         if reference is not None and reference["fingerprint"] != fingerprint:
             raise ValueError(f"{folder} holds rows of another model named {model_name!r} (fingerprint "

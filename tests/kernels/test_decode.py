@@ -119,7 +119,6 @@ def test_word_program_gives_scaled_weights_in_k_order(bits, dtype):
     """The tiled kernel's program: every pattern of a word, every zero point, random scales; each
     weight must be ``s * (q - z)`` rounded once to the dtype (as the reference rounds it)."""
     prog = decode.word_program(bits, dtype)
-    fmt = decode.FORMATS[dtype]
     spec = width(bits)
     per_word = spec.codes_per_word
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]

@@ -157,8 +157,8 @@ def test_bad_rank_options_are_refused_before_any_work(tiny_folder, tmp_path, ext
 
 
 def test_the_repair_walk_on_two_ranks_makes_the_one_process_repair(tmp_path):
-    from repair_fixtures import repair_setup
     from rank_workers import repair_tiny
+    from repair_fixtures import repair_setup
 
     import bitcliff
     from bitcliff.diagnosis.run import DiagnoseOptions

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from gptq_helpers import assert_same_tensors, calib, folder_tensors, gptq, quant_tensors, tiny_model
+from gptq_helpers import (
+    assert_same_tensors,
+    calib,
+    folder_tensors,
+    gptq,
+    quant_tensors,
+    tiny_model,
+)
 
 from bitcliff.quant import gptq_stream
 from bitcliff.quant.checkpoint import load, save

@@ -30,7 +30,7 @@ def _diagnosis(label: str, function: list[float], local_error: list[float] | Non
 def test_collapse_restores_the_components_the_evidence_names_early_layers_first():
     # Layers 0-1 (the early third of 6) stopped functioning; layer 4 is the least functional overall.
     data = _diagnosis("collapse", [0.10, 0.20, 0.60, 0.50, 0.05, 0.70])
-    module = costs.restore_bits(64, 64, (2, 32), (4, 32))
+    module = costs.width_change_bits(64, 64, (2, 32), (4, 32))
     weights = 6 * 7 * 64 * 64
     plan = plan_repair(data, budget=16.5 * module / weights)  # layers 0 and 1 (14 modules) and a bit more
     restored_layers = sorted({int(name.split(".")[2]) for name in plan.restore})
@@ -59,10 +59,10 @@ def test_restoration_spends_no_more_than_the_budget_and_as_much_as_fits():
         plan_repair(data, budget=0.1, methods=["restore"])  # one MLP (3 modules) costs 0.147
     for budget in (0.2, 0.37, 1.0):
         plan = plan_repair(data, budget=budget, methods=["restore"])
-        spent = sum(costs.restore_bits(64, 64, (2, 32), (bits, 32)) for bits in plan.restore.values())
+        spent = sum(costs.width_change_bits(64, 64, (2, 32), (bits, 32)) for bits in plan.restore.values())
         assert spent <= budget * weights
-        next_component = 4 * costs.restore_bits(64, 64, (2, 32), (4, 32))  # attention: 4 modules
-        assert budget * weights - spent < next_component + 3 * costs.restore_bits(64, 64, (2, 32), (4, 32))
+        next_component = 4 * costs.width_change_bits(64, 64, (2, 32), (4, 32))  # attention: 4 modules
+        assert budget * weights - spent < next_component + 3 * costs.width_change_bits(64, 64, (2, 32), (4, 32))
 
 
 def test_healthy_plans_nothing_and_the_plan_round_trips():

@@ -112,8 +112,8 @@ def test_restoring_every_module_is_gptq_at_the_new_width(setup):
 
     fp, q, calib, evaluation, _ = setup
     names = [n for n, m in q.named_modules() if isinstance(m, QuantLinear)]
-    plan = RepairPlan(budget=10.0, verdict="collapse", methods=("restore",), restore={n: 4 for n in names},
-                      weights=quantized_weights(q))
+    plan = RepairPlan(budget=10.0, verdict="collapse", methods=("restore",),
+                      steps={"restore": {"modules": {n: 4 for n in names}}}, weights=quantized_weights(q))
     restored = copy.deepcopy(q)
     bitcliff.repair(fp, restored, calib, plan, progress=False)
     config = bitcliff.QuantConfig(bits=4, group_size=32, method="gptq", calib_samples=8)
