@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from bitcliff.data import calibration_windows
     from bitcliff.layers import find_decoder_layers
     from bitcliff.quant.config import QuantConfig
-    from bitcliff.quant.gptq import HessianAccumulator, gptq_quantize, proxy_loss
+    from bitcliff.quant.gptq import gptq_quantize, proxy_loss
+    from bitcliff.statistics import HessianAccumulator
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -81,9 +81,9 @@ def heuristic_plan(diagnosis: dict, budget: float):
 def apply_eora(fp_model, q_model, calib: torch.Tensor, budget: float) -> tuple[int, float]:
     """EoRA's closed form at one rank for every module (see the module docstring); returns
     ``(rank, bits per weight)``."""
-    from bitcliff.quant.gptq import HessianAccumulator
     from bitcliff.quant.qlinear import QuantLinear
     from bitcliff.repairs.lowrank import lowrank_bits, lowrank_solution
+    from bitcliff.statistics import HessianAccumulator
 
     quantized = {n: m for n, m in q_model.named_modules() if isinstance(m, QuantLinear)}
     weights = sum(m.in_features * m.out_features for m in quantized.values())

@@ -72,3 +72,12 @@ def evaluate_ppl(model, eval_ids: torch.Tensor, batch_size: int = 1, progress: b
         "tokens": int(eval_ids.shape[0] * (eval_ids.shape[1] - 1)),
         "windows": int(eval_ids.shape[0]),
     }
+
+
+def evaluate_text(model, tokenizer, text: str, windows: int, seq_len: int) -> dict:
+    """:func:`evaluate_ppl` of ``model`` on the evaluation windows of ``text`` (an embedded name or
+    a file, ``bitcliff.assets.load_text``)."""
+    from bitcliff.assets import load_text  # noqa: PLC0415 - the assets load lazily
+    from bitcliff.data import evaluation_windows  # noqa: PLC0415
+
+    return evaluate_ppl(model, evaluation_windows(tokenizer, load_text(text), windows, seq_len))

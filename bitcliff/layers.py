@@ -91,6 +91,13 @@ def component_of(module_name: str, layer_prefix: str | None = None) -> tuple[int
     return None
 
 
+#: Norms, means and sampled positions skip the tokens before this index.  Position 0 carries the
+#: attention sink: residual norms there are tens of times larger than anywhere else, so including
+#: it would let one token set every ratio (and a mean input).  Its next-token prediction still
+#: counts in the NLL, and covariances count it: a quantization that ignored it would corrupt the sink.
+FIRST_TOKEN = 1
+
+
 class UnsupportedModelError(ValueError):
     """The model's structure is not one bitcliff can walk layer by layer."""
 
@@ -117,6 +124,13 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         f"cannot find the decoder layers of {type(model).__name__}: none of {', '.join(LAYER_PATHS)} "
         "is a non-empty nn.ModuleList of blocks"
     )
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
 
 
 def layer_index(module_name: str, prefix: str) -> int | None:

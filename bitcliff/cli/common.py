@@ -126,27 +126,3 @@ def check_out(out: Path, overwrite: bool) -> None:
     from bitcliff.storage import check_replaceable
 
     check_replaceable(out, overwrite)
-
-
-def quantize_model(model, tokenizer, config: QuantConfig, text: str, seq_len: int, ranks=None):
-    """Quantize ``model`` in place (GPTQ calibrates on the head of ``text``, over ``ranks``:
-    :class:`bitcliff.distributed.Ranks`, None for one process); returns it."""
-    import bitcliff
-
-    if config.method == "gptq":
-        from bitcliff.assets import load_text
-        from bitcliff.data import calibration_windows
-
-        calib = calibration_windows(tokenizer, load_text(text), config.calib_samples, seq_len)
-        return bitcliff.quantize(model, config, calib_ids=calib, ranks=ranks)
-    return bitcliff.quantize(model, config)
-
-
-def evaluate(model, tokenizer, text: str, windows: int, seq_len: int) -> dict:
-    """Perplexity of ``model`` on the evaluation windows of ``text`` (see ``bitcliff.eval``)."""
-    from bitcliff.assets import load_text
-    from bitcliff.data import evaluation_windows
-    from bitcliff.eval import evaluate_ppl
-
-    ids = evaluation_windows(tokenizer, load_text(text), windows, seq_len)
-    return evaluate_ppl(model, ids)

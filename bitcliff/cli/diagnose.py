@@ -16,8 +16,8 @@ from bitcliff.cli.common import (
     check_out,
     check_text_arg,
     config_from_args,
-    quantize_model,
 )
+from bitcliff.quant.convert import quantize_on_text
 
 
 def add_parser(sub) -> None:
@@ -92,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
     if args.quantized is not None:
         q_model, name = load(args.quantized), Path(args.quantized).name
     else:
-        q_model = quantize_model(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.calib_seq_len)
+        q_model = quantize_on_text(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.calib_seq_len)
         name = config.describe()
     compare = {}
     for other, source in compare_specs:
-        compare[other] = load(source) if isinstance(source, Path) else quantize_model(
+        compare[other] = load(source) if isinstance(source, Path) else quantize_on_text(
             copy.deepcopy(fp_model), tokenizer, source, args.text_file, args.calib_seq_len)
     n_examples = args.examples if args.examples is not None else (8 if args.fast else 64)
     args.seq_len = args.seq_len if args.seq_len is not None else (128 if args.fast else 256)

@@ -13,9 +13,9 @@ from bitcliff.cli.common import (
     check_model_arg,
     check_text_arg,
     config_from_args,
-    evaluate,
-    quantize_model,
 )
+from bitcliff.eval import evaluate_text
+from bitcliff.quant.convert import quantize_on_text
 
 
 def add_parsers(sub) -> None:
@@ -47,7 +47,7 @@ def run_eval(args: argparse.Namespace) -> int:
     check_model_arg(args.target, flag="eval")
     check_text_arg(args.text_file)
     model, tokenizer, path, quantized = load_any(args.target)
-    result = evaluate(model, tokenizer, args.text_file, args.windows, args.seq_len)
+    result = evaluate_text(model, tokenizer, args.text_file, args.windows, args.seq_len)
     config = quant_config(model)
     record = {
         "model": path,
@@ -79,14 +79,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     fp_model, tokenizer, path = load_fp_model(args.model)
     out_dir = Path(args.out_dir)
     rows = [{"setting": "fp32", "bits_per_weight": 32.0,
-             **evaluate(fp_model, tokenizer, args.text_file, args.windows, args.seq_len)}]
+             **evaluate_text(fp_model, tokenizer, args.text_file, args.windows, args.seq_len)}]
     for config in configs:
-        model = quantize_model(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.seq_len)
+        model = quantize_on_text(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.seq_len)
         folder = out_dir / f"{Path(path).name}-{config.describe()}"
         save(model, folder, tokenizer=tokenizer, overwrite=True)
         del model
         reloaded = load(folder)  # evaluate what is on disk, not what is in memory
-        result = evaluate(reloaded, tokenizer, args.text_file, args.windows, args.seq_len)
+        result = evaluate_text(reloaded, tokenizer, args.text_file, args.windows, args.seq_len)
         k = fp_model.config.hidden_size
         rows.append({
             "setting": config.describe(),

@@ -23,11 +23,11 @@ from bitcliff.cli.common import (
     check_out,
     check_text_arg,
     config_from_args,
-    quantize_model,
     without_option,
 )
 from bitcliff.distributed import DEFAULT_TIMEOUT_S, Ranks
 from bitcliff.kernels.pack import widths_text
+from bitcliff.quant.convert import quantize_on_text
 
 
 def add_parser(sub) -> None:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             return _quantize_streaming(args, config, out, ranks)
         model, tokenizer, path = load_fp_model(args.model)
         start = time.perf_counter()
-        quantize_model(model, tokenizer, config, args.text_file, args.seq_len, ranks)
+        quantize_on_text(model, tokenizer, config, args.text_file, args.seq_len, ranks)
         seconds = time.perf_counter() - start
         ranks.on_writer("writing the checkpoint", lambda: save(
             model, out, tokenizer=tokenizer, overwrite=args.overwrite, checkpoint_format=args.checkpoint_format))

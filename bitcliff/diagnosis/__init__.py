@@ -11,4 +11,8 @@ runs every analysis and returns a ``DiagnosisReport``.  The analyses, each usabl
 * ``inputs``: which inputs break (per-example damage, cross-method correlation, magnitude
   predictor);
 * ``verdict``: degradation vs collapse, with thresholds and evidence; ``report``: JSON/HTML.
+
+May import: quant, kernels, and the small modules (``eval``, ``models``, ``layers``, ``storage``);
+never repairs or above.  Named ``diagnosis`` (a noun), not ``diagnose``, so that the package does
+not shadow the function ``bitcliff.diagnose``.
 """

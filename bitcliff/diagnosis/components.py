@@ -14,7 +14,7 @@ block's own weights do).
 * ``gate_agreement``: the fraction of (token, neuron) pairs where the gate pre-activation has the
   same sign in both models (for SiLU/GELU gates: the same neurons open).
 
-Every norm and mean skips position 0 (see ``FIRST_TOKEN`` in ``fp_record``).
+Every norm and mean skips position 0 (see ``layers.FIRST_TOKEN``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnosis.fp_record import (
-    FIRST_TOKEN,
-    FPRecord,
-    eager_attention,
-    record_fp,
-)
+from bitcliff.diagnosis.fp_record import FPRecord, eager_attention, record_fp
 from bitcliff.diagnosis.hooks import Hooks
 from bitcliff.diagnosis.metrics import js_divergence
 from bitcliff.diagnosis.model_parts import (
@@ -41,6 +36,7 @@ from bitcliff.diagnosis.model_parts import (
     gate_projection,
 )
 from bitcliff.diagnosis.quantized_runs import RUNS, run_quantized
+from bitcliff.layers import FIRST_TOKEN
 
 
 @dataclass

@@ -8,7 +8,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bitcliff.diagnosis.hooks import Hooks
@@ -19,11 +18,7 @@ from bitcliff.diagnosis.model_parts import (
     gate_projection,
 )
 from bitcliff.eval import next_token_nll
-
-#: Norms, means and sampled positions skip the tokens before this index.  Position 0 carries the
-#: attention sink: residual norms there are tens of times larger than anywhere else, so including
-#: it would let one token set every ratio.  Its next-token prediction still counts in the NLL.
-FIRST_TOKEN = 1
+from bitcliff.layers import FIRST_TOKEN
 
 
 @dataclass

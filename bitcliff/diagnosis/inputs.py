@@ -6,7 +6,7 @@ whether the full-precision model's residual-stream magnitudes predict it (Chang 
 * ``correlation``: Pearson and Spearman correlation of ``delta_nll`` between every pair of
   quantized models, over the examples;
 * ``magnitude[e][l]``: the FP residual stream's mean L2 norm over example ``e``'s tokens
-  (position 0 skipped, see ``fp_record.FIRST_TOKEN``) entering layer ``l`` (``l = L``: the
+  (position 0 skipped, see ``layers.FIRST_TOKEN``) entering layer ``l`` (``l = L``: the
   last layer's output, before the final norm);
 * ``predictor[m]``: per layer, Spearman(magnitude, delta_nll) and the AUROC of the magnitude for
   telling the top ``top_fraction`` examples by ``delta_nll`` from the rest.  ``final_*`` are

@@ -17,7 +17,7 @@ Per layer ``l`` (its output residual stream ``h_l``), over all tokens of all exa
   positions where both lenses agree on the top token, ``lens_rank`` = median rank of the FP
   lens's top token under the quantized lens.  At the last layer the lens is the model's output.
 
-Norms and means skip position 0 (see ``FIRST_TOKEN`` in ``fp_record``); ``nll_fp``/``nll_q`` are
+Norms and means skip position 0 (see ``layers.FIRST_TOKEN``); ``nll_fp``/``nll_q`` are
 each example's mean next-token NLL (all positions).
 """
 
@@ -31,11 +31,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitcliff.diagnosis import metrics
-from bitcliff.diagnosis.fp_record import FIRST_TOKEN, FPRecord, query_rows, record_fp
+from bitcliff.diagnosis.fp_record import FPRecord, query_rows, record_fp
 from bitcliff.diagnosis.hooks import Hooks
 from bitcliff.diagnosis.model_parts import decoder_layers, logit_lens
 from bitcliff.diagnosis.quantized_runs import run_quantized
 from bitcliff.eval import next_token_nll
+from bitcliff.layers import FIRST_TOKEN
 
 
 @dataclass

@@ -34,6 +34,7 @@ def make_layout(
     scales: torch.Tensor,
     zeros: torch.Tensor,
     kidx: Optional[torch.Tensor],
+    *,
     bits: int,
     group_size: int,
     in_features: int,
@@ -73,7 +74,7 @@ def qmatmul(
     in_features: int,
 ) -> torch.Tensor:
     """``y = x @ dequant(W)ᵀ (+ bias)``; W in kernel layout (see module docstring)."""
-    layout = make_layout(lo, hi, scales, zeros, kidx, bits, group_size, in_features)
+    layout = make_layout(lo, hi, scales, zeros, kidx, bits=bits, group_size=group_size, in_features=in_features)
     return _run(x, layout, bias, CaptureMode.NONE)
 
 
@@ -91,7 +92,7 @@ def qmatmul_stats(
     in_features: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, sum(y**2), max|y|)`` per token."""
-    layout = make_layout(lo, hi, scales, zeros, kidx, bits, group_size, in_features)
+    layout = make_layout(lo, hi, scales, zeros, kidx, bits=bits, group_size=group_size, in_features=in_features)
     return _run(x, layout, bias, CaptureMode.STATS)
 
 
@@ -110,7 +111,7 @@ def qmatmul_error(
     weight_fp: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, ||y_q - y_fp||**2, ||y_fp||**2)`` per token, ``weight_fp`` ``[N, K]``."""
-    layout = make_layout(lo, hi, scales, zeros, kidx, bits, group_size, in_features)
+    layout = make_layout(lo, hi, scales, zeros, kidx, bits=bits, group_size=group_size, in_features=in_features)
     return _run(x, layout, bias, CaptureMode.ERROR, weight_fp)
 
 

@@ -229,6 +229,7 @@ def save(
     model: nn.Module,
     directory: str | os.PathLike,
     tokenizer=None,
+    *,
     overwrite: bool = False,
     checkpoint_format: str = "auto",
     dtype: torch.dtype | None = None,

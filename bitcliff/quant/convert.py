@@ -35,3 +35,16 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, **gpt
     quantize_linears_rtn(model, targets, config, progress=progress)
     attach_config(model, config)
     return model
+
+
+def quantize_on_text(model: nn.Module, tokenizer, config: QuantConfig, text: str, seq_len: int,
+                     ranks=None) -> nn.Module:
+    """:func:`quantize` in place, GPTQ calibrated on the head of ``text`` (an embedded name or a
+    file) over ``ranks`` (:class:`bitcliff.distributed.Ranks`, None for one process); returns it."""
+    if config.method != "gptq":
+        return quantize(model, config)
+    from bitcliff.assets import load_text  # noqa: PLC0415 - the assets load lazily
+    from bitcliff.data import calibration_windows  # noqa: PLC0415
+
+    calib = calibration_windows(tokenizer, load_text(text), config.calib_samples, seq_len)
+    return quantize(model, config, calib_ids=calib, ranks=ranks)

@@ -1,11 +1,12 @@
-"""GPTQ for one decoder layer: Hessians from hooks, solves, the layer's new outputs, and its
-linears swapped for ``QuantLinear`` (:func:`quantize_decoder_layer`, the step that both the
-in-memory and the streaming walk over the layers repeat).
+"""GPTQ for one decoder layer: Hessians, solves, the layer's new outputs, and its linears swapped
+for ``QuantLinear`` (:func:`quantize_decoder_layer`, the step that both the in-memory and the
+streaming walk over the layers repeat).
 
 A decoder layer is treated as a black box that calls its linears.  One discovery pass records
 the order in which the linears run and which of them read the *same* input tensor (q/k/v,
 gate/up): those share one Hessian and are solved together (:mod:`bitcliff.quant.gptq`).  The
-resulting ordered *share groups* (for Llama: ``[q,k,v] [o] [gate,up] [down]``) drive the work:
+resulting ordered *share groups* (for Llama: ``[q,k,v] [o] [gate,up] [down]``) drive the work,
+through the walk the repairs use too (:class:`bitcliff.group_walk.GroupWalk`):
 
 - default: one forward with the full-precision weights accumulates every group's Hessian (it
   stops at the last group's input, whose output is not needed), all groups are solved, and one
@@ -32,33 +33,18 @@ the groups before it and the groups of a layer can only be solved one after anot
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from bitcliff.distributed import Ranks
+from bitcliff.group_walk import GroupWalk
 from bitcliff.kernels.pack import unpack_qweight, unpack_qzeros
-from bitcliff.layers import (
-    LayerCall,
-    StopForward,
-    SuspendedForwards,
-    removing,
-    run_layer,
-    share_groups,
-)
+from bitcliff.layers import LayerCall, run_layer, share_groups
 from bitcliff.quant.config import QuantConfig
-from bitcliff.quant.gptq import (
-    GPTQResult,
-    HessianAccumulator,
-    concat_rows,
-    gptq_quantize,
-    split_result,
-    summed_over_ranks,
-)
+from bitcliff.quant.gptq import GPTQResult, concat_rows, gptq_quantize, split_result
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.qweight import QuantizedWeight
 from bitcliff.quant.rtn import check_finite
@@ -114,10 +100,6 @@ class LayerStep:
     groups: list[list[str]] | None
 
 
-def _run(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
-    return run_layer(layer, hidden, call)
-
-
 def discover_groups(
     layer: nn.Module, targets: dict[str, nn.Linear], hidden: torch.Tensor, call: LayerCall
 ) -> list[list[str]]:
@@ -125,61 +107,10 @@ def discover_groups(
     return [group.members for group in share_groups(layer, targets, hidden, call)]
 
 
-class _Passes:
-    """Hooks for one forward of every calibration batch: Hessian capture and an early stop."""
-
-    def __init__(self, targets: dict[str, nn.Linear], accs: dict[str, HessianAccumulator]) -> None:
-        self.targets = targets
-        self.accs = accs
-
-    @contextmanager
-    def capturing(self, groups: list[list[str]], stop_at: str | None = None, on_capture=None):
-        """Accumulate the Hessians of ``groups`` (at each group's first module) while inside.
-
-        ``stop_at``: a module whose pre-hook raises :class:`StopForward` after its capture.
-        ``on_capture(name)``: called after each capture (true-sequential suspension).
-        Members of a group are checked to read the very tensor their first module read.
-        """
-        handles = []
-        owner_input: dict[tuple[str, int], torch.Tensor] = {}  # per thread: batches may interleave
-
-        def capture_hook(name):
-            def hook(module, args):
-                self.accs[name].add(args[0])
-                owner_input[name, threading.get_ident()] = args[0]
-                if on_capture is not None:
-                    on_capture(name)
-                if name == stop_at:
-                    raise StopForward
-
-            return hook
-
-        def member_hook(owner, name):
-            def hook(module, args):
-                x, ref = args[0], owner_input.get((owner, threading.get_ident()))
-                if ref is not None and (x.data_ptr() != ref.data_ptr() or x.shape != ref.shape):
-                    raise RuntimeError(f"{name} no longer reads the same input as {owner}; cannot share their Hessian")
-
-            return hook
-
-        for group in groups:
-            handles.append(self.targets[group[0]].register_forward_pre_hook(capture_hook(group[0])))
-            for member in group[1:]:
-                handles.append(self.targets[member].register_forward_pre_hook(member_hook(group[0], member)))
-        with removing(handles):
-            yield
-
-
 def _forward_all(layer: nn.Module, inputs: list[torch.Tensor], calls: list) -> list[torch.Tensor]:
-    """Run every batch; batches stopped by :class:`StopForward` give no output."""
-    outputs = []
+    """Every batch's layer output."""
     with torch.no_grad():
-        for hidden, call in zip(inputs, calls):
-            try:
-                outputs.append(_run(layer, hidden, call))
-            except StopForward:
-                continue
-    return outputs
+        return [run_layer(layer, hidden, call) for hidden, call in zip(inputs, calls)]
 
 
 def _stacked(group: list[str], targets: dict[str, nn.Linear]) -> torch.Tensor:
@@ -247,86 +178,61 @@ def solve_layer(
     inputs: list[torch.Tensor],
     calls: list[LayerCall],
     config: QuantConfig,
+    *,
     full_names: dict[str, str],
     ranks: Ranks | None = None,
 ) -> SolvedLayer:
-    """Accumulate every group's Hessian, solve it, and compute the layer's outputs (see the
-    module docstring for the default and the true-sequential schedule, and for ``ranks``:
-    ``inputs`` and ``calls`` are then this rank's share of the batches).  The target linears end
-    up holding their dequantized weights."""
+    """Solve every share group on its Hessian and compute the layer's outputs: the groups come
+    from the layer's :class:`~bitcliff.group_walk.GroupWalk` (true-sequential or not, see the
+    module docstring; over ``ranks``, ``inputs`` and ``calls`` are this rank's share of the
+    batches).  The target linears end up holding their dequantized weights."""
     ranks = ranks or Ranks.single()
-    accs = {g[0]: HessianAccumulator(targets[g[0]].in_features, targets[g[0]].weight.device) for g in groups}
-    owner = dict(zip((g[0] for g in groups), ranks.owners([solve_cost(g, targets) for g in groups])))
-    passes = _Passes(targets, accs)
     results: dict[str, GPTQResult] = {}
     seconds: dict[str, float] = {}
     tokens: dict[str, int] = {}
+    rel, full = next(iter(full_names.items()))
+    name = full[: -len(rel) - 1]  # the layer's full name
+    walk = GroupWalk(layer, targets, inputs, calls, name=name, ranks=ranks, groups=groups,
+                     sequential=config.true_sequential, owner_cost=lambda members: solve_cost(members, targets))
+    for group in walk:
+        members = group.members
+        hessian, count = group.statistics.hessian(), group.statistics.count
+        group.statistics.release()
+        # Every rank solves its block of the group's rows (rows are independent under GPTQ).
+        weight = _stacked(members, targets)
+        rows = ranks.share(weight.shape[0])
+        label = ", ".join(full_names[m] for m in members)
+        start = time.perf_counter()
+        if ranks.distributed:  # the whole weight, so that every rank agrees on the error
+            check_finite(weight, label)
+        block = gptq_quantize(weight[rows.start: rows.stop], hessian, config, name=label)
+        secs = time.perf_counter() - start
+        if ranks.distributed:
+            block, secs = _assemble(members, block, secs, hessian, targets=targets, config=config,
+                                    owner=group.owner, ranks=ranks, name=full_names[members[0]])
+        parts = split_result(block, [targets[n].out_features for n in members]) if len(members) > 1 else [block]
+        group_results = dict(zip(members, parts))
+        _swap_in(targets, group_results)
+        results.update(group_results)
+        seconds.update({member: secs for member in members})
+        tokens.update({member: count for member in members})
+    return SolvedLayer(walk.outputs, results, seconds, tokens)
 
-    def shared_hessian(group) -> tuple[torch.Tensor, int]:
-        """The group's Hessian over every rank's batches and its token count, on every rank."""
-        acc = summed_over_ranks(accs[group[0]], ranks, owner[group[0]], full_names[group[0]])
-        hessian = acc.hessian()
-        acc.release()
-        return hessian, acc.count
 
-    def solve(batch: list[list[str]]) -> None:
-        """Solve ``batch``'s groups, every rank its block of each group's rows, and give every rank
-        the whole results (assembled by each group's owner)."""
-        hessians = {g[0]: shared_hessian(g) for g in batch}
-        blocks = {}
-        for group in batch:
-            weight, (hessian, _) = _stacked(group, targets), hessians[group[0]]
-            rows = ranks.share(weight.shape[0])
-            label = ", ".join(full_names[name] for name in group)
-            start = time.perf_counter()
-            if ranks.distributed:  # the whole weight, so that every rank agrees on the error
-                check_finite(weight, label)
-            blocks[group[0]] = (gptq_quantize(weight[rows.start: rows.stop], hessian, config, name=label),
-                                time.perf_counter() - start)
-        for group in batch:
-            block, secs = blocks[group[0]]
-            if ranks.distributed:
-                block, secs = _assemble(group, block, secs, hessians[group[0]][0])
-            parts = split_result(block, [targets[n].out_features for n in group]) if len(group) > 1 else [block]
-            group_results = dict(zip(group, parts))
-            _swap_in(targets, group_results)
-            results.update(group_results)
-            seconds.update({member: secs for member in group})
-            tokens.update({member: hessians[group[0]][1] for member in group})
-            del hessians[group[0]]
-
-    def _assemble(group, block: GPTQResult, secs: float, hessian: torch.Tensor) -> tuple[GPTQResult, float]:
-        """The whole group's result on every rank, from the ranks' row blocks (through the owner)."""
-        dst, name = owner[group[0]], full_names[group[0]]
-        gathered = ranks.gather(*_result_message({group[0]: block}, secs), dst, f"collecting the rows of {name}")
-        message = (None, None)
-        if gathered is not None:
-            pieces = [_result_from_message(h, t)[group[0]] for h, t in gathered]
-            try:
-                whole = concat_rows(pieces)
-            except ValueError:  # some blocks fell back to RTN: solve it whole, as one process would
-                whole = gptq_quantize(_stacked(group, targets), hessian, config, name=name)
-            message = _result_message({group[0]: whole}, max(h["seconds"] for h, _ in gathered))
-        header, tensors = ranks.broadcast(*message, src=dst, what=f"sending the quantized {name}")
-        return _result_from_message(header, tensors)[group[0]], header["seconds"]
-
-    if config.true_sequential:
-        forwards = SuspendedForwards(layer, inputs, calls)
+def _assemble(members, block: GPTQResult, secs: float, hessian: torch.Tensor, *, targets, config: QuantConfig,
+              owner: int, ranks: Ranks, name: str) -> tuple[GPTQResult, float]:
+    """The whole group's result on every rank, from the ranks' row blocks (through the owner)."""
+    gathered = ranks.gather(*_result_message({members[0]: block}, secs), owner, f"collecting the rows of {name}")
+    message = (None, None)
+    if gathered is not None:
+        pieces = [_result_from_message(h, t)[members[0]] for h, t in gathered]
         try:
-            with passes.capturing(groups, on_capture=lambda _: forwards.suspend()):
-                for group in groups:
-                    forwards.advance()  # every batch runs up to this group's input and waits there
-                    solve([group])
-                forwards.advance()  # ... and on to the layer output, through the quantized group
-        finally:
-            forwards.close()
-        outputs = forwards.outputs
-    else:
-        with passes.capturing(groups, stop_at=groups[-1][0]):
-            _forward_all(layer, inputs, calls)  # full precision; the last group's output is not needed
-        solve(groups)
-        outputs = _forward_all(layer, inputs, calls)
-    return SolvedLayer(outputs, results, seconds, tokens)
+            whole = concat_rows(pieces)
+        except ValueError:  # some blocks fell back to RTN: solve it whole, as one process would
+            whole = gptq_quantize(_stacked(members, targets), hessian, config, name=name)
+        message = _result_message({members[0]: whole}, max(h["seconds"] for h, _ in gathered))
+    header, tensors = ranks.broadcast(*message, src=owner, what=f"sending the quantized {name}")
+    return _result_from_message(header, tensors)[members[0]], header["seconds"]
 
 
 def quantize_decoder_layer(
@@ -361,7 +267,7 @@ def quantize_decoder_layer(
     if groups is None or {n for g in groups for n in g} != set(targets):
         groups = discover_groups(layer, targets, inputs[0], calls[0])
     full_names = {rel: f"{name}.{rel}" for rel in targets}
-    solved = solve_layer(layer, targets, groups, inputs, calls, config, full_names, ranks)
+    solved = solve_layer(layer, targets, groups, inputs, calls, config, full_names=full_names, ranks=ranks)
     entries = []
     for group in groups:
         for rel in group:

@@ -32,7 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitcliff.distributed import Ranks
-from bitcliff.layers import LayerCalls, StopForward, find_decoder_layers
+from bitcliff.group_walk import capture_calibration_inputs, rank_share
+from bitcliff.layers import find_decoder_layers
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq_layer import LayerStep, ModuleLog, quantize_decoder_layer
 from bitcliff.quant.rtn import quantize_linears_rtn
@@ -65,52 +66,6 @@ def check_calib_ids(calib_ids: torch.Tensor | None, config: QuantConfig) -> torc
             "pass more windows or lower calib_samples"
         )
     return calib_ids[: config.calib_samples].long()
-
-
-def rank_share(calib_ids: torch.Tensor, batch_size: int, ranks: Ranks) -> torch.Tensor:
-    """This rank's contiguous share of the calibration windows, in whole batches of ``batch_size``.
-
-    Raises:
-        ValueError: fewer batches than ranks (a rank would have nothing to compute).
-    """
-    n_batches = -(-calib_ids.shape[0] // batch_size)
-    if n_batches < ranks.world:
-        raise ValueError(
-            f"{ranks.world} ranks need at least {ranks.world} calibration batches, but {calib_ids.shape[0]} windows "
-            f"in batches of {batch_size} make {n_batches}: use fewer ranks or more calibration windows"
-        )
-    share = ranks.share(n_batches)
-    return calib_ids[share.start * batch_size: share.stop * batch_size]
-
-
-def capture_calibration_inputs(
-    model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor, batch_size: int
-) -> LayerCalls:
-    """What the decoder layers receive for each batch of ``batch_size`` calibration windows:
-    ``inputs[0][b]`` (the first layer's input) and ``calls[l][b]`` for every layer ``l``."""
-    recorded = LayerCalls(layers)
-    device = _input_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with recorded.replacing(), torch.no_grad():
-            for batch in calib_ids.split(batch_size):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except StopForward:
-                    continue
-                raise RuntimeError("the model's forward never reached its last decoder layer")
-    finally:
-        model.train(was_training)
-    return recorded
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(emb, "weight", None)
-    if weight is not None and weight.device.type != "meta":
-        return weight.device
-    return torch.device("cpu")
 
 
 def quantize_outside_layers_rtn(model: nn.Module, prefix: str, config: QuantConfig) -> list[ModuleLog]:

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitcliff.distributed import Ranks
+from bitcliff.group_walk import capture_calibration_inputs, rank_share
 from bitcliff.layers import find_decoder_layers
 from bitcliff.quant.checkpoint import (
     SAFETENSORS_DTYPES,
@@ -60,10 +61,8 @@ from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq_layer import ModuleLog, quantize_decoder_layer
 from bitcliff.quant.gptq_model import (
     DEFAULT_BATCH_SIZE,
-    capture_calibration_inputs,
     check_calib_ids,
     quantize_outside_layers_rtn,
-    rank_share,
     report_layer,
     write_gptq_log,
 )

@@ -12,6 +12,7 @@ from fnmatch import fnmatch
 
 from torch import nn
 
+from bitcliff.layers import set_submodule  # noqa: F401 - where quant's callers find it
 from bitcliff.quant.config import QuantConfig
 
 CONFIG_ATTRIBUTE = "bitcliff_config"
@@ -32,13 +33,6 @@ def quantizable_linears(model: nn.Module, config: QuantConfig, prefix: str = "")
         for name, module in model.named_modules()
         if type(module) is nn.Linear and not is_skipped(prefix + name, config)
     ]
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` by ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def attach_config(model: nn.Module, config: QuantConfig) -> None:

@@ -1,8 +1,15 @@
 """Training-free repairs chosen from a diagnosis.
 
+* ``registry``: the repairs and the contract each fulfils (one module per repair: ``bias``,
+  ``lowrank``, ``norm``, ``restore``; a new repair is one more module);
 * ``plan.plan_repair``: which repairs, where, with how many bits, and why (from a diagnosis);
-* ``run.repair``: applies a plan on calibration data (``walk.repair_walk`` does the work);
-* the repairs, each usable alone: ``bias`` (bias correction), ``lowrank`` (output-error-optimal
-  low-rank compensation), ``norm`` (norm recalibration), ``restore`` (precision restoration);
-* ``budget``: what every repair costs, in extra bits per quantized weight.
+* ``run``: ``repair`` applies a plan (``walk.repair_walk`` does the work, on the share-group walk
+  GPTQ uses too), and ``diagnose_and_repair`` is the whole sequence: diagnose, plan, repair,
+  evaluate, write;
+* ``budget``: bits per weight, in common terms.
+
+May import: diagnosis (to plan from it), quant, kernels and the shared modules (``layers``,
+``statistics``, ``group_walk``, ``distributed``, ``eval``, ``storage``); never cliff, study or the
+command line.  Named ``repairs`` (a noun), not ``repair``, so that the package does not shadow the
+function ``bitcliff.repair``.
 """

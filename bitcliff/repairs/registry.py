@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from bitcliff.quant.config import QuantConfig
-from bitcliff.quant.gptq import HessianAccumulator
 from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.statistics import HessianAccumulator
 
 KINDS = ("free", "structure", "compensation")
 

@@ -15,9 +15,9 @@ from gptq_helpers import assert_same_tensors, calib, folder_tensors, gptq, tiny_
 from rank_workers import quantize_in_memory, quantize_streaming, run_ranks
 
 from bitcliff.distributed import Ranks
-from bitcliff.quant.gptq import HessianAccumulator
 from bitcliff.quant.gptq_model import quantize_gptq
 from bitcliff.quant.gptq_stream import quantize_gptq_streaming
+from bitcliff.statistics import HessianAccumulator
 
 
 def test_shares_are_contiguous_balanced_and_cover_every_batch():

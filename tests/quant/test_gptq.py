@@ -11,7 +11,6 @@ import torch
 from bitcliff.kernels.pack import default_g_idx
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq import (
-    HessianAccumulator,
     concat_rows,
     gptq_quantize,
     inverse_hessian_factor,
@@ -20,6 +19,7 @@ from bitcliff.quant.gptq import (
 )
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.rtn import quantize_rtn
+from bitcliff.statistics import HessianAccumulator
 
 
 def gptq_config(**kw) -> QuantConfig:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from gptq_helpers import assert_same_tensors, calib, gptq, quant_tensors, tiny_model
 
+from bitcliff.group_walk import GroupWalk, capture_calibration_inputs
 from bitcliff.layers import LayerCalls, find_decoder_layers
 from bitcliff.quant import gptq_layer
-from bitcliff.quant.gptq_model import capture_calibration_inputs, quantize_gptq
+from bitcliff.quant.gptq_model import quantize_gptq
 from bitcliff.quant.qlinear import QuantLinear
 
 
@@ -20,19 +21,19 @@ def test_true_sequential_solves_each_group_on_inputs_from_the_quantized_groups_b
     config = gptq(true_sequential=True, act_order=True)
     fast = quantize_gptq(tiny_model(), config, progress=False, calib_ids=ids, batch_size=4)
 
-    def restart_per_group(layer, targets, groups, inputs, calls, config, names, ranks=None):
-        accs = {g[0]: gptq_layer.HessianAccumulator(targets[g[0]].in_features) for g in groups}
-        passes, results, seconds, tokens = gptq_layer._Passes(targets, accs), {}, {}, {}
-        for group in groups:
-            with passes.capturing([group], stop_at=group[0]):
-                gptq_layer._forward_all(layer, inputs, calls)
-            result = gptq_layer.gptq_quantize(gptq_layer._stacked(group, targets), accs[group[0]].hessian(), config)
+    def restart_per_group(layer, targets, groups, inputs, calls, config, *, full_names, ranks=None):
+        results, seconds, tokens = {}, {}, {}
+        for group in groups:  # a whole forward per group, through the groups already quantized
+            for found in GroupWalk(layer, targets, inputs, calls, name="layer", groups=[group], sequential=False):
+                result = gptq_layer.gptq_quantize(gptq_layer._stacked(group, targets), found.statistics.hessian(),
+                                                  config)
+                count = found.statistics.count
             sizes = [targets[n].out_features for n in group]
             solved = dict(zip(group, gptq_layer.split_result(result, sizes)))
             gptq_layer._swap_in(targets, solved)
             results.update(solved)
             seconds.update({n: 0.0 for n in group})
-            tokens.update({n: accs[group[0]].count for n in group})
+            tokens.update({n: count for n in group})
         return gptq_layer.SolvedLayer(gptq_layer._forward_all(layer, inputs, calls), results, seconds, tokens)
 
     monkeypatch.setattr(gptq_layer, "solve_layer", restart_per_group)
