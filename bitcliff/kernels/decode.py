@@ -315,9 +315,9 @@ class _Builder:
             raise ValueError(f"{bits}-bit codes: the decode program handles a high plane of one bit")
         self.per_word = 32 // self.lo_width // 2  # pairs per low-plane word
         self.lo_fields = _fields(self.lo_width, self.per_word, self.fmt)
-        # 3 bits, fp16: the high bit is added by the fma2 that multiplies it, onto the low part
+        # A high plane, fp16: the high bit is added by the fma2 that multiplies it, onto the low part
         # minus magic * 2**(lo-j-4) (folded into the zero constant); that is exact only for high
-        # fields at offsets j >= 3, so the high word is shifted to put them there, j tied to the
+        # fields at offsets j >= lo + 1, so the high word is shifted to put them there, j tied to the
         # low offset o so that one constant serves each (o, j).  bf16 adds the parts with one more fma2.
         self.merge = self.has_hi and self.fmt.name == "f16"
         self.ops: list[Op] = []
@@ -342,8 +342,8 @@ class _Builder:
 
     def _hi_field(self, m: int, field: int) -> tuple[int, int]:
         """(shift, offset) bringing high-plane field ``field`` (that of low pair ``m``) in place."""
-        if self.merge:
-            j = self.lo_fields[m][1] // self.lo_width + 3
+        if self.merge:  # offsets from lo + 1 up keep the merged constant under 128: exact
+            j = self.lo_fields[m][1] // self.lo_width + self.lo_width + 1
             return field - j, j
         return _fields(1, 16, self.fmt)[field]
 

@@ -98,9 +98,10 @@ def weights_fast(lo_ptr, hi_ptr, t, offs_n, mask_n, scale, zero, N, KP, a,
         mask_hi = mask_n[:, None] & (units < KP // 32)[None, :]
     w = tl.load(lo_ptr + rows[None, :] * N + n2, mask=mask, other=0)  # [BLOCK_N, R]
     if HI > 0:
-        # The unit's high word serves its two low words: the second one's bits sit 8 fields up.
+        # The unit's high word serves its LO low words: low word i's pairs sit 16 / LO * i fields up.
         hu = tl.load(hi_ptr + units[None, :] * N + n2, mask=mask_hi, other=0).to(tl.uint32, bitcast=True)
-        h = tl.reshape(tl.join(hu, hu >> 8), (BLOCK_N, R)).to(tl.int32, bitcast=True)
+        shifts = (tl.arange(0, LO) * (16 // LO)).to(tl.uint32)
+        h = tl.reshape(hu[:, :, None] >> shifts[None, None, :], (BLOCK_N, R)).to(tl.int32, bitcast=True)
     else:
         h = w
     c0, c1, c2, c3, c4 = tl.inline_asm_elementwise(
