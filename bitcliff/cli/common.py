@@ -39,9 +39,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
     p.add_argument("--mse", action="store_true", help="search per-group clipping for minimal squared error")
     gptq = p.add_argument_group(
-        "GPTQ", "The defaults are the best measured setting: true-sequential with one scale refit.  On\n"
-        "SmolLM2-135M at g64 it gives ppl 27.7 / 48.5 / 558-642 (W4 / W3 / W2) where the paper's GPTQ\n"
-        "gives 28.0 / 60.2 / 12500; --paper runs the original algorithm.")
+        "GPTQ", "The defaults are the best measured setting: true-sequential with one scale refit\n"
+        "(measured against the paper's GPTQ in docs/results_gptq.md); --paper runs the original algorithm.")
     gptq.add_argument("--paper", action="store_true",
                       help="the original GPTQ: no true-sequential, no refit (other GPTQ flags still apply)")
     gptq.add_argument("--act-order", action="store_true", help="quantize columns by descending Hessian diagonal")

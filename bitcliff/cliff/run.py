@@ -50,10 +50,10 @@ class CliffSettings:
         text: calibration and evaluation text.
         windows: evaluation windows (512 tokens).
         calib_samples: calibration windows for GPTQ: 32, half of ``bitcliff quantize``'s 64, to bring
-            the run towards 15 minutes on 2 CPU cores; on SmolLM2 W3 g64 it gave ppl 48.28 against 48.45 with 64
-            (docs/results_gptq.md), in half the time.
-        repair_calib: calibration windows for the repair: 16, for the same reason; on SmolLM2 GPTQ W3
-            at +0.25 bits 32 windows gave ppl 38.08 and 16 gave 38.24, in 0.56x the time (docs/repair.md).
+            the run towards 15 minutes on 2 CPU cores, in half the time for a perplexity change
+            measured in docs/results_gptq.md.
+        repair_calib: calibration windows for the repair: 16, for the same reason: 0.56x the time of 32
+            windows, at the perplexity cost measured in docs/repair.md.
         diagnosis_examples: examples (256 tokens) the diagnosis runs on, and ``trace_examples`` of
             them traced; no activation patching (it does not vote on the verdict).
     """

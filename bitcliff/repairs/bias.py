@@ -5,8 +5,8 @@ For a linear with full-precision weight ``W`` and effective quantized weight ``�
 any low-rank term), ``b += E[W x − Ŵ x] = (W − Ŵ) x̄``, with ``x̄`` the mean input of the layer
 *in the repaired quantized model*: the layers before it are already repaired, so a correction
 never counts an error twice.  (Matching instead the full-precision model's own mean output,
-which also carries the drift accumulated upstream, over-corrects: on SmolLM2 at W3 it raised the
-perplexity from 42 to 130, where this form lowers it; docs/repair.md.)  It removes the mean
+which also carries the drift accumulated upstream, over-corrects where this form lowers the
+perplexity; docs/repair.md has the measurement.)  It removes the mean
 component of the output error and costs one fp16 value per output (:func:`bias_bits`) where
 the layer had no bias.
 """
