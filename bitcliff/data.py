@@ -67,8 +67,8 @@ def token_windows(tokenizer, text: str, spec: WindowSpec) -> torch.Tensor:
             f"the {spec.part} text ({len(piece):,} characters, {len(ids):,} tokens) gives only "
             f"{available} windows of {spec.seq_len} tokens, {spec.n_windows} requested"
         )
-    text_ids = torch.tensor(ids[: spec.n_windows * body], dtype=torch.long).view(spec.n_windows, body)
-    start = torch.tensor(prefix, dtype=torch.long).expand(spec.n_windows, len(prefix))
+    text_ids = torch.tensor(ids[: spec.n_windows * body], dtype=torch.long, device="cpu").view(spec.n_windows, body)
+    start = torch.tensor(prefix, dtype=torch.long, device="cpu").expand(spec.n_windows, len(prefix))
     return torch.cat([start, text_ids], dim=1)
 
 

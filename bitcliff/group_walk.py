@@ -134,8 +134,9 @@ class GroupWalk:
         try:
             groups = self._share_groups()
             heads = [g.members[0] for g in groups]
-            accs = {h: HessianAccumulator(self.linears[h].in_features, _device(self.linears[h])) for h in heads}
-            means = {h: MeanAccumulator(self.linears[h].in_features) for h in heads} if self.with_mean else {}
+            devices = {h: _device(self.linears[h]) for h in heads}
+            accs = {h: HessianAccumulator(self.linears[h].in_features, devices[h]) for h in heads}
+            means = {h: MeanAccumulator(self.linears[h].in_features, devices[h]) for h in heads} if self.with_mean else {}
             owners = dict(zip(heads, self.ranks.owners([self._owner_cost(g.members) for g in groups])))
             forwards = SuspendedForwards(self.layer, self.inputs, self.calls) if self.sequential else None
             handles = self._hooks(groups, accs, means, forwards)

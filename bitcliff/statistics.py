@@ -133,8 +133,8 @@ def summed_over_ranks(acc: HessianAccumulator, ranks, owner: int, what: str) -> 
 class MeanAccumulator:
     """Running ``Σ x`` over calibration tokens (position :data:`FIRST_TOKEN` on), in float64."""
 
-    def __init__(self, in_features: int) -> None:
-        self.total = torch.zeros(in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.total = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:

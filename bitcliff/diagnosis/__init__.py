@@ -12,7 +12,7 @@ runs every analysis and returns a ``DiagnosisReport``.  The analyses, each usabl
   predictor);
 * ``verdict``: degradation vs collapse, with thresholds and evidence; ``report``: JSON/HTML.
 
-May import: quant, kernels, and the small modules (``eval``, ``models``, ``layers``, ``storage``);
+May import: quant, kernels, and the small modules (``eval``, ``models``, ``layers``, ``device``, ``storage``);
 never repairs or above.  Named ``diagnosis`` (a noun), not ``diagnose``, so that the package does
 not shadow the function ``bitcliff.diagnose``.
 """

@@ -71,7 +71,7 @@ def query_rows(n_tokens: int, n_rows: int) -> torch.Tensor:
     if n_tokens <= FIRST_TOKEN:
         raise ValueError(f"an example needs more than {FIRST_TOKEN} token(s), got {n_tokens}")
     n_rows = max(1, min(n_rows, n_tokens - FIRST_TOKEN))
-    return torch.linspace(FIRST_TOKEN, n_tokens - 1, n_rows).round().long().unique()
+    return torch.linspace(FIRST_TOKEN, n_tokens - 1, n_rows, device="cpu").round().long().unique()
 
 
 @contextlib.contextmanager

@@ -60,7 +60,7 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _ranks(values: Sequence[float]) -> torch.Tensor:
     """Average ranks (ties share the mean rank), 1-based, fp64."""
-    x = torch.as_tensor(values, dtype=torch.float64)
+    x = torch.as_tensor(values, dtype=torch.float64, device="cpu")
     order = torch.argsort(x, stable=True)
     ranks = torch.empty_like(x)
     sorted_x = x[order]
@@ -77,8 +77,8 @@ def _ranks(values: Sequence[float]) -> torch.Tensor:
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     """Pearson correlation; NaN when either side is constant or fewer than 3 points."""
-    a = torch.as_tensor(x, dtype=torch.float64)
-    b = torch.as_tensor(y, dtype=torch.float64)
+    a = torch.as_tensor(x, dtype=torch.float64, device="cpu")
+    b = torch.as_tensor(y, dtype=torch.float64, device="cpu")
     if a.shape != b.shape or a.dim() != 1:
         raise ValueError(f"pearson needs two 1-D sequences of one length, got {tuple(a.shape)} and {tuple(b.shape)}")
     if len(a) < 3:
@@ -98,7 +98,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     """Area under the ROC curve of ``scores`` for the positive ``labels`` (Mann–Whitney U with
     average ranks for ties); NaN when one class is empty."""
-    labels_t = torch.as_tensor(labels, dtype=torch.bool)
+    labels_t = torch.as_tensor(labels, dtype=torch.bool, device="cpu")
     n_pos, n_neg = int(labels_t.sum()), int((~labels_t).sum())
     if len(scores) != len(labels_t):
         raise ValueError(f"auroc: {len(scores)} scores for {len(labels_t)} labels")
@@ -112,9 +112,9 @@ def top_fraction(values: Sequence[float], fraction: float) -> list[bool]:
     """Which entries are among the top ``fraction`` (at least one entry)."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    x = torch.as_tensor(values, dtype=torch.float64)
+    x = torch.as_tensor(values, dtype=torch.float64, device="cpu")
     k = max(1, int(round(fraction * len(x))))
-    top = torch.zeros(len(x), dtype=torch.bool)
+    top = torch.zeros(len(x), dtype=torch.bool, device="cpu")
     top[torch.topk(x, k).indices] = True
     return top.tolist()
 

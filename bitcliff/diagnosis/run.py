@@ -164,7 +164,7 @@ def prepare_examples(texts, tokenizer=None, max_tokens: int | None = None) -> li
                 raise TypeError(f"example {i} is a {type(item).__name__}; expected a string or a token tensor")
         examples = [
             item.long().flatten() if isinstance(item, torch.Tensor)
-            else torch.tensor(tokenizer(item)["input_ids"], dtype=torch.long)
+            else torch.tensor(tokenizer(item)["input_ids"], dtype=torch.long, device="cpu")
             for item in texts
         ]
     if not examples:

@@ -134,7 +134,7 @@ class SignalTracer:
             amplification=[r / l if l > 0 else math.inf for r, l in zip(rel, local)],
             lens_kl=[k / self.lens_positions for k in self.kl],
             lens_top1=[t / self.lens_positions for t in self.top1],
-            lens_rank=[float(torch.tensor(r, dtype=torch.float64).median()) for r in self.ranks],
+            lens_rank=[float(torch.tensor(r, dtype=torch.float64, device="cpu").median()) for r in self.ranks],
             tokens=self.tokens,
             examples=self.examples,
             nll_fp=self.nll_fp,

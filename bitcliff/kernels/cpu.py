@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitcliff.kernels.layout import KernelLayout
+from bitcliff.kernels.layout import HOST, KernelLayout
 from bitcliff.kernels.reference import CaptureMode, output_stats
 
 #: Up to this many rows the grouped form wins; above it the dense weight is formed once.
@@ -63,12 +63,12 @@ def from_kernel_layout(layout: KernelLayout) -> CpuLayout:
     n_groups, n = layout.n_groups, layout.out_features
     slot = layout.k_padded if layout.group_size == -1 else layout.group_size
     positions = n_groups * slot
-    codes = torch.zeros(positions, n, dtype=torch.uint8)
+    codes = torch.zeros(positions, n, dtype=torch.uint8, device=HOST)
     codes[: layout.k_padded] = layout.codes().to(torch.uint8)
-    source = torch.full((positions,), layout.in_features, dtype=torch.int64)
+    source = torch.full((positions,), layout.in_features, dtype=torch.int64, device=HOST)
     columns = layout.source_columns()
     source[: layout.k_padded] = torch.where(columns >= 0, columns, torch.full_like(columns, layout.in_features))
-    identity = bool(torch.equal(source[: layout.in_features], torch.arange(layout.in_features))) and bool(
+    identity = bool(torch.equal(source[: layout.in_features], torch.arange(layout.in_features, device=HOST))) and bool(
         (source[layout.in_features:] == layout.in_features).all())
     scales = layout.scales.cpu().float().contiguous()
     zeros = layout.zeros.cpu().float().contiguous()

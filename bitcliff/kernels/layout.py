@@ -44,6 +44,9 @@ from bitcliff.kernels.pack import (
 )
 
 UNIT = 32  # codes per packing unit; k_padded and group sizes are multiples of it
+#: The layout is built and unpacked on the host, once per layer, then moved to the weight's device;
+#: the index tensors are made there explicitly, whatever ``torch.set_default_device`` says.
+HOST = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
     if length % per:
         raise ValueError(f"plane length {length} is not a multiple of {per} codes")
     c = codes.to(torch.int64).view(length // per, per, cols)
-    shifts = code_bit(torch.arange(per, dtype=torch.int64), width).view(1, per, 1)
+    shifts = code_bit(torch.arange(per, dtype=torch.int64, device=HOST), width).view(1, per, 1)
     words = (c << shifts).sum(dim=1)  # disjoint bit fields: the sum is their OR
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -117,7 +120,7 @@ def unpack_plane(words: torch.Tensor, width: int) -> torch.Tensor:
     per = 32 // width
     rows, cols = words.shape
     w = (words.to(torch.int64) & 0xFFFFFFFF).view(rows, 1, cols)
-    shifts = code_bit(torch.arange(per, dtype=torch.int64), width).view(1, per, 1)
+    shifts = code_bit(torch.arange(per, dtype=torch.int64, device=HOST), width).view(1, per, 1)
     return ((w >> shifts) & ((1 << width) - 1)).view(rows * per, cols)
 
 
@@ -185,12 +188,12 @@ class KernelLayout:
         """int64 ``[k_padded]``: activation column of each kernel K position, -1 for padding."""
         if self.kidx is not None:
             return self.kidx.cpu().to(torch.int64)
-        p = torch.arange(self.k_padded, dtype=torch.int64)
+        p = torch.arange(self.k_padded, dtype=torch.int64, device=HOST)
         return torch.where(p < self.in_features, p, torch.full_like(p, -1))
 
     def position_groups(self) -> torch.Tensor:
         """int64 ``[k_padded]``: group of each kernel K position."""
-        p = torch.arange(self.k_padded, dtype=torch.int64)
+        p = torch.arange(self.k_padded, dtype=torch.int64, device=HOST)
         if self.group_size == -1:
             return torch.zeros_like(p)
         return torch.clamp(p // self.group_size, max=self.n_groups - 1)
@@ -202,7 +205,7 @@ class KernelLayout:
         g = self.position_groups()[valid]
         scales, zeros = self.scales.cpu().float(), self.zeros.cpu().float()
         w_pk = scales[g] * (self.codes()[valid].float() - zeros[g])  # [K, N] in kernel order
-        weight = torch.empty(self.in_features, self.out_features, dtype=torch.float32)
+        weight = torch.empty(self.in_features, self.out_features, dtype=torch.float32, device=HOST)
         weight[src[valid]] = w_pk
         return weight.t().to(device=self.device, dtype=dtype)
 
@@ -221,18 +224,18 @@ def _kernel_order(g_idx: torch.Tensor, n_groups: int) -> tuple[int, torch.Tensor
     order = torch.argsort(g, stable=True)
     sorted_g = g[order]
     first = int((sorted_g == 0).sum())
-    if first > 0 and first % UNIT == 0 and torch.equal(sorted_g, torch.arange(k) // first):
-        identity = torch.equal(order, torch.arange(k))
+    if first > 0 and first % UNIT == 0 and torch.equal(sorted_g, torch.arange(k, device=HOST) // first):
+        identity = torch.equal(order, torch.arange(k, device=HOST))
         if identity:
             return first, None, k_padded
-        pad = torch.full((k_padded - k,), -1, dtype=torch.int64)
+        pad = torch.full((k_padded - k,), -1, dtype=torch.int64, device=HOST)
         return first, torch.cat([order, pad]), k_padded
     # Uneven or unaligned groups: one slot of `slot` positions per group id, padding unused.
     counts = torch.bincount(g, minlength=n_groups)
     slot = max(UNIT, -(-int(counts.max()) // UNIT) * UNIT)
     starts = torch.cumsum(counts, 0) - counts  # first sorted index of each group
-    rank = torch.arange(k) - starts[sorted_g]
-    kidx = torch.full((n_groups * slot,), -1, dtype=torch.int64)
+    rank = torch.arange(k, device=HOST) - starts[sorted_g]
+    kidx = torch.full((n_groups * slot,), -1, dtype=torch.int64, device=HOST)
     kidx[sorted_g * slot + rank] = order
     return slot, kidx, n_groups * slot
 
@@ -258,7 +261,7 @@ def from_gptq(
     codes = unpack_qweight(qweight.cpu(), bits, in_features).to(torch.int64)  # [K, N]
     zeros = unpack_qzeros(qzeros.cpu(), bits, out_features)
     group_size, kidx, k_padded = _kernel_order(g, n_groups)
-    kcodes = torch.zeros(k_padded, out_features, dtype=torch.int64)
+    kcodes = torch.zeros(k_padded, out_features, dtype=torch.int64, device=HOST)
     if kidx is None:
         kcodes[:in_features] = codes
     else:
@@ -285,9 +288,9 @@ def to_gptq(layout: KernelLayout) -> dict[str, torch.Tensor]:
     """Exact inverse of :func:`from_gptq`: ``qweight``, ``qzeros`` (v2), ``scales``, ``g_idx`` (on CPU)."""
     src = layout.source_columns()
     valid = src >= 0
-    codes = torch.zeros(layout.in_features, layout.out_features, dtype=torch.int64)
+    codes = torch.zeros(layout.in_features, layout.out_features, dtype=torch.int64, device=HOST)
     codes[src[valid]] = layout.codes()[valid]
-    g_idx = torch.zeros(layout.in_features, dtype=torch.int32)
+    g_idx = torch.zeros(layout.in_features, dtype=torch.int32, device=HOST)
     g_idx[src[valid]] = layout.position_groups()[valid].to(torch.int32)
     return {
         "qweight": pack_qweight(codes, layout.bits),

@@ -141,20 +141,20 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.T
     return unpack_rows(qzeros.t().contiguous(), bits, out_features).t().contiguous()
 
 
-def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+def default_g_idx(in_features: int, group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Group index of each input channel for contiguous groups.
 
     ``group_size == -1`` means one group over all of K.  When ``group_size`` does not divide
     K the last group is partial (K=576 with g128 gives groups of 128,128,128,128,64).
 
     Returns:
-        int32 tensor ``[K]``.
+        int32 tensor ``[K]`` on ``device``.
     """
     if group_size == -1:
-        return torch.zeros(in_features, dtype=torch.int32)
+        return torch.zeros(in_features, dtype=torch.int32, device=device)
     if group_size <= 0:
         raise ValueError(f"group_size must be -1 or positive, got {group_size}")
-    return (torch.arange(in_features, dtype=torch.int32) // group_size).to(torch.int32)
+    return torch.arange(in_features, dtype=torch.int32, device=device) // group_size
 
 
 def num_groups(in_features: int, group_size: int) -> int:

@@ -2,5 +2,5 @@
 the streaming walk over layers), QuantLinear, model conversion, and GPTQ-format checkpoints.
 
 May import: :mod:`bitcliff.kernels` and the shared modules beside the packages (``layers``,
-``statistics``, ``group_walk``, ``distributed``, ``storage``); never diagnosis, repairs or above.
+``statistics``, ``group_walk``, ``distributed``, ``device``, ``storage``); never diagnosis, repairs or above.
 """

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from bitcliff.device import HOST, compute_dtype, resolve_device, trained_dtype
 from bitcliff.kernels.pack import (
     SUPPORTED_BITS,
     num_groups,
@@ -435,16 +436,19 @@ def _build_layer(name: str, linear: nn.Module, tensors: dict, qc: dict, fmt: str
 
 def load(
     directory: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a GPTQ checkpoint (bitcliff's or a peer's, v1 or v2) as a transformers model.
 
+    The model is assembled on the host and moved to ``device`` once.
+
     Args:
         directory: checkpoint folder.
-        dtype: dtype of the unquantized parameters and of the activations.
-        device: where to put the model.
+        dtype: dtype of the unquantized parameters and of the activations; None: the device's
+            (:func:`bitcliff.device.compute_dtype`: fp32 on the CPU, the model's half precision on a GPU).
+        device: where to put the model (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a torch device).
         trust_remote_code: passed to transformers for custom architectures; off by default.
     Returns:
         The model in eval mode, its quantized linears replaced by :class:`QuantLinear` (each with
@@ -464,7 +468,9 @@ def load(
     hf_config = AutoConfig.for_model(**plain) if "model_type" in plain else None
     if hf_config is None:
         raise CheckpointError(f"{directory}/config.json has no model_type")
-    with no_init_weights():
+    device = resolve_device(device)
+    dtype = dtype or compute_dtype(device, trained_dtype(model_config))
+    with no_init_weights(), torch.device(HOST):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
 
     quantized = sorted({k.rpartition(".")[0] for k in tensors if k.endswith(".qweight")})
@@ -475,7 +481,8 @@ def load(
             linear = model.get_submodule(name)
         except AttributeError as exc:
             raise CheckpointError(f"{directory}: tensor {name}.qweight names no module of this model") from exc
-        set_submodule(model, name, _build_layer(name, linear, tensors, qc, fmt))
+        with torch.device(HOST):
+            set_submodule(model, name, _build_layer(name, linear, tensors, qc, fmt))
 
     result = model.load_state_dict(tensors, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})

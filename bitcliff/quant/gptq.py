@@ -360,7 +360,7 @@ def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None)
     if grid is not None:
         g_idx = grid.g_idx.to(dev)
     else:
-        g_idx = default_g_idx(k, config.group_size).to(dev)
+        g_idx = default_g_idx(k, config.group_size, dev)
         if perm is not None and dynamic:  # groups were formed in processing order
             g_idx = torch.empty(k, dtype=torch.int32, device=dev)
             g_idx[perm] = column_group.to(torch.int32)
@@ -383,7 +383,7 @@ def _rtn_fallback(weight: torch.Tensor, config: QuantConfig, name: str, reason: 
         stacklevel=4,
     )
     qweight = quantize_rtn(weight, config, name)
-    return GPTQResult(qweight, None, torch.zeros(weight.shape[0]), None, fallback=reason)
+    return GPTQResult(qweight, None, torch.zeros(weight.shape[0], device=weight.device), None, fallback=reason)
 
 
 def split_result(result: GPTQResult, sizes: list[int]) -> list[GPTQResult]:

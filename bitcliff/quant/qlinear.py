@@ -47,6 +47,7 @@ class QuantLinear(nn.Module):
         n_groups: int,
         bias: bool = False,
         name: str = "",
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if bits not in SUPPORTED_BITS:
@@ -61,16 +62,17 @@ class QuantLinear(nn.Module):
         self.bits = bits
         self.group_size = group_size
         self.name = name
+        on = {"device": device}  # None: torch's default device, as for nn.Linear
         self.register_buffer(
-            "qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32)
+            "qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32, **on)
         )
         self.register_buffer(
-            "qzeros", torch.zeros(n_groups, packed_length(out_features, bits), dtype=torch.int32)
+            "qzeros", torch.zeros(n_groups, packed_length(out_features, bits), dtype=torch.int32, **on)
         )
-        self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16))
-        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16, **on))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **on))
         if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16))
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **on))
         else:
             self.bias = None
         self.lora_A: torch.Tensor | None = None
@@ -91,9 +93,10 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         name: str = "",
     ) -> "QuantLinear":
-        """Build from a :class:`QuantizedWeight` (and the original layer's bias)."""
+        """Build from a :class:`QuantizedWeight` (and the original layer's bias), on its device."""
         in_features, out_features = qw.codes.shape
-        layer = cls(in_features, out_features, qw.bits, group_size, qw.scales.shape[0], bias is not None, name)
+        layer = cls(in_features, out_features, qw.bits, group_size, qw.scales.shape[0], bias is not None, name,
+                    device=qw.codes.device)
         for key, value in qw.packed().items():
             getattr(layer, key).copy_(value)
         if bias is not None:

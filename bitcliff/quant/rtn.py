@@ -37,9 +37,9 @@ def quantize_rtn(weight: torch.Tensor, config: QuantConfig, name: str = "<weight
     out_features, in_features = w.shape
     n_groups = num_groups(in_features, config.group_size)
     group = in_features if config.group_size == -1 else config.group_size
-    codes = torch.empty(in_features, out_features, dtype=torch.int32)
-    scales = torch.empty(n_groups, out_features, dtype=torch.float16)
-    zeros = torch.empty(n_groups, out_features, dtype=torch.int32)
+    codes = torch.empty(in_features, out_features, dtype=torch.int32, device=w.device)
+    scales = torch.empty(n_groups, out_features, dtype=torch.float16, device=w.device)
+    zeros = torch.empty(n_groups, out_features, dtype=torch.int32, device=w.device)
     for g in range(n_groups):
         cols = slice(g * group, min((g + 1) * group, in_features))
         block = w[:, cols]  # [N, group]
@@ -48,7 +48,7 @@ def quantize_rtn(weight: torch.Tensor, config: QuantConfig, name: str = "<weight
         codes[cols] = q.t().to(torch.int32)
         scales[g] = scale.half()
         zeros[g] = zero.to(torch.int32)
-    return QuantizedWeight(codes, scales, zeros, default_g_idx(in_features, config.group_size), config.bits)
+    return QuantizedWeight(codes, scales, zeros, default_g_idx(in_features, config.group_size, w.device), config.bits)
 
 
 def quantize_linears_rtn(model: nn.Module, names: list[str], config: QuantConfig, progress: bool = False) -> None:

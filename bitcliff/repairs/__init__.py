@@ -9,7 +9,7 @@
 * ``budget``: bits per weight, in common terms.
 
 May import: diagnosis (to plan from it), quant, kernels and the shared modules (``layers``,
-``statistics``, ``group_walk``, ``distributed``, ``eval``, ``storage``); never cliff, study or the
+``statistics``, ``group_walk``, ``distributed``, ``device``, ``eval``, ``storage``); never cliff, study or the
 command line.  Named ``repairs`` (a noun), not ``repair``, so that the package does not shadow the
 function ``bitcliff.repair``.
 """

@@ -64,7 +64,7 @@ def whitening(covariance: torch.Tensor) -> torch.Tensor:
     can be slightly indefinite in directions the inputs barely visit)."""
     c = covariance.double()
     scale = float(c.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(len(c), dtype=torch.float64)
+    eye = torch.eye(len(c), dtype=torch.float64, device=c.device)
     ridge = RIDGE
     while ridge <= 1.0:
         root, info = torch.linalg.cholesky_ex(c + ridge * scale * eye)
@@ -104,7 +104,8 @@ def lowrank_solution(error: torch.Tensor, covariance: torch.Tensor, max_rank: in
 
 def _randomized_svd(m: torch.Tensor, q: int, generator: torch.Generator):
     """Leading ``q`` singular triplets of ``m`` (Halko, Martinsson and Tropp)."""
-    sketch = m @ torch.randn(m.shape[1], q, dtype=m.dtype, generator=generator)
+    # drawn on the host from a seeded generator: the same sketch on every device
+    sketch = m @ torch.randn(m.shape[1], q, dtype=m.dtype, generator=generator, device="cpu").to(m.device)
     basis = torch.linalg.qr(sketch).Q
     for _ in range(POWER_ITERATIONS):
         basis = torch.linalg.qr(m.t() @ basis).Q

@@ -37,7 +37,7 @@ def norm_scales(targets: list[torch.Tensor], quantized: list[torch.Tensor], cova
     system = c * gram
     rhs = (cross * c).sum(dim=1)
     ridge = RIDGE * float(system.diagonal().mean())
-    eye = torch.eye(len(rhs), dtype=torch.float64)
+    eye = torch.eye(len(rhs), dtype=torch.float64, device=c.device)
     return torch.linalg.solve(system + ridge * eye, rhs + ridge)
 
 
@@ -66,7 +66,7 @@ def fold_into_norm(norm: nn.Module, scales: torch.Tensor) -> None:
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.shape != scales.shape:
         raise ValueError(f"{type(norm).__name__} has no per-channel weight of {tuple(scales.shape)} to fold into")
-    probe = torch.randn(3, len(scales), generator=torch.Generator().manual_seed(0)).to(weight)
+    probe = torch.randn(3, len(scales), generator=torch.Generator().manual_seed(0), device="cpu").to(weight)
     expected = norm(probe) * scales.to(weight)
     original = weight.detach().clone()
     gamma = scales.to(weight)

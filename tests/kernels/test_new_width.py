@@ -4,9 +4,9 @@ to ``pack.SUPPORTED_BITS``: packing, the kernel layout, the GPU decode (bit for 
 from __future__ import annotations
 
 import pytest
-import torch
 import test_decode
 import test_qmatmul
+import torch
 
 from bitcliff.kernels import layout, pack, reference
 from bitcliff.kernels.pack import default_g_idx, pack_qweight, pack_qzeros
