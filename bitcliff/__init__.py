@@ -10,14 +10,18 @@ The entry points, each a plain function:
 * :class:`BitcliffConfig`: quantize on load with transformers' ``from_pretrained``.
 """
 
-from bitcliff.diagnosis.run import diagnose
-from bitcliff.hf_quantizer import BitcliffConfig
-from bitcliff.quant.checkpoint import load, save
-from bitcliff.quant.config import QuantConfig
-from bitcliff.quant.convert import quantize
-from bitcliff.quant.qlinear import QuantLinear
-from bitcliff.repairs.plan import RepairPlan, plan_repair
-from bitcliff.repairs.run import repair
+from bitcliff import numerics
+
+numerics.pin()  # before torch's first operation: the same bytes on every x86 machine and thread count
+
+from bitcliff.diagnosis.run import diagnose  # noqa: E402
+from bitcliff.hf_quantizer import BitcliffConfig  # noqa: E402
+from bitcliff.quant.checkpoint import load, save  # noqa: E402
+from bitcliff.quant.config import QuantConfig  # noqa: E402
+from bitcliff.quant.convert import quantize  # noqa: E402
+from bitcliff.quant.qlinear import QuantLinear  # noqa: E402
+from bitcliff.repairs.plan import RepairPlan, plan_repair  # noqa: E402
+from bitcliff.repairs.run import repair  # noqa: E402
 
 __all__ = ["BitcliffConfig", "QuantConfig", "QuantLinear", "RepairPlan", "quantize", "save", "load", "diagnose", "plan_repair", "repair"]
 __version__ = "0.1.0"

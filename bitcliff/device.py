@@ -4,8 +4,8 @@ Device (``--device`` of every command, ``device=`` of the Python API):
 
 * ``auto`` (the default): the CUDA device when one is available, else the CPU.  Under torchrun
   the rank's GPU is ``cuda:$LOCAL_RANK``, so every rank computes on its own GPU.
-* ``cpu``, ``cuda`` (the current CUDA device) or ``cuda:N``: that device, or a clear error when
-  it does not exist.
+* ``cpu``, ``cuda`` (the current CUDA device; under torchrun the rank's) or ``cuda:N``: that
+  device, or a clear error when it does not exist.
 
 Dtypes (:func:`compute_dtype`):
 
@@ -23,6 +23,7 @@ layer is, so nothing crosses between host and device inside a loop.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -63,7 +64,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
                               f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); "
                               "use --device cpu or auto")
         count = torch.cuda.device_count()
-        index = int(index_text) if index_text else torch.cuda.current_device()
+        index = int(index_text) if index_text else _default_cuda_index()
         if index >= count:
             raise DeviceError(f"device {spec!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return torch.device("cuda", index)
@@ -73,9 +74,15 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 def _auto_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    return torch.device("cuda", _default_cuda_index())
+
+
+def _default_cuda_index() -> int:
+    """Under torchrun the rank's ``LOCAL_RANK`` GPU, else the current one."""
     local = os.environ.get("LOCAL_RANK")
-    index = int(local) if local is not None and local.isdigit() else torch.cuda.current_device()
-    return torch.device("cuda", index % torch.cuda.device_count())
+    if local is not None and local.isdigit():
+        return int(local) % torch.cuda.device_count()
+    return torch.cuda.current_device()
 
 
 def trained_dtype(config) -> torch.dtype | None:
@@ -96,6 +103,13 @@ def compute_dtype(device: torch.device, trained: torch.dtype | None = None) -> t
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if trained == torch.bfloat16 else torch.float16
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` computes: the device of its first parameter or buffer (QuantLinear keeps
+    its weight in buffers); the CPU for a model with neither."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return HOST if tensor is None else tensor.device
 
 
 def describe(device: torch.device) -> str:

@@ -55,16 +55,29 @@ class Ranks:
         return cls()
 
     @classmethod
-    def from_environment(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
+    def from_environment(cls, timeout_s: float = DEFAULT_TIMEOUT_S, device: torch.device | None = None) -> Ranks:
         """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``...);
-        a single process when there is none or it has one rank."""
+        a single process when there is none or it has one rank.
+
+        ``device``: where this rank computes (:func:`bitcliff.device.resolve_device`; None: a GPU
+        when there is one).  On CUDA every rank takes its ``LOCAL_RANK`` GPU and the ranks talk over
+        nccl; on the CPU over gloo.
+
+        Raises:
+            ValueError: a bad timeout, or one GPU named for every rank (``cuda:N`` with several ranks).
+        """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls.single()
         if not (timeout_s > 0):
             raise ValueError(f"the rank timeout must be positive seconds, got {timeout_s!r}")
-        if torch.cuda.is_available():
+        on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+        if on_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
+            if device is not None and device.index is not None and device.index != local \
+                    and torch.cuda.device_count() > 1:
+                raise ValueError(f"device {device}: with {world} ranks each rank computes on its own GPU "
+                                 f"(cuda:LOCAL_RANK); pass --device cuda or auto")
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
             backend = "nccl"
@@ -128,7 +141,8 @@ class Ranks:
         self._guard(peer, what, exchange)
 
     def receive(self, peer: int, what: str) -> tuple[object, list[torch.Tensor]]:
-        """What ``peer`` sent with :meth:`send`: its header and its tensors (on the cpu)."""
+        """What ``peer`` sent with :meth:`send`: its header and its tensors, on :attr:`device` (where
+        this rank's own statistics and results are, so that the owner combines them with no copy)."""
 
         def exchange():
             meta = [None, None]
@@ -138,7 +152,7 @@ class Ranks:
             for shape, dtype in specs:
                 t = torch.empty(shape, dtype=dtype, device=self.device)
                 dist.recv(t, src=peer)
-                tensors.append(t.cpu())
+                tensors.append(t)
             return obj, tensors
 
         return self._guard(peer, what, exchange)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from bitcliff.device import HOST, compute_dtype, resolve_device, trained_dtype
+
 
 class ModelLoadError(ValueError):
     """A model folder or hub id that cannot be loaded as what was asked for."""
@@ -75,19 +77,21 @@ def check_hub_reachable(repo_id: str) -> None:
         ) from None
 
 
-def load_fp_model(name: str, dtype: torch.dtype = torch.float32):
+def load_fp_model(name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Full-precision model and tokenizer.
 
     Args:
         name: "default", "gemma3-270m", a local HF folder or a hub id (see ``bitcliff.assets``).
-        dtype: parameter dtype.
+        dtype: parameter dtype; None: the device's (:func:`bitcliff.device.compute_dtype`: fp32 on
+            the CPU, the model's half precision on a GPU).
+        device: where the model computes (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a torch device).
     Returns:
-        ``(model, tokenizer, resolved_path)``; the model in eval mode on CPU.
+        ``(model, tokenizer, resolved_path)``; the model in eval mode on ``device``.
     Raises:
         ModelLoadError: see the module docstring; also for a quantized checkpoint (this loads
             full-precision models only).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from bitcliff.assets import resolve_model
 
@@ -107,17 +111,22 @@ def load_fp_model(name: str, dtype: torch.dtype = torch.float32):
     else:
         check_hub_reachable(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    device = resolve_device(device)
+    if dtype is None:
+        dtype = compute_dtype(device, trained_dtype(AutoConfig.from_pretrained(path)))
+    with torch.device(HOST):  # loaded on the host, moved once
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(problems.values()):
         parts = [f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}"
                  for k, v in problems.items() if v]
         raise ModelLoadError(f"{path}: the weights do not match the model's config ({'; '.join(parts)})")
-    return model.eval(), tokenizer, path
+    return model.to(device).eval(), tokenizer, path
 
 
-def load_any(name: str, dtype: torch.dtype = torch.float32):
-    """A quantized checkpoint folder (via ``bitcliff.load``) or a full-precision model.
+def load_any(name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """A quantized checkpoint folder (via ``bitcliff.load``) or a full-precision model, on
+    ``device`` in ``dtype`` (None: the device's, as :func:`load_fp_model`).
 
     Returns:
         ``(model, tokenizer, resolved_path, quantized: bool)``.
@@ -125,8 +134,8 @@ def load_any(name: str, dtype: torch.dtype = torch.float32):
     if Path(name).is_dir() and is_quantized_folder(name):
         from bitcliff.quant.checkpoint import load, load_tokenizer
 
-        return load(name, dtype=dtype), load_tokenizer(name), str(name), True
-    model, tokenizer, path = load_fp_model(name, dtype)
+        return load(name, dtype=dtype, device=device), load_tokenizer(name), str(name), True
+    model, tokenizer, path = load_fp_model(name, dtype, device)
     return model, tokenizer, path, False
 
 

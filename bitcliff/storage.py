@@ -99,7 +99,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> P
     """Write ``tensors`` as one safetensors file atomically (``format: pt`` metadata)."""
     from safetensors.torch import save_file
 
-    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with _atomic_path(Path(path)) as tmp:
         save_file(contiguous, str(tmp), metadata={"format": "pt"})
     return Path(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import bitcliff  # noqa: F401  - pins the CPU code paths (bitcliff.numerics) before any test computes
+
 
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from bitcliff.cli import assets, cliff, diagnose, evaluate, quantize, repair, study
-from bitcliff.cli.common import HelpFormatter
+from bitcliff.cli.common import HelpFormatter, device_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     prefix = f"bitcliff {args.command}"
     try:
+        if hasattr(args, "device"):
+            args.device = device_from_args(args)
         return args.func(args)
     except KeyboardInterrupt:
         hint = getattr(args, "interrupted_hint", None) or "nothing half-written was left behind (outputs are written atomically)"

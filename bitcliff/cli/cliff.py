@@ -9,6 +9,7 @@ from pathlib import Path
 from bitcliff.cli.common import (
     HelpFormatter,
     UsageError,
+    add_device_arg,
     check_model_arg,
     check_text_arg,
 )
@@ -36,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--trace-examples", type=int, default=4, help="of those, examples traced layer by layer")
     p.add_argument("--out", default="runs/cliff", help="the run folder")
     p.add_argument("--restart", action="store_true", help="discard the run folder's finished steps first")
+    add_device_arg(p)
     p.set_defaults(func=run)
 
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     args.interrupted_hint = f"the finished steps are kept in {out}; run the same command again to resume"
     start = time.perf_counter()
-    summary = run_cliff(settings, out, restart=args.restart)
+    summary = run_cliff(settings, out, restart=args.restart, device=args.device)
     print(table(summary))
     print(f"\nwrote {out / 'cliff.json'} and {out / 'report.html'} ({time.perf_counter() - start:.0f} s)")
     return 0

@@ -32,6 +32,23 @@ def add_text_args(p: argparse.ArgumentParser, seq_len: int | None = 512) -> None
         p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device``: where the command computes (:mod:`bitcliff.device`)."""
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N; fp32 on the CPU, "
+                        "the model's half precision (bf16 or fp16) on a GPU")
+
+
+def device_from_args(args: argparse.Namespace):
+    """The torch device ``--device`` names; a device this machine lacks names the flag."""
+    from bitcliff.device import DeviceError, resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except DeviceError as exc:
+        raise UsageError(f"--device: {exc}") from None
+
+
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     """The settings of a quantization; the GPTQ defaults are the best measured ones."""
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")

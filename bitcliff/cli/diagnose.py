@@ -11,6 +11,7 @@ from pathlib import Path
 from bitcliff.cli.common import (
     HelpFormatter,
     UsageError,
+    add_device_arg,
     add_quant_args,
     check_model_arg,
     check_out,
@@ -40,6 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--fast", action="store_true", help="a quick pass on little data (tests, smoke runs)")
     p.add_argument("--out", required=True, help="output folder for diagnosis.json and report.html")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder bitcliff wrote")
+    add_device_arg(p)
     p.set_defaults(func=run)
 
 
@@ -65,6 +67,7 @@ def parse_compare(spec: str, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from bitcliff.assets import load_text
     from bitcliff.data import evaluation_windows
+    from bitcliff.device import describe
     from bitcliff.diagnosis.run import DiagnoseOptions, diagnose
     from bitcliff.models import is_quantized_folder, load_fp_model
     from bitcliff.quant.checkpoint import load
@@ -88,15 +91,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out, args.overwrite)
 
-    fp_model, tokenizer, path = load_fp_model(args.model)
+    fp_model, tokenizer, path = load_fp_model(args.model, device=args.device)
     if args.quantized is not None:
-        q_model, name = load(args.quantized), Path(args.quantized).name
+        q_model, name = load(args.quantized, device=args.device), Path(args.quantized).name
     else:
         q_model = quantize_on_text(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.calib_seq_len)
         name = config.describe()
     compare = {}
     for other, source in compare_specs:
-        compare[other] = load(source) if isinstance(source, Path) else quantize_on_text(
+        compare[other] = load(source, device=args.device) if isinstance(source, Path) else quantize_on_text(
             copy.deepcopy(fp_model), tokenizer, source, args.text_file, args.calib_seq_len)
     n_examples = args.examples if args.examples is not None else (8 if args.fast else 64)
     args.seq_len = args.seq_len if args.seq_len is not None else (128 if args.fast else 256)
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     report = diagnose(fp_model, q_model, examples, compare=compare, options=options, name=name)
     report.meta.update(model=args.model, quantized=args.quantized, text=args.text_file, seq_len=args.seq_len,
-                       wall_seconds=round(time.perf_counter() - start, 1))
+                       wall_seconds=round(time.perf_counter() - start, 1), device=describe(args.device))
     paths = report.save(out, overwrite=args.overwrite)
     print(report.summary())
     print(f"wrote {paths['json']} and {paths['html']}")

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from bitcliff.cli.common import (
     HelpFormatter,
+    add_device_arg,
     add_quant_args,
     add_text_args,
     check_model_arg,
     check_text_arg,
     config_from_args,
 )
+from bitcliff.device import describe
 from bitcliff.eval import evaluate_text
 from bitcliff.quant.convert import quantize_on_text
 
@@ -25,6 +27,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--windows", type=int, default=16, help="evaluation windows")
     add_text_args(p)
     p.add_argument("--json", help="write the result (ppl, per-window NLL, config) to this file")
+    add_device_arg(p)
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("sweep", help="fp vs quantized perplexity table over bits and group sizes",
@@ -36,6 +39,7 @@ def add_parsers(sub) -> None:
     add_text_args(p)
     p.add_argument("--windows", type=int, default=16, help="evaluation windows")
     p.add_argument("--out-dir", default="runs/sweep", help="where checkpoints and sweep.json go")
+    add_device_arg(p)
     p.set_defaults(func=run_sweep)
 
 
@@ -46,12 +50,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
     check_model_arg(args.target, flag="eval")
     check_text_arg(args.text_file)
-    model, tokenizer, path, quantized = load_any(args.target)
+    model, tokenizer, path, quantized = load_any(args.target, device=args.device)
     result = evaluate_text(model, tokenizer, args.text_file, args.windows, args.seq_len)
     config = quant_config(model)
     record = {
         "model": path,
         "quantized": quantized,
+        "device": describe(args.device),
+        "dtype": str(next(model.parameters()).dtype),
         "config": config.to_dict() if config else None,
         "text": args.text_file,
         "seq_len": args.seq_len,
@@ -59,7 +65,8 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     if args.json:
         write_json(Path(args.json), record)
-    print(f"{path}: ppl {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows)")
+    print(f"{path}: ppl {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows) on "
+          f"{describe(args.device)}")
     return 0
 
 
@@ -76,7 +83,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     configs = [config_from_args(args, bits, group) for group in args.group_sizes for bits in args.bits]
     check_model_arg(args.model)
     check_text_arg(args.text_file)
-    fp_model, tokenizer, path = load_fp_model(args.model)
+    fp_model, tokenizer, path = load_fp_model(args.model, device=args.device)
     out_dir = Path(args.out_dir)
     rows = [{"setting": "fp32", "bits_per_weight": 32.0,
              **evaluate_text(fp_model, tokenizer, args.text_file, args.windows, args.seq_len)}]
@@ -85,7 +92,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         folder = out_dir / f"{Path(path).name}-{config.describe()}"
         save(model, folder, tokenizer=tokenizer, overwrite=True)
         del model
-        reloaded = load(folder)  # evaluate what is on disk, not what is in memory
+        reloaded = load(folder, device=args.device)  # evaluate what is on disk, not what is in memory
         result = evaluate_text(reloaded, tokenizer, args.text_file, args.windows, args.seq_len)
         k = fp_model.config.hidden_size
         rows.append({

@@ -17,6 +17,7 @@ from pathlib import Path
 from bitcliff.cli.common import (
     HelpFormatter,
     UsageError,
+    add_device_arg,
     add_quant_args,
     add_text_args,
     check_model_arg,
@@ -25,6 +26,7 @@ from bitcliff.cli.common import (
     config_from_args,
     without_option,
 )
+from bitcliff.device import describe, peak_memory, reset_peak_memory
 from bitcliff.distributed import DEFAULT_TIMEOUT_S, Ranks
 from bitcliff.kernels.pack import widths_text
 from bitcliff.quant.convert import quantize_on_text
@@ -45,6 +47,7 @@ def add_parser(sub) -> None:
                    help="GPTQ one decoder layer at a time from the source files (models larger than memory); "
                         "an interrupted run resumes from its last finished layer")
     p.add_argument("--restart", action="store_true", help="with --streaming: discard a partial run and start over")
+    add_device_arg(p)
     ranks = p.add_argument_group(
         "ranks", "GPTQ over several processes: the calibration batches are split among them, each module's\n"
         "Hessian is summed by one of them and every one solves a block of its rows.  Under torchrun\n"
@@ -83,21 +86,30 @@ def run(args: argparse.Namespace) -> int:
     check_out(out, args.overwrite)
     if args.nproc > 1:
         return _launch(args)
-    ranks = Ranks.from_environment(args.rank_timeout)
+    ranks = Ranks.from_environment(args.rank_timeout, args.device)
+    device = ranks.device if ranks.distributed else args.device
+    reset_peak_memory(device)
     try:
         if args.streaming:
-            return _quantize_streaming(args, config, out, ranks)
-        model, tokenizer, path = load_fp_model(args.model)
+            return _quantize_streaming(args, config, out, ranks, device)
+        model, tokenizer, path = load_fp_model(args.model, device=device)
         start = time.perf_counter()
         quantize_on_text(model, tokenizer, config, args.text_file, args.seq_len, ranks)
         seconds = time.perf_counter() - start
         ranks.on_writer("writing the checkpoint", lambda: save(
             model, out, tokenizer=tokenizer, overwrite=args.overwrite, checkpoint_format=args.checkpoint_format))
         if ranks.writes:
-            print(f"quantized {path} with {config.describe()}{_on(ranks)} in {seconds:.1f} s -> {out}")
+            print(f"quantized {path} with {config.describe()}{_on(ranks)} on {_where(device)} in {seconds:.1f} s "
+                  f"-> {out}")
         return 0
     finally:
         ranks.close()
+
+
+def _where(device) -> str:
+    """The device, and the peak GPU memory of the run where there is one."""
+    peak = peak_memory(device)
+    return describe(device) + ("" if peak is None else f", peak {peak / 2**30:.2f} GiB allocated")
 
 
 def _on(ranks: Ranks) -> str:
@@ -117,7 +129,7 @@ def _launch(args: argparse.Namespace) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
-def _quantize_streaming(args: argparse.Namespace, config, out: Path, ranks: Ranks) -> int:
+def _quantize_streaming(args: argparse.Namespace, config, out: Path, ranks: Ranks, device) -> int:
     """GPTQ one decoder layer at a time from the source safetensors; resumes an interrupted run."""
     from transformers import AutoTokenizer
 
@@ -134,8 +146,8 @@ def _quantize_streaming(args: argparse.Namespace, config, out: Path, ranks: Rank
                              "command again to resume from there (--restart discards them)")
     start = time.perf_counter()
     quantize_gptq_streaming(path, config, calib, out, overwrite=args.overwrite, resume=not args.restart,
-                            checkpoint_format=args.checkpoint_format, ranks=ranks)
+                            checkpoint_format=args.checkpoint_format, ranks=ranks, device=device)
     if ranks.writes:
-        print(f"quantized {path} with {config.describe()} (streaming){_on(ranks)} in "
+        print(f"quantized {path} with {config.describe()} (streaming){_on(ranks)} on {_where(device)} in "
               f"{time.perf_counter() - start:.1f} s -> {out}")
     return 0

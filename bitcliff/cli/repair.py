@@ -9,6 +9,7 @@ from pathlib import Path
 from bitcliff.cli.common import (
     HelpFormatter,
     UsageError,
+    add_device_arg,
     check_model_arg,
     check_out,
     check_text_arg,
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--windows", type=int, default=16, help="evaluation windows for the before/after perplexity")
     p.add_argument("--out", required=True, help="output folder: the repaired checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder bitcliff wrote")
+    add_device_arg(p)
     p.set_defaults(func=run)
 
 
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import bitcliff
     from bitcliff.assets import load_text
     from bitcliff.data import calibration_windows, evaluation_windows
+    from bitcliff.device import describe
     from bitcliff.models import is_quantized_folder, load_fp_model
     from bitcliff.repairs.plan import PlanError, check_budget
     from bitcliff.repairs.run import diagnose_and_repair
@@ -82,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out, args.overwrite)
 
-    fp_model, tokenizer, _ = load_fp_model(args.model)
-    q_model = bitcliff.load(args.quantized)
+    fp_model, tokenizer, _ = load_fp_model(args.model, device=args.device)
+    q_model = bitcliff.load(args.quantized, device=args.device)
     text = load_text(args.text_file)
 
     def show(diagnosis, plan):
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
             diagnosis=report, examples=None if report is not None else evaluation_windows(tokenizer, text, 16, 256),
             methods=methods, rank=args.rank, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
             out=out, tokenizer=tokenizer, overwrite=args.overwrite, on_plan=show, name=Path(args.quantized).name,
-            record_extra={"text": args.text_file, "quantized": str(args.quantized), "model": args.model},
+            record_extra={"text": args.text_file, "quantized": str(args.quantized), "model": args.model,
+                          "device": describe(args.device)},
         )
     except PlanError as exc:
         raise UsageError(f"--budget/--methods/--rank: {exc}") from None

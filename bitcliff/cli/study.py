@@ -16,6 +16,7 @@ from pathlib import Path
 from bitcliff.cli.common import (
     HelpFormatter,
     UsageError,
+    add_device_arg,
     check_model_arg,
     check_text_arg,
 )
@@ -40,6 +41,7 @@ def add_parser(sub) -> None:
     s.add_argument("--windows", type=int, default=16, help="evaluation windows")
     s.add_argument("--strata", nargs="+", default=None, help="strata to measure (default: all)")
     s.add_argument("--out", required=True, help="sweep folder (created, or resumed)")
+    add_device_arg(s)
     s.set_defaults(func=run_sweep)
 
     f = steps.add_parser("fit", help="fit the law per stratum and method; writes law.json and plots",
@@ -74,7 +76,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"--bits {args.bits}: each must be {widths_text()}")
     configs = grid(args.models, args.bits, args.group_sizes, args.calib if "gptq" in args.methods else [],
                    args.methods, args.full_gptq)
-    rows = sweep(args.out, configs, SweepSettings(text=args.text_file, windows=args.windows, strata=strata))
+    rows = sweep(args.out, configs, SweepSettings(text=args.text_file, windows=args.windows, strata=strata),
+                 device=args.device)
     print(f"{len(rows)} rows in {Path(args.out) / 'rows.jsonl'}; fit them with `bitcliff study fit {args.out}`")
     return 0
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bitcliff import numerics
+from bitcliff.device import describe, peak_memory, reset_peak_memory, resolve_device
 from bitcliff.storage import (
     MANIFEST,
     OccupiedOutputError,
@@ -152,13 +154,18 @@ def _remove_run(folder: Path) -> None:
 @torch.inference_mode()
 def continuation(model, tokenizer, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS) -> str:
     """The greedy continuation of ``prompt`` (``new_tokens`` tokens, decoded)."""
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
     out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) the cliff in ``out``; returns the summary written to ``cliff.json``."""
+def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progress: bool = True,
+              device: str | torch.device = "cpu") -> dict:
+    """Run (or resume) the cliff in ``out`` on ``device``; returns the summary written to ``cliff.json``.
+
+    A run on a GPU computes in half precision, so its numbers are not the CPU's: the run folder
+    records the device's kind and dtype, and a folder holding a CPU run is not resumed on a GPU.
+    """
     import bitcliff
     from bitcliff.assets import load_text
     from bitcliff.cliff.report import write_report
@@ -169,8 +176,15 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
     from bitcliff.quant.config import QuantConfig
     from bitcliff.repairs.run import diagnose_and_repair
 
-    fp_model, tokenizer, _ = load_fp_model(settings.model)
+    device = resolve_device(device)
+    fp_model, tokenizer, _ = load_fp_model(settings.model, device=device)
     identity = {**settings.to_dict(), "model_fingerprint": model_fingerprint(fp_model, digits=16)}
+    dtype = next(fp_model.parameters()).dtype
+    if device.type != "cpu":  # the CPU's fp32 is the protocol's reference (and what older run folders hold)
+        identity["compute"] = f"{device.type} {dtype}"
+
+    def load(folder: Path):
+        return bitcliff.load(folder, device=device)
     store = StepStore.open(Path(out), identity, restart)
     text = load_text(settings.text)
     eval_ids = evaluation_windows(tokenizer, text, settings.windows, 512)
@@ -182,9 +196,13 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
     def step(name: str, compute):
         result = store.get(name)
         if result is None:
+            reset_peak_memory(device)
             start = time.perf_counter()
             result = compute()
             result["seconds"] = round(time.perf_counter() - start, 1)
+            peak = peak_memory(device)
+            if peak is not None:
+                result["peak_gpu_gib"] = round(peak / 2**30, 2)
             store.put(name, result)
         bar.update()
         return result
@@ -210,12 +228,12 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
             model = bitcliff.quantize(copy.deepcopy(fp_model), gptq_config, calib_ids=calib[: settings.calib_samples],
                                       progress=progress)
             bitcliff.save(model, gptq_dir, tokenizer=tokenizer, overwrite=True)
-            return {**evaluate(bitcliff.load(gptq_dir)), "checkpoint": gptq_dir.name}
+            return {**evaluate(load(gptq_dir)), "checkpoint": gptq_dir.name}
 
         gptq = step(f"gptq-w{bits}", quantize_gptq)
 
         def diagnose():
-            q_model = bitcliff.load(gptq_dir)
+            q_model = load(gptq_dir)
             examples = evaluation_windows(tokenizer, text, settings.diagnosis_examples, 256)
             options = DiagnoseOptions(trace_examples=settings.trace_examples, patch_examples=0, capture_examples=1)
             report = bitcliff.diagnose(fp_model, q_model, examples, options=options, name=gptq_dir.name,
@@ -229,7 +247,7 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
 
         def repair():
             outcome = diagnose_and_repair(
-                fp_model, bitcliff.load(gptq_dir), calib[: settings.repair_calib], settings.budget,
+                fp_model, load(gptq_dir), calib[: settings.repair_calib], settings.budget,
                 diagnosis=json.loads((diag_dir / "diagnosis.json").read_text()), eval_ids=eval_ids,
                 known_ppl={"fp": fp["ppl"], "quantized": gptq["ppl"]}, out=repaired_dir, tokenizer=tokenizer,
                 overwrite=True, progress=progress)
@@ -248,11 +266,10 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
     def continuations():
         texts = {"FP": continuation(fp_model, tokenizer)}
         for bits in settings.bits:
-            texts[f"W{bits} GPTQ"] = continuation(bitcliff.load(Path(out) / widths[bits]["gptq"]["checkpoint"]), tokenizer)
+            texts[f"W{bits} GPTQ"] = continuation(load(Path(out) / widths[bits]["gptq"]["checkpoint"]), tokenizer)
         low = min(settings.bits)
         if widths[low]["repair"].get("checkpoint"):
-            texts[f"W{low} repaired"] = continuation(bitcliff.load(Path(out) / widths[low]["repair"]["checkpoint"]),
-                                                     tokenizer)
+            texts[f"W{low} repaired"] = continuation(load(Path(out) / widths[low]["repair"]["checkpoint"]), tokenizer)
         return {"prompt": PROMPT, "texts": texts}
 
     texts = step("continuations", continuations)
@@ -260,7 +277,8 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
     # The name the user gave (an embedded name, a folder, a hub id), not where the cache put it.
     parameters = sum(p.numel() for p in fp_model.parameters())
     name = f"{settings.model} ({fp_model.config.model_type}, {parameters / 1e6:.0f}M parameters)"
-    summary = {"model": name, "settings": settings.to_dict(), "fp": fp, "widths": [widths[b] for b in settings.bits],
+    summary = {"model": name, "settings": settings.to_dict(), "device": describe(device), "dtype": str(dtype),
+               "cpu_paths": numerics.state(), "fp": fp, "widths": [widths[b] for b in settings.bits],
                "continuations": texts, "seconds": round(sum(s.get("seconds", 0) for s in store.steps.values()), 1)}
     write_json(Path(out) / "cliff.json", summary)
     write_report(summary, Path(out))

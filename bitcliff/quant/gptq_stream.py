@@ -45,6 +45,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitcliff.device import compute_dtype, resolve_device
 from bitcliff.distributed import Ranks
 from bitcliff.group_walk import capture_calibration_inputs, rank_share
 from bitcliff.layers import find_decoder_layers
@@ -184,6 +185,7 @@ def quantize_gptq_streaming(
     checkpoint_format: str = "auto",
     dtype: torch.dtype | None = None,
     ranks: Ranks | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """GPTQ-quantize the model in ``src_folder`` layer by layer and write a GPTQ checkpoint.
 
@@ -203,6 +205,9 @@ def quantize_gptq_streaming(
         dtype: dtype of the unquantized floating tensors (embeddings, norms, head); ``None``
             keeps the source's (that of its embeddings).
         ranks: the processes sharing the work (see the module docstring); None for one.
+        device: where each layer computes (:mod:`bitcliff.device`): the layer in hand, the
+            embeddings for the capture and the calibration activations live there, in the device's
+            dtype (fp32 on the CPU, the source's half precision on a GPU).
     Returns:
         ``out_dir``, holding the checkpoint and ``gptq_log.json``.
     Raises:
@@ -226,9 +231,16 @@ def quantize_gptq_streaming(
     outside = [k for k in model.state_dict() if not k.startswith(prefix + ".")]
     embeddings = next((k for k in outside if k in source and k.endswith(".weight")), None)
     stored_dtype = dtype or (source.dtype(embeddings) if embeddings else torch.float32)
+    device = resolve_device(device)
+    compute = compute_dtype(device, source.dtype(embeddings) if embeddings else None)
+    for module in model.modules():  # the buffers computed for real (rotary frequencies) join the layers
+        for key, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta:
+                module._buffers[key] = buffer.to(device)
     settings = {
         "config": config.to_dict(), "source": str(src.resolve()), "calib_sha256": _sha256_ids(calib_ids),
         "batch_size": batch_size, "checkpoint_format": fmt, "dtype": str(stored_dtype), "num_layers": n_layers,
+        "compute_dtype": str(compute),
     }
     settings = json.loads(json.dumps(settings))  # the form it has once read back from progress.json
     work = out_dir.parent / f"{out_dir.name}.partial"
@@ -240,10 +252,11 @@ def quantize_gptq_streaming(
     head = {n for n, _ in quantizable_linears(model, config) if not n.startswith(prefix + ".")}
     needed = [k for k in outside if k in source and k.rpartition(".")[0] not in head]
     for key in needed:
-        _assign(model, key, source.get(key).float())
+        _assign(model, key, source.get(key).to(device=device, dtype=compute))
     recorded = capture_calibration_inputs(model, layers, calib_ids, batch_size)
     start = state["layers_done"]
-    hidden = recorded.inputs[0] if start == 0 else _load_inputs(work, start, batch_size)[share.start: share.stop]
+    hidden = recorded.inputs[0] if start == 0 else \
+        [h.to(device) for h in _load_inputs(work, start, batch_size)[share.start: share.stop]]
     for key in needed:  # not needed again until the end
         _assign(model, key, torch.empty(0, device="meta"))
 
@@ -255,7 +268,8 @@ def quantize_gptq_streaming(
         name = f"{prefix}.{i}"
         layer = layers[i]
         stored = source.get_many([f"{name}.{k}" for k in layer.state_dict()])
-        layer.load_state_dict({k.removeprefix(name + "."): v.float() for k, v in stored.items()}, strict=True, assign=True)
+        layer.load_state_dict({k.removeprefix(name + "."): v.to(device=device, dtype=compute) for k, v in stored.items()},
+                              strict=True, assign=True)
         step = quantize_decoder_layer(layer, name, hidden, recorded.calls[i], config, groups, ranks)
         shares = None
         if i + 1 < n_layers:  # the next layer's inputs, every rank's share, for a resume

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitcliff.device import model_device
 from bitcliff.diagnosis.run import (
     DiagnoseOptions,
     diagnose,
@@ -225,6 +226,6 @@ def diagnose_and_repair(
     bitcliff.save(q_model, out, tokenizer=tokenizer, overwrite=overwrite,
                   extra_files={RECORD_FILE: lambda path: Path(path).write_text(text)})
     if eval_ids is not None:  # the checkpoint as written is what is measured
-        ppl["repaired"] = evaluate_ppl(bitcliff.load(out), eval_ids, progress=False)["ppl"]
+        ppl["repaired"] = evaluate_ppl(bitcliff.load(out, device=model_device(q_model)), eval_ids, progress=False)["ppl"]
         write_json(Path(out) / RECORD_FILE, outcome.record(**(record_extra or {})), indent=1)
     return outcome

@@ -23,9 +23,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from bitcliff import rows as rows_file
+from bitcliff.device import resolve_device
 from bitcliff.storage import write_json
 from bitcliff.study.strata import STRATA
 
@@ -103,9 +105,11 @@ def _append(folder: Path, row: dict) -> None:
     rows_file.append_row(folder / ROWS_FILE, row)
 
 
-def _open_folder(folder: Path, settings: SweepSettings) -> None:
+def _open_folder(folder: Path, settings: SweepSettings, device: torch.device) -> None:
     path = folder / SETTINGS_FILE
     wanted = settings.to_dict()
+    if device.type != "cpu":  # half precision on a GPU: rows that do not compare with the CPU's fp32 ones
+        wanted["device"] = device.type
     if path.is_file():
         held = json.loads(path.read_text())
         if held != wanted:
@@ -129,8 +133,8 @@ def quantized_parameters(model) -> int:
 
 
 def run_sweep(folder: str | Path, configs: list[Configuration], settings: SweepSettings = SweepSettings(),
-              progress: bool = True) -> list[dict]:
-    """Measure every configuration not yet in ``folder``; returns all rows of the folder."""
+              progress: bool = True, device: str | torch.device = "cpu") -> list[dict]:
+    """Measure every configuration not yet in ``folder`` on ``device``; returns all rows of the folder."""
     import bitcliff
     from bitcliff.assets import load_text
     from bitcliff.data import calibration_windows
@@ -139,7 +143,8 @@ def run_sweep(folder: str | Path, configs: list[Configuration], settings: SweepS
     from bitcliff.study.strata import build_strata, stratum_nll
 
     folder = Path(folder)
-    _open_folder(folder, settings)
+    device = resolve_device(device)
+    _open_folder(folder, settings, device)
     done = {Configuration(r["model"], r["method"], r.get("bits"), r.get("group_size"), r.get("calib")).key(): r
             for r in read_rows(folder)} if (folder / ROWS_FILE).is_file() else {}
     todo = [c for c in configs if c.key() not in done]
@@ -150,7 +155,7 @@ def run_sweep(folder: str | Path, configs: list[Configuration], settings: SweepS
     for c in todo:
         by_model.setdefault(c.model, []).append(c)
     for model_name, model_configs in by_model.items():
-        fp, tokenizer, _ = load_fp_model(model_name)
+        fp, tokenizer, _ = load_fp_model(model_name, device=device)
         fingerprint = model_fingerprint(fp, digits=16)
         reference = done.get(Configuration(model_name, "fp").key())
         if reference is not None and reference["fingerprint"] != fingerprint:

@@ -1,0 +1,60 @@
+"""The CPU code paths bitcliff pins, so that a command gives the same bytes on every x86 machine
+and with any number of threads.
+
+PyTorch picks its CPU kernels by the instruction set of the machine (ATen's vectorized kernels:
+AVX2 or AVX-512) and Intel MKL picks its own (and, unpinned, may split a reduction differently
+with more threads).  Each choice rounds differently, and GPTQ amplifies one different rounding
+into different codes: on one machine, GPTQ W3 g64 of the embedded model (32 windows) gave four
+different checkpoints for the four combinations of ATen on AVX2 or AVX-512 and MKL unpinned or
+pinned (``docs/architecture.md``, section 4).  Two machines with different CPUs differ the same way.
+
+:func:`pin` asks both for their AVX2 paths (``ATEN_CPU_CAPABILITY=avx2``, and MKL's conditional
+numerical reproducibility ``MKL_CBWR=AVX2,STRICT``, whose strict mode also fixes the reduction
+order whatever the thread count).  Every x86-64 CPU since 2015 has AVX2, and on the 2-core
+AVX-512 machine the pinned paths cost nothing measurable (GPTQ and evaluation, median wall-time
+ratio 0.99).  Both libraries read these settings at their first operation, so ``bitcliff``
+pins them when it is imported, before anything computes; a variable the user set is left
+alone, and :func:`state` reports what took effect (result files record it).
+
+On GPUs bit identity across devices and runs is not promised (see ``docs/architecture.md``):
+CPU and GPU results agree within the stated tolerances.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+#: What :func:`pin` sets, unless the environment already says otherwise.
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
+
+
+def _has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx2" in flags and "fma" in flags
+    except OSError:
+        pass
+    return False
+
+
+def pin() -> dict[str, str]:
+    """Pin ATen's and MKL's CPU paths to AVX2 where the CPU has it and the user set nothing;
+    returns what was set.  Takes effect only before torch's first CPU operation."""
+    if not _has_avx2():
+        return {}
+    chosen = {key: value for key, value in PINNED.items() if key not in os.environ}
+    os.environ.update(chosen)
+    return chosen
+
+
+def state() -> dict[str, str | None]:
+    """The CPU paths in effect: ATen's capability and MKL's branch setting (for result files)."""
+    import torch
+
+    return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR")}
