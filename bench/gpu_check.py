@@ -61,14 +61,15 @@ class Stage:
 
 STAGES = {
     "env": Stage("env", ("{py}", "-m", "bench.gpu_check", "--env"), 30, entry=("bench/gpu_check.py",)),
-    # The kernel tests compiled on CUDA (with the capture tests that run them), eight processes.
+    # The kernel tests compiled on CUDA (with the capture tests that run them) and the engine's cuda
+    # tests (quantize, evaluate, diagnose, repair and the main job's steps on the GPU), eight processes.
     "tests": Stage(
         "tests",
         ("{py}", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "8", "tests/kernels",
-         "tests/diagnosis/test_capture.py"),
-        150, paths=("tests/kernels", "tests/diagnosis/test_capture.py", "tests/conftest.py"),
+         "tests/diagnosis/test_capture.py", "tests/test_cuda.py"),
+        150, paths=("tests/kernels", "tests/diagnosis/test_capture.py", "tests/test_cuda.py", "tests/conftest.py"),
         entry=("tests/conftest.py", "tests/kernels/conftest.py", "tests/kernels/test_qmatmul.py",
-               "tests/kernels/test_kernel_ops.py", "tests/diagnosis/test_capture.py")),
+               "tests/kernels/test_kernel_ops.py", "tests/diagnosis/test_capture.py", "tests/test_cuda.py")),
     "sanitize": Stage(
         "sanitize", ("{py}", "-m", "bench.gpu_check", "--sanitize"), 75,
         paths=("bench/sanitize_kernels.py",), entry=("bench/sanitize_kernels.py",)),

@@ -62,3 +62,13 @@ def tiny_folder(tmp_path_factory):
     words = [f"w{int(i)}" for i in torch.randint(0, 126, (60000,), generator=gen)]
     (root / "text.txt").write_text(" ".join(words))
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run wherever CUDA exists and are skipped, with the reason, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs the cuda tests on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -130,7 +130,7 @@ def test_a_lost_rank_is_named_and_the_same_command_resumes(source, tmp_path):
 def test_the_command_line_starts_its_ranks_and_matches_one_process(tiny_folder, tmp_path):
     text = tiny_folder.parent / "text.txt"
     common = ["quantize", "--model", str(tiny_folder), "--method", "gptq", "--bits", "3", "--group-size", "32",
-              "--calib-samples", "16", "--seq-len", "64", "--text-file", str(text)]
+              "--calib-samples", "16", "--seq-len", "64", "--text-file", str(text), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "bitcliff", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300, check=False)
