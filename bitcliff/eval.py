@@ -18,10 +18,11 @@ def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     Returns:
         float32 ``[..., T - 1]``: entry ``t`` is the NLL of token ``t + 1``.
     """
-    lead = ids.shape[:-1]
-    flat_logits = logits.float().reshape(-1, *logits.shape[-2:])  # [B, T, V]
-    flat_ids = ids.reshape(-1, ids.shape[-1])
-    nll = F.cross_entropy(flat_logits[:, :-1].transpose(1, 2), flat_ids[:, 1:], reduction="none")
+    lead, vocab = ids.shape[:-1], logits.shape[-1]
+    # [tokens, V] rows, the vocabulary contiguous: a log-softmax along a strided dimension (the
+    # [B, V, T] form) took 6x as long on a 512 x 49152 window
+    predicting = logits[..., :-1, :].reshape(-1, vocab).float()
+    nll = F.cross_entropy(predicting, ids[..., 1:].reshape(-1), reduction="none")
     return nll.reshape(*lead, -1)
 
 

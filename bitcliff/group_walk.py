@@ -115,6 +115,7 @@ class GroupWalk:
         self.layer, self.linears, self.inputs, self.calls, self.name = layer, linears, inputs, calls, name
         self.ranks = ranks or Ranks.single()
         self.sequential, self.with_mean, self.input_scale = sequential, with_mean, input_scale
+        self.groups: list[ShareGroup] | None = None  # the groups walked, once the walk has started
         self._groups = groups
         self._owner_cost = owner_cost or (lambda members: float(linears[members[0]].in_features) ** 2)
         self._slots: dict[str, _Slot] = {}
@@ -132,7 +133,7 @@ class GroupWalk:
         for rel, slot in self._slots.items():
             set_submodule(self.layer, rel, slot)
         try:
-            groups = self._share_groups()
+            groups = self.groups = self._share_groups()
             heads = [g.members[0] for g in groups]
             devices = {h: _device(self.linears[h]) for h in heads}
             accs = {h: HessianAccumulator(self.linears[h].in_features, devices[h]) for h in heads}

@@ -113,18 +113,22 @@ def repair_walk(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor
                                                      batch_size)
     q_hidden = q_calls.inputs[0]
     states = {method: {} for method in plan.steps}  # each repair's state over the walk
+    groups = None  # found by a probing forward on the first layer, reused while the linears are the same
     for index in tqdm(range(len(q_layers)), desc="repair", unit="layer", disable=not (progress and ranks.writes)):
         layer, name = q_layers[index], f"{prefix}.{index}"
         linears = {rel: m for rel, m in layer.named_modules() if isinstance(m, (QuantLinear, nn.Linear))}
+        if groups is not None and {m for g in groups for m in g.members} != set(linears):
+            groups = None
         repairer = _LayerRepairer(plan, config, name, index, fp_layers[index], record, states)
-        q_hidden = _walk_layer(layer, linears, q_hidden, q_calls.calls[index], repairer, ranks, name)
+        q_hidden, groups = _walk_layer(layer, linears, q_hidden, q_calls.calls[index], repairer, ranks, name, groups)
     record.seconds = time.perf_counter() - start
     return record
 
 
 def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[torch.Tensor], calls,
-                repairer: _LayerRepairer, ranks: Ranks, name: str) -> list[torch.Tensor]:
-    walk = GroupWalk(layer, linears, hidden, calls, name=name, ranks=ranks, with_mean=True,
+                repairer: _LayerRepairer, ranks: Ranks, name: str, groups):
+    """Repair one layer; returns its outputs (the next layer's inputs) and its share groups."""
+    walk = GroupWalk(layer, linears, hidden, calls, name=name, ranks=ranks, with_mean=True, groups=groups,
                      input_scale=repairer.scales.get)
     layer_weights = sum(m.in_features * m.out_features for m in linears.values())
     with torch.no_grad():
@@ -135,4 +139,4 @@ def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[to
             for rel, module in repaired.items():
                 walk.replace(rel, module)
             layer_weights -= weights  # the next groups share what this one left
-    return walk.outputs
+    return walk.outputs, walk.groups
