@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from bitcliff.cli import main
+from bitcliff.cliff.schedule import usable_cores
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -25,6 +26,7 @@ def _argv(tiny_folder, out, *extra):
 def run(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("cliff") / "run"
     assert main(_argv(tiny_folder, out)) == 0
+    shutil.copy(out / "cliff.json", out.parent / "first-cliff.json")  # later tests run again in `out`
     return out
 
 
@@ -83,3 +85,16 @@ def test_the_report_renders_in_chromium(run):
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "The cliff" in dom and re.search(r"verdict: \w+", dom)
     assert dom.count("class=\"card") == 3 and 'id="cliff-plot"' in dom
+
+
+def test_one_worker_gives_the_numbers_of_two(run, tiny_folder, tmp_path):
+    assert main(_argv(tiny_folder, tmp_path / "one", "--workers", "1")) == 0
+
+    def numbers(folder):
+        summary = json.loads((folder / "cliff.json").read_text())
+        strip = lambda step: {k: v for k, v in step.items() if k not in ("seconds", "peak_gpu_gib")}  # noqa: E731
+        return [{k: strip(w[k]) for k in ("rtn", "gptq", "diagnosis", "repair")} for w in summary["widths"]]
+
+    first = json.loads((run.parent / "first-cliff.json").read_text())
+    assert first["workers"] == (2 if usable_cores() >= 2 else 1)
+    assert numbers(tmp_path / "one") == numbers(run)

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--trace-examples", type=int, default=4, help="of those, examples traced layer by layer")
     p.add_argument("--out", default="runs/cliff", help="the run folder")
     p.add_argument("--restart", action="store_true", help="discard the run folder's finished steps first")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="steps computed at once, each process on its share of the cores (default: 2 on a CPU "
+                        "with 2 or more cores, 1 on a GPU); the numbers are the same")
     add_device_arg(p)
     p.set_defaults(func=run)
 
@@ -54,10 +57,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"bitcliff cliff: {exc}") from None
     check_model_arg(args.model)
     check_text_arg(args.text_file)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
     args.interrupted_hint = f"the finished steps are kept in {out}; run the same command again to resume"
     start = time.perf_counter()
-    summary = run_cliff(settings, out, restart=args.restart, device=args.device)
+    summary = run_cliff(settings, out, restart=args.restart, device=args.device, workers=args.workers)
     print(table(summary))
     print(f"\nwrote {out / 'cliff.json'} and {out / 'report.html'} ({time.perf_counter() - start:.0f} s)")
     return 0

@@ -3,7 +3,9 @@
 For every width: RTN and GPTQ (bitcliff's best settings), each evaluated; the GPTQ model
 diagnosed (signal degradation or computation collapse); repaired at the budget the diagnosis
 plans for; evaluated again.  Then one greedy continuation of a fixed prompt per setting, so the
-cliff can be read as well as measured.  Everything lands in one run folder:
+cliff can be read as well as measured.  The steps (:mod:`bitcliff.cliff.steps`) run in order, or
+two at a time in worker processes on a CPU with two cores or more (:mod:`bitcliff.cliff.schedule`),
+with the same numbers.  Everything lands in one run folder:
 
 * ``state.json``: the settings and every finished step's result.  Running the same command again
   reuses the finished steps (an interrupted run resumes); other settings in the same folder are
@@ -15,10 +17,8 @@ cliff can be read as well as measured.  Everything lands in one run folder:
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,15 @@ import torch
 from tqdm.auto import tqdm
 
 from bitcliff import numerics
-from bitcliff.device import describe, peak_memory, reset_peak_memory, resolve_device
+from bitcliff.cliff.schedule import run_steps, usable_cores, worker_count
+from bitcliff.cliff.steps import (
+    Job,
+    compute,
+    compute_in_worker,
+    job_steps,
+    start_worker,
+)
+from bitcliff.device import describe, resolve_device
 from bitcliff.storage import (
     MANIFEST,
     OccupiedOutputError,
@@ -36,8 +44,6 @@ from bitcliff.storage import (
 )
 
 STATE_FILE = "state.json"
-PROMPT = "The history of the printing press began in"
-NEW_TOKENS = 24
 
 
 @dataclass(frozen=True)
@@ -151,135 +157,62 @@ def _remove_run(folder: Path) -> None:
             raise OccupiedOutputError(f"{folder} holds {entry.name}, which bitcliff did not write; nothing was removed")
 
 
-@torch.inference_mode()
-def continuation(model, tokenizer, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS) -> str:
-    """The greedy continuation of ``prompt`` (``new_tokens`` tokens, decoded)."""
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
 def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progress: bool = True,
-              device: str | torch.device = "cpu") -> dict:
+              device: str | torch.device = "cpu", workers: int | None = None) -> dict:
     """Run (or resume) the cliff in ``out`` on ``device``; returns the summary written to ``cliff.json``.
+
+    ``workers``: steps computed at once (:mod:`bitcliff.cliff.schedule`; None: two on a CPU with
+    two cores or more, one on a GPU).  The full-precision evaluation runs alone first, on every
+    core: it is the unit the job's time is measured in.
 
     A run on a GPU computes in half precision, so its numbers are not the CPU's: the run folder
     records the device's kind and dtype, and a folder holding a CPU run is not resumed on a GPU.
     """
-    import bitcliff
-    from bitcliff.assets import load_text
     from bitcliff.cliff.report import write_report
-    from bitcliff.data import calibration_windows, evaluation_windows
-    from bitcliff.diagnosis.run import DiagnoseOptions
-    from bitcliff.eval import evaluate_ppl
-    from bitcliff.models import load_fp_model, model_fingerprint
+    from bitcliff.models import model_fingerprint
     from bitcliff.quant.config import QuantConfig
-    from bitcliff.repairs.run import diagnose_and_repair
 
     device = resolve_device(device)
-    fp_model, tokenizer, _ = load_fp_model(settings.model, device=device)
+    job = Job.open(settings, out, device, progress)
+    fp_model = job.fp_model
     identity = {**settings.to_dict(), "model_fingerprint": model_fingerprint(fp_model, digits=16)}
     dtype = next(fp_model.parameters()).dtype
     if device.type != "cpu":  # the CPU's fp32 is the protocol's reference (and what older run folders hold)
         identity["compute"] = f"{device.type} {dtype}"
-
-    def load(folder: Path):
-        return bitcliff.load(folder, device=device)
     store = StepStore.open(Path(out), identity, restart)
-    text = load_text(settings.text)
-    eval_ids = evaluation_windows(tokenizer, text, settings.windows, 512)
-    calib = calibration_windows(tokenizer, text, max(settings.calib_samples, settings.repair_calib), 512)
-    k = fp_model.config.hidden_size
-    steps = ["fp"] + [f"{kind}-w{b}" for b in settings.bits for kind in ("rtn", "gptq", "diagnosis", "repair")]
-    bar = tqdm(total=len(steps) + 1, desc="cliff", unit="step", disable=not progress)
+    middle = job_steps(settings.bits)
+    bar = tqdm(total=len(middle) + 3, desc="cliff", unit="step", disable=not progress)
+    bar.update(sum(name in store.steps for name in ["fp", *(s.name for s in middle)]))
+    done = dict(store.steps)
 
-    def step(name: str, compute):
-        result = store.get(name)
-        if result is None:
-            reset_peak_memory(device)
-            start = time.perf_counter()
-            result = compute()
-            result["seconds"] = round(time.perf_counter() - start, 1)
-            peak = peak_memory(device)
-            if peak is not None:
-                result["peak_gpu_gib"] = round(peak / 2**30, 2)
-            store.put(name, result)
+    def record(name: str, result: dict) -> None:
+        store.put(name, result)
         bar.update()
-        return result
 
-    def evaluate(model) -> dict:
-        result = evaluate_ppl(model, eval_ids, progress=False)
-        return {"ppl": result["ppl"], "mean_nll": result["mean_nll"]}
-
-    fp = step("fp", lambda: evaluate(fp_model))
-    widths = {}
-    for bits in settings.bits:
-        rtn_config = QuantConfig(bits=bits, group_size=settings.group_size)
-        gptq_config = QuantConfig(bits=bits, group_size=settings.group_size, method="gptq",
-                                  calib_samples=settings.calib_samples)
-        gptq_dir = Path(out) / f"gptq-w{bits}g{settings.group_size}"
-        diag_dir = Path(out) / f"{gptq_dir.name}-diagnosis"
-        repaired_dir = Path(out) / f"{gptq_dir.name}-repaired"
-
-        rtn = step(f"rtn-w{bits}", lambda: evaluate(bitcliff.quantize(copy.deepcopy(fp_model), rtn_config,
-                                                                      progress=False)))
-
-        def quantize_gptq():
-            model = bitcliff.quantize(copy.deepcopy(fp_model), gptq_config, calib_ids=calib[: settings.calib_samples],
-                                      progress=progress)
-            bitcliff.save(model, gptq_dir, tokenizer=tokenizer, overwrite=True)
-            return {**evaluate(load(gptq_dir)), "checkpoint": gptq_dir.name}
-
-        gptq = step(f"gptq-w{bits}", quantize_gptq)
-
-        def diagnose():
-            q_model = load(gptq_dir)
-            examples = evaluation_windows(tokenizer, text, settings.diagnosis_examples, 256)
-            options = DiagnoseOptions(trace_examples=settings.trace_examples, patch_examples=0, capture_examples=1)
-            report = bitcliff.diagnose(fp_model, q_model, examples, options=options, name=gptq_dir.name,
-                                       progress=progress)
-            report.save(diag_dir, overwrite=True)
-            verdict = report.verdict
-            return {"label": verdict.label, "agreement": verdict.agreement, "headline": verdict.headline(),
-                    "evidence": verdict.evidence[:3], "report": f"{diag_dir.name}/report.html"}
-
-        diagnosis = step(f"diagnosis-w{bits}", diagnose)
-
-        def repair():
-            outcome = diagnose_and_repair(
-                fp_model, load(gptq_dir), calib[: settings.repair_calib], settings.budget,
-                diagnosis=json.loads((diag_dir / "diagnosis.json").read_text()), eval_ids=eval_ids,
-                known_ppl={"fp": fp["ppl"], "quantized": gptq["ppl"]}, out=repaired_dir, tokenizer=tokenizer,
-                overwrite=True, progress=progress)
-            plan = outcome.plan
-            if outcome.result is None:
-                return {"ppl": gptq["ppl"], "bits_spent": 0.0, "methods": [], "reasons": plan.reasons,
-                        "recovery": 0.0}
-            return {"ppl": outcome.ppl["repaired"], "bits_spent": outcome.result.bits_per_weight,
-                    "methods": list(plan.methods), "reasons": plan.reasons, "checkpoint": repaired_dir.name,
-                    "recovery": outcome.recovery}
-
-        repaired = step(f"repair-w{bits}", repair)
-        widths[bits] = {"bits": bits, "effective_bits": rtn_config.effective_bits(k), "rtn": rtn, "gptq": gptq,
-                        "diagnosis": diagnosis, "repair": repaired}
-
-    def continuations():
-        texts = {"FP": continuation(fp_model, tokenizer)}
-        for bits in settings.bits:
-            texts[f"W{bits} GPTQ"] = continuation(load(Path(out) / widths[bits]["gptq"]["checkpoint"]), tokenizer)
-        low = min(settings.bits)
-        if widths[low]["repair"].get("checkpoint"):
-            texts[f"W{low} repaired"] = continuation(load(Path(out) / widths[low]["repair"]["checkpoint"]), tokenizer)
-        return {"prompt": PROMPT, "texts": texts}
-
-    texts = step("continuations", continuations)
+    if "fp" not in done:
+        done["fp"] = compute(job, "fp", done)
+        record("fp", done["fp"])
+    if workers is None:
+        workers = worker_count(device, sum(s.name not in done for s in middle))
+    threads = max(1, usable_cores() // workers)
+    here = lambda name, have: compute(job, name, have)  # noqa: E731
+    run_steps(middle, done, compute_in_worker if workers > 1 else here, record, workers=workers,
+              initializer=start_worker, initargs=(settings, str(out), str(device)), threads=threads)
+    if "continuations" not in done:
+        done["continuations"] = compute(job, "continuations", done)
+        record("continuations", done["continuations"])
     bar.close()
+    k = job.fp_model.config.hidden_size
+    widths = [{"bits": b, "effective_bits": QuantConfig(bits=b, group_size=settings.group_size).effective_bits(k),
+               "rtn": done[f"rtn-w{b}"], "gptq": done[f"gptq-w{b}"], "diagnosis": done[f"diagnosis-w{b}"],
+               "repair": done[f"repair-w{b}"]} for b in settings.bits]
     # The name the user gave (an embedded name, a folder, a hub id), not where the cache put it.
-    parameters = sum(p.numel() for p in fp_model.parameters())
-    name = f"{settings.model} ({fp_model.config.model_type}, {parameters / 1e6:.0f}M parameters)"
+    parameters = sum(p.numel() for p in job.fp_model.parameters())
+    name = f"{settings.model} ({job.fp_model.config.model_type}, {parameters / 1e6:.0f}M parameters)"
     summary = {"model": name, "settings": settings.to_dict(), "device": describe(device), "dtype": str(dtype),
-               "cpu_paths": numerics.state(), "fp": fp, "widths": [widths[b] for b in settings.bits],
-               "continuations": texts, "seconds": round(sum(s.get("seconds", 0) for s in store.steps.values()), 1)}
+               "cpu_paths": numerics.state(), "workers": workers, "fp": done["fp"], "widths": widths,
+               "continuations": done["continuations"],
+               "seconds": round(sum(s.get("seconds", 0) for s in store.steps.values()), 1)}
     write_json(Path(out) / "cliff.json", summary)
     write_report(summary, Path(out))
     write_manifest(Path(out), "cliff-run")
