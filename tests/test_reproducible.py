@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama_config, word_tokenizer
 
 from bitcliff import numerics
+from tests.conftest import tiny_llama_config, word_tokenizer
 
 
 @pytest.fixture(scope="module")
