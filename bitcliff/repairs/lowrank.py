@@ -125,6 +125,24 @@ def lowrank_bits(rank: int, in_features: int, out_features: int) -> int:
     return FP16_BITS * rank * (in_features + out_features)
 
 
+def _fill(available: float, share: dict[int, float], cap: dict[int, float]) -> dict[int, float]:
+    """``available`` bits split in proportion to ``share``, no key above its ``cap``: what a
+    capped key cannot take goes to the others, in proportion again (water filling)."""
+    out, open_keys, left = {}, set(share), available
+    while open_keys and left > 0:
+        whole = sum(share[k] for k in open_keys)
+        full = {k for k in open_keys if left * share[k] / whole >= cap[k]}
+        if not full:
+            out.update({k: left * share[k] / whole for k in open_keys})
+            return out
+        for k in full:
+            out[k] = cap[k]
+            left -= cap[k]
+        open_keys -= full
+    out.update({k: 0.0 for k in open_keys})
+    return out
+
+
 #: Low-rank factors are allocated in steps of this many ranks, up to :data:`MAX_RANK`.
 RANK_STEP = 4
 MAX_RANK = 64
@@ -162,8 +180,10 @@ class LowRankCompensation(Repair):
             layer_cheapest[layer] = min(layer_cheapest.get(layer, cheapest), cheapest)
         local = ctx.diagnosis["signal"]["local_update_error"]
         share = {layer: w * max(float(local[layer] or 0.0), 1e-6) for layer, w in layer_weights.items()}
-        whole = sum(share.values())
-        layer_bits = {layer: available * share[layer] / whole for layer in layer_weights}
+        layer_cap = {layer: 0 for layer in layer_weights}  # every module at max_rank: the most a layer can store
+        for _, layer, m in self._modules(ctx):
+            layer_cap[layer] += lowrank_bits(max_rank, m["in"], m["out"])
+        layer_bits = _fill(available, share, layer_cap)
         if rank is not None:  # a fixed rank: every module gets it where the budget allows
             fixed = {layer: 0 for layer in layer_weights}
             for _, layer, m in self._modules(ctx):
@@ -174,10 +194,14 @@ class LowRankCompensation(Repair):
         if not layer_bits:
             return None
         ranked = sorted(layer_bits, key=lambda k: -layer_bits[k] / layer_weights[k])[:5]
-        reason = (f"low-rank compensation with {sum(layer_bits.values()) / ctx.weights:.4f} bits/weight, shared "
+        planned = sum(layer_bits.values())
+        reason = (f"low-rank compensation with {planned / ctx.weights:.4f} bits/weight, shared "
                   "among layers by the error each adds (local error relative to its update) times its weights; most "
                   "per weight: " + ", ".join(f"layer {k} ({local[k]:.3f})" for k in ranked)
                   + ("" if rank is None else f"; rank {rank} on every module"))
+        if planned < available * (1 - 1e-9) and planned >= sum(layer_cap.values()) * (1 - 1e-9):
+            reason += (f"; that is all it can store: rank {max_rank} on every module, the most this repair "
+                       f"fits ({(available - planned) / ctx.weights:.4f} bits/weight of the budget left unspent)")
         step = {"layer_bits": {str(k): v for k, v in layer_bits.items()}, "rank": rank, "max_rank": max_rank}
         return Planned(step, sum(layer_bits.values()), reason)
 

@@ -207,6 +207,9 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
     plan.planned_bits = spent
     if not plan.methods:
         raise PlanError(_too_small(budget, ctx, methods))
+    if spent < 0.99 * total:
+        plan.reasons.append(f"the plan stores {spent / weights:.4f} of the {budget:g} bits per weight: "
+                            f"{', '.join(methods)} can use no more on this model")
     return plan
 
 

@@ -94,3 +94,26 @@ def test_bad_methods_and_ranks():
         plan_repair(data, 0.5, rank=64)
     with pytest.raises(PlanError, match="no module list"):
         plan_repair({**data, "meta": {}}, 0.5)
+
+
+def test_a_budget_beyond_what_lowrank_can_store_is_planned_as_it_will_be_spent():
+    # Every module K = N = 64: max rank 63, fp16 factors store 16 * 63 * 128 bits per 4096 weights.
+    cap = 16 * 63 * 128 / 4096
+    data = _diagnosis("degradation", [0.8] * 6, local_error=[0.1, 0.1, 0.1, 0.4, 0.1, 0.1])
+    plan = plan_repair(data, budget=100.0)
+    assert plan.planned_bits / plan.weights == pytest.approx(cap)  # not 100: it cannot store more
+    reasons = " ".join(plan.reasons)
+    assert f"low-rank compensation with {cap:.4f} bits/weight" in reasons
+    assert "that is all it can store: rank 63 on every module" in reasons
+    assert f"the plan stores {cap:.4f} of the 100 bits per weight" in reasons
+
+
+def test_what_one_layer_cannot_store_goes_to_the_others():
+    # Layer 3 adds 4x the error, so its proportional share (20 * 6 * 0.4 / 0.9 = 53 bits per
+    # weight) passes what it can store (31.5): it gets its cap and the others share the rest.
+    cap_bits = 7 * 16 * 63 * 128
+    data = _diagnosis("degradation", [0.8] * 6, local_error=[0.1, 0.1, 0.1, 0.4, 0.1, 0.1])
+    plan = plan_repair(data, budget=20.0)
+    assert plan.lowrank_bits[3] == pytest.approx(cap_bits)
+    assert plan.planned_bits == pytest.approx(20.0 * plan.weights)
+    assert all(plan.lowrank_bits[k] < cap_bits for k in (0, 1, 2, 4, 5))
