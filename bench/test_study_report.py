@@ -9,7 +9,8 @@ from bench.study_report import main
 
 def _row(model, method, nll, bits=None, group=None, calib=None):
     return {"model": model, "method": method, "bits": bits, "group_size": group, "calib": calib,
-            "effective_bits": bits + 20 / 64 if bits else None, "parameters": 1e8,
+            "effective_bits": bits + 20 / 64 if bits else None, "parameters": 1e8, "hidden_size": 64,
+            "fingerprint": "f",
             "tokens": {"overall": 100, "memorization": 10}, "nll": {"overall": nll, "memorization": nll + 2},
             "ppl": 2.718281828 ** nll}
 

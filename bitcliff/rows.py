@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -17,8 +18,12 @@ class RowsError(ValueError):
     """A row file that cannot be read: the message names the file and the line."""
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Every row of ``path`` in the order written ([] when the file does not exist)."""
+def read_rows(path: str | os.PathLike, check: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every row of ``path`` in the order written ([] when the file does not exist).
+
+    ``check(row)`` may refuse a row that parses but cannot be used (a field missing or of the
+    wrong kind) by raising ValueError; the refusal is reported with the file and line.
+    """
     path = Path(path)
     if not path.is_file():
         return []
@@ -33,6 +38,12 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                             "and run the same command again") from None
         if not isinstance(row, dict):
             raise RowsError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}")
+        if check is not None:
+            try:
+                check(row)
+            except ValueError as exc:
+                raise RowsError(f"{path}, line {number}: {exc}; remove or repair that line and run the same "
+                                "command again") from None
         rows.append(row)
     return rows
 

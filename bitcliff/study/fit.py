@@ -79,10 +79,29 @@ def load_law(path: str | Path) -> tuple[dict, dict[str, Fit]]:
         path = path / LAW_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: fit a sweep first (`bitcliff study fit FOLDER`)")
-    law = json.loads(path.read_text())
-    if "fits" not in law or "models" not in law:
+    refit = "fit the sweep again with `bitcliff study fit FOLDER`"
+    try:
+        law = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise LawError(f"{path} is not a law written by `bitcliff study fit` (not text)") from None
+    except ValueError as exc:
+        raise LawError(f"{path} is not JSON ({exc}); {refit}") from None
+    if not isinstance(law, dict) or not isinstance(law.get("fits"), dict) or not isinstance(law.get("models"), dict):
         raise LawError(f"{path} is not a law written by `bitcliff study fit`")
-    return law, {k: Fit(**v) for k, v in law["fits"].items()}
+    fits = {}
+    for key, value in law["fits"].items():
+        try:
+            fits[key] = Fit(**value)
+            fits[key].check()
+        except (TypeError, ValueError) as exc:
+            raise LawError(f"{path}: the fit {key!r} is damaged ({exc}); {refit}") from None
+    for name, model in law["models"].items():
+        try:
+            if not (model["parameters"] > 0 and model["hidden_size"] > 0 and isinstance(model["nll_fp"], dict)):
+                raise ValueError("parameters and hidden_size must be above 0")
+        except (TypeError, KeyError, ValueError) as exc:
+            raise LawError(f"{path}: the model {name!r} is damaged ({exc!r}); {refit}") from None
+    return law, fits
 
 
 def summary(law: dict, fits: dict[str, Fit]) -> list[str]:

@@ -36,6 +36,10 @@ class LawError(ValueError):
     """A law cannot be fitted or used as asked."""
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def factors_of(row: dict) -> dict[str, float]:
     """The law's factors for one sweep row (see the module docstring)."""
     g = row["group_size"] if row["group_size"] and row["group_size"] > 0 else row["hidden_size"]
@@ -72,6 +76,19 @@ class Fit:
     loo_ppl_error: float | None
     rows: int
     dropped: int
+
+    def check(self) -> None:
+        """Refuse (ValueError) a fit whose numbers cannot be used: one read from a damaged or
+        hand-edited ``law.json``."""
+        width = 1 + len(FACTORS)
+        if len(self.coef) != width or not all(_finite(c) for c in self.coef):
+            raise ValueError(f"coef must be {width} finite numbers, got {self.coef!r}")
+        if not self.boot or any(len(b) != width or not all(_finite(c) for c in b) for b in self.boot):
+            raise ValueError(f"boot must be rows of {width} finite numbers")
+        for factor in FACTORS:
+            lo_hi = self.ranges.get(factor)
+            if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(_finite(v) and v > 0 for v in lo_hi)):
+                raise ValueError(f"ranges[{factor!r}] must be two numbers above 0, got {lo_hi!r}")
 
     def exponents(self) -> dict[str, float]:
         return dict(zip(FACTORS, self.coef[1:]))

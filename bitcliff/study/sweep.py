@@ -98,7 +98,47 @@ def read_rows(folder: str | Path) -> list[dict]:
     path = Path(folder) if Path(folder).is_file() else Path(folder) / ROWS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no {ROWS_FILE}: not a study sweep folder (run `bitcliff study sweep`)")
-    return rows_file.read_rows(path)
+    return rows_file.read_rows(path, check_row)
+
+
+def _number(row: dict, field: str, positive: bool = True) -> float:
+    value = row.get(field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{field!r} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{field!r} must be above 0, got {value!r}")
+    return value
+
+
+def check_row(row: dict) -> None:
+    """Refuse a row the fit cannot use (ValueError naming the field): what a sweep writes has
+    ``model``, ``method``, finite per-stratum ``nll``; an fp row ``parameters``, ``hidden_size``
+    and ``fingerprint``; a quantized row ``bits``, ``group_size``, ``effective_bits``, ``calib``."""
+    if not isinstance(row.get("model"), str):
+        raise ValueError(f"'model' must be a model name, got {row.get('model')!r}")
+    if row.get("method") not in ("fp", "rtn", "gptq"):
+        raise ValueError(f"'method' must be fp, rtn or gptq, got {row.get('method')!r}")
+    nll = row.get("nll")
+    if not isinstance(nll, dict) or not nll:
+        raise ValueError(f"'nll' must map each stratum to a mean NLL, got {nll!r}")
+    for stratum in nll:
+        _number(nll, stratum, positive=False)
+    if row["method"] == "fp":
+        _number(row, "parameters")
+        _number(row, "hidden_size")
+        if not isinstance(row.get("fingerprint"), str):
+            raise ValueError(f"'fingerprint' must be a string, got {row.get('fingerprint')!r}")
+        return
+    bits = row.get("bits")
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+        raise ValueError(f"'bits' must be a positive integer, got {bits!r}")
+    group = row.get("group_size")
+    if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or group > 0):
+        raise ValueError(f"'group_size' must be a positive integer or -1, got {group!r}")
+    _number(row, "effective_bits")
+    calib = row.get("calib")
+    if calib is not None and (isinstance(calib, bool) or not isinstance(calib, int) or calib < 1):
+        raise ValueError(f"'calib' must be null or a positive integer, got {calib!r}")
 
 
 def _append(folder: Path, row: dict) -> None:
