@@ -93,3 +93,16 @@ def calibration_windows(tokenizer, text: str, n: int = 64, seq_len: int = SEQ_LE
 def evaluation_windows(tokenizer, text: str, n: int = 16, seq_len: int = SEQ_LEN) -> torch.Tensor:
     """int64 ``[n, seq_len]`` evaluation windows from the tail of ``text``."""
     return token_windows(tokenizer, text, WindowSpec("eval", n, seq_len))
+
+
+def check_fits_context(model, tokens: int, what: str = "windows") -> None:
+    """Refuse windows longer than the model's context (``max_position_embeddings``): positions
+    past it were never trained, so a perplexity or a Hessian measured there means nothing.
+
+    Raises:
+        ValueError: naming the length, the context and ``--seq-len``.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and tokens > context:
+        raise ValueError(f"{what} of {tokens} tokens are longer than the model's context of {context} tokens "
+                         f"(max_position_embeddings): use --seq-len {context} or less")

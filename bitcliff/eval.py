@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bitcliff.data import check_fits_context
+
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The NLL of every token after the first under the logits before it (the one definition).
@@ -50,11 +52,14 @@ def evaluate_ppl(model, eval_ids: torch.Tensor, batch_size: int = 1, progress: b
         progress: show a tqdm bar.
     Returns:
         ``{"ppl", "mean_nll", "nll_per_window" (list of n_windows floats), "tokens", "windows"}``.
+    Raises:
+        ValueError: windows longer than the model's context, or a window whose NLL is not finite.
         Every window predicts ``T - 1`` tokens, so the token-weighted and window-weighted
         means coincide.
     """
     if eval_ids.dim() != 2 or eval_ids.shape[0] == 0 or eval_ids.shape[1] < 2:
         raise ValueError(f"eval_ids must be [n_windows >= 1, T >= 2], got {tuple(eval_ids.shape)}")
+    check_fits_context(model, eval_ids.shape[1], "evaluation windows")
     was_training = model.training
     model.eval()
     nll = []
@@ -65,6 +70,11 @@ def evaluate_ppl(model, eval_ids: torch.Tensor, batch_size: int = 1, progress: b
     finally:
         model.train(was_training)
     per_window = torch.cat(nll)
+    broken = (~torch.isfinite(per_window)).nonzero().flatten().tolist()
+    if broken:  # a NaN is not a perplexity: say so instead of reporting `ppl nan`
+        raise ValueError(f"the model's NLL is NaN or infinite on {len(broken)} of {len(per_window)} windows "
+                         f"(first: window {broken[0]}): its weights or activations hold non-finite values "
+                         "(a damaged checkpoint, or an overflow in half precision)")
     mean_nll = float(per_window.mean())
     return {
         "ppl": math.exp(mean_nll),

@@ -32,3 +32,11 @@ def test_perplexity_is_exp_of_the_mean_token_nll(tiny_llama):
 def test_too_short_windows_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="T >= 2"):
         evaluate_ppl(tiny_llama, torch.zeros(2, 1, dtype=torch.long), progress=False)
+
+
+def test_a_model_that_computes_nan_has_no_perplexity(tiny_llama):
+    with torch.no_grad():
+        tiny_llama.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="NLL is NaN or infinite on 3 of 3 windows"):
+        evaluate_ppl(tiny_llama, ids, progress=False)

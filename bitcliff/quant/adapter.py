@@ -83,6 +83,10 @@ def load_adapter(model: nn.Module, directory: Path) -> int:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types
         raise AdapterError(f"{path} could not be read: {exc}") from exc
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{path}: tensor {key} holds NaN or Inf values: the adapter is damaged; "
+                               "repair the checkpoint again")
     modules = dict(model.named_modules())
     names = sorted({k[len(_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if k.startswith(_PREFIX)})
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}

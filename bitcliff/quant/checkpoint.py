@@ -51,7 +51,7 @@ from bitcliff.quant.dynamic import dynamic_entries, dynamic_override, module_ove
 from bitcliff.quant.gptq_model import gptq_log, write_gptq_log
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import attach_config, quant_config, set_submodule
-from bitcliff.storage import replace_folder, save_tensors, write_json
+from bitcliff.storage import MANIFEST, replace_folder, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -365,11 +365,44 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
+                keys = list(f.keys())
+                for key in keys:
                     tensors[key] = f.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types for bad headers/sizes
             raise CheckpointError(f"{path} could not be read (truncated or corrupt?): {exc}") from exc
+        for key in keys:
+            check_finite_tensor(tensors[key], f"{path}: tensor {key}")
     return tensors
+
+
+def check_finite_tensor(tensor: torch.Tensor, what: str) -> None:
+    """Refuse a floating-point tensor holding NaN or Inf (a model computed from it would give
+    ``nan`` for every result): ``CheckpointError`` naming ``what`` and how many values."""
+    if tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(f"{what} holds {bad} NaN or Inf value(s) of {tensor.numel()}: the checkpoint is "
+                                  "damaged; quantize again, or restore the file from a copy")
+
+
+#: Files a checkpoint's model is built from: when bitcliff's manifest lists one, it must be there.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def check_files_present(directory: Path) -> None:
+    """Refuse a checkpoint that lacks a file bitcliff wrote into it and reads back (config, weights,
+    adapter), by the folder's manifest: loading without it would silently give another model
+    (a repaired checkpoint without its adapter evaluates as if never repaired)."""
+    try:
+        listed = json.loads((directory / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not written by bitcliff (a peer's checkpoint): nothing to hold it to
+    needed = [f for f in listed if "/" not in f and (f in ("config.json", ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+                                                    or f.endswith(_MODEL_FILE_SUFFIXES))]
+    missing = [f for f in needed if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory} lacks {', '.join(missing)}, which bitcliff wrote there and the model is "
+                              "built from: the checkpoint is incomplete; copy the whole folder again or re-create it")
 
 
 def _config_from_qc(qc: dict) -> QuantConfig:
@@ -459,6 +492,7 @@ def load(
     from transformers.initialization import no_init_weights
 
     directory = Path(directory)
+    check_files_present(directory)
     model_config, qc = read_quantization_config(directory)
     fmt = qc.get("checkpoint_format", "gptq")
     files = shard_files(directory)

@@ -14,6 +14,7 @@ from bitcliff import QuantConfig
 from bitcliff.kernels.pack import pack_qzeros, unpack_qzeros
 from bitcliff.quant.checkpoint import CheckpointError, load, save
 from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.storage import MANIFEST
 
 
 def _quantized(model, bits=3, group_size=32, sym=False):
@@ -81,6 +82,9 @@ def test_sharded_checkpoint_and_missing_shard(tiny_llama, tmp_path):
     ids = torch.randint(0, 128, (1, 8))
     assert torch.equal(load(path)(ids).logits, model(ids).logits)
     shards[1].unlink()
+    with pytest.raises(CheckpointError, match=f"lacks {shards[1].name}, which bitcliff wrote there"):
+        load(path)
+    (path / MANIFEST).unlink()  # as a peer's checkpoint: the index names the missing shard
     with pytest.raises(CheckpointError, match=f"missing: {shards[1].name}"):
         load(path)
 

@@ -121,3 +121,26 @@ def test_restoring_every_module_is_gptq_at_the_new_width(setup):
     for name in names:
         a, b = restored.get_submodule(name), direct.get_submodule(name)
         assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales), name
+
+
+@pytest.mark.parametrize("damage", ["adapter_config.json", "adapter_model.safetensors", "nan"])
+def test_a_repair_that_cannot_be_loaded_is_an_error_not_a_silent_unrepaired_model(setup, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from bitcliff.quant.checkpoint import CheckpointError
+
+    fp, q, calib, _, report = setup
+    repaired = copy.deepcopy(q)
+    bitcliff.repair(fp, repaired, calib, bitcliff.plan_repair(report, 1.0, methods=["lowrank"]), progress=False)
+    out = bitcliff.save(repaired, tmp_path / "r")
+    if damage == "nan":
+        tensors = load_file(out / "adapter_model.safetensors")
+        key = next(k for k in tensors if k.endswith("lora_B.weight"))
+        tensors[key][0, 0] = float("nan")
+        save_file(tensors, out / "adapter_model.safetensors")
+        with pytest.raises(AdapterError, match=f"tensor {key} holds NaN or Inf values"):
+            bitcliff.load(out)
+        return
+    (out / damage).unlink()
+    with pytest.raises(CheckpointError, match=f"lacks {damage}, which bitcliff wrote there"):
+        bitcliff.load(out)
