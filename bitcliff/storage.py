@@ -15,6 +15,7 @@ permissions the user's umask gives ordinary files (0644/0755 for umask 022).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -101,8 +102,23 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> P
 
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with _atomic_path(Path(path)) as tmp:
-        save_file(contiguous, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(contiguous, str(tmp), metadata={"format": "pt"})
+        except Exception as exc:  # safetensors reports a failed write as its own error, not OSError
+            raise _as_os_error(exc, Path(path)) from exc
     return Path(path)
+
+
+def _as_os_error(exc: Exception, path: Path) -> Exception:
+    """An OSError for a write safetensors could not make (its messages carry the OS error code),
+    so that a full disk reads as one; any other error unchanged."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        if f"(os error {code})" in text or f"code: {code}," in text:
+            return OSError(code, os.strerror(code), str(path))
+    return exc
 
 
 @contextmanager
@@ -137,12 +153,70 @@ def scratch(root: Path) -> Iterator[Path]:
         yield Path(work)
 
 
+# ------------------------------------------------------------------------- cached files
+
+
+def file_record(path: Path) -> dict:
+    """What :func:`file_intact` checks ``path`` against later: size, sha256 and mtime."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    stat = Path(path).stat()
+    return {"size": stat.st_size, "sha256": digest.hexdigest(), "mtime_ns": stat.st_mtime_ns}
+
+
+def file_intact(path: Path, record: dict) -> bool:
+    """Whether ``path`` still holds what :func:`file_record` saw: the size always, the digest
+    when the file was touched since (same size and mtime: unchanged, without reading it)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return False
+    if stat.st_size != record.get("size"):
+        return False
+    if stat.st_mtime_ns == record.get("mtime_ns"):
+        return True
+    return file_record(path)["sha256"] == record.get("sha256")
+
+
+def safetensors_complete(path: Path) -> bool:
+    """Whether a safetensors file is as long as its header says (a cut-off copy is not)."""
+    try:
+        with Path(path).open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return Path(path).stat().st_size == 8 + header_len + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
 # ------------------------------------------------------------------------- output folders
 
 
 def _listing(folder: Path) -> list[str]:
     """Every file under ``folder``, as POSIX paths relative to it, sorted."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 of every file under ``folder`` (names and bytes, the manifest aside): equal digests,
+    equal folders.  About 0.2 s per 100 MB on one core."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in _listing(folder):
+        if name == MANIFEST:
+            continue
+        digest.update(name.encode() + b"\0")
+        with (folder / name).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, kind: str) -> None:
@@ -170,6 +244,42 @@ def foreign_files(folder: Path) -> list[str]:
         elif entry.name != MANIFEST and entry.name not in owned:
             foreign.append(entry.name)
     return foreign
+
+
+def check_writable_location(path: str | os.PathLike, file: bool = False, renamed: bool = True) -> None:
+    """Refuse, before any work, an output ``path`` (a folder, or with ``file`` a file) that could
+    never be written: under a file, in a folder that cannot be written (read-only, no
+    permission), the other kind of thing already, or, for a folder built beside its final name
+    and ``renamed`` into place (:func:`replace_folder`), a mount point, onto which nothing can
+    be renamed.  A folder filled in place (a run folder) is probed inside.
+
+    Raises:
+        OccupiedOutputError: ``path`` is the other kind of thing (a file for a folder, or back).
+        PermissionError: nothing can be written where ``path`` would go (the message says why).
+        NotADirectoryError: a file stands where a folder of the path should be.
+    """
+    path = Path(path).expanduser()
+    if path.exists():
+        if file and path.is_dir():
+            raise OccupiedOutputError(f"{path} is a folder; give the path of a file")
+        if not file and not path.is_dir():
+            raise OccupiedOutputError(f"{path} exists and is not a folder")
+        if not file and renamed and os.path.ismount(path):
+            raise PermissionError(f"{path} is a mount point: bitcliff builds an output beside its final name and "
+                                  f"renames it into place, which cannot replace a mount point; give a folder inside "
+                                  f"it, e.g. {path / 'out'}")
+    ancestor = path.absolute() if not renamed and path.is_dir() else path.parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{path} cannot be created: {ancestor} is a file, not a folder")
+    try:  # a real write: access() does not see every read-only mount, and root passes it anyway
+        fd, probe = tempfile.mkstemp(prefix=".bitcliff-probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"{path} cannot be written: {ancestor} does not accept files "
+                              f"({exc.strerror or exc}); choose another output location") from None
 
 
 def check_replaceable(directory: str | os.PathLike, overwrite: bool) -> None:
@@ -227,8 +337,11 @@ def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], o
         os.replace(tmp, directory)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        converted = _as_os_error(exc, directory) if isinstance(exc, Exception) else exc
+        if converted is not exc:  # a writer's own error type for a full disk: say it as one
+            raise converted from exc
         raise
     return directory
 

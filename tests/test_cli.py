@@ -82,7 +82,7 @@ def test_an_edited_checkpoint_format_is_caught(tiny_folder, tmp_path, capsys):
     (["quantize", "--bits", "3", "--text-file", "no/such.txt", "--out", "x"], "--text-file no/such.txt: no such file"),
     (["quantize", "--bits", "3", "--model", "./no/such/folder", "--out", "x"], "the folder does not exist"),
     (["quantize", "--bits", "3", "--restart", "--out", "x"], "--restart discards a partial --streaming run"),
-    (["sweep", "--group-sizes", "0"], "--group-size: group_size must be -1"),
+    (["sweep", "--group-sizes", "0"], "--group-sizes: group_size must be -1"),
     (["diagnose", "--bits", "2", "--compare", "rtn:5:64", "--out", "x"], "--compare rtn:5:64: bits must be one of"),
     (["diagnose", "--bits", "2", "--compare", "awq:4:64", "--out", "x"], "--compare 'awq:4:64': expected"),
     (["diagnose", "--bits", "2", "--patch-examples", "9", "--out", "x"], "patch_examples (9) cannot exceed"),
@@ -132,21 +132,6 @@ def test_a_full_disk_says_nothing_was_left_behind(tiny_folder, tmp_path, capsys,
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     assert _quantize(tiny_folder, tmp_path / "q") == 1
     assert "no space left on device" in _error(capsys) and not any(tmp_path.iterdir())
-
-
-def test_ctrl_c_says_where_the_partial_run_is(tiny_folder, tmp_path, capsys, monkeypatch):
-    from bitcliff.quant import gptq_stream
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(gptq_stream, "quantize_gptq_streaming", interrupted)
-    code = main(["quantize", "--model", str(tiny_folder), "--method", "gptq", "--bits", "4", "--group-size", "32",
-                 "--text-file", _text(tiny_folder), "--seq-len", "32", "--calib-samples", "4", "--streaming",
-                 "--out", str(tmp_path / "q")])
-    assert code == 130
-    err = _error(capsys)
-    assert f"kept in {tmp_path / 'q.partial'}" in err and "run the same command again to resume" in err
 
 
 def test_help_shows_the_defaults():

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             args.device = device_from_args(args)
         return args.func(args)
     except KeyboardInterrupt:
-        hint = getattr(args, "interrupted_hint", None) or "nothing half-written was left behind (outputs are written atomically)"
+        hint = getattr(args, "interrupted_hint", None)  # a text, or a function that looks at what was kept
+        hint = (hint() if callable(hint) else hint) or "nothing half-written was left behind (outputs are written atomically)"
         print(f"\n{prefix}: interrupted; {hint}", file=sys.stderr)
         return 130
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:

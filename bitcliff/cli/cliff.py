@@ -10,8 +10,10 @@ from bitcliff.cli.common import (
     HelpFormatter,
     UsageError,
     add_device_arg,
+    check_location,
     check_model_arg,
     check_text_arg,
+    positive_int,
 )
 
 
@@ -28,16 +30,16 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--budget", type=float, default=0.25, help="repair budget, extra bits per quantized weight")
     p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki', 'canterbury' (embedded) or a UTF-8 file")
-    p.add_argument("--windows", type=int, default=16, help="evaluation windows (512 tokens)")
-    p.add_argument("--calib-samples", type=int, default=32,
+    p.add_argument("--windows", type=positive_int, default=16, help="evaluation windows (512 tokens)")
+    p.add_argument("--calib-samples", type=positive_int, default=32,
                    help="GPTQ calibration windows (half of `bitcliff quantize`'s default: as good on SmolLM2 W3, half the time)")
-    p.add_argument("--repair-calib", type=int, default=16,
+    p.add_argument("--repair-calib", type=positive_int, default=16,
                    help="repair calibration windows (32 gives slightly better repairs in 1.8x the time)")
-    p.add_argument("--diagnosis-examples", type=int, default=16, help="examples (256 tokens) for each diagnosis")
-    p.add_argument("--trace-examples", type=int, default=4, help="of those, examples traced layer by layer")
+    p.add_argument("--diagnosis-examples", type=positive_int, default=16, help="examples (256 tokens) for each diagnosis")
+    p.add_argument("--trace-examples", type=positive_int, default=4, help="of those, examples traced layer by layer")
     p.add_argument("--out", default="runs/cliff", help="the run folder")
     p.add_argument("--restart", action="store_true", help="discard the run folder's finished steps first")
-    p.add_argument("--workers", type=int, metavar="N",
+    p.add_argument("--workers", type=positive_int, metavar="N",
                    help="steps computed at once, each process on its share of the cores (default: 2 on a CPU "
                         "with 2 or more cores, 1 on a GPU); the numbers are the same")
     add_device_arg(p)
@@ -57,9 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"bitcliff cliff: {exc}") from None
     check_model_arg(args.model)
     check_text_arg(args.text_file)
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
+    check_location(out, "--out", renamed=False)
     args.interrupted_hint = f"the finished steps are kept in {out}; run the same command again to resume"
     start = time.perf_counter()
     summary = run_cliff(settings, out, restart=args.restart, device=args.device, workers=args.workers)

@@ -21,6 +21,37 @@ class UsageError(ValueError):
     """A command-line value that cannot work; the message names the flag."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (argparse names the flag in its refusal)."""
+    return _integer(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type of a count that may be 0."""
+    return _integer(text, 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a finite number above 0 (seconds, for example)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return value
+
+
+def _integer(text: str, least: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """``--help`` shows every default and keeps the descriptions' line breaks."""
 
@@ -29,7 +60,7 @@ def add_text_args(p: argparse.ArgumentParser, seq_len: int | None = 512) -> None
     p.add_argument("--text-file", default="wiki",
                    help="corpus: 'wiki' (the embedded Wikipedia sample), 'canterbury' (embedded books) or a path to a UTF-8 text file")
     if seq_len is not None:
-        p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
+        p.add_argument("--seq-len", type=positive_int, default=seq_len, help="tokens per window")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -67,11 +98,14 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     gptq.add_argument("--refit-rounds", type=int, default=1, metavar="R",
                       help="refit scales to the codes by least squares, re-solving R-1 more times")
     gptq.add_argument("--damp", type=float, default=0.01, help="dampening as a fraction of mean diag(H)")
-    gptq.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
+    gptq.add_argument("--calib-samples", type=positive_int, default=64, help="calibration windows")
 
 
-def config_from_args(args: argparse.Namespace, bits: int, group_size: int, method: str | None = None) -> QuantConfig:
-    """The :class:`QuantConfig` the arguments describe; a refused value names its flag."""
+def config_from_args(args: argparse.Namespace, bits: int, group_size: int, method: str | None = None,
+                     flags: dict[str, str] | None = None) -> QuantConfig:
+    """The :class:`QuantConfig` the arguments describe; a refused value names its flag
+    (``flags`` overrides :data:`FLAGS` for a command whose flag is named otherwise, such as
+    ``sweep --group-sizes``)."""
     paper = getattr(args, "paper", False)
     try:
         return QuantConfig(
@@ -89,7 +123,8 @@ def config_from_args(args: argparse.Namespace, bits: int, group_size: int, metho
         )
     except ValueError as exc:
         field = str(exc).split(" ", 1)[0]
-        raise UsageError(f"{FLAGS.get(field, field)}: {exc}") from None
+        names = {**FLAGS, **(flags or {})}
+        raise UsageError(f"{names.get(field, field)}: {exc}") from None
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -137,8 +172,21 @@ def without_option(argv: list[str], flag: str) -> list[str]:
     return out
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an occupied output folder before any work is done (see ``bitcliff.storage``)."""
+def check_out(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse, before any work is done, an output folder that is occupied or cannot be written
+    (see ``bitcliff.storage``)."""
     from bitcliff.storage import check_replaceable
 
+    check_location(out, flag)
     check_replaceable(out, overwrite)
+
+
+def check_location(path, flag: str, file: bool = False, renamed: bool = True) -> None:
+    """Refuse, before any work, an output path (folder, or ``file``) that could never be written;
+    the message names ``flag`` (``renamed``: see ``storage.check_writable_location``)."""
+    from bitcliff.storage import check_writable_location
+
+    try:
+        check_writable_location(path, file=file, renamed=renamed)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc}") from None

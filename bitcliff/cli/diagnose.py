@@ -17,6 +17,8 @@ from bitcliff.cli.common import (
     check_out,
     check_text_arg,
     config_from_args,
+    nonnegative_int,
+    positive_int,
 )
 from bitcliff.quant.convert import quantize_on_text
 
@@ -29,12 +31,12 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", type=int, help="instead of --quantized: quantize on the fly with this many bits")
     add_quant_args(p)
     p.add_argument("--text-file", default="wiki", help="corpus: 'wiki' (embedded) or a path to a UTF-8 text file")
-    p.add_argument("--seq-len", type=int, help="tokens per example (default 256; 128 with --fast)")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="GPTQ calibration window length")
-    p.add_argument("--examples", type=int, help="evaluation windows (default 64; 8 with --fast)")
-    p.add_argument("--trace-examples", type=int, help="examples for the signal trace and components (default 8)")
-    p.add_argument("--patch-examples", type=int, help="of those, examples also patched, 0 to skip (default 2)")
-    p.add_argument("--capture-examples", type=int, help="examples under the kernels' error capture (default 4)")
+    p.add_argument("--seq-len", type=positive_int, help="tokens per example (default 256; 128 with --fast)")
+    p.add_argument("--calib-seq-len", type=positive_int, default=512, help="GPTQ calibration window length")
+    p.add_argument("--examples", type=positive_int, help="evaluation windows (default 64; 8 with --fast)")
+    p.add_argument("--trace-examples", type=positive_int, help="examples for the signal trace and components (default 8)")
+    p.add_argument("--patch-examples", type=nonnegative_int, help="of those, examples also patched, 0 to skip (default 2)")
+    p.add_argument("--capture-examples", type=nonnegative_int, help="examples under the kernels' error capture (default 4)")
     p.add_argument("--compare", nargs="*", default=[], metavar="SPEC",
                    help="other quantizations for the per-example correlation: checkpoint folders or "
                         "METHOD:BITS:GROUP (e.g. rtn:3:64 gptq:4:64)")

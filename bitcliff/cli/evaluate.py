@@ -11,9 +11,11 @@ from bitcliff.cli.common import (
     add_device_arg,
     add_quant_args,
     add_text_args,
+    check_location,
     check_model_arg,
     check_text_arg,
     config_from_args,
+    positive_int,
 )
 from bitcliff.device import describe
 from bitcliff.eval import evaluate_text
@@ -24,7 +26,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a model or checkpoint (docs/architecture.md: evaluation protocol)",
                        formatter_class=HelpFormatter)
     p.add_argument("target", help="a checkpoint folder, default, gemma3-270m, a local HF folder or a hub id")
-    p.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    p.add_argument("--windows", type=positive_int, default=16, help="evaluation windows")
     add_text_args(p)
     p.add_argument("--json", help="write the result (ppl, per-window NLL, config) to this file")
     add_device_arg(p)
@@ -37,7 +39,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--group-sizes", type=int, nargs="+", default=[64])
     add_quant_args(p)
     add_text_args(p)
-    p.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    p.add_argument("--windows", type=positive_int, default=16, help="evaluation windows")
     p.add_argument("--out-dir", default="runs/sweep", help="where checkpoints and sweep.json go")
     add_device_arg(p)
     p.set_defaults(func=run_sweep)
@@ -50,6 +52,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     check_model_arg(args.target, flag="eval")
     check_text_arg(args.text_file)
+    if args.json:
+        check_location(args.json, "--json", file=True)
     model, tokenizer, path, quantized = load_any(args.target, device=args.device)
     result = evaluate_text(model, tokenizer, args.text_file, args.windows, args.seq_len)
     config = quant_config(model)
@@ -80,9 +84,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     from bitcliff.quant.checkpoint import load, save
     from bitcliff.storage import write_json
 
-    configs = [config_from_args(args, bits, group) for group in args.group_sizes for bits in args.bits]
+    configs = [config_from_args(args, bits, group, flags={"group_size": "--group-sizes"})
+               for group in args.group_sizes for bits in args.bits]
     check_model_arg(args.model)
     check_text_arg(args.text_file)
+    check_location(args.out_dir, "--out-dir", renamed=False)
     fp_model, tokenizer, path = load_fp_model(args.model, device=args.device)
     out_dir = Path(args.out_dir)
     rows = [{"setting": "fp32", "bits_per_weight": 32.0,

@@ -24,6 +24,8 @@ from bitcliff.cli.common import (
     check_out,
     check_text_arg,
     config_from_args,
+    positive_float,
+    positive_int,
     without_option,
 )
 from bitcliff.device import describe, peak_memory, reset_peak_memory
@@ -52,9 +54,9 @@ def add_parser(sub) -> None:
         "ranks", "GPTQ over several processes: the calibration batches are split among them, each module's\n"
         "Hessian is summed by one of them and every one solves a block of its rows.  Under torchrun\n"
         "the ranks come from its environment.")
-    ranks.add_argument("--nproc", type=int, default=1, metavar="N",
+    ranks.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                        help="start N processes on this machine (through torchrun), each with its share of the cores")
-    ranks.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+    ranks.add_argument("--rank-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                        help="how long a rank waits for another before giving up with an error that names it")
     p.set_defaults(func=run)
 
@@ -73,15 +75,11 @@ def run(args: argparse.Namespace) -> int:
     if args.restart and not args.streaming:
         raise UsageError("--restart discards a partial --streaming run; it has no meaning without --streaming")
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     if (args.nproc > 1 or under_torchrun) and config.method != "gptq":
         raise UsageError("several processes share GPTQ's calibration work; RTN needs none (drop --nproc / torchrun "
                          "or pass --method gptq)")
     if args.nproc > 1 and under_torchrun:
         raise UsageError("--nproc starts torchrun itself; under torchrun, drop --nproc")
-    if not args.rank_timeout > 0:
-        raise UsageError(f"--rank-timeout must be positive seconds, got {args.rank_timeout}")
     out = Path(args.out)
     check_out(out, args.overwrite)
     if args.nproc > 1:
@@ -135,15 +133,23 @@ def _quantize_streaming(args: argparse.Namespace, config, out: Path, ranks: Rank
 
     from bitcliff.assets import load_text, resolve_model
     from bitcliff.data import calibration_windows
-    from bitcliff.quant.gptq_stream import quantize_gptq_streaming
+    from bitcliff.quant.gptq_stream import layers_done, quantize_gptq_streaming
 
     path = resolve_model(args.model)
     if not Path(path).is_dir():
         raise UsageError(f"--streaming reads a local safetensors folder; {args.model!r} resolved to {path}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     calib = calibration_windows(tokenizer, load_text(args.text_file), config.calib_samples, args.seq_len)
-    args.interrupted_hint = (f"the finished layers are kept in {out.parent / (out.name + '.partial')}; run the same "
-                             "command again to resume from there (--restart discards them)")
+    work = out.parent / f"{out.name}.partial"
+
+    def interrupted_hint() -> str:  # asked at the interruption, from what the work folder holds then
+        done = layers_done(work)
+        if done:
+            return (f"the {done} finished layers are kept in {work}; run the same command again to resume from "
+                    "there (--restart discards them)")
+        return "no layer had finished, so there was nothing to keep"
+
+    args.interrupted_hint = interrupted_hint
     start = time.perf_counter()
     quantize_gptq_streaming(path, config, calib, out, overwrite=args.overwrite, resume=not args.restart,
                             checkpoint_format=args.checkpoint_format, ranks=ranks, device=device)

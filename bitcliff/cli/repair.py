@@ -13,6 +13,7 @@ from bitcliff.cli.common import (
     check_model_arg,
     check_out,
     check_text_arg,
+    positive_int,
 )
 
 DEFAULT_BUDGET = 0.25
@@ -31,11 +32,11 @@ def add_parser(sub) -> None:
     p.add_argument("--diagnosis", help="a diagnosis.json of this checkpoint to reuse (else it is diagnosed first)")
     p.add_argument("--methods", help=f"force these repairs, comma-separated: {','.join(method_names())} "
                                      "(default: chosen by the verdict)")
-    p.add_argument("--rank", type=int, help="one low-rank rank for every module (default: allocated by measured benefit)")
+    p.add_argument("--rank", type=positive_int, help="one low-rank rank for every module (default: allocated by measured benefit)")
     p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki', 'canterbury' (embedded) or a UTF-8 file")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    p.add_argument("--windows", type=int, default=16, help="evaluation windows for the before/after perplexity")
+    p.add_argument("--calib-samples", type=positive_int, default=64, help="calibration windows")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window")
+    p.add_argument("--windows", type=positive_int, default=16, help="evaluation windows for the before/after perplexity")
     p.add_argument("--out", required=True, help="output folder: the repaired checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder bitcliff wrote")
     add_device_arg(p)
@@ -69,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
         check_budget(args.budget)
     except PlanError as exc:
         raise UsageError(f"--budget {args.budget}: {exc}") from None
-    if args.rank is not None and args.rank < 1:
-        raise UsageError(f"--rank {args.rank}: must be at least 1")
     check_model_arg(args.model)
     check_text_arg(args.text_file)
     if not is_quantized_folder(args.quantized):
@@ -90,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     text = load_text(args.text_file)
 
     def show(diagnosis, plan):
-        print(f"{diagnosis['headline']}\nplan ({plan.budget:g} bits per weight):")
+        print(f"{diagnosis['headline']}\nplan ({plan.planned_bits / plan.weights:.4f} of a budget of {plan.budget:g} "
+              "bits per weight):")
         for reason in plan.reasons:
             print(f"  - {reason}")
 

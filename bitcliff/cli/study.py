@@ -17,8 +17,10 @@ from bitcliff.cli.common import (
     HelpFormatter,
     UsageError,
     add_device_arg,
+    check_location,
     check_model_arg,
     check_text_arg,
+    positive_int,
 )
 from bitcliff.kernels.pack import SUPPORTED_BITS, widths_text
 
@@ -33,12 +35,12 @@ def add_parser(sub) -> None:
     s.add_argument("--models", nargs="+", default=["default"])
     s.add_argument("--bits", type=int, nargs="+", default=list(SUPPORTED_BITS))
     s.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128, -1])
-    s.add_argument("--calib", type=int, nargs="+", default=[8, 16, 32, 64], help="GPTQ calibration windows")
+    s.add_argument("--calib", type=positive_int, nargs="+", default=[8, 16, 32, 64], help="GPTQ calibration windows")
     s.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
     s.add_argument("--full-gptq", action="store_true",
                    help="GPTQ at every (bits, group size, calib); default: the calibration axis at g64 only")
     s.add_argument("--text-file", default="wiki", help="evaluation and calibration text")
-    s.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    s.add_argument("--windows", type=positive_int, default=16, help="evaluation windows")
     s.add_argument("--strata", nargs="+", default=None, help="strata to measure (default: all)")
     s.add_argument("--out", required=True, help="sweep folder (created, or resumed)")
     add_device_arg(s)
@@ -56,7 +58,7 @@ def add_parser(sub) -> None:
     q.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
     q.add_argument("--bits", type=int, required=True)
     q.add_argument("--group-size", type=int, default=64, help="-1 for per-channel")
-    q.add_argument("--calib", type=int, help="GPTQ calibration windows")
+    q.add_argument("--calib", type=positive_int, help="GPTQ calibration windows")
     q.add_argument("--json", action="store_true", help="print JSON instead of text")
     q.set_defaults(func=run_predict)
 
@@ -70,6 +72,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         check_model_arg(model)
     check_text_arg(args.text_file)
     strata = check_strata(args.strata or STRATA)
+    check_location(args.out, "--out", renamed=False)
     if any(g != -1 and (g <= 0 or g % 16) for g in args.group_sizes):
         raise UsageError(f"--group-sizes {args.group_sizes}: each must be a positive multiple of 16, or -1")
     if any(b not in SUPPORTED_BITS for b in args.bits):

@@ -164,6 +164,14 @@ def _start_work(work: Path, settings: dict, resume: bool) -> dict:
     return state
 
 
+def layers_done(work: Path) -> int | None:
+    """How many layers the partial run in ``work`` has finished; None when there is no readable one."""
+    try:
+        return int(json.loads((work / PROGRESS_FILE).read_text())["layers_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _load_inputs(work: Path, layer: int, batch_size: int) -> list[torch.Tensor]:
     path = work / f"inputs-{layer:05d}.safetensors"
     if not path.is_file():
