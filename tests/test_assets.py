@@ -287,6 +287,52 @@ def test_unfinished_model_folder_is_replaced(empty_cache, monkeypatch):
     assert next(r for r in assets.describe_assets() if r["name"] == "smollm2-135m")["ready"]
 
 
+def _fake_prepare(monkeypatch, calls):
+    """Model preparation without the packages: a config and one small safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    def fake_convert(gguf, out):
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+        save_file({"w": torch.arange(64, dtype=torch.float32)}, str(out / "model.safetensors"))
+        return {"architecture": "Fake"}
+
+    monkeypatch.setattr(assets, "_assemble_gguf", lambda asset, work: work / "x.gguf")
+    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+
+
+def test_a_damaged_cached_model_is_prepared_again(empty_cache, monkeypatch, caplog):
+    calls = []
+    _fake_prepare(monkeypatch, calls)
+    folder = Path(assets.resolve_model("default"))
+    weights = folder / "model.safetensors"
+    assert len(calls) == 1 and assets.resolve_model("default") == str(folder) and len(calls) == 1  # reused
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-40])  # cut short, as by a full disk or an interrupted copy
+    assert not next(r for r in assets.describe_assets() if r["name"] == "smollm2-135m")["ready"]
+    assert "is damaged (model.safetensors differs" in caplog.text
+    assert assets.resolve_model("default") == str(folder) and len(calls) == 2
+    assert weights.read_bytes() == whole
+    flipped = bytearray(whole)
+    flipped[-1] ^= 1  # same size, other bytes
+    weights.write_bytes(bytes(flipped))
+    assert assets.resolve_model("default") == str(folder) and len(calls) == 3
+
+
+def test_a_cached_model_prepared_before_files_were_recorded_is_held_to_its_headers(empty_cache, monkeypatch):
+    calls = []
+    _fake_prepare(monkeypatch, calls)
+    folder = Path(assets.resolve_model("default"))
+    marker = json.loads((folder / assets.MARKER).read_text())
+    del marker["files"]
+    (folder / assets.MARKER).write_text(json.dumps(marker))
+    assert assets.resolve_model("default") == str(folder) and len(calls) == 1  # whole: kept
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    assert assets.resolve_model("default") == str(folder) and len(calls) == 2
+
+
 def test_unreachable_registry_gives_a_clear_error(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("BITCLIFF_CACHE", str(cache))

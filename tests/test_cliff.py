@@ -92,9 +92,26 @@ def test_one_worker_gives_the_numbers_of_two(run, tiny_folder, tmp_path):
 
     def numbers(folder):
         summary = json.loads((folder / "cliff.json").read_text())
-        strip = lambda step: {k: v for k, v in step.items() if k not in ("seconds", "peak_gpu_gib")}  # noqa: E731
+        strip = lambda step: {k: v for k, v in step.items() if k not in ("seconds", "peak_gpu_gib", "outputs")}  # noqa: E731
         return [{k: strip(w[k]) for k in ("rtn", "gptq", "diagnosis", "repair")} for w in summary["widths"]]
 
     first = json.loads((run.parent / "first-cliff.json").read_text())
     assert first["workers"] == (2 if usable_cores() >= 2 else 1)
     assert numbers(tmp_path / "one") == numbers(run)
+
+
+def test_a_step_whose_folder_was_deleted_or_changed_is_computed_again(run, tiny_folder, capsys):
+    state = json.loads((run / "state.json").read_text())["steps"]
+    checkpoint = run / state["gptq-w3"]["checkpoint"]
+    shutil.rmtree(checkpoint)
+    report = run / state["diagnosis-w4"]["report"]
+    report.write_text(report.read_text() + "<!-- edited -->")
+    assert main(_argv(tiny_folder, run)) == 0
+    err = capsys.readouterr().err
+    # what was computed from them too: the W3 diagnosis and repair, the continuations
+    assert ("computing again continuations, diagnosis-w3, diagnosis-w4, gptq-w3, repair-w3, repair-w4: "
+            "a folder they wrote or read was deleted or changed") in err
+    assert (checkpoint / "config.json").is_file()
+    again = json.loads((run / "state.json").read_text())["steps"]
+    assert again["gptq-w3"]["ppl"] == state["gptq-w3"]["ppl"]
+    assert again["rtn-w3"] == state["rtn-w3"]  # untouched steps are kept as they were

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,12 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from bitcliff import numerics
-from bitcliff.cliff.schedule import run_steps, usable_cores, worker_count
+from bitcliff.cliff.schedule import Step, run_steps, usable_cores, worker_count
 from bitcliff.cliff.steps import (
     Job,
     compute,
     compute_in_worker,
     job_steps,
+    outputs_intact,
     start_worker,
 )
 from bitcliff.device import describe, resolve_device
@@ -144,6 +146,33 @@ class StepStore:
     def save(self) -> None:
         write_json(self.folder / STATE_FILE, {"settings": self.settings, "steps": self.steps})
 
+    def drop_stale(self, steps: list[Step], progress: bool = True) -> list[str]:
+        """Forget every finished step whose folder is gone or changed since it was written, with
+        every step computed from it (and the continuations, which read every checkpoint); returns
+        their names.  A run folder written before steps recorded their folders' digests holds
+        none, so its steps are judged by their folders' presence."""
+        stale = set()
+        for name, result in self.steps.items():
+            named = [result[key].split("/")[0] for key in ("checkpoint", "report") if isinstance(result.get(key), str)]
+            if not outputs_intact(self.folder, result) or any(not (self.folder / f).is_dir() for f in named):
+                stale.add(name)
+        if not stale:
+            return []
+        needs = {s.name: set(s.needs) for s in steps}
+        changed = True
+        while changed:  # and whatever was computed from a stale step
+            dependents = {n for n, wants in needs.items() if wants & stale and n not in stale}
+            changed = bool(dependents)
+            stale |= dependents
+        stale = sorted((stale | {"continuations"}) & set(self.steps))
+        if progress:
+            print(f"computing again {', '.join(stale)}: a folder they wrote or read was deleted or changed "
+                  f"in {self.folder}", file=sys.stderr)
+        for name in stale:
+            del self.steps[name]
+        self.save()
+        return stale
+
 
 def _remove_run(folder: Path) -> None:
     """Delete a previous cliff run: only files bitcliff wrote (its state, and folders with manifests)."""
@@ -181,6 +210,7 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
         identity["compute"] = f"{device.type} {dtype}"
     store = StepStore.open(Path(out), identity, restart)
     middle = job_steps(settings.bits)
+    store.drop_stale(middle, progress)
     bar = tqdm(total=len(middle) + 3, desc="cliff", unit="step", disable=not progress)
     bar.update(sum(name in store.steps for name in ["fp", *(s.name for s in middle)]))
     done = dict(store.steps)

@@ -25,6 +25,7 @@ import torch
 
 from bitcliff.cliff.schedule import Step
 from bitcliff.device import peak_memory, reset_peak_memory
+from bitcliff.storage import folder_digest
 
 PROMPT = "The history of the printing press began in"
 NEW_TOKENS = 24
@@ -75,6 +76,17 @@ class Job:
         return {"ppl": result["ppl"], "mean_nll": result["mean_nll"]}
 
 
+#: The folder each kind of step writes (``Job.folder``'s ``kind``); its digest is kept with the
+#: step's result, so that a resumed run computes again a step whose folder was deleted or changed.
+STEP_FOLDERS = {"gptq": "", "diagnosis": "diagnosis", "repair": "repaired"}
+
+
+def outputs_intact(out: Path, result: dict) -> bool:
+    """Whether the folders a finished step wrote are still in ``out`` as it wrote them."""
+    return all((out / name).is_dir() and folder_digest(out / name) == digest
+               for name, digest in result.get("outputs", {}).items())
+
+
 def job_steps(bits: tuple[int, ...]) -> list[Step]:
     """The steps after ``fp`` and before ``continuations``, in the order one process runs them."""
     steps = []
@@ -95,6 +107,9 @@ def compute(job: Job, name: str, done: dict[str, dict]) -> dict:
     start = time.perf_counter()
     result = work(job, int(width), done) if width else work(job, done)
     result["seconds"] = round(time.perf_counter() - start, 1)
+    if kind in STEP_FOLDERS and job.folder(int(width), STEP_FOLDERS[kind]).is_dir():
+        folder = job.folder(int(width), STEP_FOLDERS[kind])
+        result["outputs"] = {folder.name: folder_digest(folder)}
     peak = peak_memory(job.device)
     if peak is not None:
         result["peak_gpu_gib"] = round(peak / 2**30, 2)
