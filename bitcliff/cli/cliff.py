@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
                                  calib_samples=args.calib_samples, repair_calib=args.repair_calib,
                                  diagnosis_examples=args.diagnosis_examples, trace_examples=args.trace_examples)
     except ValueError as exc:
-        raise UsageError(f"bitcliff cliff: {exc}") from None
+        field = str(exc).split(" ", 1)[0]  # the settings' messages start with the field they refuse
+        raise UsageError(f"--{field.replace('_', '-')}: {exc}") from None
     check_model_arg(args.model)
     check_text_arg(args.text_file)
     out = Path(args.out)
