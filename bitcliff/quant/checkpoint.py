@@ -49,6 +49,7 @@ from bitcliff.quant.adapter import adapter_tensors, has_adapter, load_adapter
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.dynamic import dynamic_entries, dynamic_override, module_overrides
 from bitcliff.quant.gptq_model import gptq_log, write_gptq_log
+from bitcliff.quant.outliers import OUTLIERS_FILE, SparseOutliers
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import attach_config, quant_config, set_submodule
 from bitcliff.storage import MANIFEST, replace_folder, save_tensors, write_json
@@ -254,7 +255,9 @@ def save(
             repair's record).
     Modules stored unlike the config (restored to other bits or full precision) are listed in
     ``quantization_config["dynamic"]``; low-rank terms go beside the weights as a PEFT LoRA
-    adapter (:mod:`bitcliff.quant.adapter`).
+    adapter (:mod:`bitcliff.quant.adapter`), sparse outliers in ``outliers.safetensors``
+    (:mod:`bitcliff.quant.outliers`; readers of GPTQ checkpoints that do not know it load the
+    model without them).
     Returns:
         The checkpoint folder; a model quantized by GPTQ in memory also gets its per-module log,
         ``gptq_log.json``.
@@ -271,6 +274,7 @@ def save(
                              dynamic_entries(module_overrides(model, config)))
     entries = gptq_log(model)
     lora_config, lora_tensors = adapter_tensors(model)
+    sparse = outlier_tensors(model)
 
     def fill(tmp: Path) -> None:
         save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
@@ -280,6 +284,8 @@ def save(
         if lora_config:
             write_json(tmp / ADAPTER_CONFIG, lora_config, sort_keys=True)
             save_tensors(lora_tensors, tmp / ADAPTER_WEIGHTS)
+        if sparse:
+            save_tensors(sparse, tmp / OUTLIERS_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
@@ -397,7 +403,7 @@ def check_files_present(directory: Path) -> None:
         listed = json.loads((directory / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # not written by bitcliff (a peer's checkpoint): nothing to hold it to
-    needed = [f for f in listed if "/" not in f and (f in ("config.json", ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+    needed = [f for f in listed if "/" not in f and (f in ("config.json", ADAPTER_CONFIG, ADAPTER_WEIGHTS, OUTLIERS_FILE)
                                                     or f.endswith(_MODEL_FILE_SUFFIXES))]
     missing = [f for f in needed if not (directory / f).is_file()]
     if missing:
@@ -541,7 +547,39 @@ def load(
             module.set_bias(module.bias.to(dtype))
     if has_adapter(directory):
         load_adapter(model, directory)
+    if (directory / OUTLIERS_FILE).is_file():
+        load_outliers(model, directory / OUTLIERS_FILE)
     return model.to(device).eval()
+
+
+def outlier_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The sparse outliers of every ``QuantLinear`` that has some, as ``outliers.safetensors`` holds them."""
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and module.outliers() is not None:
+            tensors.update({k: v.cpu() for k, v in module.outliers().tensors(name).items()})
+    return tensors
+
+
+def load_outliers(model: nn.Module, path: Path) -> int:
+    """Attach the sparse outliers in ``path`` to ``model``'s ``QuantLinear`` s; returns how many.
+
+    Raises:
+        CheckpointError: an unreadable file, a module the model lacks or that is not quantized,
+            or corrections that do not fit their layer (a sparse file of another checkpoint).
+    """
+    tensors = read_tensors([path])
+    modules = dict(model.named_modules())
+    names = sorted({key.rpartition(".")[0] for key in tensors})
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, QuantLinear):
+            raise CheckpointError(f"{path}: it has outliers for {name}, which is not a quantized linear of the model")
+        try:
+            module.set_outliers(SparseOutliers.from_tensors(tensors, name, (module.out_features, module.in_features)))
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: the outliers of {name} do not fit the checkpoint ({exc})") from None
+    return len(names)
 
 
 def load_tokenizer(directory: str | os.PathLike):

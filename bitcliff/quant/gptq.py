@@ -35,6 +35,7 @@ import torch
 from bitcliff.kernels.pack import default_g_idx, num_groups
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.grid import fit_grid, quantize_codes
+from bitcliff.quant.outliers import SparseOutliers
 from bitcliff.quant.qweight import QuantizedWeight
 from bitcliff.quant.refit import refit_scales
 from bitcliff.quant.rtn import check_finite, quantize_rtn
@@ -59,6 +60,10 @@ class GPTQResult:
         refit_rows: with ``config.refit_rounds``, bool ``[N]``: the rows the refit rounds changed
             (``loss`` is the objective of the solve each row was taken from, before its
             refit); else None.
+        outliers: with ``outliers`` asked of :func:`gptq_quantize`, the exact corrections of the
+            weights extracted during the solve; else None.
+        scores: float32 ``[N, K]`` scaled rounding errors ``|w − q| / [H⁻¹]_jj`` of a solve asked
+            to keep them (each one's square is its share of ``2 · loss``); else None.
     """
 
     qweight: QuantizedWeight
@@ -67,6 +72,8 @@ class GPTQResult:
     damp_percent: float | None
     fallback: str | None = None
     refit_rows: torch.Tensor | None = None
+    outliers: SparseOutliers | None = None
+    scores: torch.Tensor | None = None
 
 
 class _NotPositiveDefinite(Exception):
@@ -148,6 +155,7 @@ def gptq_quantize(
     hessian: torch.Tensor,
     config: QuantConfig,
     name: str = "<weight>",
+    outliers: int = 0,
 ) -> GPTQResult:
     """Quantize ``weight`` by GPTQ against ``hessian``.
 
@@ -158,6 +166,8 @@ def gptq_quantize(
         config: bits, group size, sym, mse, damp_percent, act_order, static_groups,
             refit_rounds.
         name: layer name for log messages and warnings.
+        outliers: how many weights to keep exact (SpQR's extraction inside the solve, see
+            :func:`_extract_outliers`); 0 for none.
     Returns:
         A :class:`GPTQResult`.  Input channels whose Hessian diagonal is 0 (never active in the
         calibration data) are quantized as 0.  With ``act_order`` columns are processed by
@@ -184,7 +194,9 @@ def gptq_quantize(
             return _rtn_fallback(weight, config, name, "the Hessian holds NaN/Inf values")
         try:
             problem = _Problem.prepare(weight, hessian, config, name)
-            result = _solve(problem, config, grid=None)
+            result = _solve(problem, config, grid=None, keep_scores=outliers > 0)
+            if outliers > 0:
+                return _extract_outliers(weight, hessian, problem, config, result, outliers)
         except _NotPositiveDefinite as exc:
             return _rtn_fallback(weight, config, name, str(exc))
         except _NonFinite:
@@ -192,6 +204,33 @@ def gptq_quantize(
         if config.refit_rounds == 0:
             return result
         return _refit_rounds(weight, hessian, problem, config, result)
+
+
+def _extract_outliers(weight: torch.Tensor, hessian: torch.Tensor, problem: "_Problem", config: QuantConfig,
+                      plain: GPTQResult, budget: int) -> GPTQResult:
+    """Solve again, keeping exact every weight whose scaled rounding error ``|w − q| / [H⁻¹]_jj``
+    (its share of GPTQ's objective) passes the ``budget``-th largest of the plain solve, until
+    ``budget`` are kept: their error is not spread over later columns, so the others absorb
+    less (SpQR's order, inside the solve; restoring weights after a solve undoes the
+    compensation GPTQ gave the weights around them).  With ``refit_rounds`` the scales are
+    refitted once to the codes, the kept weights aside; their corrections ``w − dequant(q)`` are
+    taken last, so they stay exact up to fp16."""
+    scores = plain.scores
+    budget = min(budget, scores.numel())
+    # the budget-th largest score, a hair lower so that it is taken itself (the scores are
+    # compared as |w − q| against threshold · [H⁻¹]_jj, rounded another way)
+    threshold = float(torch.topk(scores.flatten(), budget).values[-1]) * (1 - 1e-6)
+    result = _solve(problem, config, grid=None, extract=(threshold, budget))
+    rows, cols = result.outlier_rows, result.outlier_cols
+    qweight, refit_rows = result.qweight, None
+    w = weight.float()
+    if config.refit_rounds > 0:
+        kept = torch.zeros_like(w)
+        kept[rows, cols] = w[rows, cols] - qweight.dequantize()[rows, cols]
+        qweight, refit_rows = refit_scales(w - kept, hessian, qweight)
+    corrections = w[rows, cols] - qweight.dequantize()[rows, cols]
+    sparse = SparseOutliers.from_entries(rows, cols, corrections, tuple(w.shape))
+    return GPTQResult(qweight, result.loss, result.row_loss, result.damp_percent, None, refit_rows, sparse)
 
 
 def _refit_rounds(
@@ -284,12 +323,16 @@ class _Problem:
         return cls(w.t().contiguous(), hinv, perm, damp, n_rows, k)
 
 
-def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None) -> GPTQResult:
+def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None,
+           extract: tuple[float, int] | None = None, keep_scores: bool = False) -> GPTQResult:
     """One pass of the column loop.
 
     ``grid``: None to fit grids as configured (when the solve reaches each group, or before it
     with ``static_groups``); or a previous result whose scales, zeros and ``g_idx`` are used
-    as they are (a refit round).
+    as they are (a refit round).  ``extract``: ``(threshold, budget)``: keep exact (rounding
+    error 0, nothing spread) the weights whose scaled error passes ``threshold``, at most
+    ``budget`` of them; the result then carries ``outlier_rows`` / ``outlier_cols`` (int64,
+    original columns).  ``keep_scores``: the result carries ``scores``.
     """
     n_rows, k, perm = problem.n_rows, problem.k, problem.perm
     wt = problem.wt.clone()
@@ -319,6 +362,8 @@ def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None)
     row_loss = torch.zeros(n_rows, device=dev)
     block = _block_size(config, dynamic)
     s = z = None
+    scores = torch.empty(k, n_rows, device=dev) if keep_scores else None
+    kept_rows, kept_cols, taken = [], [], 0
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = wt[i1:i2]  # a view: updates land in wt directly
@@ -346,12 +391,22 @@ def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None)
             # s * (q - z) is exact in float32 (an fp16 scale times a small integer), so this is
             # the column minus exactly the weight that is stored.
             residual = torch.addcmul(col, s, q - z, value=-1.0)
+            if extract is not None and taken < extract[1]:
+                over = (residual.abs() > extract[0] * diag1[i]).nonzero().flatten()[: extract[1] - taken]
+                if over.numel():  # kept exact: a correction stores the residual (up to fp16)
+                    exact = residual[over]
+                    residual[over] = exact - exact.half().float()
+                    kept_rows.append(over)
+                    kept_cols.append(torch.full_like(over, j))
+                    taken += over.numel()
             if i + 1 < i2 - i1:
                 w1[i + 1 :].addr_(steps[i][i + 1 :], residual, alpha=-1.0)
             qs.append(q)
             residuals.append(residual)
         codes[i1:i2] = torch.stack(qs)
         err1 = torch.stack(residuals) / diag1[:, None]
+        if scores is not None:
+            scores[i1:i2] = err1.abs()
         row_loss += err1.square().sum(dim=0) / 2
         wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
 
@@ -366,6 +421,7 @@ def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None)
             g_idx[perm] = column_group.to(torch.int32)
     if perm is not None:
         codes = codes[torch.argsort(perm)]
+        scores = scores[torch.argsort(perm)] if scores is not None else None
     qweight = QuantizedWeight(
         codes=codes.to(torch.int32),
         scales=scales.half(),
@@ -373,7 +429,14 @@ def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None)
         g_idx=g_idx,
         bits=config.bits,
     )
-    return GPTQResult(qweight, float(row_loss.sum()), row_loss, problem.damp)
+    result = GPTQResult(qweight, float(row_loss.sum()), row_loss, problem.damp,
+                        scores=scores.t() if scores is not None else None)
+    if extract is not None:
+        empty = torch.empty(0, dtype=torch.long, device=dev)
+        result.outlier_rows = torch.cat(kept_rows) if kept_rows else empty
+        cols = torch.cat(kept_cols) if kept_cols else empty
+        result.outlier_cols = original[cols] if perm is not None else cols
+    return result
 
 
 def _rtn_fallback(weight: torch.Tensor, config: QuantConfig, name: str, reason: str) -> GPTQResult:

@@ -10,7 +10,10 @@ from bitcliff.kernels import ops as kernel_ops
 from bitcliff.kernels.layout import KernelLayout, from_gptq
 from bitcliff.kernels.pack import SUPPORTED_BITS, packed_length
 from bitcliff.kernels.reference import dequantize
+from bitcliff.quant.outliers import SparseOutliers
 from bitcliff.quant.qweight import QuantizedWeight
+
+_OUTLIER_BUFFERS = ("outlier_crow", "outlier_col", "outlier_values")
 
 
 class QuantLinear(nn.Module):
@@ -25,6 +28,9 @@ class QuantLinear(nn.Module):
         lora_A, lora_B: optional low-rank error compensation, fp16 ``[r, K]`` and ``[N, r]``
             (``bitcliff.repairs.lowrank``): the forward adds ``(x @ lora_Aᵀ) @ lora_Bᵀ``.  Stored
             beside a checkpoint as a PEFT LoRA adapter, not among its tensors.
+        outlier_crow, outlier_col, outlier_values: optional sparse exact corrections of a few
+            weights (``bitcliff.quant.outliers``, CSR ``[N, K]``): the forward adds ``x @ Sᵀ``.
+            Stored beside a checkpoint in ``outliers.safetensors``.
 
     The forward accepts ``[..., K]`` fp16/bf16/fp32 activations and returns ``[..., N]`` in the
     activation dtype, through :func:`bitcliff.kernels.ops.run` on the layout for the input's
@@ -77,6 +83,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self.lora_A: torch.Tensor | None = None
         self.lora_B: torch.Tensor | None = None
+        self.outlier_crow = self.outlier_col = self.outlier_values = None  # see set_outliers
         self.capture = None
         self._layout: KernelLayout | cpu.CpuLayout | None = None
         self._layout_key: tuple | None = None
@@ -161,6 +168,31 @@ class QuantLinear(nn.Module):
         self.register_buffer("lora_A", a.detach().to(torch.float16).contiguous())
         self.register_buffer("lora_B", b.detach().to(torch.float16).contiguous())
 
+    def set_outliers(self, outliers: SparseOutliers | None) -> None:
+        """Set the sparse exact corrections (``outliers`` of this layer's ``[N, K]`` shape), or
+        remove them with ``None``.  Raises ``ValueError`` naming the layer on a shape mismatch."""
+        for key in _OUTLIER_BUFFERS:
+            self._buffers.pop(key, None)
+            self.__dict__.pop(key, None)
+        if outliers is None:
+            for key in _OUTLIER_BUFFERS:
+                setattr(self, key, None)
+            return
+        if tuple(outliers.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{self.name}: sparse outliers of shape {tuple(outliers.shape)} do not fit a "
+                             f"[{self.out_features}, {self.in_features}] layer")
+        device = self.qweight.device
+        self.register_buffer("outlier_crow", outliers.crow.to(device))
+        self.register_buffer("outlier_col", outliers.col.to(device))
+        self.register_buffer("outlier_values", outliers.values.to(device, torch.float16))
+
+    def outliers(self) -> SparseOutliers | None:
+        """The sparse exact corrections, or None."""
+        if self.outlier_values is None:
+            return None
+        return SparseOutliers(self.outlier_crow, self.outlier_col, self.outlier_values,
+                              (self.out_features, self.in_features))
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense ``[N, K]`` quantized weight in ``dtype`` (without a low-rank term)."""
         return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
@@ -170,6 +202,8 @@ class QuantLinear(nn.Module):
         weight = self.dequantize(torch.float32)
         if self.lora_A is not None:
             weight = weight + self.lora_B.float() @ self.lora_A.float()
+        if self.outlier_values is not None:
+            weight = weight + self.outliers().dense()
         return weight.to(dtype)
 
     def _buffers_key(self) -> tuple:
@@ -210,11 +244,24 @@ class QuantLinear(nn.Module):
         if self.lora_A is not None:
             # fp32 for the two thin products: the term corrects errors far below fp16 resolution of y
             y = y + ((x.float() @ self.lora_A.float().t()) @ self.lora_B.float().t()).to(y.dtype)
+        if self.outlier_values is not None:  # S @ xᵀ, CSR times dense: torch.sparse on CPU and CUDA
+            rows = x.reshape(-1, self.in_features).float()
+            y = y + (self._sparse_outliers() @ rows.t()).t().reshape(y.shape).to(y.dtype)
         return y
+
+    def _sparse_outliers(self) -> torch.Tensor:
+        """The fp32 CSR tensor of the outliers, built once per set of buffers (checked then)."""
+        key = tuple((t.device, t.data_ptr(), t._version) for t in
+                    (self.outlier_crow, self.outlier_col, self.outlier_values))
+        if getattr(self, "_sparse_key", None) != key:
+            self._sparse = self.outliers().sparse(torch.float32)
+            self._sparse_key = key
+        return self._sparse
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
             + (f", rank={self.rank}" if self.rank else "")
+            + (f", outliers={self.outlier_values.numel()}" if self.outlier_values is not None else "")
         )

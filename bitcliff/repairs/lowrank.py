@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from bitcliff.layers import component_of
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.repairs.budget import FP16_BITS
 from bitcliff.repairs.registry import GroupRepair, PlanContext, Planned, Repair
@@ -160,33 +159,23 @@ class LowRankCompensation(Repair):
 
     name, kind, order, plan_order = "lowrank", "compensation", 20, 10
 
-    def _modules(self, ctx: PlanContext):
-        replaced = ctx.replaced()
-        for name, m in ctx.modules.items():
-            component = component_of(name, ctx.prefix)
-            if component is not None and name not in replaced:
-                yield name, component[0], m
-
     def plan(self, ctx: PlanContext, available: float) -> Planned | None:
         rank = ctx.options.get("rank")
         max_rank = rank or ctx.options.get("max_rank", MAX_RANK)
         if available <= 0:
             return None
-        layer_weights: dict[int, int] = {}
+        layer_weights, share = ctx.error_shares()
+        local = ctx.diagnosis["signal"]["local_update_error"]
         layer_cheapest: dict[int, int] = {}
-        for _, layer, m in self._modules(ctx):
-            layer_weights[layer] = layer_weights.get(layer, 0) + m["in"] * m["out"]
+        layer_cap = {layer: 0 for layer in layer_weights}  # every module at max_rank: the most a layer can store
+        for _, layer, m in ctx.compensable():
             cheapest = lowrank_bits(rank or RANK_STEP, m["in"], m["out"])
             layer_cheapest[layer] = min(layer_cheapest.get(layer, cheapest), cheapest)
-        local = ctx.diagnosis["signal"]["local_update_error"]
-        share = {layer: w * max(float(local[layer] or 0.0), 1e-6) for layer, w in layer_weights.items()}
-        layer_cap = {layer: 0 for layer in layer_weights}  # every module at max_rank: the most a layer can store
-        for _, layer, m in self._modules(ctx):
             layer_cap[layer] += lowrank_bits(max_rank, m["in"], m["out"])
         layer_bits = _fill(available, share, layer_cap)
         if rank is not None:  # a fixed rank: every module gets it where the budget allows
             fixed = {layer: 0 for layer in layer_weights}
-            for _, layer, m in self._modules(ctx):
+            for _, layer, m in ctx.compensable():
                 fixed[layer] += lowrank_bits(rank, m["in"], m["out"])
             if sum(fixed.values()) <= available:
                 layer_bits = fixed

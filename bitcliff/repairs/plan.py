@@ -136,7 +136,8 @@ def _structural_share(label: str, methods: tuple[str, ...], forced: bool) -> flo
     return 1.0 if "compensation" not in kinds else 0.5
 
 
-def plan_repair(report, budget: float, methods=None, rank: int | None = None, max_rank: int | None = None) -> RepairPlan:
+def plan_repair(report, budget: float, methods=None, rank: int | None = None, max_rank: int | None = None,
+                outlier_share: float = 1.0) -> RepairPlan:
     """A repair plan from a diagnosis (``DiagnosisReport`` or its ``to_dict()``).
 
     Args:
@@ -147,6 +148,8 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         rank: a fixed low-rank rank for every module instead of the measured allocation.
         max_rank: the largest rank of one module (default ``lowrank.MAX_RANK``, below the smallest
             layer width).
+        outlier_share: when both sparse outliers and low-rank compensation are planned, the share
+            of the compensation budget the outliers get first (the rest goes to low rank).
     Raises:
         PlanError: a negative, NaN or too small budget (the message says what the cheapest
             repair would cost), unknown methods, a bad rank, a diagnosis without module list.
@@ -172,6 +175,8 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         max_rank = min(MAX_RANK, smallest - 1)
     if not 1 <= max_rank < smallest:
         raise PlanError(f"max_rank must lie in [1, {smallest}), got {max_rank}")
+    if not (isinstance(outlier_share, (int, float)) and 0 <= outlier_share <= 1):
+        raise PlanError(f"outlier_share must lie in [0, 1], got {outlier_share!r}")
     prefix = _layer_prefix(modules)
     weights = sum(m["in"] * m["out"] for m in modules.values())
     total = budget * weights
@@ -181,7 +186,7 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         return plan
 
     ctx = PlanContext(diagnosis=data, modules=modules, prefix=prefix, weights=weights, label=label,
-                      options={"rank": rank, "max_rank": max_rank})
+                      options={"rank": rank, "max_rank": max_rank, "outlier_share": outlier_share})
     structural = _structural_share(label, methods, forced)
     # Free repairs first, then structure (its share, first served), then compensation with the rest.
     order = sorted((registry[m] for m in methods), key=lambda r: (("free", "structure", "compensation").index(r.kind),

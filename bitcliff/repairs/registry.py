@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from bitcliff.layers import component_of
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.statistics import HessianAccumulator
@@ -60,6 +61,25 @@ class PlanContext:
         """Modules the repairs planned so far replace whole (others leave them alone)."""
         return {name for repair_name, step in self.steps.items() for name in repairs()[repair_name].replaces(step)}
 
+    def compensable(self):
+        """``(name, layer, module)`` of every module in a decoder layer's component that no repair
+        planned so far replaces: what compensation may correct."""
+        replaced = self.replaced()
+        for name, m in self.modules.items():
+            component = component_of(name, self.prefix)
+            if component is not None and name not in replaced:
+                yield name, component[0], m
+
+    def error_shares(self) -> tuple[dict[int, int], dict[int, float]]:
+        """Per decoder layer, its compensable weights, and its share of a compensation budget:
+        the error it adds (the diagnosis's local error relative to its update) times its weights."""
+        layer_weights: dict[int, int] = {}
+        for _, layer, m in self.compensable():
+            layer_weights[layer] = layer_weights.get(layer, 0) + m["in"] * m["out"]
+        local = self.diagnosis["signal"]["local_update_error"]
+        share = {layer: w * max(float(local[layer] or 0.0), 1e-6) for layer, w in layer_weights.items()}
+        return layer_weights, share
+
 
 @dataclass
 class Planned:
@@ -80,6 +100,7 @@ class ModuleRepair:
         layer: decoder layer index.
         restored_bits: bits it was re-quantized to (16: full precision), or None.
         rank: rank of its low-rank factors (0: none).
+        outliers: weights kept exact by sparse corrections (0: none).
         bias: whether its bias was corrected.
         error_before, error_after: its output error ``E‖y_fp − y_q‖²`` on the repaired model's
             inputs (summed over outputs, mean over tokens) before and after the repairs.
@@ -90,6 +111,7 @@ class ModuleRepair:
     layer: int
     restored_bits: int | None = None
     rank: int = 0
+    outliers: int = 0
     bias: bool = False
     error_before: float = 0.0
     error_after: float = 0.0

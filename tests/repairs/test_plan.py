@@ -47,9 +47,24 @@ def test_degradation_compensates_and_restores_nothing():
     data = _diagnosis("degradation", [0.8] * 6, local_error=[0.1, 0.1, 0.1, 0.4, 0.1, 0.1])
     plan = plan_repair(data, budget=1.0)
     assert plan.restore == {} and plan.norm and plan.bias_families == ()  # bias only when forced
+    assert plan.methods == ("norm", "outliers")  # the whole compensation budget: outliers measured best
+    outliers = {int(k): v for k, v in plan.steps["outliers"]["layer_bits"].items()}
+    assert max(outliers, key=outliers.get) == 3  # where the error is added
+    assert plan.planned_bits == pytest.approx(plan.weights)
+    plan = plan_repair(data, budget=1.0, methods=["norm", "lowrank"])
     assert plan.methods == ("norm", "lowrank")
-    assert max(plan.lowrank_bits, key=plan.lowrank_bits.get) == 3  # where the error is added
-    assert sum(plan.lowrank_bits.values()) + plan.planned_bits - sum(plan.lowrank_bits.values()) <= plan.weights
+    assert max(plan.lowrank_bits, key=plan.lowrank_bits.get) == 3
+    assert plan.planned_bits <= plan.weights
+
+
+def test_an_outlier_share_splits_compensation_with_low_rank():
+    data = _diagnosis("degradation", [0.8] * 6)
+    plan = plan_repair(data, budget=1.0, methods=["outliers", "lowrank"], outlier_share=0.25)
+    outliers = sum(plan.steps["outliers"]["layer_bits"].values())
+    assert outliers == pytest.approx(0.25 * plan.weights)
+    assert sum(plan.lowrank_bits.values()) == pytest.approx(0.75 * plan.weights)
+    with pytest.raises(PlanError, match="outlier_share must lie in"):
+        plan_repair(data, budget=1.0, outlier_share=1.5)
 
 
 def test_restoration_spends_no_more_than_the_budget_and_as_much_as_fits():
@@ -100,12 +115,12 @@ def test_a_budget_beyond_what_lowrank_can_store_is_planned_as_it_will_be_spent()
     # Every module K = N = 64: max rank 63, fp16 factors store 16 * 63 * 128 bits per 4096 weights.
     cap = 16 * 63 * 128 / 4096
     data = _diagnosis("degradation", [0.8] * 6, local_error=[0.1, 0.1, 0.1, 0.4, 0.1, 0.1])
-    plan = plan_repair(data, budget=100.0)
+    plan = plan_repair(data, budget=100.0, methods=["lowrank"])
     assert plan.planned_bits / plan.weights == pytest.approx(cap)  # not 100: it cannot store more
     reasons = " ".join(plan.reasons)
     assert f"low-rank compensation with {cap:.4f} bits/weight" in reasons
     assert "that is all it can store: rank 63 on every module" in reasons
-    assert f"the plan stores {cap:.4f} of the 100 bits per weight" in reasons
+    assert f"the plan stores {cap:.4f} of the 100 bits per weight: lowrank can use no more" in reasons
 
 
 def test_what_one_layer_cannot_store_goes_to_the_others():
@@ -113,7 +128,7 @@ def test_what_one_layer_cannot_store_goes_to_the_others():
     # weight) passes what it can store (31.5): it gets its cap and the others share the rest.
     cap_bits = 7 * 16 * 63 * 128
     data = _diagnosis("degradation", [0.8] * 6, local_error=[0.1, 0.1, 0.1, 0.4, 0.1, 0.1])
-    plan = plan_repair(data, budget=20.0)
+    plan = plan_repair(data, budget=20.0, methods=["lowrank"])
     assert plan.lowrank_bits[3] == pytest.approx(cap_bits)
     assert plan.planned_bits == pytest.approx(20.0 * plan.weights)
     assert all(plan.lowrank_bits[k] < cap_bits for k in (0, 1, 2, 4, 5))

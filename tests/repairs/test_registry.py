@@ -57,7 +57,7 @@ def toy_repair():
 
 
 def test_the_built_in_repairs_are_found_in_walk_order():
-    assert list(repairs()) == ["restore", "norm", "lowrank", "bias"]
+    assert list(repairs()) == ["restore", "norm", "outliers", "lowrank", "bias"]
     assert {r.kind for r in repairs().values()} == {"free", "structure", "compensation"}
 
 

@@ -32,7 +32,7 @@ def _logit_error(fp, model, ids) -> float:
         return float(((model(ids).logits - fp(ids).logits) ** 2).mean())
 
 
-@pytest.mark.parametrize("methods", [["bias"], ["norm"], ["lowrank"], ["restore"], None])
+@pytest.mark.parametrize("methods", [["bias"], ["norm"], ["lowrank"], ["restore"], ["outliers"], None])
 def test_each_repair_lowers_the_error_within_its_budget(setup, methods):
     fp, q, calib, evaluation, report = setup
     repaired = copy.deepcopy(q)
@@ -40,8 +40,8 @@ def test_each_repair_lowers_the_error_within_its_budget(setup, methods):
     result = bitcliff.repair(fp, repaired, calib, plan, progress=False)
     assert result.record.bits <= 0.5 * quantized_weights(q)
     assert _logit_error(fp, repaired, calib) < _logit_error(fp, q, calib)
-    touched = [m for m in result.record.modules if m.bias or m.rank or m.restored_bits]
-    assert bool(touched) == any(x in plan.methods for x in ("bias", "lowrank", "restore"))
+    touched = [m for m in result.record.modules if m.bias or m.rank or m.restored_bits or m.outliers]
+    assert bool(touched) == any(x in plan.methods for x in ("bias", "lowrank", "restore", "outliers"))
     for entry in result.record.modules:  # every repair lowers its own module's output error
         assert entry.error_after <= entry.error_before * (1 + 1e-6) + 1e-9
 
@@ -143,4 +143,28 @@ def test_a_repair_that_cannot_be_loaded_is_an_error_not_a_silent_unrepaired_mode
         return
     (out / damage).unlink()
     with pytest.raises(CheckpointError, match=f"lacks {damage}, which bitcliff wrote there"):
+        bitcliff.load(out)
+
+
+def test_sparse_outliers_load_back_exactly_and_their_bits_are_the_bytes_on_disk(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from bitcliff.quant.checkpoint import CheckpointError
+
+    fp, q, calib, evaluation, report = setup
+    repaired = copy.deepcopy(q)
+    result = bitcliff.repair(fp, repaired, calib, bitcliff.plan_repair(report, 0.5, methods=["outliers"]),
+                             progress=False)
+    kept = [m for m in result.record.modules if m.outliers]
+    assert kept and result.record.bits <= 0.5 * quantized_weights(q)
+    out = bitcliff.save(repaired, tmp_path / "r")
+    stored = load_file(out / "outliers.safetensors")
+    assert 8 * sum(t.numel() * t.element_size() for t in stored.values()) == pytest.approx(result.record.bits)
+    back = bitcliff.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(back(evaluation).logits, repaired(evaluation).logits, rtol=0, atol=1e-5)
+    key = next(k for k in stored if k.endswith("outlier_col"))
+    stored[key] = stored[key] + 1000  # columns past the layer: another checkpoint's file
+    save_file(stored, out / "outliers.safetensors")
+    with pytest.raises(CheckpointError, match="do not fit the checkpoint"):
         bitcliff.load(out)
