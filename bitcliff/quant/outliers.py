@@ -88,6 +88,7 @@ class SparseOutliers:
         with warnings.catch_warnings():  # "CSR support is in beta": its matmul is what we use, and tested
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(self.crow.long(), self.col.long(), self.values.to(dtype), self.shape,
+                                           device=self.values.device,  # not the default device
                                            check_invariants=False)  # checked when constructed
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:

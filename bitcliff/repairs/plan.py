@@ -137,7 +137,7 @@ def _structural_share(label: str, methods: tuple[str, ...], forced: bool) -> flo
 
 
 def plan_repair(report, budget: float, methods=None, rank: int | None = None, max_rank: int | None = None,
-                outlier_share: float = 1.0) -> RepairPlan:
+                outlier_share: float | None = None) -> RepairPlan:
     """A repair plan from a diagnosis (``DiagnosisReport`` or its ``to_dict()``).
 
     Args:
@@ -149,7 +149,8 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         max_rank: the largest rank of one module (default ``lowrank.MAX_RANK``, below the smallest
             layer width).
         outlier_share: when both sparse outliers and low-rank compensation are planned, the share
-            of the compensation budget the outliers get first (the rest goes to low rank).
+            of the compensation budget the outliers get first (the rest goes to low rank); None:
+            all of it (measured best), or half when ``methods`` forces both.
     Raises:
         PlanError: a negative, NaN or too small budget (the message says what the cheapest
             repair would cost), unknown methods, a bad rank, a diagnosis without module list.
@@ -175,6 +176,8 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         max_rank = min(MAX_RANK, smallest - 1)
     if not 1 <= max_rank < smallest:
         raise PlanError(f"max_rank must lie in [1, {smallest}), got {max_rank}")
+    if outlier_share is None:
+        outlier_share = 0.5 if forced and {"outliers", "lowrank"} <= set(methods) else 1.0
     if not (isinstance(outlier_share, (int, float)) and 0 <= outlier_share <= 1):
         raise PlanError(f"outlier_share must lie in [0, 1], got {outlier_share!r}")
     prefix = _layer_prefix(modules)

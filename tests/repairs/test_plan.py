@@ -63,6 +63,9 @@ def test_an_outlier_share_splits_compensation_with_low_rank():
     outliers = sum(plan.steps["outliers"]["layer_bits"].values())
     assert outliers == pytest.approx(0.25 * plan.weights)
     assert sum(plan.lowrank_bits.values()) == pytest.approx(0.75 * plan.weights)
+    both = plan_repair(data, budget=1.0, methods=["outliers", "lowrank"])  # forced together: half each
+    assert sum(both.steps["outliers"]["layer_bits"].values()) == pytest.approx(0.5 * both.weights)
+    assert plan_repair(data, budget=1.0).methods == ("norm", "outliers")  # chosen: all to the outliers
     with pytest.raises(PlanError, match="outlier_share must lie in"):
         plan_repair(data, budget=1.0, outlier_share=1.5)
 
