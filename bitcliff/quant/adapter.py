@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.rtn import non_finite
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -84,7 +85,7 @@ def load_adapter(model: nn.Module, directory: Path) -> int:
     except Exception as exc:  # safetensors raises its own error types
         raise AdapterError(f"{path} could not be read: {exc}") from exc
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if non_finite(tensor):
             raise AdapterError(f"{path}: tensor {key} holds NaN or Inf values: the adapter is damaged; "
                                "repair the checkpoint again")
     modules = dict(model.named_modules())

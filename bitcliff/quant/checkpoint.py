@@ -51,6 +51,7 @@ from bitcliff.quant.dynamic import dynamic_entries, dynamic_override, module_ove
 from bitcliff.quant.gptq_model import gptq_log, write_gptq_log
 from bitcliff.quant.outliers import OUTLIERS_FILE, SparseOutliers
 from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.rtn import non_finite
 from bitcliff.quant.surgery import attach_config, quant_config, set_submodule
 from bitcliff.storage import MANIFEST, replace_folder, save_tensors, write_json
 
@@ -384,11 +385,10 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 def check_finite_tensor(tensor: torch.Tensor, what: str) -> None:
     """Refuse a floating-point tensor holding NaN or Inf (a model computed from it would give
     ``nan`` for every result): ``CheckpointError`` naming ``what`` and how many values."""
-    if tensor.is_floating_point():
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise CheckpointError(f"{what} holds {bad} NaN or Inf value(s) of {tensor.numel()}: the checkpoint is "
-                                  "damaged; quantize again, or restore the file from a copy")
+    bad = non_finite(tensor)
+    if bad:
+        raise CheckpointError(f"{what} holds {bad} NaN or Inf value(s) of {tensor.numel()}: the checkpoint is "
+                              "damaged; quantize again, or restore the file from a copy")
 
 
 #: Files a checkpoint's model is built from: when bitcliff's manifest lists one, it must be there.

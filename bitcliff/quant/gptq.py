@@ -221,7 +221,7 @@ def _extract_outliers(weight: torch.Tensor, hessian: torch.Tensor, problem: "_Pr
     # compared as |w − q| against threshold · [H⁻¹]_jj, rounded another way)
     threshold = float(torch.topk(scores.flatten(), budget).values[-1]) * (1 - 1e-6)
     result = _solve(problem, config, grid=None, extract=(threshold, budget))
-    rows, cols = result.outlier_rows, result.outlier_cols
+    rows, cols = result.outliers.coordinates()
     qweight, refit_rows = result.qweight, None
     w = weight.float()
     if config.refit_rounds > 0:
@@ -229,7 +229,8 @@ def _extract_outliers(weight: torch.Tensor, hessian: torch.Tensor, problem: "_Pr
         kept[rows, cols] = w[rows, cols] - qweight.dequantize()[rows, cols]
         qweight, refit_rows = refit_scales(w - kept, hessian, qweight)
     corrections = w[rows, cols] - qweight.dequantize()[rows, cols]
-    sparse = SparseOutliers.from_entries(rows, cols, corrections, tuple(w.shape))
+    needed = corrections.half() != 0  # a kept weight the grid now holds exactly costs bits for nothing
+    sparse = SparseOutliers.from_entries(rows[needed], cols[needed], corrections[needed], tuple(w.shape))
     return GPTQResult(qweight, result.loss, result.row_loss, result.damp_percent, None, refit_rows, sparse)
 
 
@@ -331,8 +332,8 @@ def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None,
     with ``static_groups``); or a previous result whose scales, zeros and ``g_idx`` are used
     as they are (a refit round).  ``extract``: ``(threshold, budget)``: keep exact (rounding
     error 0, nothing spread) the weights whose scaled error passes ``threshold``, at most
-    ``budget`` of them; the result then carries ``outlier_rows`` / ``outlier_cols`` (int64,
-    original columns).  ``keep_scores``: the result carries ``scores``.
+    ``budget`` of them; the result's ``outliers`` then hold their corrections.  ``keep_scores``:
+    the result carries ``scores``.
     """
     n_rows, k, perm = problem.n_rows, problem.k, problem.perm
     wt = problem.wt.clone()
@@ -363,7 +364,7 @@ def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None,
     block = _block_size(config, dynamic)
     s = z = None
     scores = torch.empty(k, n_rows, device=dev) if keep_scores else None
-    kept_rows, kept_cols, taken = [], [], 0
+    kept_rows, kept_cols, kept_values, taken = [], [], [], 0
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = wt[i1:i2]  # a view: updates land in wt directly
@@ -398,6 +399,7 @@ def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None,
                     residual[over] = exact - exact.half().float()
                     kept_rows.append(over)
                     kept_cols.append(torch.full_like(over, j))
+                    kept_values.append(exact)
                     taken += over.numel()
             if i + 1 < i2 - i1:
                 w1[i + 1 :].addr_(steps[i][i + 1 :], residual, alpha=-1.0)
@@ -429,14 +431,15 @@ def _solve(problem: _Problem, config: QuantConfig, grid: QuantizedWeight | None,
         g_idx=g_idx,
         bits=config.bits,
     )
-    result = GPTQResult(qweight, float(row_loss.sum()), row_loss, problem.damp,
-                        scores=scores.t() if scores is not None else None)
+    outliers = None
     if extract is not None:
         empty = torch.empty(0, dtype=torch.long, device=dev)
-        result.outlier_rows = torch.cat(kept_rows) if kept_rows else empty
         cols = torch.cat(kept_cols) if kept_cols else empty
-        result.outlier_cols = original[cols] if perm is not None else cols
-    return result
+        outliers = SparseOutliers.from_entries(
+            torch.cat(kept_rows) if kept_rows else empty, original[cols],
+            torch.cat(kept_values) if kept_values else empty.float(), (n_rows, k))
+    return GPTQResult(qweight, float(row_loss.sum()), row_loss, problem.damp, outliers=outliers,
+                      scores=scores.t() if scores is not None else None)
 
 
 def _rtn_fallback(weight: torch.Tensor, config: QuantConfig, name: str, reason: str) -> GPTQResult:

@@ -74,6 +74,23 @@ class SparseOutliers:
     def nnz(self) -> int:
         return self.values.numel()
 
+    def coordinates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 ``rows`` and ``cols`` ``[nnz]`` of the corrections, in storage order."""
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff().long())
+        return rows, self.col.long()
+
+    def split_rows(self, sizes: list[int]) -> list["SparseOutliers"]:
+        """The corrections of consecutive row blocks of ``sizes`` rows (a stacked group's members)."""
+        if sum(sizes) != self.shape[0]:
+            raise ValueError(f"row blocks {sizes} do not add up to {self.shape[0]} rows")
+        parts, start = [], 0
+        for n in sizes:
+            first, last = int(self.crow[start]), int(self.crow[start + n])
+            parts.append(SparseOutliers(self.crow[start:start + n + 1] - first, self.col[first:last],
+                                        self.values[first:last], (n, self.shape[1])))
+            start += n
+        return parts
+
     def bits(self) -> int:
         """Stored bits: each correction and each row pointer."""
         entry = ENTRY_BITS if self.col.dtype == torch.int16 else ENTRY_BITS + 16

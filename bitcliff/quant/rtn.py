@@ -14,10 +14,17 @@ from bitcliff.quant.qweight import QuantizedWeight
 from bitcliff.quant.surgery import set_submodule
 
 
+def non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN or Inf values ``tensor`` holds (0 for an integer tensor)."""
+    if not tensor.is_floating_point():
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
 def check_finite(weight: torch.Tensor, name: str) -> None:
     """Raise ``ValueError`` naming the layer if ``weight`` holds NaN or Inf."""
-    if not torch.isfinite(weight).all():
-        bad = (~torch.isfinite(weight)).sum().item()
+    bad = non_finite(weight)
+    if bad:
         raise ValueError(f"layer {name!r} has {bad} non-finite (NaN/Inf) weight values")
 
 

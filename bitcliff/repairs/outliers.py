@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from bitcliff.quant.gptq import gptq_quantize, split_result
-from bitcliff.quant.outliers import ENTRY_BITS, ROW_POINTER_BITS, SparseOutliers
+from bitcliff.quant.outliers import ENTRY_BITS, ROW_POINTER_BITS
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.repairs.lowrank import output_error
 from bitcliff.repairs.registry import GroupRepair, PlanContext, Planned, Repair
@@ -76,23 +76,20 @@ class SparseOutlierCompensation(Repair):
         config = dataclasses.replace(group.config, method="gptq")
         result = gptq_quantize(weight, group.statistics.hessian(), config, name=f"{group.name}.{members[0]}",
                                outliers=count)
-        sparse = result.outliers.dense() if result.outliers is not None else torch.zeros_like(weight)
-        solved = result.qweight.dequantize() + sparse
+        if result.outliers is None:  # the solve fell back to RTN: nothing to keep exact
+            return
+        solved = result.qweight.dequantize() + result.outliers.dense()
         before = sum(output_error(group.targets[rel] - group.weight(rel), group.covariance) for rel in members)
         if output_error(weight - solved, group.covariance) >= before:
             return  # the group's own quantization is already as good on these inputs: keep it, spend nothing
         spent = 0.0
-        start = 0
-        for rel, part, n in zip(members, split_result(result, sizes), sizes):
+        parts = zip(members, split_result(result, sizes), result.outliers.split_rows(sizes))
+        for rel, part, outliers in parts:
             old = group.modules[rel]
             module = QuantLinear.from_quantized(part.qweight, config.group_size,
                                                 old.bias.float() if old.bias is not None else None,
                                                 f"{group.name}.{rel}").to(weight.device)
-            block = sparse[start:start + n]
-            start += n
-            rows, cols = block.nonzero(as_tuple=True)
-            if rows.numel():
-                outliers = SparseOutliers.from_entries(rows, cols, block[rows, cols], tuple(block.shape))
+            if outliers.nnz:
                 module.set_outliers(outliers)
                 group.entries[rel].outliers = outliers.nnz
                 group.entries[rel].bits += outliers.bits()

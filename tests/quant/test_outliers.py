@@ -36,6 +36,12 @@ def test_csr_round_trips_and_multiplies_like_the_dense_matrix():
     assert outliers.bits() == 4 * 32 + 7 * 32
     back = SparseOutliers.from_tensors(outliers.tensors("m"), "m", (6, 9))
     assert torch.equal(back.dense(), dense)
+    got_rows, got_cols = outliers.coordinates()
+    assert torch.equal(dense[got_rows, got_cols], outliers.values.float())
+    blocks = outliers.split_rows([3, 1, 2])  # the members of a stacked group
+    assert torch.equal(torch.cat([b.dense() for b in blocks]), dense) and [b.nnz for b in blocks] == [3, 0, 1]
+    with pytest.raises(ValueError, match="do not add up"):
+        outliers.split_rows([3, 2])
 
 
 @pytest.mark.parametrize("crow,col,message", [
@@ -67,7 +73,7 @@ def test_extracted_weights_are_exact_and_the_output_error_falls(refit):
     for budget in (8, 32, 96):
         result = gptq_quantize(w, h, config, outliers=budget)
         sparse = result.outliers
-        assert 0 < sparse.nnz <= budget
+        assert 0 < sparse.nnz <= budget and bool((sparse.values != 0).all())  # no bits for nothing
         effective = result.qweight.dequantize() + sparse.dense()
         kept = sparse.dense() != 0
         torch.testing.assert_close(effective[kept], w[kept], rtol=2e-3, atol=1e-3)  # exact up to fp16
