@@ -137,3 +137,41 @@ def test_a_full_disk_says_nothing_was_left_behind(tiny_folder, tmp_path, capsys,
 def test_help_shows_the_defaults():
     text = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
     assert "(default: 64)" in text and "--paper" in text and "(default: True)" in text
+
+
+def test_quantize_avg_bits_mixes_widths_and_stores_them_as_dynamic(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", str(tiny_folder), "--avg-bits", "3.5", "--text-file", _text(tiny_folder),
+            "--seq-len", "32", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mixed precision: " in printed and "bits per weight" in printed
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["dynamic"] and all(k.startswith("+:^") for k in qc["dynamic"])
+    import bitcliff
+    from bitcliff.quant.qlinear import QuantLinear
+
+    layers = [m for m in bitcliff.load(out).modules() if isinstance(m, QuantLinear)]
+    stored = sum(m.in_features * m.out_features * (m.bits + (16 + m.bits) / m.group_size) for m in layers)
+    assert stored / sum(m.in_features * m.out_features for m in layers) <= 3.5 + 1e-9
+    assert len({(m.bits, m.group_size) for m in layers}) > 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--avg-bits", "3", "--group-size", "64"], "--avg-bits chooses each module's group size"),
+    (["--avg-bits", "3", "--method", "gptq", "--streaming"], "cannot run with --streaming"),
+    (["--avg-bits", "1.5"], "--avg-bits: average bits 1.5 is below the cheapest choice"),
+])
+def test_quantize_avg_bits_refusals_name_the_problem(tiny_folder, tmp_path, extra, message, capsys):
+    argv = ["quantize", "--model", str(tiny_folder), "--text-file", _text(tiny_folder), "--seq-len", "32",
+            "--out", str(tmp_path / "q"), *extra]
+    assert main(argv) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_takes_bits_or_avg_bits_not_both(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["quantize", "--bits", "3", "--avg-bits", "3.5", "--out", "o"])
+    assert exit_.value.code == 2
+    assert "not allowed with argument" in _error(capsys)

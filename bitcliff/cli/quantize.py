@@ -30,15 +30,21 @@ from bitcliff.cli.common import (
 )
 from bitcliff.device import describe, peak_memory, reset_peak_memory
 from bitcliff.distributed import DEFAULT_TIMEOUT_S, Ranks
-from bitcliff.kernels.pack import widths_text
+from bitcliff.kernels.pack import SUPPORTED_BITS, widths_text
 from bitcliff.quant.convert import quantize_on_text
+from bitcliff.quant.mixed import GROUP_SIZES
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save a GPTQ-format checkpoint",
                        formatter_class=HelpFormatter)
     p.add_argument("--model", default="default", help="default, gemma3-270m, a local HF folder or a hub id")
-    p.add_argument("--bits", type=int, required=True, help=widths_text())
+    width = p.add_mutually_exclusive_group(required=True)
+    width.add_argument("--bits", type=int, help=widths_text())
+    width.add_argument("--avg-bits", type=positive_float, metavar="B",
+                       help="mixed precision: each module's bits (2, 3, 4) and group size (32, 64, 128) chosen by "
+                            "measured sensitivity, B stored bits per weight on average (scales and zeros counted; "
+                            "W3 g64 stores 3.30)")
     add_quant_args(p)
     add_text_args(p)
     p.add_argument("--out", required=True, help="output checkpoint folder")
@@ -65,11 +71,18 @@ def run(args: argparse.Namespace) -> int:
     from bitcliff.models import load_fp_model
     from bitcliff.quant.checkpoint import save
 
-    config = config_from_args(args, args.bits, args.group_size)
+    config = config_from_args(args, args.bits or max(SUPPORTED_BITS), args.group_size)
     check_model_arg(args.model)
     check_text_arg(args.text_file)
-    if config.method == "rtn" and args.text_file != "wiki":
-        raise UsageError("--text-file is read only by GPTQ calibration; RTN needs no text (drop it or pass --method gptq)")
+    if args.avg_bits is not None and "--group-size" in args.argv:
+        raise UsageError(f"--avg-bits chooses each module's group size among {', '.join(map(str, GROUP_SIZES))}; "
+                         "drop --group-size")
+    if args.avg_bits is not None and args.streaming:
+        raise UsageError("--avg-bits measures sensitivity by gradients through the whole model in memory; "
+                         "it cannot run with --streaming")
+    if config.method == "rtn" and args.avg_bits is None and args.text_file != "wiki":
+        raise UsageError("--text-file is read only by GPTQ calibration and --avg-bits; RTN needs no text "
+                         "(drop it or pass --method gptq)")
     if args.streaming and config.method != "gptq":
         raise UsageError("--streaming is a GPTQ mode; pass --method gptq (RTN needs no calibration pass)")
     if args.restart and not args.streaming:
@@ -92,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
             return _quantize_streaming(args, config, out, ranks, device)
         model, tokenizer, path = load_fp_model(args.model, device=device)
         start = time.perf_counter()
+        if args.avg_bits is not None:
+            config = _choose_widths(model, tokenizer, config, args, ranks)
         quantize_on_text(model, tokenizer, config, args.text_file, args.seq_len, ranks)
         seconds = time.perf_counter() - start
         ranks.on_writer("writing the checkpoint", lambda: save(
@@ -102,6 +117,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         ranks.close()
+
+
+def _choose_widths(model, tokenizer, config, args: argparse.Namespace, ranks: Ranks):
+    """The mixed-precision config for ``--avg-bits``, chosen by rank 0 for every rank."""
+    from bitcliff.assets import load_text
+    from bitcliff.data import calibration_windows
+    from bitcliff.quant.mixed import SENSITIVITY_WINDOWS, choose_widths
+
+    def choose():
+        calib = calibration_windows(tokenizer, load_text(args.text_file), SENSITIVITY_WINDOWS, args.seq_len)
+        try:
+            return choose_widths(model, config, args.avg_bits, calib, progress=True)
+        except ValueError as exc:
+            raise UsageError(f"--avg-bits: {exc}") from None
+
+    mixed = ranks.on_writer("choosing each module's width", choose)
+    if ranks.writes:
+        print(f"mixed precision: {mixed.summary()}")
+    return mixed.config
 
 
 def _where(device) -> str:

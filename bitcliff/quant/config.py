@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from bitcliff.kernels.pack import SUPPORTED_BITS
 
@@ -35,6 +35,10 @@ class QuantConfig:
         refit_rounds: GPTQ: 0 for plain GPTQ; r > 0 refits each row's scales to the chosen
             codes by least squares (:mod:`bitcliff.quant.refit`), then ``r − 1`` times solves
             the columns again on the refitted grid and refits once more.
+        module_widths: mixed precision: ``(full module name, bits, group_size)`` for each module
+            quantized unlike ``bits`` and ``group_size`` say (:mod:`bitcliff.quant.mixed`
+            chooses them); :meth:`for_module` gives a module's own setting.  Checkpoints store
+            them as GPTQModel's ``quantization_config["dynamic"]``.
 
     The GPTQ defaults are the best measured setting (true-sequential with one refit round;
     docs/results_gptq.md); :meth:`paper_gptq` gives the original algorithm.
@@ -52,6 +56,7 @@ class QuantConfig:
     true_sequential: bool = True
     calib_samples: int = 64
     refit_rounds: int = 1
+    module_widths: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
@@ -77,6 +82,15 @@ class QuantConfig:
             raise ValueError(f"calib_samples must be a positive integer, got {self.calib_samples!r}")
         if isinstance(self.refit_rounds, bool) or not (isinstance(self.refit_rounds, int) and self.refit_rounds >= 0):
             raise ValueError(f"refit_rounds must be a non-negative integer, got {self.refit_rounds!r}")
+        widths = tuple(tuple(entry) for entry in self.module_widths)
+        for entry in widths:
+            if len(entry) != 3 or not isinstance(entry[0], str):
+                raise ValueError(f"module_widths entries are (module name, bits, group_size), got {entry!r}")
+            try:  # the same checks as this config's own bits and group size
+                replace(self, bits=entry[1], group_size=entry[2], module_widths=())
+            except ValueError as exc:
+                raise ValueError(f"module_widths entry of {entry[0]}: {exc}") from None
+        object.__setattr__(self, "module_widths", widths)
 
     @classmethod
     def paper_gptq(cls, **settings) -> "QuantConfig":
@@ -87,6 +101,14 @@ class QuantConfig:
     def maxq(self) -> int:
         """Largest code value, ``2**bits - 1``."""
         return 2**self.bits - 1
+
+    def for_module(self, name: str) -> "QuantConfig":
+        """The setting module ``name`` (its full name) is quantized with: its entry of
+        ``module_widths``, else this config's."""
+        for module, bits, group_size in self.module_widths:
+            if module == name:
+                return replace(self, bits=bits, group_size=group_size, module_widths=())
+        return replace(self, module_widths=()) if self.module_widths else self
 
     def effective_bits(self, in_features: int) -> float:
         """Bits per weight including one fp16 scale and one ``bits``-bit zero per group."""
@@ -108,6 +130,7 @@ class QuantConfig:
     def describe(self) -> str:
         """Short tag such as ``rtn-w3g64-asym``."""
         group = "pc" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.method}-w{self.bits}{group}-{'sym' if self.sym else 'asym'}"
+        mixed = f"-mixed{len(self.module_widths)}" if self.module_widths else ""
+        return f"{self.method}-w{self.bits}{group}{mixed}-{'sym' if self.sym else 'asym'}"
 
 

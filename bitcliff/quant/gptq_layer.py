@@ -195,28 +195,38 @@ def solve_layer(
     walk = GroupWalk(layer, targets, inputs, calls, name=name, ranks=ranks, groups=groups,
                      sequential=config.true_sequential, owner_cost=lambda members: solve_cost(members, targets))
     for group in walk:
-        members = group.members
         hessian, count = group.statistics.hessian(), group.statistics.count
         group.statistics.release()
-        # Every rank solves its block of the group's rows (rows are independent under GPTQ).
-        weight = _stacked(members, targets)
-        rows = ranks.share(weight.shape[0])
-        label = ", ".join(full_names[m] for m in members)
-        start = time.perf_counter()
-        if ranks.distributed:  # the whole weight, so that every rank agrees on the error
-            check_finite(weight, label)
-        block = gptq_quantize(weight[rows.start: rows.stop], hessian, config, name=label)
-        secs = time.perf_counter() - start
-        if ranks.distributed:
-            block, secs = _assemble(members, block, secs, hessian, targets=targets, config=config,
-                                    owner=group.owner, ranks=ranks, name=full_names[members[0]])
-        parts = split_result(block, [targets[n].out_features for n in members]) if len(members) > 1 else [block]
-        group_results = dict(zip(members, parts))
-        _swap_in(targets, group_results)
-        results.update(group_results)
-        seconds.update({member: secs for member in members})
-        tokens.update({member: count for member in members})
+        # Members of one width are solved stacked; mixed precision may give members of a share
+        # group different widths, each solved on the group's Hessian (rows are independent).
+        for members, own in _by_width(group.members, config, full_names):
+            # Every rank solves its block of the rows.
+            weight = _stacked(members, targets)
+            rows = ranks.share(weight.shape[0])
+            label = ", ".join(full_names[m] for m in members)
+            start = time.perf_counter()
+            if ranks.distributed:  # the whole weight, so that every rank agrees on the error
+                check_finite(weight, label)
+            block = gptq_quantize(weight[rows.start: rows.stop], hessian, own, name=label)
+            secs = time.perf_counter() - start
+            if ranks.distributed:
+                block, secs = _assemble(members, block, secs, hessian, targets=targets, config=own,
+                                        owner=group.owner, ranks=ranks, name=full_names[members[0]])
+            parts = split_result(block, [targets[n].out_features for n in members]) if len(members) > 1 else [block]
+            group_results = dict(zip(members, parts))
+            _swap_in(targets, group_results)
+            results.update(group_results)
+            seconds.update({member: secs for member in members})
+            tokens.update({member: count for member in members})
     return SolvedLayer(walk.outputs, results, seconds, tokens)
+
+
+def _by_width(members: list[str], config: QuantConfig, full_names: dict[str, str]) -> list[tuple[list[str], QuantConfig]]:
+    """A share group's members split by the setting each is quantized with, in member order."""
+    parts: dict[QuantConfig, list[str]] = {}
+    for member in members:
+        parts.setdefault(config.for_module(full_names[member]), []).append(member)
+    return [(names, own) for own, names in parts.items()]
 
 
 def _assemble(members, block: GPTQResult, secs: float, hessian: torch.Tensor, *, targets, config: QuantConfig,
@@ -272,7 +282,8 @@ def quantize_decoder_layer(
     for group in groups:
         for rel in group:
             r, linear = solved.results[rel], targets[rel]
-            qlinear = QuantLinear.from_quantized(r.qweight, config.group_size, linear.bias, full_names[rel])
+            group_size = config.for_module(full_names[rel]).group_size
+            qlinear = QuantLinear.from_quantized(r.qweight, group_size, linear.bias, full_names[rel])
             set_submodule(layer, rel, qlinear.to(linear.weight.device))
             entries.append(ModuleLog(
                 layer=index,

@@ -61,6 +61,6 @@ def quantize_rtn(weight: torch.Tensor, config: QuantConfig, name: str = "<weight
 def quantize_linears_rtn(model: nn.Module, names: list[str], config: QuantConfig, progress: bool = False) -> None:
     """Replace the ``nn.Linear`` s of ``model`` named ``names`` by RTN ``QuantLinear`` s, in place."""
     for name in tqdm(names, desc=f"RTN {config.describe()}", disable=not progress, unit="layer"):
-        linear = model.get_submodule(name)
-        qlinear = QuantLinear.from_quantized(quantize_rtn(linear.weight, config, name), config.group_size, linear.bias, name)
+        linear, own = model.get_submodule(name), config.for_module(name)
+        qlinear = QuantLinear.from_quantized(quantize_rtn(linear.weight, own, name), own.group_size, linear.bias, name)
         set_submodule(model, name, qlinear.to(linear.weight.device))

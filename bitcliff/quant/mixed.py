@@ -1,0 +1,191 @@
+"""Mixed precision: each module's width and group size, chosen by measured sensitivity under an
+average budget of bits per weight.
+
+For every module and every candidate setting (2, 3 or 4 bits; groups of 32, 64 or 128) the
+loss the setting would add is estimated as ``Σ F ⊙ (W − Ŵ)²`` (:mod:`bitcliff.quant.sensitivity`;
+``Ŵ`` the setting's RTN grid, the same for RTN and a good proxy for GPTQ's ranking), and its cost
+is its stored bits (``QuantConfig.effective_bits``: codes, an fp16 scale and a zero point per group)
+times the module's weights.  Choosing one setting per module under a total is a multiple-choice
+knapsack; :func:`allocate` solves it greedily on each module's lower convex hull of (cost, loss):
+every module starts at its cheapest setting, and the upgrade with the largest loss reduction per
+bit is taken while the budget allows.  On convex hulls this greedy is optimal up to the last,
+partial step.
+
+The result is an ordinary :class:`QuantConfig`: its ``bits`` and ``group_size`` are the setting
+that holds the most weights, and ``module_widths`` lists every module set otherwise, so that a
+checkpoint's ``quantization_config["dynamic"]`` (GPTQModel's per-module override) has the fewest
+entries.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from bitcliff.kernels.pack import SUPPORTED_BITS
+from bitcliff.quant.config import QuantConfig
+from bitcliff.quant.rtn import quantize_rtn
+from bitcliff.quant.sensitivity import fisher_diagonal, weighted_error
+from bitcliff.quant.surgery import quantizable_linears
+
+GROUP_SIZES = (32, 64, 128)
+# Windows for the Fisher estimate: each costs one forward and backward pass of the whole model.
+SENSITIVITY_WINDOWS = 16
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of one module: ``bits``, ``group_size``, its stored ``cost`` in bits and the
+    loss ``error`` it is estimated to add."""
+
+    bits: int
+    group_size: int
+    cost: float
+    error: float
+
+
+@dataclass
+class MixedPrecision:
+    """What :func:`choose_widths` decided: the ``config`` to quantize with, every module's
+    ``choice`` and the ``average_bits`` it stores per weight."""
+
+    config: QuantConfig
+    choice: dict[str, Option]
+    weights: dict[str, int]
+
+    @property
+    def average_bits(self) -> float:
+        return sum(o.cost for o in self.choice.values()) / sum(self.weights.values())
+
+    def summary(self) -> str:
+        """One line: the average and how many modules and weights each setting holds."""
+        counts: dict[tuple[int, int], list[int]] = {}
+        for name, option in self.choice.items():
+            entry = counts.setdefault((option.bits, option.group_size), [0, 0])
+            entry[0] += 1
+            entry[1] += self.weights[name]
+        total = sum(self.weights.values())
+        parts = [f"W{b} g{g}: {n} modules ({w / total:.0%} of weights)"
+                 for (b, g), (n, w) in sorted(counts.items(), key=lambda kv: -kv[1][1])]
+        return f"{self.average_bits:.3f} bits per weight; " + ", ".join(parts)
+
+
+def candidate_settings(bits: tuple[int, ...] = SUPPORTED_BITS,
+                       group_sizes: tuple[int, ...] = GROUP_SIZES) -> list[tuple[int, int]]:
+    """Every ``(bits, group_size)`` pair mixed precision chooses among."""
+    return [(b, g) for b in bits for g in group_sizes]
+
+
+@torch.no_grad()
+def module_options(weight: torch.Tensor, fisher: torch.Tensor, base: QuantConfig, name: str,
+                   settings: list[tuple[int, int]]) -> list[Option]:
+    """Every candidate setting of one ``[N, K]`` weight with its cost and estimated loss."""
+    out_features, in_features = weight.shape
+    options = []
+    for bits, group_size in settings:
+        config = replace(base, bits=bits, group_size=group_size, module_widths=())
+        dequantized = quantize_rtn(weight, config, name).dequantize()
+        options.append(Option(bits, group_size, config.effective_bits(in_features) * in_features * out_features,
+                              weighted_error(weight, dequantized, fisher)))
+    return options
+
+
+def _lower_hull(options: list[Option]) -> list[Option]:
+    """The options on the lower convex hull of (cost, error), by ascending cost: the only ones a
+    greedy upgrade path can stop at (the rest cost more for less, or lie above a line between
+    two that do better on average)."""
+    hull: list[Option] = []
+    for option in sorted(options, key=lambda o: (o.cost, o.error)):
+        if hull and option.error >= hull[-1].error:
+            continue  # costs as much or more and is no better
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is above the segment a -> option: drop it
+            if (b.error - a.error) * (option.cost - a.cost) >= (option.error - a.error) * (b.cost - a.cost):
+                hull.pop()
+            else:
+                break
+        hull.append(option)
+    return hull
+
+
+def allocate(options: dict[str, list[Option]], budget: float) -> dict[str, Option]:
+    """One option per module, their summed cost at most ``budget`` (bits), their summed error as
+    small as the greedy on convex hulls makes it (see the module docstring).
+
+    Raises:
+        ValueError: when even the cheapest option of every module costs more than ``budget``.
+    """
+    hulls = {name: _lower_hull(opts) for name, opts in options.items()}
+    position = dict.fromkeys(hulls, 0)
+    spent = sum(h[0].cost for h in hulls.values())
+    if spent > budget * (1 + 1e-12):
+        raise ValueError(f"the budget of {budget:.0f} bits is less than the cheapest setting of every module "
+                         f"({spent:.0f} bits)")
+    heap = []
+
+    def push(name: str) -> None:
+        hull, i = hulls[name], position[name]
+        if i + 1 < len(hull):
+            gain = (hull[i].error - hull[i + 1].error) / (hull[i + 1].cost - hull[i].cost)
+            heapq.heappush(heap, (-gain, name))
+
+    for name in hulls:
+        push(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        hull, i = hulls[name], position[name]
+        step = hull[i + 1].cost - hull[i].cost
+        if spent + step > budget * (1 + 1e-12):
+            continue  # this module's next step does not fit; its later ones cost more still
+        spent += step
+        position[name] = i + 1
+        push(name)
+    return {name: hulls[name][i] for name, i in position.items()}
+
+
+def choose_widths(model: nn.Module, base: QuantConfig, average_bits: float, calib_ids: torch.Tensor,
+                  settings: list[tuple[int, int]] | None = None, progress: bool = False) -> MixedPrecision:
+    """Each selected linear's bits and group size, at most ``average_bits`` stored bits per weight
+    on average over them.
+
+    Args:
+        model: the full-precision causal LM (unchanged).
+        base: every other setting (method, symmetry, GPTQ knobs, skipped modules).
+        average_bits: the budget, in the unit of ``QuantConfig.effective_bits``.
+        calib_ids: int64 ``[n_windows, seq_len]``; the first :data:`SENSITIVITY_WINDOWS` give
+            the Fisher estimate.
+        settings: the candidate ``(bits, group_size)`` pairs (:func:`candidate_settings` by default).
+    Returns:
+        A :class:`MixedPrecision` whose ``config`` quantizes the model as chosen.
+    Raises:
+        ValueError: a budget below the cheapest setting or above 16 bits, or no linear to quantize.
+    """
+    settings = settings or candidate_settings()
+    if not 0 < average_bits <= 16:
+        raise ValueError(f"average bits must lie in (0, 16], got {average_bits!r}")
+    names = [name for name, _ in quantizable_linears(model, base)]
+    if not names:
+        raise ValueError("the model has no nn.Linear layers left to quantize with this config")
+    fisher = fisher_diagonal(model, names, calib_ids[:SENSITIVITY_WINDOWS], progress=progress)
+    options, weights = {}, {}
+    for name in names:
+        weight = model.get_submodule(name).weight.detach()
+        options[name] = module_options(weight, fisher.pop(name), base, name, settings)
+        weights[name] = weight.numel()
+    try:
+        choice = allocate(options, average_bits * sum(weights.values()))
+    except ValueError:
+        floor = sum(min(o.cost for o in opts) for opts in options.values()) / sum(weights.values())
+        raise ValueError(f"average bits {average_bits:g} is below the cheapest choice of every module, {floor:.3f} "
+                         "bits per weight") from None
+    held: dict[tuple[int, int], int] = {}
+    for name, option in choice.items():
+        held[(option.bits, option.group_size)] = held.get((option.bits, option.group_size), 0) + weights[name]
+    main = max(held, key=held.get)
+    widths = tuple((name, o.bits, o.group_size) for name, o in choice.items() if (o.bits, o.group_size) != main)
+    config = replace(base, bits=main[0], group_size=main[1], module_widths=widths)
+    return MixedPrecision(config, choice, weights)

@@ -1,0 +1,60 @@
+"""How much the model's loss cares about each weight: the diagonal of the empirical Fisher.
+
+A small change ``δ`` to weight ``w_ij`` raises the expected loss by about ``½ F_ij δ²``, where
+``F_ij`` is the Fisher information of that weight; the empirical Fisher estimates it by the
+squared gradient of each calibration window's loss, summed over windows (SqueezeLLM's
+sensitivity).  Weighting a quantization error by it makes errors of different modules
+comparable in one unit, the loss, which is what mixed precision (:mod:`bitcliff.quant.mixed`)
+needs to trade bits between modules.  A Hessian ``XᵀX`` of a module's inputs cannot: it measures
+the module's output error, not what that error costs downstream.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def fisher_diagonal(model: nn.Module, names: list[str], calib_ids: torch.Tensor,
+                    progress: bool = False) -> dict[str, torch.Tensor]:
+    """The empirical Fisher diagonal of the weights of the linears ``names``.
+
+    Args:
+        model: a causal LM in full precision (its weights are not changed; gradients are taken
+            for the ``names`` weights only, one window at a time).
+        names: full names of ``nn.Linear`` modules of ``model``.
+        calib_ids: int64 ``[n_windows, seq_len]``; each window's mean next-token loss gives one
+            gradient sample.
+        progress: show a tqdm bar over the windows.
+    Returns:
+        Per name, float32 ``[N, K]`` (the weight's shape): the sum over windows of the squared
+        gradient.
+    """
+    if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
+        raise ValueError(f"calib_ids must be int64 [n_windows, seq_len] with n_windows > 0, got {tuple(calib_ids.shape)}")
+    weights = {name: model.get_submodule(name).weight for name in names}
+    before = {p: p.requires_grad for p in model.parameters()}
+    fisher = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    device = next(iter(weights.values())).device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        for window in tqdm(calib_ids, desc="sensitivity", disable=not progress, unit="window"):
+            ids = window.unsqueeze(0).to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for (name, _), grad in zip(weights.items(), grads):
+                fisher[name].add_(grad.float().square())
+    finally:
+        for p, wanted in before.items():
+            p.requires_grad_(wanted)
+    return fisher
+
+
+def weighted_error(weight: torch.Tensor, dequantized: torch.Tensor, fisher: torch.Tensor) -> float:
+    """``Σ F ⊙ (W − Ŵ)²``: the loss a quantization ``Ŵ`` of ``weight`` adds, to second order, up to
+    the factor ½ (all float ``[N, K]``)."""
+    return float((fisher * (weight.float() - dequantized.float()).square()).sum())
