@@ -62,26 +62,43 @@ class SparseOutlierCompensation(Repair):
         state["budget"] = state.get("budget", 0.0) + step["layer_bits"].get(str(index), 0.0)
 
     def apply(self, step: dict, state: dict, group: GroupRepair) -> None:
-        members = [rel for rel in group.members if isinstance(group.modules[rel], QuantLinear)
-                   and group.modules[rel].bits == group.config.bits]
-        if not members or state.get("budget", 0.0) <= 0:
+        if state.get("budget", 0.0) <= 0:
+            return
+        # Members still at the width they were quantized with (not restored by an earlier repair),
+        # by that width: a mixed-precision model's share group may hold several.
+        by_width: dict = {}
+        for rel in group.members:
+            module, own = group.modules[rel], group.config.for_module(f"{group.name}.{rel}")
+            if isinstance(module, QuantLinear) and (module.bits, module.group_size) == (own.bits, own.group_size):
+                by_width.setdefault(own, []).append(rel)
+        if not by_width:
             return
         share = state["budget"] * group.weights / max(group.layer_weights, 1)
+        weights = {own: sum(group.modules[rel].in_features * group.modules[rel].out_features for rel in members)
+                   for own, members in by_width.items()}
+        total = sum(weights.values())
+        for own, members in by_width.items():
+            state["budget"] -= self._resolve(group, members, own, share * weights[own] / total)
+
+    @staticmethod
+    def _resolve(group: GroupRepair, members: list[str], own, share: float) -> float:
+        """Re-solve ``members`` (one width, ``own``) keeping as many weights exact as ``share``
+        bits buy; returns the bits spent (0 when the re-solve is no better than what they hold)."""
         sizes = [group.modules[rel].out_features for rel in members]
         pointers = sum(n + 1 for n in sizes) * ROW_POINTER_BITS  # every member keeps its own CSR
         count = max(0, int((share - pointers) // ENTRY_BITS))
         if count <= 0:
-            return
+            return 0.0
         weight = torch.cat([group.targets[rel] for rel in members])
-        config = dataclasses.replace(group.config, method="gptq")
+        config = dataclasses.replace(own, method="gptq")
         result = gptq_quantize(weight, group.statistics.hessian(), config, name=f"{group.name}.{members[0]}",
                                outliers=count)
         if result.outliers is None:  # the solve fell back to RTN: nothing to keep exact
-            return
+            return 0.0
         solved = result.qweight.dequantize() + result.outliers.dense()
         before = sum(output_error(group.targets[rel] - group.weight(rel), group.covariance) for rel in members)
         if output_error(weight - solved, group.covariance) >= before:
-            return  # the group's own quantization is already as good on these inputs: keep it, spend nothing
+            return 0.0  # the group's own quantization is already as good on these inputs: keep it
         spent = 0.0
         parts = zip(members, split_result(result, sizes), result.outliers.split_rows(sizes))
         for rel, part, outliers in parts:
@@ -97,7 +114,7 @@ class SparseOutlierCompensation(Repair):
             if old.rank:  # an earlier repair's low-rank term stays with the module
                 module.set_lowrank(old.lora_A, old.lora_B)
             group.modules[rel] = module
-        state["budget"] -= spent
+        return spent
 
 
 REPAIR = SparseOutlierCompensation()

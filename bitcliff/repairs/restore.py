@@ -126,11 +126,11 @@ class PrecisionRestoration(Repair):
                 continue
             bits = step["modules"][full]
             bias = old.bias.float() if old.bias is not None else None
-            group.modules[rel] = restore_module(full, group.targets[rel], bias, group.statistics.hessian(),
-                                                group.config, bits)
+            own = group.config.for_module(full)  # a mixed-precision model's module keeps its group size
+            group.modules[rel] = restore_module(full, group.targets[rel], bias, group.statistics.hessian(), own, bits)
             group.entries[rel].restored_bits = bits
             group.entries[rel].bits += width_change_bits(old.in_features, old.out_features,
-                                                          (old.bits, old.group_size), (bits, group.config.group_size))
+                                                          (old.bits, old.group_size), (bits, own.group_size))
 
 
 REPAIR = PrecisionRestoration()

@@ -168,3 +168,31 @@ def test_sparse_outliers_load_back_exactly_and_their_bits_are_the_bytes_on_disk(
     save_file(stored, out / "outliers.safetensors")
     with pytest.raises(CheckpointError, match="do not fit the checkpoint"):
         bitcliff.load(out)
+
+
+@pytest.mark.parametrize("methods", [["outliers"], ["restore"]])
+def test_a_mixed_precision_model_is_repaired_at_each_modules_own_setting(setup, methods, tmp_path):
+    """A share group whose members have different widths: outliers re-solve each member at its own
+    width and group size, restoration keeps the module's group size."""
+    fp, _, calib, evaluation, _ = setup
+    k_proj, up_proj = "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"
+    config = QuantConfig(bits=2, group_size=32, module_widths=((k_proj, 3, 64), (up_proj, 4, 16)))
+    q = bitcliff.quantize(copy.deepcopy(fp), config, progress=False)
+    report = bitcliff.diagnose(fp, q, evaluation, options=DiagnoseOptions.fast(), progress=False)
+    repaired = copy.deepcopy(q)
+    plan = bitcliff.plan_repair(report, budget=0.5, methods=methods)
+    result = bitcliff.repair(fp, repaired, calib, plan, progress=False)
+    assert result.record.bits <= 0.5 * quantized_weights(q)
+    assert _logit_error(fp, repaired, calib) < _logit_error(fp, q, calib)
+    for name, module in repaired.named_modules():
+        if isinstance(module, QuantLinear):
+            own = config.for_module(name)
+            assert module.group_size == own.group_size, name
+            restored = next(m.restored_bits for m in result.record.modules if m.module == name)
+            assert module.bits == (restored or own.bits), name
+    if methods == ["outliers"]:
+        entries = {m.module: m for m in result.record.modules}
+        assert entries[k_proj].outliers and entries["model.layers.0.self_attn.q_proj"].outliers
+    back = bitcliff.load(bitcliff.save(repaired, tmp_path / "r"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(evaluation).logits, repaired(evaluation).logits, rtol=0, atol=1e-5)
