@@ -12,6 +12,10 @@ For bits 2, 3, 4 and symmetric/asymmetric grids, two directions:
   saves it in its default format, v1 ``gptq``; the same quantized layers are then converted with
   GPTQModel's own v1->v2 routine and saved again as ``gptq_v2``.  ``bitcliff.load`` reads both.
 
+And ``mixed->peer``: bitcliff's mixed precision (``quantize --avg-bits``, ``--avg-bits 3.5`` here)
+gives modules different bits and group sizes, stored as ``quantization_config["dynamic"]``
+entries; GPTQModel must build every module at its own setting.
+
 Every folder is then read by both implementations and compared:
 
 * dequantized weights of every quantized layer, both in fp16 (``scales * (q - zero)``): must be
@@ -345,6 +349,33 @@ def bitcliff_to_peer(model_dir: Path, bits: int, sym: bool, group_size: int, wor
     return rows
 
 
+def mixed_to_peer(model_dir: Path, average_bits: float, calib_ids, work: Path, eval_ids) -> list[dict]:
+    """Mixed precision with bitcliff (``quantize --avg-bits``: RTN, each module's bits and group
+    size chosen by sensitivity on ``calib_ids``), saved in bitcliff's default format with the
+    per-module settings in ``quantization_config["dynamic"]``, read back with both sides."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import bitcliff
+    from bitcliff.quant.mixed import choose_widths
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    mixed = choose_widths(model, bitcliff.QuantConfig(), average_bits, calib_ids)
+    bitcliff.quantize(model, mixed.config, progress=False)
+    folder = work / f"bitcliff-mixed{average_bits:g}"
+    bitcliff.save(model, folder, tokenizer=tokenizer, overwrite=True)
+    fmt = json.loads((folder / "config.json").read_text())["quantization_config"]["checkpoint_format"]
+    row = {"direction": "bitcliff->peer", "bits": f"mixed {mixed.average_bits:.2f}", "sym": False,
+           "group_size": mixed.config.group_size, "checkpoint_format": fmt, "default_format": True,
+           "settings": mixed.summary(), "dynamic_entries": len(mixed.config.module_widths)}
+    row.update(cross_read(folder, eval_ids))
+    row.pop("_bitcliff_weights", None)
+    row["verdict"] = _verdict(row)
+    _print_row(row)
+    return [row]
+
+
 def peer_to_bitcliff(
     model_dir: Path, bits: int, sym: bool, group_size: int, calib_ids, work: Path, eval_ids
 ) -> list[dict]:
@@ -473,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M), 'tiny', or a model folder")
     parser.add_argument("--settings", type=_parse_settings, default=ALL_SETTINGS,
                         help="comma list of BITS:sym|asym (default: all six)")
-    parser.add_argument("--directions", default="bitcliff->peer,peer->bitcliff")
+    parser.add_argument("--directions", default="bitcliff->peer,peer->bitcliff,mixed->peer")
+    parser.add_argument("--avg-bits", type=float, default=3.5, help="mixed->peer: the average bits per weight")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -509,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
             for bits, sym in args.settings:
                 print(f"bitcliff->peer w{bits} {'sym' if sym else 'asym'}", flush=True)
                 rows += bitcliff_to_peer(model_dir, bits, sym, args.group_size, work, evals)
+        if "mixed->peer" in directions:
+            print(f"mixed->peer: bitcliff quantize --avg-bits {args.avg_bits:g} (RTN)", flush=True)
+            rows += mixed_to_peer(model_dir, args.avg_bits, calib, work, evals)
         if "peer->bitcliff" in directions:
             for bits, sym in args.settings:
                 print(f"peer->bitcliff w{bits} {'sym' if sym else 'asym'} (GPTQ)", flush=True)

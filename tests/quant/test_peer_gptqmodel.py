@@ -54,3 +54,11 @@ def test_gptqmodel_checkpoint_loads_in_bitcliff(tmp_path):
     assert rows[0]["written_checkpoint_format"] == "gptq"  # GPTQModel's default save format is v1
     assert rows[0]["zeros_eq_0"] or rows[1]["zeros_eq_0"], "no zero point of 0: the v1 '-1' case went untested"
     _assert_rows_pass(rows)
+
+
+def test_a_mixed_precision_checkpoint_loads_in_gptqmodel(tmp_path):
+    model_dir = peer.build_tiny_model(tmp_path / "fp", nonnegative_rows=0)
+    calib_ids, eval_ids = peer.random_ids(model_dir, 4, 64)
+    rows = peer.mixed_to_peer(model_dir, 3.5, calib_ids, tmp_path, eval_ids)
+    assert rows[0]["dynamic_entries"] > 0, "no module was set apart: the dynamic entries went untested"
+    _assert_rows_pass(rows)
