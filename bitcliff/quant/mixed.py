@@ -167,21 +167,19 @@ def choose_widths(model: nn.Module, base: QuantConfig, average_bits: float, cali
     settings = settings or candidate_settings()
     if not 0 < average_bits <= 16:
         raise ValueError(f"average bits must lie in (0, 16], got {average_bits!r}")
-    names = [name for name, _ in quantizable_linears(model, base)]
-    if not names:
+    linears = quantizable_linears(model, base)
+    if not linears:
         raise ValueError("the model has no nn.Linear layers left to quantize with this config")
-    fisher = fisher_diagonal(model, names, calib_ids[:SENSITIVITY_WINDOWS], progress=progress)
-    options, weights = {}, {}
-    for name in names:
-        weight = model.get_submodule(name).weight.detach()
-        options[name] = module_options(weight, fisher.pop(name), base, name, settings)
-        weights[name] = weight.numel()
-    try:
-        choice = allocate(options, average_bits * sum(weights.values()))
-    except ValueError:
-        floor = sum(min(o.cost for o in opts) for opts in options.values()) / sum(weights.values())
+    weights = {name: linear.weight.numel() for name, linear in linears}
+    floor = sum(min(replace(base, bits=b, group_size=g, module_widths=()).effective_bits(linear.in_features)
+                    for b, g in settings) * weights[name] for name, linear in linears) / sum(weights.values())
+    if average_bits < floor * (1 - 1e-12):  # refused before the sensitivity pass, which is the long part
         raise ValueError(f"average bits {average_bits:g} is below the cheapest choice of every module, {floor:.3f} "
-                         "bits per weight") from None
+                         "bits per weight")
+    fisher = fisher_diagonal(model, list(weights), calib_ids[:SENSITIVITY_WINDOWS], progress=progress)
+    options = {name: module_options(linear.weight.detach(), fisher.pop(name), base, name, settings)
+               for name, linear in linears}
+    choice = allocate(options, average_bits * sum(weights.values()))
     held: dict[tuple[int, int], int] = {}
     for name, option in choice.items():
         held[(option.bits, option.group_size)] = held.get((option.bits, option.group_size), 0) + weights[name]
