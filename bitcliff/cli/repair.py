@@ -13,8 +13,10 @@ from bitcliff.cli.common import (
     check_model_arg,
     check_out,
     check_text_arg,
+    nonnegative_int,
     positive_int,
 )
+from bitcliff.repairs.plan import REFINE_ROUNDS
 
 DEFAULT_BUDGET = 0.25
 
@@ -27,12 +29,15 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="default", help="the full-precision model the checkpoint was quantized from")
     p.add_argument("--quantized", required=True, help="the quantized checkpoint folder")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
-                   help="extra bits per quantized weight the repairs may store (adapter factors, restored "
+                   help="extra bits per quantized weight the repairs may store (sparse outliers, adapter factors, restored "
                         "precision, added biases)")
     p.add_argument("--diagnosis", help="a diagnosis.json of this checkpoint to reuse (else it is diagnosed first)")
     p.add_argument("--methods", help=f"force these repairs, comma-separated: {','.join(method_names())} "
                                      "(default: chosen by the verdict)")
     p.add_argument("--rank", type=positive_int, help="one low-rank rank for every module (default: allocated by measured benefit)")
+    p.add_argument("--refine-rounds", type=nonnegative_int, default=REFINE_ROUNDS, metavar="R",
+                   help="low rank: re-quantize each module around its factors and refit them, R times "
+                        "(alternating refinement; 0: keep the checkpoint's codes)")
     p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki', 'canterbury' (embedded) or a UTF-8 file")
     p.add_argument("--calib-samples", type=positive_int, default=64, help="calibration windows")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window")
@@ -98,13 +103,13 @@ def run(args: argparse.Namespace) -> int:
         outcome = diagnose_and_repair(
             fp_model, q_model, calibration_windows(tokenizer, text, args.calib_samples, args.seq_len), args.budget,
             diagnosis=report, examples=None if report is not None else evaluation_windows(tokenizer, text, 16, 256),
-            methods=methods, rank=args.rank, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
+            methods=methods, rank=args.rank, refine_rounds=args.refine_rounds, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
             out=out, tokenizer=tokenizer, overwrite=args.overwrite, on_plan=show, name=Path(args.quantized).name,
             record_extra={"text": args.text_file, "quantized": str(args.quantized), "model": args.model,
                           "device": describe(args.device)},
         )
     except PlanError as exc:
-        raise UsageError(f"--budget/--methods/--rank: {exc}") from None
+        raise UsageError(f"--budget/--methods/--rank/--refine-rounds: {exc}") from None
     if outcome.result is None:
         print("nothing to repair; nothing written")
         return 0

@@ -16,10 +16,12 @@ signal and is never better on this objective (tested).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from bitcliff.quant.gptq import gptq_quantize
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.repairs.budget import FP16_BITS
 from bitcliff.repairs.registry import GroupRepair, PlanContext, Planned, Repair
@@ -191,7 +193,11 @@ class LowRankCompensation(Repair):
         if planned < available * (1 - 1e-9) and planned >= sum(layer_cap.values()) * (1 - 1e-9):
             reason += (f"; that is all it can store: rank {max_rank} on every module, the most this repair "
                        f"fits ({(available - planned) / ctx.weights:.4f} bits/weight of the budget left unspent)")
-        step = {"layer_bits": {str(k): v for k, v in layer_bits.items()}, "rank": rank, "max_rank": max_rank}
+        refine = int(ctx.options.get("refine_rounds") or 0)
+        if refine:
+            reason += f"; {refine} rounds of re-quantizing each module around its factors"
+        step = {"layer_bits": {str(k): v for k, v in layer_bits.items()}, "rank": rank, "max_rank": max_rank,
+                "refine_rounds": refine}
         return Planned(step, sum(layer_bits.values()), reason)
 
     def cheapest(self, ctx: PlanContext) -> float | None:
@@ -250,10 +256,45 @@ class LowRankCompensation(Repair):
         for rel, r in ranks.items():
             if r:
                 module, solution = solutions[rel]
-                module.set_lowrank(*solution.factors(r))
+                factors = solution.factors(r)
+                if step.get("refine_rounds"):
+                    module, factors = _refine(group, rel, module, factors, step["refine_rounds"], shared)
+                    group.modules[rel] = module
+                module.set_lowrank(*factors)
                 group.entries[rel].rank = r
                 group.entries[rel].bits += lowrank_bits(r, module.in_features, module.out_features)
         return spent
+
+
+def _refine(group: GroupRepair, rel: str, module: QuantLinear, factors: tuple[torch.Tensor, torch.Tensor],
+            rounds: int, root: torch.Tensor) -> tuple[QuantLinear, tuple[torch.Tensor, torch.Tensor]]:
+    """Alternating refinement: ``rounds`` times, re-quantize ``W − BA`` by GPTQ on the group's
+    inputs at the module's own setting, then refit the factors (same rank) to the new error.  A
+    round is kept only when it lowers the output error ``tr((W − Ŵ − BA) C (W − Ŵ − BA)ᵀ)``, so
+    refinement never makes a module worse on its calibration inputs.  A module holding sparse
+    outliers keeps its codes (their corrections belong to those codes).
+
+    Returns the module holding the best codes (a new ``QuantLinear`` when a round was kept) and
+    its factors ``(A fp32 [r, K], B fp32 [N, r])``."""
+    if module.outlier_values is not None:
+        return module, factors
+    target, covariance = group.targets[rel], group.covariance
+    name = f"{group.name}.{rel}"
+    config = dataclasses.replace(group.config.for_module(name), method="gptq")
+    a, b = factors
+    best = output_error(target - module.dequantize() - b @ a, covariance)
+    for _ in range(rounds):
+        result = gptq_quantize(target - b @ a, group.statistics.hessian(), config, name=name)
+        dequantized = result.qweight.dequantize()
+        solution = lowrank_solution(target - dequantized, covariance, a.shape[0], root=root)
+        new_a, new_b = solution.factors(a.shape[0])
+        error = output_error(target - dequantized - new_b @ new_a, covariance)
+        if error >= best:
+            break
+        best, a, b = error, new_a, new_b
+        bias = module.bias.float() if module.bias is not None else None
+        module = QuantLinear.from_quantized(result.qweight, config.group_size, bias, name).to(target.device)
+    return module, (a, b)
 
 
 REPAIR = LowRankCompensation()

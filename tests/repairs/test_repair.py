@@ -196,3 +196,29 @@ def test_a_mixed_precision_model_is_repaired_at_each_modules_own_setting(setup, 
     back = bitcliff.load(bitcliff.save(repaired, tmp_path / "r"))
     with torch.no_grad():
         torch.testing.assert_close(back(evaluation).logits, repaired(evaluation).logits, rtol=0, atol=1e-5)
+
+
+def test_alternating_refinement_never_raises_a_modules_error_and_loads_back(setup, tmp_path):
+    """Low rank with rounds of re-quantizing ``W − BA``: every module's output error after the repair
+    is at most what the factors alone leave, and the new codes and factors load back exactly."""
+    fp, q, calib, evaluation, report = setup
+    plain, refined = copy.deepcopy(q), copy.deepcopy(q)
+    base = bitcliff.repair(fp, plain, calib, bitcliff.plan_repair(report, 0.5, methods=["lowrank"], refine_rounds=0),
+                           progress=False)
+    plan = bitcliff.plan_repair(report, 0.5, methods=["lowrank"], refine_rounds=2)
+    result = bitcliff.repair(fp, refined, calib, plan, progress=False)
+    assert result.record.bits <= 0.5 * quantized_weights(q)
+    changed = [n for n, m in refined.named_modules() if isinstance(m, QuantLinear)
+               and not torch.equal(m.qweight, q.get_submodule(n).qweight)]
+    assert changed, "no round was kept: the refinement went untested"
+    for entry in result.record.modules:
+        assert entry.error_after <= entry.error_before * (1 + 1e-6) + 1e-9
+    assert _logit_error(fp, refined, calib) < _logit_error(fp, q, calib)
+    assert sum(e.error_after for e in result.record.modules) < sum(e.error_after for e in base.record.modules)
+    back = bitcliff.load(bitcliff.save(refined, tmp_path / "r"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(evaluation).logits, refined(evaluation).logits, rtol=0, atol=1e-5)
+    from bitcliff.repairs.plan import PlanError
+
+    with pytest.raises(PlanError, match="refine_rounds"):
+        bitcliff.plan_repair(report, 0.5, methods=["lowrank"], refine_rounds=-1)
