@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 
 from bitcliff import rows as rows_file
 
-MARKERS = {"plan": "o", "lowrank": "s", "restore": "^", "heuristic": "v", "eora": "D", "bias": "P", "norm": "X"}
+MARKERS = {"plan": "o", "lowrank": "s", "restore": "^", "heuristic": "v", "eora": "D", "bias": "P", "norm": "X",
+           "outliers": "*", "mixed": "h"}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -86,8 +87,9 @@ def markdown(rows: list[dict], texts=("wiki", "canterbury")) -> str:
                                          r["variant"])):
         bpw = bits_per_weight(r)
         uniform = uniform_ppl(rows, r["method"], bpw, "wiki") if r["variant"] != "none" else float("nan")
+        variant = r["variant"] + (f" (calib windows {r['calib_offset']}+)" if r.get("calib_offset") else "")
         lines.append(
-            f"| {r['method'].upper()} W{r['bits']} g{r['group_size']} | {r['variant']} | {r['bits_spent']:.3f} | "
+            f"| {r['method'].upper()} W{r['bits']} g{r['group_size']} | {variant} | {r['bits_spent']:.3f} | "
             f"{bpw:.2f} | " + " | ".join(f"{r['ppl'][t]:.2f}" for t in texts) + " | " +
             " | ".join(f"{r['recovery'][t]:.0%}" if r["variant"] != "none" else "" for t in texts) + " | " +
             (f"{uniform:.2f}" if uniform == uniform else "") + " | " + (f"{r['seconds']:.0f}" if "seconds" in r else "")
@@ -100,10 +102,11 @@ def main(argv=None) -> int:
     parser.add_argument("table", type=Path, help="a repair table (JSON lines, bench/repair_table.py)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--method", default="gptq", help="plot this quantization method's rows (one scale)")
+    parser.add_argument("--model", default="default", help="this model's rows")
     args = parser.parse_args(argv)
-    rows = [r for r in read_rows(args.table) if r["method"] == args.method]
+    rows = [r for r in read_rows(args.table) if r["method"] == args.method and r["model"] == args.model]
     if not rows:
-        parser.error(f"{args.table} holds no finished {args.method} rows")
+        parser.error(f"{args.table} holds no finished {args.model} {args.method} rows")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows).savefig(args.out, dpi=120)
     print(markdown(rows))

@@ -20,6 +20,12 @@ Variants:
   ffn_up > ffn_gate > attn_o > attn_q > attn_k; within a kind the layers llama.cpp's
   ``use_more_bits`` favours first: the first and last eighth and every third layer between,
   then the rest in order) to the same bits the plan would use, within the budget.
+* ``mixed``: no repair: the full-precision model quantized again with mixed precision
+  (``bitcliff quantize --avg-bits``, :mod:`bitcliff.quant.mixed`) at the quantized model's bits
+  per weight plus the budget: every module's width and group size chosen by Fisher-weighted
+  error, the strongest use of the same bits that is not a repair.
+* ``mixed+plan``: mixed precision at the quantized model's own bits per weight, then the
+  diagnosis's plan (diagnosed anew, on the same windows as the others) with the budget.
 * ``eora``: EoRA's published closed form (Liu et al. 2024; the one GPTQModel implements): one
   rank for every module, the largest the budget pays for, the output-error-optimal factors of
   ``W - Ŵ`` (``repairs.lowrank.lowrank_solution``: the same minimiser EoRA's eigen-whitened SVD
@@ -108,6 +114,17 @@ def apply_eora(fp_model, q_model, calib: torch.Tensor, budget: float) -> tuple[i
     return rank, rank * per_rank / weights
 
 
+def quantize_mixed(fp_model, config, average_bits: float, calib: torch.Tensor):
+    """The full-precision model quantized by ``config``'s method with mixed precision
+    (``bitcliff quantize --avg-bits``) at ``average_bits``; returns ``(model, MixedPrecision)``."""
+    import bitcliff
+    from bitcliff.quant.mixed import choose_widths
+
+    mixed = choose_widths(fp_model, config, average_bits, calib)
+    gptq_inputs = {"calib_ids": calib[:64]} if config.method == "gptq" else {}
+    return bitcliff.quantize(copy.deepcopy(fp_model), mixed.config, progress=False, **gptq_inputs), mixed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
@@ -118,6 +135,9 @@ def main(argv=None) -> int:
                         help="none at all: only the quantized model's own row (a point of the uniform-bits curve)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--calib", type=int, default=32, help="calibration windows for the repairs")
+    parser.add_argument("--calib-offset", type=int, default=0,
+                        help="the repairs calibrate on windows [offset, offset + calib) of the 64 GPTQ saw: "
+                             "another draw, for the spread of a row")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-repair"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -130,11 +150,14 @@ def main(argv=None) -> int:
     from bitcliff.repairs.plan import PlanError
     from bitcliff.repairs.run import PLANNING_DIAGNOSIS, diagnose_and_repair, recovery
 
-    done = done_keys(args.out, ("model", "method", "bits", "group_size", "budget", "variant"))
+    done = {key[:-1] for key in done_keys(args.out, ("model", "method", "bits", "group_size", "budget", "variant",
+                                                      "calib_offset"))
+            if key[-1] in (None, args.calib_offset)}
     fp, tokenizer, path = load_fp_model(args.model)
     texts = {name: load_text(name) for name in TEXTS}
     evals = {name: evaluation_windows(tokenizer, text, 16, 512) for name, text in texts.items()}
-    calib = calibration_windows(tokenizer, texts["wiki"], max(args.calib, 64), 512)
+    calib = calibration_windows(tokenizer, texts["wiki"], max(args.calib + args.calib_offset, 64), 512)
+    repair_calib = calib[args.calib_offset: args.calib_offset + args.calib]
     fp_ppl = {name: evaluate_ppl(fp, ids, progress=False)["ppl"] for name, ids in evals.items()}
     k = fp.config.hidden_size
     for method in args.methods:
@@ -142,7 +165,7 @@ def main(argv=None) -> int:
             config = bitcliff.QuantConfig(bits=bits, group_size=args.group_size, method=method)
             folder = args.work / f"{args.model}-{config.describe()}"
             if not (folder / "config.json").is_file():
-                model = bitcliff.quantize(copy.deepcopy(fp), config, calib_ids=calib) if method == "gptq" \
+                model = bitcliff.quantize(copy.deepcopy(fp), config, calib_ids=calib[:64]) if method == "gptq" \
                     else bitcliff.quantize(copy.deepcopy(fp), config)
                 bitcliff.save(model, folder, tokenizer=tokenizer, overwrite=True)
             q = bitcliff.load(folder)
@@ -171,15 +194,26 @@ def main(argv=None) -> int:
                     start = time.perf_counter()
                     extra = {}
                     try:
-                        if variant == "eora":
-                            rank, spent = apply_eora(fp, repaired, calib[: args.calib], budget)
+                        if variant == "mixed":
+                            repaired, mixed = quantize_mixed(fp, config, config.effective_bits(k) + budget, calib)
+                            spent = mixed.average_bits - config.effective_bits(k)
+                            extra["settings"] = mixed.summary()
+                        elif variant == "mixed+plan":
+                            repaired, mixed = quantize_mixed(fp, config, config.effective_bits(k), calib)
+                            outcome = diagnose_and_repair(fp, repaired, repair_calib, budget,
+                                                          examples=evaluation_windows(tokenizer, texts["wiki"], 16, 256))
+                            spent = mixed.average_bits - config.effective_bits(k) + outcome.result.bits_per_weight
+                            extra["settings"] = mixed.summary()
+                            extra["methods"] = list(outcome.plan.methods)
+                        elif variant == "eora":
+                            rank, spent = apply_eora(fp, repaired, repair_calib, budget)
                             extra["rank"] = rank
                         else:
                             if variant == "heuristic":
                                 plan = heuristic_plan(diagnosis, budget)
-                                result = bitcliff.repair(fp, repaired, calib[: args.calib], plan, progress=False)
+                                result = bitcliff.repair(fp, repaired, repair_calib, plan, progress=False)
                             else:
-                                outcome = diagnose_and_repair(fp, repaired, calib[: args.calib], budget,
+                                outcome = diagnose_and_repair(fp, repaired, repair_calib, budget,
                                                               diagnosis=diagnosis,
                                                               methods=None if variant == "plan" else [variant])
                                 plan, result = outcome.plan, outcome.result
@@ -195,7 +229,8 @@ def main(argv=None) -> int:
                     ppl = {name: evaluate_ppl(repaired, ids, progress=False)["ppl"] for name, ids in evals.items()}
                     row = {**base, "budget": budget, "variant": variant, "bits_spent": spent, "ppl": ppl,
                            "recovery": {t: recovery(fp_ppl[t], q_ppl[t], ppl[t]) for t in TEXTS},
-                           "seconds": round(seconds, 1), "calib_windows": args.calib, **extra,
+                           "seconds": round(seconds, 1), "calib_windows": args.calib,
+                           "calib_offset": args.calib_offset, **extra,
                            "commit": commit(short=True), "date": now()}
                     append_row(args.out, row)
                     print(f"{args.model} {method} w{bits} +{budget:g} {variant:>9}: bits {spent:.4f} "
