@@ -9,12 +9,17 @@ The verdict decides the kind of repair (the seed papers' claim, tested in docs/r
   ``local_update_error``) times its weights; inside a layer the repair walk spends its share on
   the measured spectra.  (Bias correction is available with ``methods``, not chosen: see
   :data:`AUTO_METHODS`.)
-* **computation collapse** (components stop functioning early): *structure first*.  Whole
-  components (a layer's attention or MLP) are restored to more bits, those that stopped
-  functioning first: local F(c) below the verdict's threshold in the early third of the layers,
-  earliest layer first, then every other component by ascending F(c).  What the budget leaves
-  goes to compensation as above.
-* **mixed**: half the budget each way; **healthy**: nothing.
+* **computation collapse** (components stop functioning early): *compensation as well*.  The
+  seed's answer was structure first, and it lost where it was tested: on SmolLM2 RTN W2 (the
+  clean collapse) restoring the collapsed components first and compensating with the rest gave
+  ppl 32,478 at +0.5 bits and 1,076 at +1.0, where sparse outliers alone (every group re-solved
+  by GPTQ on the repaired inputs, the costliest weights kept exact) gave 221 and 168
+  (docs/repair.md).  Structure is still planned with ``methods`` (``restore``): whole
+  components (a layer's attention or MLP) restored to more bits, those that stopped functioning
+  first: local F(c) below the verdict's threshold in the early third of the layers, earliest
+  layer first, then every other component by ascending F(c).
+* **mixed**: half the budget to structure, half to compensation (not measured against
+  compensation alone yet); **healthy**: nothing.
 
 Every choice carries its reason, citing the evidence (a test holds the restored components to
 the ones the evidence names).  Costs are exact, in extra bits per quantized weight.
@@ -134,7 +139,7 @@ def _structural_share(label: str, methods: tuple[str, ...], forced: bool) -> flo
     forced methods, all of it without compensation beside them and half with."""
     kinds = {repairs()[m].kind for m in methods}
     if not forced:
-        return {"collapse": 1.0, "mixed": 0.5}.get(label, 0.0)
+        return {"mixed": 0.5}.get(label, 0.0)  # collapse: compensation measured better (module docstring)
     if "structure" not in kinds:
         return 0.0
     return 1.0 if "compensation" not in kinds else 0.5

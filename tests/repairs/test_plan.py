@@ -32,15 +32,24 @@ def test_collapse_restores_the_components_the_evidence_names_early_layers_first(
     data = _diagnosis("collapse", [0.10, 0.20, 0.60, 0.50, 0.05, 0.70])
     module = costs.width_change_bits(64, 64, (2, 32), (4, 32))
     weights = 6 * 7 * 64 * 64
-    plan = plan_repair(data, budget=16.5 * module / weights)  # layers 0 and 1 (14 modules) and a bit more
+    plan = plan_repair(data, budget=16.5 * module / weights, methods=["restore"])  # layers 0, 1 (14 modules) and a bit
     restored_layers = sorted({int(name.split(".")[2]) for name in plan.restore})
     assert restored_layers == [0, 1]  # the early, non-functioning ones before layer 4's lower F
     assert len(plan.restore) == 14
-    plan = plan_repair(data, budget=17.5 * module / weights)  # and then layer 4's MLP (3 modules) fits
+    plan = plan_repair(data, budget=17.5 * module / weights, methods=["restore"])  # then layer 4's MLP (3) fits
     assert sorted({int(name.split(".")[2]) for name in plan.restore}) == [0, 1, 4]
     assert set(plan.restore.values()) == {4}
     assert "layer 0 attn: local F(c) 0.10 < 0.25 in the early third" in " ".join(plan.reasons)
     assert plan.planned_bits <= plan.budget * plan.weights + 1e-6
+
+
+def test_collapse_is_compensated_like_degradation_unless_restoration_is_asked_for():
+    data = _diagnosis("collapse", [0.10, 0.20, 0.60, 0.50, 0.05, 0.70])
+    plan = plan_repair(data, budget=1.0)
+    assert plan.restore == {} and plan.methods == ("norm", "outliers")
+    assert plan.planned_bits == pytest.approx(plan.weights)
+    mixed = plan_repair(_diagnosis("mixed", [0.10, 0.20, 0.60, 0.50, 0.05, 0.70]), budget=1.0)
+    assert mixed.restore and "outliers" in mixed.methods  # half each way
 
 
 def test_degradation_compensates_and_restores_nothing():
