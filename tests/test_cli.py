@@ -159,6 +159,7 @@ def test_quantize_avg_bits_mixes_widths_and_stores_them_as_dynamic(tiny_folder, 
 
 @pytest.mark.parametrize("extra,message", [
     (["--avg-bits", "3", "--group-size", "64"], "--avg-bits chooses each module's group size"),
+    (["--avg-bits", "3", "--group-size=128"], "--avg-bits chooses each module's group size"),
     (["--avg-bits", "3", "--method", "gptq", "--streaming"], "cannot run with --streaming"),
     (["--avg-bits", "1.5"], "--avg-bits: average bits 1.5 is below the cheapest choice"),
 ])

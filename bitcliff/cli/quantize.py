@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, args.bits or max(SUPPORTED_BITS), args.group_size)
     check_model_arg(args.model)
     check_text_arg(args.text_file)
-    if args.avg_bits is not None and "--group-size" in args.argv:
+    if args.avg_bits is not None and without_option(args.argv, "--group-size") != args.argv:
         raise UsageError(f"--avg-bits chooses each module's group size among {', '.join(map(str, GROUP_SIZES))}; "
                          "drop --group-size")
     if args.avg_bits is not None and args.streaming:

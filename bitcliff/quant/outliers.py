@@ -122,6 +122,8 @@ class SparseOutliers:
         return SparseOutliers(self.crow.to(device), self.col.to(device), self.values.to(device), self.shape)
 
 
-def outlier_budget(bits: float, n_rows: int, index_bits: int = 16) -> int:
-    """How many corrections ``bits`` buy in an ``n_rows``-row layer, its row pointers paid first."""
-    return max(0, int((bits - (n_rows + 1) * ROW_POINTER_BITS) // (16 + index_bits)))
+def outlier_budget(bits: float, n_rows: int | list[int], index_bits: int = 16) -> int:
+    """How many corrections ``bits`` buy in an ``n_rows``-row layer (or several layers of these
+    row counts, each with its own CSR), their row pointers paid first."""
+    pointers = sum(n + 1 for n in ([n_rows] if isinstance(n_rows, int) else n_rows)) * ROW_POINTER_BITS
+    return max(0, int((bits - pointers) // (16 + index_bits)))

@@ -27,6 +27,8 @@ def fisher_diagonal(model: nn.Module, names: list[str], calib_ids: torch.Tensor,
         calib_ids: int64 ``[n_windows, seq_len]``; each window's mean next-token loss gives one
             gradient sample.
         progress: show a tqdm bar over the windows.
+    Memory: beside the model, one gradient of every ``names`` weight (in the weights' dtype) and
+    the float32 sums: about the model's size twice more for fp32 weights.
     Returns:
         Per name, float32 ``[N, K]`` (the weight's shape): the sum over windows of the squared
         gradient.

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from bitcliff.quant.gptq import gptq_quantize, split_result
-from bitcliff.quant.outliers import ENTRY_BITS, ROW_POINTER_BITS
+from bitcliff.quant.outliers import ENTRY_BITS, ROW_POINTER_BITS, outlier_budget
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.repairs.lowrank import output_error
 from bitcliff.repairs.registry import GroupRepair, PlanContext, Planned, Repair
@@ -85,8 +85,7 @@ class SparseOutlierCompensation(Repair):
         """Re-solve ``members`` (one width, ``own``) keeping as many weights exact as ``share``
         bits buy; returns the bits spent (0 when the re-solve is no better than what they hold)."""
         sizes = [group.modules[rel].out_features for rel in members]
-        pointers = sum(n + 1 for n in sizes) * ROW_POINTER_BITS  # every member keeps its own CSR
-        count = max(0, int((share - pointers) // ENTRY_BITS))
+        count = outlier_budget(share, sizes)  # every member keeps its own CSR
         if count <= 0:
             return 0.0
         weight = torch.cat([group.targets[rel] for rel in members])
