@@ -15,7 +15,9 @@ Variants:
 
 * ``none``: the quantized model itself (budget 0): the uniform-bits curve's points.
 * ``plan``: ``bitcliff.plan_repair(diagnosis, budget)``, the diagnosis-chosen repairs.
-* ``bias``, ``norm``, ``lowrank``, ``restore``: that repair alone, at the budget.
+* ``bias``, ``norm``, ``lowrank``, ``restore``: that repair alone, at the budget; ``a+b``: those
+  repairs together (forced, so the plan's shares for forced methods apply).  A suffix ``@qB``
+  (``lowrank@q4``, ``plan@q3``) stores the low-rank factors at B bits (``plan_repair(factor_bits=B)``).
 * ``heuristic``: precision restoration by llama.cpp's fixed tensor priority (ffn_down > attn_v >
   ffn_up > ffn_gate > attn_o > attn_q > attn_k; within a kind the layers llama.cpp's
   ``use_more_bits`` favours first: the first and last eighth and every third layer between,
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     from bitcliff.data import calibration_windows, evaluation_windows
     from bitcliff.eval import evaluate_ppl
     from bitcliff.models import load_fp_model
-    from bitcliff.repairs.plan import PlanError
+    from bitcliff.repairs.plan import FACTOR_BITS, PlanError
     from bitcliff.repairs.run import PLANNING_DIAGNOSIS, diagnose_and_repair, recovery
 
     done = {key[:-1] for key in done_keys(args.out, ("model", "method", "bits", "group_size", "budget", "variant",
@@ -213,9 +215,11 @@ def main(argv=None) -> int:
                                 plan = heuristic_plan(diagnosis, budget)
                                 result = bitcliff.repair(fp, repaired, repair_calib, plan, progress=False)
                             else:
+                                chosen, _, width = variant.partition("@q")
                                 outcome = diagnose_and_repair(fp, repaired, repair_calib, budget,
                                                               diagnosis=diagnosis,
-                                                              methods=None if variant == "plan" else [variant])
+                                                              methods=None if chosen == "plan" else chosen.split("+"),
+                                                              factor_bits=int(width) if width else FACTOR_BITS)
                                 plan, result = outcome.plan, outcome.result
                             modules = result.record.modules if result is not None else []  # None: nothing planned
                             spent = result.bits_per_weight if result is not None else 0.0

@@ -16,7 +16,8 @@ from bitcliff.cli.common import (
     nonnegative_int,
     positive_int,
 )
-from bitcliff.repairs.plan import REFINE_ROUNDS
+from bitcliff.quant.factors import FACTOR_WIDTHS
+from bitcliff.repairs.plan import FACTOR_BITS, REFINE_ROUNDS
 
 DEFAULT_BUDGET = 0.25
 
@@ -38,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--refine-rounds", type=nonnegative_int, default=REFINE_ROUNDS, metavar="R",
                    help="low rank: re-quantize each module around its factors and refit them, R times "
                         "(alternating refinement; 0: keep the checkpoint's codes)")
+    p.add_argument("--factor-bits", type=int, choices=FACTOR_WIDTHS, default=FACTOR_BITS, metavar="B",
+                   help="low rank: store its factors at B bits, 2, 3 or 4 with group scales (lowrank.safetensors), or "
+                        "16 (fp16, a PEFT LoRA adapter)")
     p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki', 'canterbury' (embedded) or a UTF-8 file")
     p.add_argument("--calib-samples", type=positive_int, default=64, help="calibration windows")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window")
@@ -103,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         outcome = diagnose_and_repair(
             fp_model, q_model, calibration_windows(tokenizer, text, args.calib_samples, args.seq_len), args.budget,
             diagnosis=report, examples=None if report is not None else evaluation_windows(tokenizer, text, 16, 256),
-            methods=methods, rank=args.rank, refine_rounds=args.refine_rounds, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
+            methods=methods, rank=args.rank, refine_rounds=args.refine_rounds,
+            factor_bits=args.factor_bits, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
             out=out, tokenizer=tokenizer, overwrite=args.overwrite, on_plan=show, name=Path(args.quantized).name,
             record_extra={"text": args.text_file, "quantized": str(args.quantized), "model": args.model,
                           "device": describe(args.device)},

@@ -30,11 +30,11 @@ class AdapterError(ValueError):
 
 
 def adapter_tensors(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(adapter_config, tensors)`` for the low-rank terms of ``model``'s ``QuantLinear`` s, or
-    ``({}, {})`` when there are none."""
+    """``(adapter_config, tensors)`` for the fp16 low-rank terms of ``model``'s ``QuantLinear`` s, or
+    ``({}, {})`` when there are none (quantized factors are stored by ``bitcliff.quant.factors``)."""
     ranks, tensors = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and module.lora_A is not None:
+        if isinstance(module, QuantLinear) and module.lora_A is not None and module.lowrank_factors is None:
             ranks[name] = module.rank
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach().cpu().to(torch.float16).contiguous()
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().cpu().to(torch.float16).contiguous()

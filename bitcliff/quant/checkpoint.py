@@ -48,6 +48,7 @@ from bitcliff.quant.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from bitcliff.quant.adapter import adapter_tensors, has_adapter, load_adapter
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.dynamic import dynamic_entries, dynamic_override, module_overrides
+from bitcliff.quant.factors import FACTORS_FILE, QuantizedFactors
 from bitcliff.quant.gptq_model import gptq_log, write_gptq_log
 from bitcliff.quant.outliers import OUTLIERS_FILE, SparseOutliers
 from bitcliff.quant.qlinear import QuantLinear
@@ -256,7 +257,8 @@ def save(
             repair's record).
     Modules stored unlike the config (restored to other bits or full precision) are listed in
     ``quantization_config["dynamic"]``; low-rank terms go beside the weights as a PEFT LoRA
-    adapter (:mod:`bitcliff.quant.adapter`), sparse outliers in ``outliers.safetensors``
+    adapter (:mod:`bitcliff.quant.adapter`) or, with quantized factors, in ``lowrank.safetensors``
+    (:mod:`bitcliff.quant.factors`), sparse outliers in ``outliers.safetensors``
     (:mod:`bitcliff.quant.outliers`; readers of GPTQ checkpoints that do not know it load the
     model without them).
     Returns:
@@ -276,6 +278,7 @@ def save(
     entries = gptq_log(model)
     lora_config, lora_tensors = adapter_tensors(model)
     sparse = outlier_tensors(model)
+    factors = factor_tensors(model)
 
     def fill(tmp: Path) -> None:
         save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
@@ -287,6 +290,8 @@ def save(
             save_tensors(lora_tensors, tmp / ADAPTER_WEIGHTS)
         if sparse:
             save_tensors(sparse, tmp / OUTLIERS_FILE)
+        if factors:
+            save_tensors(factors, tmp / FACTORS_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
@@ -403,7 +408,7 @@ def check_files_present(directory: Path) -> None:
         listed = json.loads((directory / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # not written by bitcliff (a peer's checkpoint): nothing to hold it to
-    needed = [f for f in listed if "/" not in f and (f in ("config.json", ADAPTER_CONFIG, ADAPTER_WEIGHTS, OUTLIERS_FILE)
+    needed = [f for f in listed if "/" not in f and (f in ("config.json", ADAPTER_CONFIG, ADAPTER_WEIGHTS, OUTLIERS_FILE, FACTORS_FILE)
                                                     or f.endswith(_MODEL_FILE_SUFFIXES))]
     missing = [f for f in needed if not (directory / f).is_file()]
     if missing:
@@ -549,6 +554,8 @@ def load(
         load_adapter(model, directory)
     if (directory / OUTLIERS_FILE).is_file():
         load_outliers(model, directory / OUTLIERS_FILE)
+    if (directory / FACTORS_FILE).is_file():
+        load_factors(model, directory / FACTORS_FILE)
     return model.to(device).eval()
 
 
@@ -579,6 +586,43 @@ def load_outliers(model: nn.Module, path: Path) -> int:
             module.set_outliers(SparseOutliers.from_tensors(tensors, name, (module.out_features, module.in_features)))
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: the outliers of {name} do not fit the checkpoint ({exc})") from None
+    return len(names)
+
+
+def factor_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantized low-rank factors of every ``QuantLinear`` that has some, as ``lowrank.safetensors`` holds them."""
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and module.lowrank_factors is not None:
+            tensors.update(module.lowrank_factors.tensors(name))
+    return tensors
+
+
+def load_factors(model: nn.Module, path: Path) -> int:
+    """Attach the quantized low-rank factors in ``path`` to ``model``'s ``QuantLinear`` s; returns how many.
+
+    Raises:
+        CheckpointError: an unreadable file, a module the model lacks or that is not quantized, a
+            module that also has fp16 factors in the adapter, or factors that do not fit their
+            layer (a file of another checkpoint).
+    """
+    tensors = read_tensors([path])
+    modules = dict(model.named_modules())
+    names = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, QuantLinear):
+            raise CheckpointError(f"{path}: it has low-rank factors for {name}, which is not a quantized linear of "
+                                  "the model")
+        if module.lora_A is not None:
+            raise CheckpointError(f"{path}: {name} also has low-rank factors in {ADAPTER_WEIGHTS}; a module holds one "
+                                  "low-rank term")
+        try:
+            module.set_quantized_lowrank(QuantizedFactors.from_tensors(
+                tensors, name, (module.out_features, module.in_features)))
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: the low-rank factors of {name} do not fit the checkpoint "
+                                  f"({type(exc).__name__}: {exc})") from None
     return len(names)
 
 

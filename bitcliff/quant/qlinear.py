@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -12,6 +14,9 @@ from bitcliff.kernels.pack import SUPPORTED_BITS, packed_length
 from bitcliff.kernels.reference import dequantize
 from bitcliff.quant.outliers import SparseOutliers
 from bitcliff.quant.qweight import QuantizedWeight
+
+if TYPE_CHECKING:  # factors.py quantizes with rtn.py, which builds QuantLinear s
+    from bitcliff.quant.factors import QuantizedFactors
 
 _OUTLIER_BUFFERS = ("outlier_crow", "outlier_col", "outlier_values")
 
@@ -27,7 +32,9 @@ class QuantLinear(nn.Module):
         bias: optional ``[N]`` (fp16 in checkpoints, any float dtype in memory).
         lora_A, lora_B: optional low-rank error compensation, fp16 ``[r, K]`` and ``[N, r]``
             (``bitcliff.repairs.lowrank``): the forward adds ``(x @ lora_Aᵀ) @ lora_Bᵀ``.  Stored
-            beside a checkpoint as a PEFT LoRA adapter, not among its tensors.
+            beside a checkpoint as a PEFT LoRA adapter, not among its tensors; or, when
+            ``lowrank_factors`` holds their quantized form (``bitcliff.quant.factors``), in
+            ``lowrank.safetensors`` (``lora_A``/``lora_B`` are then its dequantization).
         outlier_crow, outlier_col, outlier_values: optional sparse exact corrections of a few
             weights (``bitcliff.quant.outliers``, CSR ``[N, K]``): the forward adds ``x @ Sᵀ``.
             Stored beside a checkpoint in ``outliers.safetensors``.
@@ -83,6 +90,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self.lora_A: torch.Tensor | None = None
         self.lora_B: torch.Tensor | None = None
+        self.lowrank_factors: QuantizedFactors | None = None  # see set_lowrank
         self.outlier_crow = self.outlier_col = self.outlier_values = None  # see set_outliers
         self.capture = None
         self._layout: KernelLayout | cpu.CpuLayout | None = None
@@ -144,12 +152,16 @@ class QuantLinear(nn.Module):
         """Rank of the low-rank compensation (0 without one)."""
         return 0 if self.lora_A is None else self.lora_A.shape[0]
 
-    def set_lowrank(self, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Set the low-rank term ``B @ A`` (``a`` ``[r, K]``, ``b`` ``[N, r]``, stored as fp16), or
-        remove it with ``None``.  Raises ``ValueError`` naming the layer on a shape mismatch."""
+    def set_lowrank(self, a: torch.Tensor | None, b: torch.Tensor | None,
+                    quantized: QuantizedFactors | None = None) -> None:
+        """Set the low-rank term ``B @ A`` (``a`` ``[r, K]``, ``b`` ``[N, r]``, held as fp16), or
+        remove it with ``None``.  ``quantized``: the factors' stored form when they are quantized
+        (``a`` and ``b`` are then its dequantization; :meth:`set_quantized_lowrank`).  Raises
+        ``ValueError`` naming the layer on a shape mismatch."""
         for key in ("lora_A", "lora_B"):
             self._buffers.pop(key, None)
             self.__dict__.pop(key, None)
+        self.lowrank_factors = None
         if a is None or b is None:
             if (a is None) != (b is None):
                 raise ValueError(f"{self.name}: a low-rank term needs both factors")
@@ -167,6 +179,16 @@ class QuantLinear(nn.Module):
                              f"{min(self.in_features, self.out_features)}")
         self.register_buffer("lora_A", a.detach().to(torch.float16).contiguous())
         self.register_buffer("lora_B", b.detach().to(torch.float16).contiguous())
+        if quantized is not None:
+            if quantized.shape != (self.out_features, self.in_features) or quantized.rank != a.shape[0]:
+                raise ValueError(f"{self.name}: quantized low-rank factors of rank {quantized.rank} for a "
+                                 f"{list(quantized.shape)} layer do not fit this rank-{a.shape[0]} "
+                                 f"[{self.out_features}, {self.in_features}] term")
+            self.lowrank_factors = quantized
+
+    def set_quantized_lowrank(self, factors: QuantizedFactors) -> None:
+        """Set the low-rank term from quantized factors (held dequantized, stored quantized)."""
+        self.set_lowrank(*factors.dequantize(), quantized=factors)
 
     def set_outliers(self, outliers: SparseOutliers | None) -> None:
         """Set the sparse exact corrections (``outliers`` of this layer's ``[N, K]`` shape), or

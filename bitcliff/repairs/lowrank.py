@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitcliff.quant.factors import factor_matrix_bits, quantize_factors
 from bitcliff.quant.gptq import gptq_quantize
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.repairs.budget import FP16_BITS
@@ -121,9 +122,31 @@ def output_error(error: torch.Tensor, covariance: torch.Tensor) -> float:
     return float(((e @ covariance.double()) * e).sum())
 
 
-def lowrank_bits(rank: int, in_features: int, out_features: int) -> int:
-    """What fp16 factors ``A [r, K]`` and ``B [N, r]`` store."""
-    return FP16_BITS * rank * (in_features + out_features)
+def lowrank_bits(rank: int, in_features: int, out_features: int, factor_bits: int = FP16_BITS) -> int:
+    """What factors ``A [r, K]`` and ``B [N, r]`` store at ``factor_bits`` (16: fp16; 2-4: quantized
+    with group scales, :mod:`bitcliff.quant.factors`)."""
+    return factor_matrix_bits(rank, in_features, factor_bits) + factor_matrix_bits(rank, out_features, factor_bits)
+
+
+def fit_factors(error: torch.Tensor, covariance: torch.Tensor, rank: int, factor_bits: int,
+                root: torch.Tensor | None = None, solution: LowRankSolution | None = None):
+    """The rank-``rank`` correction of ``error`` as it will be stored.
+
+    Args:
+        error: ``[N, K]`` weight error; covariance: ``[K, K]`` input covariance; root: its
+            :func:`whitening`; solution: the error's :func:`lowrank_solution` when already computed.
+        factor_bits: 16 (fp16 factors) or 2-4 (quantized, ``B`` refitted to the rounded ``A``).
+    Returns:
+        ``(A fp32 [r, K], B fp32 [N, r], quantized)``: the factors the layer applies, and their
+        :class:`QuantizedFactors` (None for fp16).
+    """
+    if solution is None:
+        solution = lowrank_solution(error, covariance, rank, root=root)
+    a, b = solution.factors(rank)
+    if factor_bits == FP16_BITS:
+        return a, b, None
+    quantized = quantize_factors(a, b, factor_bits, error=error, covariance=covariance)
+    return *quantized.dequantize(), quantized
 
 
 def _fill(available: float, share: dict[int, float], cap: dict[int, float]) -> dict[int, float]:
@@ -164,6 +187,7 @@ class LowRankCompensation(Repair):
     def plan(self, ctx: PlanContext, available: float) -> Planned | None:
         rank = ctx.options.get("rank")
         max_rank = rank or ctx.options.get("max_rank", MAX_RANK)
+        width = ctx.options.get("factor_bits", FP16_BITS)
         if available <= 0:
             return None
         layer_weights, share = ctx.error_shares()
@@ -171,14 +195,14 @@ class LowRankCompensation(Repair):
         layer_cheapest: dict[int, int] = {}
         layer_cap = {layer: 0 for layer in layer_weights}  # every module at max_rank: the most a layer can store
         for _, layer, m in ctx.compensable():
-            cheapest = lowrank_bits(rank or RANK_STEP, m["in"], m["out"])
+            cheapest = lowrank_bits(rank or RANK_STEP, m["in"], m["out"], width)
             layer_cheapest[layer] = min(layer_cheapest.get(layer, cheapest), cheapest)
-            layer_cap[layer] += lowrank_bits(max_rank, m["in"], m["out"])
+            layer_cap[layer] += lowrank_bits(max_rank, m["in"], m["out"], width)
         layer_bits = _fill(available, share, layer_cap)
         if rank is not None:  # a fixed rank: every module gets it where the budget allows
             fixed = {layer: 0 for layer in layer_weights}
             for _, layer, m in ctx.compensable():
-                fixed[layer] += lowrank_bits(rank, m["in"], m["out"])
+                fixed[layer] += lowrank_bits(rank, m["in"], m["out"], width)
             if sum(fixed.values()) <= available:
                 layer_bits = fixed
         layer_bits = {k: v for k, v in layer_bits.items() if v >= layer_cheapest[k]}
@@ -186,7 +210,8 @@ class LowRankCompensation(Repair):
             return None
         ranked = sorted(layer_bits, key=lambda k: -layer_bits[k] / layer_weights[k])[:5]
         planned = sum(layer_bits.values())
-        reason = (f"low-rank compensation with {planned / ctx.weights:.4f} bits/weight, shared "
+        factors = "fp16 factors" if width == FP16_BITS else f"{width}-bit factors"
+        reason = (f"low-rank compensation with {planned / ctx.weights:.4f} bits/weight in {factors}, shared "
                   "among layers by the error each adds (local error relative to its update) times its weights; most "
                   "per weight: " + ", ".join(f"layer {k} ({local[k]:.3f})" for k in ranked)
                   + ("" if rank is None else f"; rank {rank} on every module"))
@@ -197,11 +222,12 @@ class LowRankCompensation(Repair):
         if refine:
             reason += f"; {refine} rounds of re-quantizing each module around its factors"
         step = {"layer_bits": {str(k): v for k, v in layer_bits.items()}, "rank": rank, "max_rank": max_rank,
-                "refine_rounds": refine}
+                "refine_rounds": refine, "factor_bits": width}
         return Planned(step, sum(layer_bits.values()), reason)
 
     def cheapest(self, ctx: PlanContext) -> float | None:
-        return min(lowrank_bits(RANK_STEP, m["in"], m["out"]) for m in ctx.modules.values())
+        width = ctx.options.get("factor_bits", FP16_BITS)
+        return min(lowrank_bits(RANK_STEP, m["in"], m["out"], width) for m in ctx.modules.values())
 
     def start_layer(self, step: dict, state: dict, index: int) -> None:
         # This layer's share plus what earlier layers left unspent.
@@ -227,10 +253,11 @@ class LowRankCompensation(Repair):
                 solutions[rel] = (module, lowrank_solution(error, group.covariance, limit, root=shared))
                 energy[rel] = max(output_error(group.targets[rel], group.covariance), 1e-30)  # E‖W x‖²
         ranks = {rel: 0 for rel in solutions}
+        width = step.get("factor_bits", FP16_BITS)  # plans made before quantized factors: fp16
         spent = 0.0
         if step["rank"] is not None:  # one rank everywhere, as far as the share allows
             for rel, (module, _) in solutions.items():
-                cost = lowrank_bits(step["rank"], module.in_features, module.out_features)
+                cost = lowrank_bits(step["rank"], module.in_features, module.out_features, width)
                 if spent + cost <= share + 1e-6:
                     ranks[rel], spent = step["rank"], spent + cost
         else:  # greedy on the measured relative output error removed per bit, RANK_STEP ranks at a time
@@ -239,7 +266,7 @@ class LowRankCompensation(Repair):
                 for rel, (module, solution) in solutions.items():
                     r = ranks[rel]
                     size = min(RANK_STEP, solution.a.shape[0] - r)
-                    cost = lowrank_bits(size, module.in_features, module.out_features)
+                    cost = lowrank_bits(size, module.in_features, module.out_features, width)
                     if size <= 0 or spent + cost > share:
                         continue
                     # output error removed relative to the output itself: what the next norm sees
@@ -252,49 +279,52 @@ class LowRankCompensation(Repair):
                 module, solution = solutions[best]
                 size = min(RANK_STEP, solution.a.shape[0] - ranks[best])
                 ranks[best] += size
-                spent += lowrank_bits(size, module.in_features, module.out_features)
+                spent += lowrank_bits(size, module.in_features, module.out_features, width)
         for rel, r in ranks.items():
             if r:
                 module, solution = solutions[rel]
-                factors = solution.factors(r)
+                error = group.targets[rel] - group.weight(rel)
+                factors = fit_factors(error, group.covariance, r, width, root=shared, solution=solution)
                 if step.get("refine_rounds"):
-                    module, factors = _refine(group, rel, module, factors, step["refine_rounds"], shared)
+                    module, factors = _refine(group, rel, module, factors, step["refine_rounds"], shared, width)
                     group.modules[rel] = module
-                module.set_lowrank(*factors)
+                a, b, quantized = factors
+                module.set_lowrank(a, b, quantized=quantized)
                 group.entries[rel].rank = r
-                group.entries[rel].bits += lowrank_bits(r, module.in_features, module.out_features)
+                group.entries[rel].bits += lowrank_bits(r, module.in_features, module.out_features, width)
         return spent
 
 
-def _refine(group: GroupRepair, rel: str, module: QuantLinear, factors: tuple[torch.Tensor, torch.Tensor],
-            rounds: int, root: torch.Tensor) -> tuple[QuantLinear, tuple[torch.Tensor, torch.Tensor]]:
+def _refine(group: GroupRepair, rel: str, module: QuantLinear, factors: tuple, rounds: int, root: torch.Tensor,
+            factor_bits: int) -> tuple[QuantLinear, tuple]:
     """Alternating refinement: ``rounds`` times, re-quantize ``W − BA`` by GPTQ on the group's
     inputs at the module's own setting, then refit the factors (same rank) to the new error.  A
     round is kept only when it lowers the output error ``tr((W − Ŵ − BA) C (W − Ŵ − BA)ᵀ)``, so
     refinement never makes a module worse on its calibration inputs.  A module holding sparse
     outliers keeps its codes (their corrections belong to those codes).
 
-    Returns the module holding the best codes (a new ``QuantLinear`` when a round was kept) and
-    its factors ``(A fp32 [r, K], B fp32 [N, r])``."""
+    ``factors``, and what it returns beside the module holding the best codes (a new
+    ``QuantLinear`` when a round was kept), are :func:`fit_factors` 's ``(A, B, quantized)`` at
+    ``factor_bits``."""
     if module.outlier_values is not None:
         return module, factors
     target, covariance = group.targets[rel], group.covariance
     name = f"{group.name}.{rel}"
     config = dataclasses.replace(group.config.for_module(name), method="gptq")
-    a, b = factors
+    a, b, _ = factors
     best = output_error(target - module.dequantize() - b @ a, covariance)
     for _ in range(rounds):
         result = gptq_quantize(target - b @ a, group.statistics.hessian(), config, name=name)
         dequantized = result.qweight.dequantize()
-        solution = lowrank_solution(target - dequantized, covariance, a.shape[0], root=root)
-        new_a, new_b = solution.factors(a.shape[0])
-        error = output_error(target - dequantized - new_b @ new_a, covariance)
+        refitted = fit_factors(target - dequantized, covariance, a.shape[0], factor_bits, root=root)
+        error = output_error(target - dequantized - refitted[1] @ refitted[0], covariance)
         if error >= best:
             break
-        best, a, b = error, new_a, new_b
+        best, factors = error, refitted
+        a, b, _ = factors
         bias = module.bias.float() if module.bias is not None else None
         module = QuantLinear.from_quantized(result.qweight, config.group_size, bias, name).to(target.device)
-    return module, (a, b)
+    return module, factors
 
 
 REPAIR = LowRankCompensation()

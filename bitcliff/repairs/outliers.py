@@ -111,7 +111,7 @@ class SparseOutlierCompensation(Repair):
                 group.entries[rel].bits += outliers.bits()
                 spent += outliers.bits()
             if old.rank:  # an earlier repair's low-rank term stays with the module
-                module.set_lowrank(old.lora_A, old.lora_B)
+                module.set_lowrank(old.lora_A, old.lora_B, quantized=old.lowrank_factors)
             group.modules[rel] = module
         return spent
 

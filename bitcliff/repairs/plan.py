@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from bitcliff.quant.factors import FACTOR_WIDTHS
 from bitcliff.repairs.registry import PlanContext, repairs
 
 #: Low-rank settings of older plans (kept for ``RepairPlan.from_dict``).
@@ -42,6 +43,8 @@ _LEGACY_LOWRANK = ("lowrank_bits", "rank", "max_rank")
 #: (SmolLM2 GPTQ W3 +0.25, low rank alone: 38.56 / 199.70 with none, 38.31 / 189.09 with one,
 #: 39.32 / 189.39 with two; wiki / Canterbury ppl).
 REFINE_ROUNDS = 1
+#: Width of stored low-rank factors (16: fp16, a PEFT adapter; 2-4: quantized, bitcliff.quant.factors).
+FACTOR_BITS = 16
 
 
 class PlanError(ValueError):
@@ -146,7 +149,8 @@ def _structural_share(label: str, methods: tuple[str, ...], forced: bool) -> flo
 
 
 def plan_repair(report, budget: float, methods=None, rank: int | None = None, max_rank: int | None = None,
-                outlier_share: float | None = None, refine_rounds: int = REFINE_ROUNDS) -> RepairPlan:
+                outlier_share: float | None = None, refine_rounds: int = REFINE_ROUNDS,
+                factor_bits: int = FACTOR_BITS) -> RepairPlan:
     """A repair plan from a diagnosis (``DiagnosisReport`` or its ``to_dict()``).
 
     Args:
@@ -164,6 +168,9 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
             (``W − BA``) and the factors refitted to the new error (alternating refinement,
             CALDERA / LQ-LoRA style); 0 keeps the checkpoint's codes.  One round is the best
             measured (docs/repair.md).
+        factor_bits: low rank: the width its factors are stored at, 16 (fp16, a PEFT adapter) or
+            2, 3, 4 (quantized with group scales, ``lowrank.safetensors``; about ``16 / bits``
+            times the rank for the same bits).
     Raises:
         PlanError: a negative, NaN or too small budget (the message says what the cheapest
             repair would cost), unknown methods, a bad rank, a diagnosis without module list.
@@ -195,6 +202,8 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         raise PlanError(f"outlier_share must lie in [0, 1], got {outlier_share!r}")
     if isinstance(refine_rounds, bool) or not (isinstance(refine_rounds, int) and refine_rounds >= 0):
         raise PlanError(f"refine_rounds must be a non-negative integer, got {refine_rounds!r}")
+    if isinstance(factor_bits, bool) or factor_bits not in FACTOR_WIDTHS:
+        raise PlanError(f"factor_bits must be one of {FACTOR_WIDTHS}, got {factor_bits!r}")
     prefix = _layer_prefix(modules)
     weights = sum(m["in"] * m["out"] for m in modules.values())
     total = budget * weights
@@ -205,7 +214,7 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
 
     ctx = PlanContext(diagnosis=data, modules=modules, prefix=prefix, weights=weights, label=label,
                       options={"rank": rank, "max_rank": max_rank, "outlier_share": outlier_share,
-                               "refine_rounds": refine_rounds})
+                               "refine_rounds": refine_rounds, "factor_bits": factor_bits})
     structural = _structural_share(label, methods, forced)
     # Free repairs first, then structure (its share, first served), then compensation with the rest.
     order = sorted((registry[m] for m in methods), key=lambda r: (("free", "structure", "compensation").index(r.kind),

@@ -32,6 +32,20 @@ def _logit_error(fp, model, ids) -> float:
         return float(((model(ids).logits - fp(ids).logits) ** 2).mean())
 
 
+def _saved_bits_match_and_load_back(repaired, result, evaluation, folder, file: str) -> dict:
+    """Save ``repaired``; the bits ``result`` counted are the bytes of ``file`` in the checkpoint,
+    and the checkpoint loads back to the same logits.  Returns ``file`` 's tensors."""
+    from safetensors.torch import load_file
+
+    out = bitcliff.save(repaired, folder)
+    stored = load_file(out / file)
+    assert 8 * sum(t.numel() * t.element_size() for t in stored.values()) == pytest.approx(result.record.bits)
+    back = bitcliff.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(back(evaluation).logits, repaired(evaluation).logits, rtol=0, atol=1e-5)
+    return stored
+
+
 @pytest.mark.parametrize("methods", [["bias"], ["norm"], ["lowrank"], ["restore"], ["outliers"], None])
 def test_each_repair_lowers_the_error_within_its_budget(setup, methods):
     fp, q, calib, evaluation, report = setup
@@ -147,7 +161,7 @@ def test_a_repair_that_cannot_be_loaded_is_an_error_not_a_silent_unrepaired_mode
 
 
 def test_sparse_outliers_load_back_exactly_and_their_bits_are_the_bytes_on_disk(setup, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from bitcliff.quant.checkpoint import CheckpointError
 
@@ -157,12 +171,8 @@ def test_sparse_outliers_load_back_exactly_and_their_bits_are_the_bytes_on_disk(
                              progress=False)
     kept = [m for m in result.record.modules if m.outliers]
     assert kept and result.record.bits <= 0.5 * quantized_weights(q)
-    out = bitcliff.save(repaired, tmp_path / "r")
-    stored = load_file(out / "outliers.safetensors")
-    assert 8 * sum(t.numel() * t.element_size() for t in stored.values()) == pytest.approx(result.record.bits)
-    back = bitcliff.load(out)
-    with torch.no_grad():
-        torch.testing.assert_close(back(evaluation).logits, repaired(evaluation).logits, rtol=0, atol=1e-5)
+    out = tmp_path / "r"
+    stored = _saved_bits_match_and_load_back(repaired, result, evaluation, out, "outliers.safetensors")
     key = next(k for k in stored if k.endswith("outlier_col"))
     stored[key] = stored[key] + 1000  # columns past the layer: another checkpoint's file
     save_file(stored, out / "outliers.safetensors")
@@ -222,3 +232,38 @@ def test_alternating_refinement_never_raises_a_modules_error_and_loads_back(setu
 
     with pytest.raises(PlanError, match="refine_rounds"):
         bitcliff.plan_repair(report, 0.5, methods=["lowrank"], refine_rounds=-1)
+
+
+@pytest.mark.parametrize("factor_bits", [4, 2])
+def test_quantized_low_rank_factors_are_charged_the_bytes_they_store_and_load_back_exactly(setup, tmp_path,
+                                                                                           factor_bits):
+    from safetensors.torch import save_file
+
+    from bitcliff.quant.checkpoint import CheckpointError
+
+    fp, q, calib, evaluation, report = setup
+    repaired = copy.deepcopy(q)
+    plan = bitcliff.plan_repair(report, 0.5, methods=["lowrank"], factor_bits=factor_bits)
+    result = bitcliff.repair(fp, repaired, calib, plan, progress=False)
+    ranked = [m for m in result.record.modules if m.rank]
+    assert ranked and result.record.bits <= 0.5 * quantized_weights(q)
+    assert all(repaired.get_submodule(m.module).lowrank_factors.bits == factor_bits for m in ranked)
+    assert _logit_error(fp, repaired, calib) < _logit_error(fp, q, calib)
+    fp16 = bitcliff.repair(fp, copy.deepcopy(q), calib, bitcliff.plan_repair(report, 0.5, methods=["lowrank"]),
+                           progress=False)
+    assert max(m.rank for m in ranked) > max(m.rank for m in fp16.record.modules)  # more rank for the bits
+    out = tmp_path / "r"
+    stored = _saved_bits_match_and_load_back(repaired, result, evaluation, out, "lowrank.safetensors")
+    assert not (out / "adapter_config.json").exists()
+    key = next(k for k in stored if k.endswith("lora_A.scales"))
+    stored[key] = stored[key][:, :1].contiguous()  # another checkpoint's factors
+    save_file(stored, out / "lowrank.safetensors")
+    with pytest.raises(CheckpointError, match="low-rank factors of .* do not fit the checkpoint"):
+        bitcliff.load(out)
+    (out / "lowrank.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lacks lowrank.safetensors"):
+        bitcliff.load(out)
+    from bitcliff.repairs.plan import PlanError
+
+    with pytest.raises(PlanError, match=r"factor_bits must be one of \(2, 3, 4, 16\), got 8"):
+        bitcliff.plan_repair(report, 0.5, methods=["lowrank"], factor_bits=8)
