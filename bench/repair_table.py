@@ -16,8 +16,9 @@ Variants:
 * ``none``: the quantized model itself (budget 0): the uniform-bits curve's points.
 * ``plan``: ``bitcliff.plan_repair(diagnosis, budget)``, the diagnosis-chosen repairs.
 * ``bias``, ``norm``, ``lowrank``, ``restore``: that repair alone, at the budget; ``a+b``: those
-  repairs together (forced, so the plan's shares for forced methods apply).  A suffix ``@qB``
-  (``lowrank@q4``, ``plan@q3``) stores the low-rank factors at B bits (``plan_repair(factor_bits=B)``).
+  repairs together (forced, so the plan's shares for forced methods apply).  Suffixes set the plan's
+  low rank: ``@qB`` stores its factors at B bits (``lowrank@q4``), ``@rR`` caps its rank at R
+  (:func:`plan_options`).
 * ``heuristic``: precision restoration by llama.cpp's fixed tensor priority (ffn_down > attn_v >
   ffn_up > ffn_gate > attn_o > attn_q > attn_k; within a kind the layers llama.cpp's
   ``use_more_bits`` favours first: the first and last eighth and every third layer between,
@@ -127,6 +128,19 @@ def quantize_mixed(fp_model, config, average_bits: float, calib: torch.Tensor):
     return bitcliff.quantize(copy.deepcopy(fp_model), mixed.config, progress=False, **gptq_inputs), mixed
 
 
+def plan_options(variant: str) -> dict:
+    """``plan_repair`` settings of a repair variant: ``plan`` or repairs joined by ``+``, then any of
+    ``@qB`` (factor bits) and ``@rR`` (the largest low-rank rank): ``norm+lowrank@q4@r128``."""
+    chosen, *settings = variant.split("@")
+    options = {} if chosen == "plan" else {"methods": chosen.split("+")}
+    for setting in settings:
+        key = {"q": "factor_bits", "r": "max_rank"}.get(setting[:1])
+        if key is None or not setting[1:].isdigit():
+            raise SystemExit(f"variant {variant!r}: settings are @qB (factor bits) and @rR (largest rank)")
+        options[key] = int(setting[1:])
+    return options
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
@@ -149,7 +163,7 @@ def main(argv=None) -> int:
     from bitcliff.data import calibration_windows, evaluation_windows
     from bitcliff.eval import evaluate_ppl
     from bitcliff.models import load_fp_model
-    from bitcliff.repairs.plan import FACTOR_BITS, PlanError
+    from bitcliff.repairs.plan import PlanError
     from bitcliff.repairs.run import PLANNING_DIAGNOSIS, diagnose_and_repair, recovery
 
     done = {key[:-1] for key in done_keys(args.out, ("model", "method", "bits", "group_size", "budget", "variant",
@@ -215,11 +229,8 @@ def main(argv=None) -> int:
                                 plan = heuristic_plan(diagnosis, budget)
                                 result = bitcliff.repair(fp, repaired, repair_calib, plan, progress=False)
                             else:
-                                chosen, _, width = variant.partition("@q")
                                 outcome = diagnose_and_repair(fp, repaired, repair_calib, budget,
-                                                              diagnosis=diagnosis,
-                                                              methods=None if chosen == "plan" else chosen.split("+"),
-                                                              factor_bits=int(width) if width else FACTOR_BITS)
+                                                              diagnosis=diagnosis, plan_options=plan_options(variant))
                                 plan, result = outcome.plan, outcome.result
                             modules = result.record.modules if result is not None else []  # None: nothing planned
                             spent = result.bits_per_weight if result is not None else 0.0

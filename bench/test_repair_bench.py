@@ -66,3 +66,12 @@ def test_the_uniform_curve_interpolates_in_log_perplexity():
                  "recovery": {"wiki": 0.5, "canterbury": 0.1}, "seconds": 12.0})
     table = markdown(rows)
     assert "| GPTQ W3 g64 | plan | 0.500 | 3.50 | 15.00 | 30.00 | 50% | 10% | 20.00 | 12 |" in table
+
+
+def test_a_variant_names_its_repairs_and_low_rank_settings():
+    from bench.repair_table import plan_options
+
+    assert plan_options("plan") == {}
+    assert plan_options("norm+lowrank@q4@r128") == {"methods": ["norm", "lowrank"], "factor_bits": 4, "max_rank": 128}
+    with pytest.raises(SystemExit, match="settings are @qB"):
+        plan_options("lowrank@x4")

@@ -52,7 +52,7 @@ def test_gptq_evaluate_diagnose_repair_agree_with_the_cpu(tiny_llama, bits):
         report = bitcliff.diagnose(fp, quantized, EXAMPLES, progress=False,
                                    options=DiagnoseOptions(trace_examples=2, patch_examples=1, capture_examples=1))
         outcome = diagnose_and_repair(fp, quantized, WINDOWS, 0.5, diagnosis=report.to_dict(), eval_ids=WINDOWS,
-                                      methods=["lowrank", "bias"])
+                                      plan_options={"methods": ["lowrank", "bias"]})
         results[where.type] = (evaluate_ppl(fp, WINDOWS, progress=False)["ppl"], outcome.ppl, report.verdict.label)
     (fp_cpu, ppl_cpu, verdict_cpu), (fp_gpu, ppl_gpu, verdict_gpu) = results["cpu"], results["cuda"]
     assert fp_gpu == pytest.approx(fp_cpu, rel=0.01)

@@ -58,7 +58,7 @@ def test_diagnose_and_every_repair(tiny_llama):
     with elsewhere():
         report = bitcliff.diagnose(fp, quantized, EXAMPLES, options=options, progress=False)
         outcome = diagnose_and_repair(fp, quantized, WINDOWS, 2.0, diagnosis=report.to_dict(), eval_ids=EXAMPLES,
-                                      methods=list(method_names()))
+                                      plan_options={"methods": list(method_names())})
     assert report.verdict.label
     assert set(outcome.plan.methods) == set(method_names())
     assert outcome.ppl["repaired"] < outcome.ppl["quantized"]

@@ -107,14 +107,14 @@ def run(args: argparse.Namespace) -> int:
         outcome = diagnose_and_repair(
             fp_model, q_model, calibration_windows(tokenizer, text, args.calib_samples, args.seq_len), args.budget,
             diagnosis=report, examples=None if report is not None else evaluation_windows(tokenizer, text, 16, 256),
-            methods=methods, rank=args.rank, refine_rounds=args.refine_rounds,
-            factor_bits=args.factor_bits, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
+            plan_options={"methods": methods, "rank": args.rank, "refine_rounds": args.refine_rounds,
+                          "factor_bits": args.factor_bits}, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
             out=out, tokenizer=tokenizer, overwrite=args.overwrite, on_plan=show, name=Path(args.quantized).name,
             record_extra={"text": args.text_file, "quantized": str(args.quantized), "model": args.model,
                           "device": describe(args.device)},
         )
     except PlanError as exc:
-        raise UsageError(f"--budget/--methods/--rank/--refine-rounds: {exc}") from None
+        raise UsageError(f"--budget/--methods/--rank/--refine-rounds/--factor-bits: {exc}") from None
     if outcome.result is None:
         print("nothing to repair; nothing written")
         return 0

@@ -32,7 +32,7 @@ from bitcliff.diagnosis.run import (
     quantized_modules,
 )
 from bitcliff.repairs.budget import quantized_weights
-from bitcliff.repairs.plan import FACTOR_BITS, REFINE_ROUNDS, RepairPlan, plan_repair
+from bitcliff.repairs.plan import RepairPlan, plan_repair
 from bitcliff.repairs.walk import DEFAULT_BATCH_SIZE, WalkRecord, repair_walk
 from bitcliff.storage import write_json
 
@@ -161,10 +161,7 @@ def diagnose_and_repair(
     *,
     diagnosis: dict | None = None,
     examples: torch.Tensor | None = None,
-    methods=None,
-    rank: int | None = None,
-    refine_rounds: int = REFINE_ROUNDS,
-    factor_bits: int = FACTOR_BITS,
+    plan_options: dict | None = None,
     eval_ids: torch.Tensor | None = None,
     known_ppl: dict | None = None,
     out: str | Path | None = None,
@@ -183,8 +180,8 @@ def diagnose_and_repair(
         budget: extra bits per quantized weight.
         diagnosis: a diagnosis of these models to plan from; else one is made on ``examples``
             with :data:`PLANNING_DIAGNOSIS`.
-        methods, rank, refine_rounds, factor_bits: forced repairs, low-rank rank, refinement
-            rounds and factor width (:func:`~bitcliff.repairs.plan.plan_repair`).
+        plan_options: settings of :func:`~bitcliff.repairs.plan.plan_repair` (``methods``,
+            ``rank``, ``max_rank``, ``outlier_share``, ``refine_rounds``, ``factor_bits``).
         eval_ids: windows to evaluate the perplexity on (none: no evaluation).
         known_ppl: perplexities already measured on ``eval_ids`` (``fp``, ``quantized``), not run again.
         out: a folder to save the repaired checkpoint to (with ``repair.json``), ``tokenizer`` beside it.
@@ -205,8 +202,7 @@ def diagnose_and_repair(
         diagnosis = diagnose(fp_model, q_model, examples, options=PLANNING_DIAGNOSIS, name=name,
                              progress=progress).to_dict()
         seconds["diagnosis"] = time.perf_counter() - start
-    plan = plan_repair(diagnosis, budget, methods=methods, rank=rank, refine_rounds=refine_rounds,
-                       factor_bits=factor_bits)
+    plan = plan_repair(diagnosis, budget, **(plan_options or {}))
     if on_plan is not None:
         on_plan(diagnosis, plan)
     ppl = dict(known_ppl or {})
