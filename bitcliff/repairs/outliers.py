@@ -25,13 +25,15 @@ class SparseOutlierCompensation(Repair):
     each adds, times its weights), inside a layer among its share groups by their weights; each
     group re-solved with as many exact weights as its share buys, what it leaves carried on.
 
-    Planned before low rank, with the plan's ``outlier_share`` of the compensation budget (all of
-    it by default: on SmolLM2 GPTQ W3 at +0.25 bits it recovered 44 % of the log-ppl gap where
-    low-rank factors recovered 28 %, and half of each 37 %; docs/repair.md).  A group whose
-    re-solve is not better on its inputs than what it holds keeps it, and spends nothing.
+    Planned before low rank, with the plan's ``outlier_share`` of the compensation budget (half
+    when both are asked for).  Not chosen by the verdict (``auto``): it beat fp16 low-rank
+    factors (SmolLM2 GPTQ W3 +0.25: 44 % of the log-ppl gap against 28 %), but 4-bit factors beat
+    it on every model and width measured, alone and in a half split (docs/repair.md).  A group
+    whose re-solve is not better on its inputs than what it holds keeps it, and spends nothing.
     """
 
     name, kind, order, plan_order = "outliers", "compensation", 15, 5
+    auto = False
 
     def plan(self, ctx: PlanContext, available: float) -> Planned | None:
         available *= float(ctx.options.get("outlier_share", 1.0))

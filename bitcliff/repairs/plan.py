@@ -3,21 +3,23 @@ from a diagnosis alone.
 
 The verdict decides the kind of repair (the seed papers' claim, tested in docs/repair.md):
 
-* **signal degradation** (components work, error accumulates): *compensation*.  Norm
-  recalibration everywhere (free) and low-rank compensation with the budget, shared among the
-  layers in proportion to how much error each adds (the diagnosis's local error per layer,
+* **signal degradation** (components work, error accumulates): *compensation*.  Low-rank
+  compensation with the budget, its factors stored at 4 bits, shared among the layers in
+  proportion to how much error each adds (the diagnosis's local error per layer,
   ``local_update_error``) times its weights; inside a layer the repair walk spends its share on
-  the measured spectra.  (Bias correction is available with ``methods``, not chosen: see
-  :data:`AUTO_METHODS`.)
+  the measured spectra; then norm recalibration on what it left (free).  Sparse outliers and
+  bias correction are available with ``methods``, not chosen (``Repair.auto``): at equal bits
+  4-bit low-rank factors beat the outliers on every model and width measured (SmolLM2 GPTQ W3
+  +0.25: 33.00 against 33.60 wiki ppl; GPTQ W2 +0.5: 178 against 198; Gemma-3 GPTQ W3 +0.25:
+  31.16 against 35.37; docs/repair.md).
 * **computation collapse** (components stop functioning early): *compensation as well*.  The
   seed's answer was structure first, and it lost where it was tested: on SmolLM2 RTN W2 (the
   clean collapse) restoring the collapsed components first and compensating with the rest gave
-  ppl 32,478 at +0.5 bits and 1,076 at +1.0, where sparse outliers alone (every group re-solved
-  by GPTQ on the repaired inputs, the costliest weights kept exact) gave 221 and 168
-  (docs/repair.md).  Structure is still planned with ``methods`` (``restore``): whole
-  components (a layer's attention or MLP) restored to more bits, those that stopped functioning
-  first: local F(c) below the verdict's threshold in the early third of the layers, earliest
-  layer first, then every other component by ascending F(c).
+  ppl 32,478 at +0.5 bits and 1,076 at +1.0, where sparse outliers alone gave 221 and 168 and
+  4-bit low-rank factors alone 150 at +0.5 (docs/repair.md).  Structure is still planned with
+  ``methods`` (``restore``): whole components (a layer's attention or MLP) restored to more
+  bits, those that stopped functioning first: local F(c) below the verdict's threshold in the
+  early third of the layers, earliest layer first, then every other component by ascending F(c).
 * **mixed**: half the budget to structure, half to compensation (not measured against
   compensation alone yet); **healthy**: nothing.
 
@@ -43,8 +45,10 @@ _LEGACY_LOWRANK = ("lowrank_bits", "rank", "max_rank")
 #: (SmolLM2 GPTQ W3 +0.25, low rank alone: 38.56 / 199.70 with none, 38.31 / 189.09 with one,
 #: 39.32 / 189.39 with two; wiki / Canterbury ppl).
 REFINE_ROUNDS = 1
-#: Width of stored low-rank factors (16: fp16, a PEFT adapter; 2-4: quantized, bitcliff.quant.factors).
-FACTOR_BITS = 16
+#: Width of stored low-rank factors (16: fp16, a PEFT adapter; 2-4: quantized, bitcliff.quant.factors):
+#: 4 was the best measured (SmolLM2 GPTQ W3 +0.25, low rank alone: fp16 38.31 / 189.09, 4 bits
+#: 33.00 / 154.60, 3 bits 35.64 / 186.97, 2 bits 38.97 / 198.89; wiki / Canterbury ppl).
+FACTOR_BITS = 4
 
 
 class PlanError(ValueError):
@@ -161,9 +165,9 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         rank: a fixed low-rank rank for every module instead of the measured allocation.
         max_rank: the largest rank of one module (default ``lowrank.MAX_RANK``, below the smallest
             layer width).
-        outlier_share: when both sparse outliers and low-rank compensation are planned, the share
-            of the compensation budget the outliers get first (the rest goes to low rank); None:
-            all of it (measured best), or half when ``methods`` forces both.
+        outlier_share: when both sparse outliers and low-rank compensation are planned (``methods``
+            forces both), the share of the compensation budget the outliers get first (the rest
+            goes to low rank); None: half.
         refine_rounds: low rank: times the module is re-quantized by GPTQ around its factors
             (``W − BA``) and the factors refitted to the new error (alternating refinement,
             CALDERA / LQ-LoRA style); 0 keeps the checkpoint's codes.  One round is the best
@@ -197,7 +201,7 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
     if not 1 <= max_rank < smallest:
         raise PlanError(f"max_rank must lie in [1, {smallest}), got {max_rank}")
     if outlier_share is None:
-        outlier_share = 0.5 if forced and {"outliers", "lowrank"} <= set(methods) else 1.0
+        outlier_share = 0.5 if {"outliers", "lowrank"} <= set(methods) else 1.0
     if not (isinstance(outlier_share, (int, float)) and 0 <= outlier_share <= 1):
         raise PlanError(f"outlier_share must lie in [0, 1], got {outlier_share!r}")
     if isinstance(refine_rounds, bool) or not (isinstance(refine_rounds, int) and refine_rounds >= 0):

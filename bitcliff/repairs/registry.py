@@ -10,7 +10,8 @@ A repair declares:
 * ``name``, and its ``kind``: ``free`` (stores nothing), ``structure`` (replaces what stopped
   working: a diagnosis of computation collapse gives these the budget first) or ``compensation``
   (corrects what still works: what degradation calls for, and what structure leaves);
-* ``order``: its place in a share group's repair (restoration first, bias correction last);
+* ``order``: its place in a share group's repair (restoration first, then compensation, norm
+  recalibration on what compensation left, bias correction last);
 * how the plan sizes it: :meth:`Repair.plan` spends at most the bits it is offered and says why,
   citing the diagnosis; :meth:`Repair.cheapest` is its smallest step, for the message when a
   budget buys nothing;

@@ -9,8 +9,9 @@ Per layer:
    in turn (q/k/v, o, gate/up, down); when all have stopped there, the group's input statistics
    are complete (covariance ``E[x xᵀ]`` and mean, summed over the ranks of a distributed run),
    and the plan's repairs are applied to the group in the registry's order
-   (``registry.repairs()``: restoration, GPTQ at more bits on these inputs; norm recalibration
-   of the norm that feeds the group; low-rank compensation; bias correction); then the batches go
+   (``registry.repairs()``: restoration, GPTQ at more bits on these inputs; sparse outliers;
+   low-rank compensation; norm recalibration of the norm that feeds the group, on what the
+   compensation left; bias correction); then the batches go
    on through the repaired group.
 2. The repaired layer's outputs are the next layer's inputs.
 

@@ -46,23 +46,24 @@ def test_collapse_restores_the_components_the_evidence_names_early_layers_first(
 def test_collapse_is_compensated_like_degradation_unless_restoration_is_asked_for():
     data = _diagnosis("collapse", [0.10, 0.20, 0.60, 0.50, 0.05, 0.70])
     plan = plan_repair(data, budget=1.0)
-    assert plan.restore == {} and plan.methods == ("norm", "outliers")
+    assert plan.restore == {} and plan.methods == ("lowrank", "norm")
     assert plan.planned_bits == pytest.approx(plan.weights)
     mixed = plan_repair(_diagnosis("mixed", [0.10, 0.20, 0.60, 0.50, 0.05, 0.70]), budget=1.0)
-    assert mixed.restore and "outliers" in mixed.methods  # half each way
+    assert mixed.restore and "lowrank" in mixed.methods  # half each way
 
 
 def test_degradation_compensates_and_restores_nothing():
     data = _diagnosis("degradation", [0.8] * 6, local_error=[0.1, 0.1, 0.1, 0.4, 0.1, 0.1])
     plan = plan_repair(data, budget=1.0)
     assert plan.restore == {} and plan.norm and plan.bias_families == ()  # bias only when forced
-    assert plan.methods == ("norm", "outliers")  # the whole compensation budget: outliers measured best
-    outliers = {int(k): v for k, v in plan.steps["outliers"]["layer_bits"].items()}
-    assert max(outliers, key=outliers.get) == 3  # where the error is added
+    assert plan.methods == ("lowrank", "norm")  # 4-bit low-rank factors measured best; the norm after them
+    assert plan.steps["lowrank"]["factor_bits"] == 4
+    assert max(plan.lowrank_bits, key=plan.lowrank_bits.get) == 3  # where the error is added
     assert plan.planned_bits == pytest.approx(plan.weights)
-    plan = plan_repair(data, budget=1.0, methods=["norm", "lowrank"])
-    assert plan.methods == ("norm", "lowrank")
-    assert max(plan.lowrank_bits, key=plan.lowrank_bits.get) == 3
+    plan = plan_repair(data, budget=1.0, methods=["norm", "outliers"])
+    assert plan.methods == ("outliers", "norm")
+    outliers = {int(k): v for k, v in plan.steps["outliers"]["layer_bits"].items()}
+    assert max(outliers, key=outliers.get) == 3
     assert plan.planned_bits <= plan.weights
 
 
@@ -74,7 +75,7 @@ def test_an_outlier_share_splits_compensation_with_low_rank():
     assert sum(plan.lowrank_bits.values()) == pytest.approx(0.75 * plan.weights)
     both = plan_repair(data, budget=1.0, methods=["outliers", "lowrank"])  # forced together: half each
     assert sum(both.steps["outliers"]["layer_bits"].values()) == pytest.approx(0.5 * both.weights)
-    assert plan_repair(data, budget=1.0).methods == ("norm", "outliers")  # chosen: all to the outliers
+    assert plan_repair(data, budget=1.0).methods == ("lowrank", "norm")  # chosen: no outliers
     with pytest.raises(PlanError, match="outlier_share must lie in"):
         plan_repair(data, budget=1.0, outlier_share=1.5)
 
@@ -127,7 +128,7 @@ def test_a_budget_beyond_what_lowrank_can_store_is_planned_as_it_will_be_spent()
     # Every module K = N = 64: max rank 63, fp16 factors store 16 * 63 * 128 bits per 4096 weights.
     cap = 16 * 63 * 128 / 4096
     data = _diagnosis("degradation", [0.8] * 6, local_error=[0.1, 0.1, 0.1, 0.4, 0.1, 0.1])
-    plan = plan_repair(data, budget=100.0, methods=["lowrank"])
+    plan = plan_repair(data, budget=100.0, methods=["lowrank"], factor_bits=16)
     assert plan.planned_bits / plan.weights == pytest.approx(cap)  # not 100: it cannot store more
     reasons = " ".join(plan.reasons)
     assert f"low-rank compensation with {cap:.4f} bits/weight" in reasons
@@ -140,7 +141,7 @@ def test_what_one_layer_cannot_store_goes_to_the_others():
     # weight) passes what it can store (31.5): it gets its cap and the others share the rest.
     cap_bits = 7 * 16 * 63 * 128
     data = _diagnosis("degradation", [0.8] * 6, local_error=[0.1, 0.1, 0.1, 0.4, 0.1, 0.1])
-    plan = plan_repair(data, budget=20.0, methods=["lowrank"])
+    plan = plan_repair(data, budget=20.0, methods=["lowrank"], factor_bits=16)
     assert plan.lowrank_bits[3] == pytest.approx(cap_bits)
     assert plan.planned_bits == pytest.approx(20.0 * plan.weights)
     assert all(plan.lowrank_bits[k] < cap_bits for k in (0, 1, 2, 4, 5))

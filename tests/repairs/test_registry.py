@@ -57,7 +57,7 @@ def toy_repair():
 
 
 def test_the_built_in_repairs_are_found_in_walk_order():
-    assert list(repairs()) == ["restore", "norm", "outliers", "lowrank", "bias"]
+    assert list(repairs()) == ["restore", "outliers", "lowrank", "norm", "bias"]
     assert {r.kind for r in repairs().values()} == {"free", "structure", "compensation"}
 
 
@@ -75,7 +75,8 @@ def test_a_registered_repair_is_planned_walked_counted_and_accepted_by_the_cli(t
     entries = result.record.modules
     assert len(entries) == 14 and all(m.bits >= FP16_BITS for m in entries)  # every module got its scale
     sizes = {name: (m.in_features, m.out_features) for name, m in q.named_modules() if isinstance(m, QuantLinear)}
-    low_rank = sum(lowrank_bits(m.rank, *sizes[m.module]) for m in entries if m.rank)
+    low_rank = sum(lowrank_bits(m.rank, *sizes[m.module], plan.steps["lowrank"]["factor_bits"])
+                   for m in entries if m.rank)
     assert low_rank > 0 and result.record.bits == pytest.approx(FP16_BITS * 14 + low_rank)
     with pytest.raises(bitcliff.repairs.plan.PlanError, match="buys none of output_scale"):
         bitcliff.plan_repair(report, budget=1e-9, methods=["output_scale"])

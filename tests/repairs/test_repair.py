@@ -78,7 +78,7 @@ def test_bias_correction_matches_the_fp_mean_output_in_the_first_layer(setup):
 def test_a_repaired_checkpoint_loads_back_exactly(setup, tmp_path):
     fp, q, calib, evaluation, report = setup
     repaired = copy.deepcopy(q)
-    plan = bitcliff.plan_repair(report, budget=2.0, methods=["restore", "bias", "lowrank", "norm"])
+    plan = bitcliff.plan_repair(report, budget=2.0, methods=["restore", "bias", "lowrank", "norm"], factor_bits=16)
     result = bitcliff.repair(fp, repaired, calib, plan, progress=False)
     assert any(m.rank for m in result.record.modules) and any(m.restored_bits for m in result.record.modules)
     out = bitcliff.save(repaired, tmp_path / "r", extra_files=result.files())
@@ -100,7 +100,7 @@ def test_an_adapter_that_does_not_fit_its_checkpoint_is_refused(setup, tmp_path)
 
     fp, q, calib, _, report = setup
     repaired = copy.deepcopy(q)
-    result = bitcliff.repair(fp, repaired, calib, bitcliff.plan_repair(report, 1.0, methods=["lowrank"]),
+    result = bitcliff.repair(fp, repaired, calib, bitcliff.plan_repair(report, 1.0, methods=["lowrank"], factor_bits=16),
                              progress=False)
     out = bitcliff.save(repaired, tmp_path / "r")
     tensors = load_file(out / "adapter_model.safetensors")
@@ -145,7 +145,8 @@ def test_a_repair_that_cannot_be_loaded_is_an_error_not_a_silent_unrepaired_mode
 
     fp, q, calib, _, report = setup
     repaired = copy.deepcopy(q)
-    bitcliff.repair(fp, repaired, calib, bitcliff.plan_repair(report, 1.0, methods=["lowrank"]), progress=False)
+    bitcliff.repair(fp, repaired, calib, bitcliff.plan_repair(report, 1.0, methods=["lowrank"], factor_bits=16),
+                    progress=False)
     out = bitcliff.save(repaired, tmp_path / "r")
     if damage == "nan":
         tensors = load_file(out / "adapter_model.safetensors")
@@ -249,8 +250,8 @@ def test_quantized_low_rank_factors_are_charged_the_bytes_they_store_and_load_ba
     assert ranked and result.record.bits <= 0.5 * quantized_weights(q)
     assert all(repaired.get_submodule(m.module).lowrank_factors.bits == factor_bits for m in ranked)
     assert _logit_error(fp, repaired, calib) < _logit_error(fp, q, calib)
-    fp16 = bitcliff.repair(fp, copy.deepcopy(q), calib, bitcliff.plan_repair(report, 0.5, methods=["lowrank"]),
-                           progress=False)
+    fp16 = bitcliff.repair(fp, copy.deepcopy(q), calib,
+                           bitcliff.plan_repair(report, 0.5, methods=["lowrank"], factor_bits=16), progress=False)
     assert max(m.rank for m in ranked) > max(m.rank for m in fp16.record.modules)  # more rank for the bits
     out = tmp_path / "r"
     stored = _saved_bits_match_and_load_back(repaired, result, evaluation, out, "lowrank.safetensors")
