@@ -157,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-repair"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    for variant in args.variants:  # a bad variant is refused before any model is loaded
+        if variant not in ("mixed", "mixed+plan", "eora", "heuristic"):
+            plan_options(variant)
 
     import bitcliff
     from bitcliff.assets import load_text

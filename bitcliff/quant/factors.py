@@ -129,12 +129,6 @@ class QuantizedFactors:
             raise ValueError(f"lora_A and lora_B differ in width or rank: {sorted(widths)}")
         return cls(factors["lora_A"], factors["lora_B"], widths.pop()[0])
 
-    def to(self, device) -> "QuantizedFactors":
-        def move(q: QuantizedWeight) -> QuantizedWeight:
-            return QuantizedWeight(q.codes.to(device), q.scales.to(device), q.zeros.to(device), q.g_idx.to(device),
-                                   q.bits)
-        return QuantizedFactors(move(self.a), move(self.b_t), self.bits)
-
 
 def least_squares_b(error: torch.Tensor, covariance: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """fp32 ``[N, r]``: the ``B`` minimising ``tr((E − B A) C (E − B A)ᵀ)`` for a fixed ``A``

@@ -241,7 +241,7 @@ class LowRankCompensation(Repair):
 
     def _spend(self, step: dict, group: GroupRepair, share: float) -> float:
         """Spend up to ``share`` bits on the group's factors; returns the bits spent."""
-        solutions, energy = {}, {}
+        solutions, energy, errors = {}, {}, {}
         shared = whitening(group.covariance)  # one factorisation for the whole group
         for rel in group.members:
             module = group.modules[rel]
@@ -250,6 +250,7 @@ class LowRankCompensation(Repair):
             limit = min(step["max_rank"], min(module.in_features, module.out_features) - 1)
             if limit >= 1:
                 error = group.targets[rel] - group.weight(rel)
+                errors[rel] = error  # kept for rounding the factors: no second dequantization
                 solutions[rel] = (module, lowrank_solution(error, group.covariance, limit, root=shared))
                 energy[rel] = max(output_error(group.targets[rel], group.covariance), 1e-30)  # E‖W x‖²
         ranks = {rel: 0 for rel in solutions}
@@ -283,8 +284,7 @@ class LowRankCompensation(Repair):
         for rel, r in ranks.items():
             if r:
                 module, solution = solutions[rel]
-                error = group.targets[rel] - group.weight(rel)
-                factors = fit_factors(error, group.covariance, r, width, root=shared, solution=solution)
+                factors = fit_factors(errors[rel], group.covariance, r, width, root=shared, solution=solution)
                 if step.get("refine_rounds"):
                     module, factors = _refine(group, rel, module, factors, step["refine_rounds"], shared, width)
                     group.modules[rel] = module
