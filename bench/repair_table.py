@@ -17,8 +17,9 @@ Variants:
 * ``plan``: ``bitcliff.plan_repair(diagnosis, budget)``, the diagnosis-chosen repairs.
 * ``bias``, ``norm``, ``lowrank``, ``restore``: that repair alone, at the budget; ``a+b``: those
   repairs together (forced, so the plan's shares for forced methods apply).  Suffixes set the plan's
-  low rank: ``@qB`` stores its factors at B bits (``lowrank@q4``), ``@rR`` caps its rank at R
-  (:func:`plan_options`).
+  low rank: ``@qB`` stores its factors at B bits (``lowrank@q4``), ``@rR`` caps its rank at R,
+  ``@fF`` re-quantizes around the factors F times, ``@measured`` / ``@diagnosis`` picks the
+  allocator (:func:`plan_options`).
 * ``heuristic``: precision restoration by llama.cpp's fixed tensor priority (ffn_down > attn_v >
   ffn_up > ffn_gate > attn_o > attn_q > attn_k; within a kind the layers llama.cpp's
   ``use_more_bits`` favours first: the first and last eighth and every third layer between,
@@ -130,13 +131,18 @@ def quantize_mixed(fp_model, config, average_bits: float, calib: torch.Tensor):
 
 def plan_options(variant: str) -> dict:
     """``plan_repair`` settings of a repair variant: ``plan`` or repairs joined by ``+``, then any of
-    ``@qB`` (factor bits) and ``@rR`` (the largest low-rank rank): ``norm+lowrank@q4@r128``."""
+    ``@qB`` (factor bits), ``@rR`` (the largest low-rank rank), ``@fF`` (refinement rounds) and
+    ``@measured`` or ``@diagnosis`` (the allocator): ``norm+lowrank@q4@r128``."""
     chosen, *settings = variant.split("@")
     options = {} if chosen == "plan" else {"methods": chosen.split("+")}
     for setting in settings:
-        key = {"q": "factor_bits", "r": "max_rank"}.get(setting[:1])
+        if setting in ("measured", "diagnosis"):
+            options["allocator"] = setting
+            continue
+        key = {"q": "factor_bits", "r": "max_rank", "f": "refine_rounds"}.get(setting[:1])
         if key is None or not setting[1:].isdigit():
-            raise SystemExit(f"variant {variant!r}: settings are @qB (factor bits) and @rR (largest rank)")
+            raise SystemExit(f"variant {variant!r}: settings are @qB (factor bits), @rR (largest rank) "
+                             "@fF (refinement rounds), @measured and @diagnosis (the allocator)")
         options[key] = int(setting[1:])
     return options
 

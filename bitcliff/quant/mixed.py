@@ -19,13 +19,13 @@ entries.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from bitcliff.kernels.pack import SUPPORTED_BITS
+from bitcliff.knapsack import allocate
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.rtn import quantize_rtn
 from bitcliff.quant.sensitivity import fisher_diagonal, weighted_error
@@ -91,60 +91,6 @@ def module_options(weight: torch.Tensor, fisher: torch.Tensor, base: QuantConfig
         options.append(Option(bits, group_size, config.effective_bits(in_features) * in_features * out_features,
                               weighted_error(weight, dequantized, fisher)))
     return options
-
-
-def _lower_hull(options: list[Option]) -> list[Option]:
-    """The options on the lower convex hull of (cost, error), by ascending cost: the only ones a
-    greedy upgrade path can stop at (the rest cost more for less, or lie above a line between
-    two that do better on average)."""
-    hull: list[Option] = []
-    for option in sorted(options, key=lambda o: (o.cost, o.error)):
-        if hull and option.error >= hull[-1].error:
-            continue  # costs as much or more and is no better
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b is above the segment a -> option: drop it
-            if (b.error - a.error) * (option.cost - a.cost) >= (option.error - a.error) * (b.cost - a.cost):
-                hull.pop()
-            else:
-                break
-        hull.append(option)
-    return hull
-
-
-def allocate(options: dict[str, list[Option]], budget: float) -> dict[str, Option]:
-    """One option per module, their summed cost at most ``budget`` (bits), their summed error as
-    small as the greedy on convex hulls makes it (see the module docstring).
-
-    Raises:
-        ValueError: when even the cheapest option of every module costs more than ``budget``.
-    """
-    hulls = {name: _lower_hull(opts) for name, opts in options.items()}
-    position = dict.fromkeys(hulls, 0)
-    spent = sum(h[0].cost for h in hulls.values())
-    if spent > budget * (1 + 1e-12):
-        raise ValueError(f"the budget of {budget:.0f} bits is less than the cheapest setting of every module "
-                         f"({spent:.0f} bits)")
-    heap = []
-
-    def push(name: str) -> None:
-        hull, i = hulls[name], position[name]
-        if i + 1 < len(hull):
-            gain = (hull[i].error - hull[i + 1].error) / (hull[i + 1].cost - hull[i].cost)
-            heapq.heappush(heap, (-gain, name))
-
-    for name in hulls:
-        push(name)
-    while heap:
-        _, name = heapq.heappop(heap)
-        hull, i = hulls[name], position[name]
-        step = hull[i + 1].cost - hull[i].cost
-        if spent + step > budget * (1 + 1e-12):
-            continue  # this module's next step does not fit; its later ones cost more still
-        spent += step
-        position[name] = i + 1
-        push(name)
-    return {name: hulls[name][i] for name, i in position.items()}
 
 
 def choose_widths(model: nn.Module, base: QuantConfig, average_bits: float, calib_ids: torch.Tensor,

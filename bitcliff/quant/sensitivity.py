@@ -60,3 +60,51 @@ def weighted_error(weight: torch.Tensor, dequantized: torch.Tensor, fisher: torc
     """``Σ F ⊙ (W − Ŵ)²``: the loss a quantization ``Ŵ`` of ``weight`` adds, to second order, up to
     the factor ½ (all float ``[N, K]``)."""
     return float((fisher * (weight.float() - dequantized.float()).square()).sum())
+
+
+def output_sensitivity(model: nn.Module, names: list[str], calib_ids: torch.Tensor,
+                       progress: bool = False) -> dict[str, float]:
+    """How much the loss cares about an error at each linear's *output*: the mean over windows,
+    positions and output features of the squared loss gradient ``(∂L/∂y)²``.
+
+    An output error ``δy = E x`` of a module raises the loss by about ``½ E[δyᵀ G δy]``; with ``G``
+    taken as this mean times the identity, by ``½ g · tr(E C Eᵀ)`` (``C = E[x xᵀ]``): the unit that
+    makes output errors of different modules comparable (the repair allocator,
+    :mod:`bitcliff.repairs.allocate`).  One scalar per module is a mean over tens of thousands of
+    values, so a few windows estimate it well.
+
+    Args:
+        model: a causal LM in full precision (unchanged; no weight gradient is formed).
+        names: full names of linear modules of ``model``.
+        calib_ids: int64 ``[n_windows, seq_len]``; each window's mean next-token loss is one sample.
+    Returns:
+        Per name, ``g`` as a float.
+    """
+    if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
+        raise ValueError(f"calib_ids must be int64 [n_windows, seq_len] with n_windows > 0, got {tuple(calib_ids.shape)}")
+    sums = dict.fromkeys(names, 0.0)
+    counts = dict.fromkeys(names, 0)
+    hooks = []
+
+    def watch(name):
+        def hook(module, args, output):
+            def on_gradient(grad):
+                sums[name] += float(grad.detach().double().square().sum())
+                counts[name] += grad.numel()
+            output.register_hook(on_gradient)
+        return hook
+
+    # The input embeddings carry the graph: no parameter needs a gradient.
+    embeddings = model.get_input_embeddings()
+    hooks.append(embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_(True)))
+    hooks += [model.get_submodule(name).register_forward_hook(watch(name)) for name in names]
+    device = next(model.parameters()).device
+    try:
+        with torch.enable_grad():
+            for window in tqdm(calib_ids, desc="sensitivity", disable=not progress, unit="window"):
+                ids = window.unsqueeze(0).to(device)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: sums[name] / max(counts[name], 1) for name in names}

@@ -25,7 +25,13 @@ from bitcliff.quant.factors import factor_matrix_bits, quantize_factors
 from bitcliff.quant.gptq import gptq_quantize
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.repairs.budget import FP16_BITS
-from bitcliff.repairs.registry import GroupRepair, PlanContext, Planned, Repair
+from bitcliff.repairs.registry import (
+    GroupRepair,
+    MeasuredOption,
+    PlanContext,
+    Planned,
+    Repair,
+)
 
 #: Ridge added to the covariance before its Cholesky factor, relative to its mean diagonal.
 RIDGE = 1e-6
@@ -183,6 +189,37 @@ class LowRankCompensation(Repair):
     """
 
     name, kind, order, plan_order = "lowrank", "compensation", 20, 10
+    weighable = True
+
+    def measured_options(self, ctx: PlanContext, curve) -> list[MeasuredOption]:
+        """Every rank in steps of ``RANK_STEP`` up to the module's measured spectrum (one rank with
+        the ``rank`` option), at the plan's factor width."""
+        width = ctx.options.get("factor_bits", FP16_BITS)
+        limit = min(ctx.options.get("max_rank") or MAX_RANK, len(curve.energy))
+        ranks = [ctx.options["rank"]] if ctx.options.get("rank") else range(RANK_STEP, limit + 1, RANK_STEP)
+        before = curve.sensitivity * curve.error
+        return [MeasuredOption(self.name, curve.name, lowrank_bits(r, curve.in_features, curve.out_features, width),
+                               curve.sensitivity * curve.lowrank_error(r), r, before)
+                for r in ranks if r <= len(curve.energy)]
+
+    def plan_measured(self, ctx: PlanContext, chosen: dict[str, MeasuredOption]) -> Planned:
+        from bitcliff.repairs.allocate import cite  # noqa: PLC0415 - the allocator imports the registry
+
+        width = ctx.options.get("factor_bits", FP16_BITS)
+        bits = sum(o.cost for o in chosen.values())
+        factors = "fp16 factors" if width == FP16_BITS else f"{width}-bit factors"
+        ranks = sorted(o.decision for o in chosen.values())
+        span = f"rank {ranks[0]}" if ranks[0] == ranks[-1] else f"ranks {ranks[0]}-{ranks[-1]}"
+        reason = (f"low-rank compensation on {len(chosen)} modules with {bits / ctx.weights:.4f} bits/weight in "
+                  f"{factors}, {span} chosen by the measured loss each removes per bit; "
+                  "most per bit: " + cite(chosen, ctx, lambda o: f"{o.module} rank {o.decision}"))
+        refine = int(ctx.options.get("refine_rounds") or 0)
+        if refine:
+            reason += f"; {refine} round{'s' * (refine > 1)} of re-quantizing each module around its factors"
+        step = {"module_ranks": {name: o.decision for name, o in chosen.items()}, "rank": None,
+                "max_rank": max(ranks), "refine_rounds": refine, "factor_bits": width,
+                "evidence": {name: o.gain_per_bit for name, o in chosen.items()}}
+        return Planned(step, bits, reason)
 
     def plan(self, ctx: PlanContext, available: float) -> Planned | None:
         rank = ctx.options.get("rank")
@@ -220,7 +257,7 @@ class LowRankCompensation(Repair):
                        f"fits ({(available - planned) / ctx.weights:.4f} bits/weight of the budget left unspent)")
         refine = int(ctx.options.get("refine_rounds") or 0)
         if refine:
-            reason += f"; {refine} rounds of re-quantizing each module around its factors"
+            reason += f"; {refine} round{'s' * (refine > 1)} of re-quantizing each module around its factors"
         step = {"layer_bits": {str(k): v for k, v in layer_bits.items()}, "rank": rank, "max_rank": max_rank,
                 "refine_rounds": refine, "factor_bits": width}
         return Planned(step, sum(layer_bits.values()), reason)
@@ -231,9 +268,12 @@ class LowRankCompensation(Repair):
 
     def start_layer(self, step: dict, state: dict, index: int) -> None:
         # This layer's share plus what earlier layers left unspent.
-        state["budget"] = state.get("budget", 0.0) + step["layer_bits"].get(str(index), 0.0)
+        state["budget"] = state.get("budget", 0.0) + step.get("layer_bits", {}).get(str(index), 0.0)
 
     def apply(self, step: dict, state: dict, group: GroupRepair) -> None:
+        if "module_ranks" in step:  # the global allocator chose every module's rank
+            self._spend(step, group, float("inf"))
+            return
         if state.get("budget", 0.0) <= 0:
             return
         share = state["budget"] * group.weights / max(group.layer_weights, 1)
@@ -247,6 +287,8 @@ class LowRankCompensation(Repair):
             module = group.modules[rel]
             if not isinstance(module, QuantLinear) or group.entries[rel].restored_bits is not None:
                 continue
+            if "module_ranks" in step and not step["module_ranks"].get(f"{group.name}.{rel}"):
+                continue  # the allocator gave it no factors
             limit = min(step["max_rank"], min(module.in_features, module.out_features) - 1)
             if limit >= 1:
                 error = group.targets[rel] - group.weight(rel)
@@ -256,7 +298,11 @@ class LowRankCompensation(Repair):
         ranks = {rel: 0 for rel in solutions}
         width = step.get("factor_bits", FP16_BITS)  # plans made before quantized factors: fp16
         spent = 0.0
-        if step["rank"] is not None:  # one rank everywhere, as far as the share allows
+        if "module_ranks" in step:
+            for rel, (module, solution) in solutions.items():
+                ranks[rel] = min(step["module_ranks"].get(f"{group.name}.{rel}", 0), solution.a.shape[0])
+                spent += lowrank_bits(ranks[rel], module.in_features, module.out_features, width) if ranks[rel] else 0
+        elif step["rank"] is not None:  # one rank everywhere, as far as the share allows
             for rel, (module, _) in solutions.items():
                 cost = lowrank_bits(step["rank"], module.in_features, module.out_features, width)
                 if spent + cost <= share + 1e-6:

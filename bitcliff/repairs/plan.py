@@ -49,6 +49,10 @@ REFINE_ROUNDS = 1
 #: 4 was the best measured (SmolLM2 GPTQ W3 +0.25, low rank alone: fp16 38.31 / 189.09, 4 bits
 #: 33.00 / 154.60, 3 bits 35.64 / 186.97, 2 bits 38.97 / 198.89; wiki / Canterbury ppl).
 FACTOR_BITS = 4
+#: How ``diagnose_and_repair`` splits the budget: ``measured`` (a measuring pass, then the global
+#: allocator, :mod:`bitcliff.repairs.allocate`) or ``diagnosis`` (layer shares by the error each adds).
+ALLOCATORS = ("measured", "diagnosis")
+ALLOCATOR = "diagnosis"
 
 
 class PlanError(ValueError):
@@ -74,6 +78,8 @@ class RepairPlan:
         planned_bits: bits the plan commits (restoration and biases exact; low-rank at most).
         weights: the quantized weights the budget is spread over.
         target: what the diagnosis was made on (model type, layers, fingerprints).
+        allocation: how the budget was split: ``{"by": "diagnosis"}`` (shares by the error each
+            layer adds) or ``{"by": "measured", ...}`` (the global allocator, with how it measured).
     """
 
     budget: float
@@ -84,6 +90,7 @@ class RepairPlan:
     planned_bits: float = 0.0
     weights: int = 0
     target: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=lambda: {"by": "diagnosis"})
 
     # The decisions of the built-in repairs, by name (read-only views of ``steps``).
     @property
@@ -154,7 +161,7 @@ def _structural_share(label: str, methods: tuple[str, ...], forced: bool) -> flo
 
 def plan_repair(report, budget: float, methods=None, rank: int | None = None, max_rank: int | None = None,
                 outlier_share: float | None = None, refine_rounds: int = REFINE_ROUNDS,
-                factor_bits: int = FACTOR_BITS) -> RepairPlan:
+                factor_bits: int = FACTOR_BITS, measured=None) -> RepairPlan:
     """A repair plan from a diagnosis (``DiagnosisReport`` or its ``to_dict()``).
 
     Args:
@@ -175,6 +182,10 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         factor_bits: low rank: the width its factors are stored at, 16 (fp16, a PEFT adapter) or
             2, 3, 4 (quantized with group scales, ``lowrank.safetensors``; about ``16 / bits``
             times the rank for the same bits).
+        measured: the measuring pass's :class:`~bitcliff.repairs.measure.Measurements` (or its
+            ``to_dict()``) of these models: the weighable repairs' budget is then split across
+            modules and repairs by the global allocator (:mod:`bitcliff.repairs.allocate`) instead
+            of the diagnosis's shares.
     Raises:
         PlanError: a negative, NaN or too small budget (the message says what the cheapest
             repair would cost), unknown methods, a bad rank, a diagnosis without module list.
@@ -220,9 +231,22 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
                       options={"rank": rank, "max_rank": max_rank, "outlier_share": outlier_share,
                                "refine_rounds": refine_rounds, "factor_bits": factor_bits})
     structural = _structural_share(label, methods, forced)
-    # Free repairs first, then structure (its share, first served), then compensation with the rest.
-    order = sorted((registry[m] for m in methods), key=lambda r: (("free", "structure", "compensation").index(r.kind),
-                                                                   r.plan_order, r.order))
+    if measured is not None:
+        from bitcliff.repairs.measure import Measurements  # noqa: PLC0415 - measure imports the repairs
+
+        measured = Measurements.from_dict(measured) if isinstance(measured, dict) else measured
+        if not forced and structural <= 0:  # the verdict's prior: no structure where it calls for none
+            methods = tuple(m for m in methods if registry[m].kind != "structure")
+        weighed = tuple(m for m in methods if registry[m].weighable)
+        plan.allocation = {"by": "measured", "windows": measured.windows,
+                           "sensitivity_windows": measured.sensitivity_windows,
+                           "seconds": round(measured.seconds, 1)}
+    else:
+        weighed = ()
+    # Free repairs first, then structure (its share, first served), then compensation with the rest;
+    # with measurements the weighable repairs last, the allocator splitting what is left among them.
+    order = sorted((registry[m] for m in methods if m not in weighed),
+                   key=lambda r: (("free", "structure", "compensation").index(r.kind), r.plan_order, r.order))
     spent = 0.0
     for repair in order:
         if repair.kind == "free":
@@ -239,14 +263,22 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         ctx.steps[repair.name] = planned.step
         plan.reasons.append(planned.reason)
         spent += planned.bits
+    if weighed:
+        from bitcliff.repairs.allocate import plan_allocated  # noqa: PLC0415
+
+        for name, planned in plan_allocated(ctx, measured, weighed, total - spent):
+            ctx.steps[name] = planned.step
+            plan.reasons.append(planned.reason)
+            spent += planned.bits
     plan.steps = {name: ctx.steps[name] for name in registry if name in ctx.steps}
     plan.methods = tuple(plan.steps)
     plan.planned_bits = spent
     if not plan.methods:
         raise PlanError(_too_small(budget, ctx, methods))
     if spent < 0.99 * total:
-        plan.reasons.append(f"the plan stores {spent / weights:.4f} of the {budget:g} bits per weight: "
-                            f"{', '.join(methods)} can use no more on this model")
+        why = (f"no further step of {', '.join(weighed)} fits in what is left" if weighed
+               else f"{', '.join(methods)} can use no more on this model")
+        plan.reasons.append(f"the plan stores {spent / weights:.4f} of the {budget:g} bits per weight: {why}")
     return plan
 
 

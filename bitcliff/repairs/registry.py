@@ -14,7 +14,9 @@ A repair declares:
   recalibration on what compensation left, bias correction last);
 * how the plan sizes it: :meth:`Repair.plan` spends at most the bits it is offered and says why,
   citing the diagnosis; :meth:`Repair.cheapest` is its smallest step, for the message when a
-  budget buys nothing;
+  budget buys nothing; a ``weighable`` repair also offers each module measured options
+  (:meth:`Repair.measured_options`), which the global allocator weighs against every other
+  repair's, and turns those chosen into its step (:meth:`Repair.plan_measured`);
 * how the walk applies it: :meth:`Repair.apply`, once per share group of each decoder layer, on
   that group's input statistics (:class:`GroupRepair`), after :meth:`Repair.start_layer`.
 """
@@ -90,6 +92,32 @@ class Planned:
     step: dict
     bits: float
     reason: str
+
+
+@dataclass(frozen=True)
+class MeasuredOption:
+    """One way to repair one module, as the global allocator (:mod:`bitcliff.repairs.allocate`)
+    weighs it.
+
+    Attributes:
+        method: the repair (None: the module left as it is); module: its full name.
+        cost: the bits it stores.
+        error: the loss it is estimated to leave (``½ g · tr(E C Eᵀ)`` up to the ½, from the
+            measurements); before: the loss with no repair.
+        decision: what the repair's step records (low rank: the rank; restoration: the width).
+    """
+
+    method: str | None
+    module: str
+    cost: float
+    error: float
+    decision: int
+    before: float
+
+    @property
+    def gain_per_bit(self) -> float:
+        """Loss removed per stored bit: what the allocator ranks steps by."""
+        return (self.before - self.error) / self.cost if self.cost > 0 else 0.0
 
 
 @dataclass
@@ -191,6 +219,7 @@ class Repair:
     kind: str = "compensation"
     order: int = 50
     auto: bool = True  # chosen by the verdict when the user forces no methods
+    weighable: bool = False  # offers measured options to the global allocator
 
     def plan(self, ctx: PlanContext, available: float) -> Planned | None:
         """Decide where and how much, within ``available`` bits; None when it buys nothing."""
@@ -203,6 +232,16 @@ class Repair:
     def replaces(self, step: dict) -> set[str]:
         """Full names of the modules ``step`` replaces whole."""
         return set()
+
+    def measured_options(self, ctx: PlanContext, curve) -> list[MeasuredOption]:
+        """A weighable repair's options for one module, from its
+        :class:`~bitcliff.repairs.measure.ModuleCurve`: their exact bits and the loss each leaves."""
+        return []
+
+    def plan_measured(self, ctx: PlanContext, chosen: dict[str, MeasuredOption]) -> Planned:
+        """This repair's step from the options the allocator chose for it (module name -> option),
+        its reason citing their measured gains."""
+        raise NotImplementedError
 
     def start_layer(self, step: dict, state: dict, index: int) -> None:
         """Before the walk reaches decoder layer ``index`` (``state``: this repair's, kept over the walk)."""

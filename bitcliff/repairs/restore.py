@@ -19,7 +19,13 @@ from bitcliff.quant.dynamic import FULL_PRECISION
 from bitcliff.quant.gptq import gptq_quantize
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.repairs.budget import width_change_bits
-from bitcliff.repairs.registry import GroupRepair, PlanContext, Planned, Repair
+from bitcliff.repairs.registry import (
+    GroupRepair,
+    MeasuredOption,
+    PlanContext,
+    Planned,
+    Repair,
+)
 
 
 def restore_module(name: str, weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor,
@@ -79,6 +85,30 @@ class PrecisionRestoration(Repair):
     functional first, as the diagnosis ranks them."""
 
     name, kind, order, plan_order = "restore", "structure", 0, 0
+    weighable = True
+
+    def measured_options(self, ctx: PlanContext, curve) -> list[MeasuredOption]:
+        """The module re-quantized at each wider width (full precision only from the widest packed
+        one), with its measured estimate of the error left."""
+        before = curve.sensitivity * curve.error
+        widest = max(SUPPORTED_BITS)
+        return [MeasuredOption(self.name, curve.name,
+                               width_change_bits(curve.in_features, curve.out_features,
+                                                 (curve.bits, curve.group_size), (bits, curve.group_size)),
+                               curve.sensitivity * error, bits, before)
+                for bits, error in curve.widths.items() if bits != FULL_PRECISION or curve.bits >= widest]
+
+    def plan_measured(self, ctx: PlanContext, chosen: dict[str, MeasuredOption]) -> Planned:
+        from bitcliff.repairs.allocate import cite  # noqa: PLC0415 - the allocator imports the registry
+
+        bits = sum(o.cost for o in chosen.values())
+        widths = sorted({o.decision for o in chosen.values()})
+        reason = (f"re-quantize {len(chosen)} modules at "
+                  f"{'/'.join('fp16' if b == FULL_PRECISION else f'{b} bits' for b in widths)} "
+                  f"({bits / ctx.weights:.4f} bits/weight), chosen by the measured loss each removes per bit; "
+                  "most per bit: " + cite(chosen, ctx, lambda o: o.module))
+        return Planned({"modules": {name: o.decision for name, o in chosen.items()},
+                        "evidence": {name: o.gain_per_bit for name, o in chosen.items()}}, bits, reason)
 
     @staticmethod
     def _members(ctx: PlanContext) -> dict[tuple[int, str], list[str]]:

@@ -32,7 +32,15 @@ from bitcliff.diagnosis.run import (
     quantized_modules,
 )
 from bitcliff.repairs.budget import quantized_weights
-from bitcliff.repairs.plan import RepairPlan, plan_repair
+from bitcliff.repairs.measure import measure_repairs
+from bitcliff.repairs.plan import (
+    ALLOCATOR,
+    ALLOCATORS,
+    PlanError,
+    RepairPlan,
+    check_budget,
+    plan_repair,
+)
 from bitcliff.repairs.walk import DEFAULT_BATCH_SIZE, WalkRecord, repair_walk
 from bitcliff.storage import write_json
 
@@ -181,7 +189,10 @@ def diagnose_and_repair(
         diagnosis: a diagnosis of these models to plan from; else one is made on ``examples``
             with :data:`PLANNING_DIAGNOSIS`.
         plan_options: settings of :func:`~bitcliff.repairs.plan.plan_repair` (``methods``,
-            ``rank``, ``max_rank``, ``outlier_share``, ``refine_rounds``, ``factor_bits``).
+            ``rank``, ``max_rank``, ``outlier_share``, ``refine_rounds``, ``factor_bits``), and
+            ``allocator``: ``"measured"`` (a measuring pass on ``calib_ids``, then the global
+            allocator) or ``"diagnosis"`` (the diagnosis's layer shares); default
+            :data:`~bitcliff.repairs.plan.ALLOCATOR`.
         eval_ids: windows to evaluate the perplexity on (none: no evaluation).
         known_ppl: perplexities already measured on ``eval_ids`` (``fp``, ``quantized``), not run again.
         out: a folder to save the repaired checkpoint to (with ``repair.json``), ``tokenizer`` beside it.
@@ -202,7 +213,16 @@ def diagnose_and_repair(
         diagnosis = diagnose(fp_model, q_model, examples, options=PLANNING_DIAGNOSIS, name=name,
                              progress=progress).to_dict()
         seconds["diagnosis"] = time.perf_counter() - start
-    plan = plan_repair(diagnosis, budget, **(plan_options or {}))
+    options = dict(plan_options or {})
+    allocator = options.pop("allocator", ALLOCATOR)
+    if allocator not in ALLOCATORS:
+        raise PlanError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
+    wanted = diagnosis["verdict"]["label"] != "healthy" or options.get("methods") is not None
+    if allocator == "measured" and check_budget(budget) > 0 and wanted:
+        start = time.perf_counter()
+        options["measured"] = measure_repairs(fp_model, q_model, calib_ids, progress=progress)
+        seconds["measure"] = time.perf_counter() - start
+    plan = plan_repair(diagnosis, budget, **options)
     if on_plan is not None:
         on_plan(diagnosis, plan)
     ppl = dict(known_ppl or {})
