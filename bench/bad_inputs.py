@@ -88,6 +88,8 @@ def _cases() -> list[Case]:
         c("rank 0", ["repair", "--quantized", "{ckpt}", "--rank", "0", "--out", "{tmp}/r"]),
         c("low-rank factors at a width that is not stored", ["repair", "--quantized", "{ckpt}", "--factor-bits", "8",
                                                               "--out", "{tmp}/r"]),
+        c("an allocator that does not exist", ["repair", "--quantized", "{ckpt}", "--allocator", "greedy", "--out",
+                                               "{tmp}/r"]),
         c("no calibration window (repair)", ["repair", "--quantized", "{ckpt}", "--calib-samples", "0", "--out",
                                              "{tmp}/r"]),
         c("a diagnosis that is not JSON", ["repair", "--quantized", "{ckpt}", "--diagnosis", "{binary}", "--out",

@@ -17,7 +17,7 @@ from bitcliff.cli.common import (
     positive_int,
 )
 from bitcliff.quant.factors import FACTOR_WIDTHS
-from bitcliff.repairs.plan import FACTOR_BITS, REFINE_ROUNDS
+from bitcliff.repairs.plan import ALLOCATOR, ALLOCATORS, FACTOR_BITS, REFINE_ROUNDS
 
 DEFAULT_BUDGET = 0.25
 
@@ -42,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--factor-bits", type=int, choices=FACTOR_WIDTHS, default=FACTOR_BITS, metavar="B",
                    help="low rank: store its factors at B bits, 2, 3 or 4 with group scales (lowrank.safetensors), or "
                         "16 (fp16, a PEFT LoRA adapter)")
+    p.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATOR,
+                   help="how the budget is split: 'measured' (a measuring pass on a few calibration windows, then "
+                        "every module's options weighed by the loss each removes per bit) or 'diagnosis' (layer "
+                        "shares by the error each adds)")
     p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki', 'canterbury' (embedded) or a UTF-8 file")
     p.add_argument("--calib-samples", type=positive_int, default=64, help="calibration windows")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window")
@@ -108,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             fp_model, q_model, calibration_windows(tokenizer, text, args.calib_samples, args.seq_len), args.budget,
             diagnosis=report, examples=None if report is not None else evaluation_windows(tokenizer, text, 16, 256),
             plan_options={"methods": methods, "rank": args.rank, "refine_rounds": args.refine_rounds,
-                          "factor_bits": args.factor_bits}, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
+                          "factor_bits": args.factor_bits, "allocator": args.allocator}, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
             out=out, tokenizer=tokenizer, overwrite=args.overwrite, on_plan=show, name=Path(args.quantized).name,
             record_extra={"text": args.text_file, "quantized": str(args.quantized), "model": args.model,
                           "device": describe(args.device)},

@@ -48,12 +48,23 @@ from bitcliff.quant.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from bitcliff.quant.adapter import adapter_tensors, has_adapter, load_adapter
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.dynamic import dynamic_entries, dynamic_override, module_overrides
-from bitcliff.quant.factors import FACTORS_FILE, QuantizedFactors
+from bitcliff.quant.factors import FACTORS_FILE
 from bitcliff.quant.gptq_model import gptq_log, write_gptq_log
-from bitcliff.quant.outliers import OUTLIERS_FILE, SparseOutliers
+from bitcliff.quant.outliers import OUTLIERS_FILE
 from bitcliff.quant.qlinear import QuantLinear
-from bitcliff.quant.rtn import non_finite
+from bitcliff.quant.repair_files import (
+    factor_tensors,
+    load_factors,
+    load_outliers,
+    outlier_tensors,
+)
 from bitcliff.quant.surgery import attach_config, quant_config, set_submodule
+from bitcliff.quant.tensor_files import (  # noqa: F401 - CheckpointError and MissingShardError are part of this API
+    CheckpointError,
+    MissingShardError,
+    check_finite_tensor,
+    read_tensors,
+)
 from bitcliff.storage import MANIFEST, replace_folder, save_tensors, write_json
 
 log = logging.getLogger(__name__)
@@ -72,14 +83,6 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that is incomplete, corrupt, or inconsistent with its config."""
-
-
-class MissingShardError(CheckpointError, FileNotFoundError):
-    """A weight file that a checkpoint's index lists is not there."""
 
 
 # ----------------------------------------------------------------------------------- save
@@ -371,31 +374,6 @@ def shard_files(directory: Path) -> list[Path]:
     return [directory / name for name in sorted(set(read_weight_map(directory).values()))]
 
 
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """All tensors of the shards; a truncated or corrupt file raises ``CheckpointError``."""
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-                for key in keys:
-                    tensors[key] = f.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types for bad headers/sizes
-            raise CheckpointError(f"{path} could not be read (truncated or corrupt?): {exc}") from exc
-        for key in keys:
-            check_finite_tensor(tensors[key], f"{path}: tensor {key}")
-    return tensors
-
-
-def check_finite_tensor(tensor: torch.Tensor, what: str) -> None:
-    """Refuse a floating-point tensor holding NaN or Inf (a model computed from it would give
-    ``nan`` for every result): ``CheckpointError`` naming ``what`` and how many values."""
-    bad = non_finite(tensor)
-    if bad:
-        raise CheckpointError(f"{what} holds {bad} NaN or Inf value(s) of {tensor.numel()}: the checkpoint is "
-                              "damaged; quantize again, or restore the file from a copy")
-
-
 #: Files a checkpoint's model is built from: when bitcliff's manifest lists one, it must be there.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
@@ -557,73 +535,6 @@ def load(
     if (directory / FACTORS_FILE).is_file():
         load_factors(model, directory / FACTORS_FILE)
     return model.to(device).eval()
-
-
-def outlier_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The sparse outliers of every ``QuantLinear`` that has some, as ``outliers.safetensors`` holds them."""
-    tensors = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and module.outliers() is not None:
-            tensors.update({k: v.cpu() for k, v in module.outliers().tensors(name).items()})
-    return tensors
-
-
-def load_outliers(model: nn.Module, path: Path) -> int:
-    """Attach the sparse outliers in ``path`` to ``model``'s ``QuantLinear`` s; returns how many.
-
-    Raises:
-        CheckpointError: an unreadable file, a module the model lacks or that is not quantized,
-            or corrections that do not fit their layer (a sparse file of another checkpoint).
-    """
-    tensors = read_tensors([path])
-    modules = dict(model.named_modules())
-    names = sorted({key.rpartition(".")[0] for key in tensors})
-    for name in names:
-        module = modules.get(name)
-        if not isinstance(module, QuantLinear):
-            raise CheckpointError(f"{path}: it has outliers for {name}, which is not a quantized linear of the model")
-        try:
-            module.set_outliers(SparseOutliers.from_tensors(tensors, name, (module.out_features, module.in_features)))
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: the outliers of {name} do not fit the checkpoint ({exc})") from None
-    return len(names)
-
-
-def factor_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The quantized low-rank factors of every ``QuantLinear`` that has some, as ``lowrank.safetensors`` holds them."""
-    tensors = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and module.lowrank_factors is not None:
-            tensors.update(module.lowrank_factors.tensors(name))
-    return tensors
-
-
-def load_factors(model: nn.Module, path: Path) -> int:
-    """Attach the quantized low-rank factors in ``path`` to ``model``'s ``QuantLinear`` s; returns how many.
-
-    Raises:
-        CheckpointError: an unreadable file, a module the model lacks or that is not quantized, a
-            module that also has fp16 factors in the adapter, or factors that do not fit their
-            layer (a file of another checkpoint).
-    """
-    tensors = read_tensors([path])
-    modules = dict(model.named_modules())
-    names = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
-    for name in names:
-        module = modules.get(name)
-        if not isinstance(module, QuantLinear):
-            raise CheckpointError(f"{path}: it has low-rank factors for {name}, which is not a quantized linear of "
-                                  "the model")
-        if module.lora_A is not None:
-            raise CheckpointError(f"{path}: {name} also has low-rank factors in {ADAPTER_WEIGHTS}; a module holds one "
-                                  "low-rank term")
-        try:
-            module.set_quantized_lowrank(QuantizedFactors.from_tensors(
-                tensors, name, (module.out_features, module.in_features)))
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: the low-rank factors of {name} do not fit the checkpoint "
-                                  f"({type(exc).__name__}: {exc})") from None
-    return len(names)
 
 
 def load_tokenizer(directory: str | os.PathLike):
