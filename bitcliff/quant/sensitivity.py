@@ -7,6 +7,10 @@ sensitivity).  Weighting a quantization error by it makes errors of different mo
 comparable in one unit, the loss, which is what mixed precision (:mod:`bitcliff.quant.mixed`)
 needs to trade bits between modules.  A Hessian ``XᵀX`` of a module's inputs cannot: it measures
 the module's output error, not what that error costs downstream.
+
+:func:`output_sensitivity` is the same idea one step coarser, for errors measured at a module's
+output rather than per weight: the mean squared loss gradient there turns an output error into
+loss (the repair allocator's unit).
 """
 
 from __future__ import annotations

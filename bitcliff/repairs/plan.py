@@ -1,17 +1,24 @@
 """Repair planning: which training-free repairs, on which modules, with how many bits, and why,
-from a diagnosis alone.
+from a diagnosis, and by default from a measuring pass of what each step buys.
 
 The verdict decides the kind of repair (the seed papers' claim, tested in docs/repair.md):
 
 * **signal degradation** (components work, error accumulates): *compensation*.  Low-rank
-  compensation with the budget, its factors stored at 4 bits, shared among the layers in
-  proportion to how much error each adds (the diagnosis's local error per layer,
-  ``local_update_error``) times its weights; inside a layer the repair walk spends its share on
-  the measured spectra; then norm recalibration on what it left (free).  Sparse outliers and
-  bias correction are available with ``methods``, not chosen (``Repair.auto``): at equal bits
-  4-bit low-rank factors beat the outliers on every model and width measured (SmolLM2 GPTQ W3
-  +0.25: 33.00 against 33.60 wiki ppl; GPTQ W2 +0.5: 178 against 198; Gemma-3 GPTQ W3 +0.25:
-  31.16 against 35.37; docs/repair.md).
+  compensation with the budget, its factors stored at 4 bits; then norm recalibration on what it
+  left (free).  Who gets the bits: with measurements (``measured``, what ``diagnose_and_repair``
+  and the command line take by default, :data:`ALLOCATOR`) the global allocator gives every
+  module the rank whose measured loss removed per bit is highest across the whole model
+  (:mod:`bitcliff.repairs.allocate`; SmolLM2 GPTQ W3 +0.25: 31.60 / 151.18 wiki / Canterbury ppl
+  against 32.83 / 152.73 by the diagnosis's shares; Gemma-3: 30.03 / 166.94 against 31.86 /
+  183.40); from the diagnosis alone, the layers share it in proportion to how much error each
+  adds (``local_update_error``) times its weights, and inside a layer the repair walk spends that
+  share on the measured spectra.  Sparse outliers and bias correction are available with
+  ``methods``, not chosen (``Repair.auto``): at equal bits 4-bit low-rank factors beat the
+  outliers on every model and width measured (SmolLM2 GPTQ W3 +0.25: 33.00 against 33.60 wiki
+  ppl; GPTQ W2 +0.5: 178 against 198; Gemma-3 GPTQ W3 +0.25: 31.16 against 35.37; docs/repair.md).
+  Restoration is weighed against low rank by the allocator only when asked for (``methods``):
+  it lost there (SmolLM2 GPTQ W3 +0.25, restoration and low rank weighed together: 32.49 /
+  153.63).
 * **computation collapse** (components stop functioning early): *compensation as well*.  The
   seed's answer was structure first, and it lost where it was tested: on SmolLM2 RTN W2 (the
   clean collapse) restoring the collapsed components first and compensating with the rest gave
@@ -20,11 +27,12 @@ The verdict decides the kind of repair (the seed papers' claim, tested in docs/r
   ``methods`` (``restore``): whole components (a layer's attention or MLP) restored to more
   bits, those that stopped functioning first: local F(c) below the verdict's threshold in the
   early third of the layers, earliest layer first, then every other component by ascending F(c).
-* **mixed**: half the budget to structure, half to compensation (not measured against
-  compensation alone yet); **healthy**: nothing.
+* **mixed**: structure and compensation: from the diagnosis alone, half the budget each (not
+  measured against compensation alone yet); with measurements, restoration of single modules
+  and low rank weighed by the allocator; **healthy**: nothing.
 
-Every choice carries its reason, citing the evidence (a test holds the restored components to
-the ones the evidence names).  Costs are exact, in extra bits per quantized weight.
+Every choice carries its reason, citing the evidence (tests hold the restored components to the
+ones the evidence names, and the allocator's steps to the measured gains that chose them).  Costs are exact, in extra bits per quantized weight.
 
 The repairs themselves are the registry's (``registry.repairs()``): each sizes its own share of the
 plan; this module only hands out the budget, by the verdict and each repair's kind, and never
@@ -52,7 +60,7 @@ FACTOR_BITS = 4
 #: How ``diagnose_and_repair`` splits the budget: ``measured`` (a measuring pass, then the global
 #: allocator, :mod:`bitcliff.repairs.allocate`) or ``diagnosis`` (layer shares by the error each adds).
 ALLOCATORS = ("measured", "diagnosis")
-ALLOCATOR = "diagnosis"
+ALLOCATOR = "measured"  # better on both models measured (module docstring)
 
 
 class PlanError(ValueError):
