@@ -220,7 +220,8 @@ def diagnose_and_repair(
     wanted = diagnosis["verdict"]["label"] != "healthy" or options.get("methods") is not None
     if allocator == "measured" and check_budget(budget) > 0 and wanted:
         start = time.perf_counter()
-        options["measured"] = measure_repairs(fp_model, q_model, calib_ids, progress=progress)
+        widths = "restore" in (options.get("methods") or ())  # restoration weighed only when asked for
+        options["measured"] = measure_repairs(fp_model, q_model, calib_ids, widths=widths, progress=progress)
         seconds["measure"] = time.perf_counter() - start
     plan = plan_repair(diagnosis, budget, **options)
     if on_plan is not None:

@@ -4,6 +4,7 @@ evidence each step cites recomputed from the measurements, and a measured plan e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import re
 
@@ -12,6 +13,7 @@ import torch
 
 import bitcliff
 from bitcliff.diagnosis.run import DiagnoseOptions
+from bitcliff.quant.gptq import gptq_quantize
 from bitcliff.repairs.budget import quantized_weights, width_change_bits
 from bitcliff.repairs.lowrank import RANK_STEP, lowrank_bits, output_error
 from bitcliff.repairs.measure import Measurements, ModuleCurve, measure_repairs
@@ -25,7 +27,7 @@ def setup():
     fp, q, calib = repair_setup()
     evaluation = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
     report = bitcliff.diagnose(fp, q, evaluation, options=DiagnoseOptions.fast(), progress=False)
-    return fp, q, calib, evaluation, report, measure_repairs(fp, q, calib, max_rank=16)
+    return fp, q, calib, evaluation, report, measure_repairs(fp, q, calib, max_rank=16, widths=True)
 
 
 def _synthetic(report: dict, seed: int) -> Measurements:
@@ -109,6 +111,13 @@ def test_the_verdict_stays_the_prior():
     assert plan_repair(_diagnosis("healthy"), 0.5, measured=measured).methods == ()
 
 
+def test_restoration_without_measured_widths_is_refused(setup):
+    fp, q, calib, _, report, _ = setup
+    measured = measure_repairs(fp, q, calib, max_rank=8)
+    with pytest.raises(ValueError, match="hold no wider width: measure with widths=True"):
+        plan_repair(report, 0.5, methods=["restore", "lowrank"], measured=measured)
+
+
 def test_measurements_of_another_model_are_refused():
     report = _diagnosis()
     measured = _synthetic(report, 0)
@@ -133,7 +142,10 @@ def test_the_measuring_pass_matches_brute_force(setup):
         target = fp.get_submodule(name).weight.detach().float()
         assert curve.error == pytest.approx(output_error(target - module.effective_weight(), covariance), rel=1e-3)
         assert sum(curve.energy) <= curve.error * (1 + 1e-6)
-        assert curve.widths[16] == 0.0 and curve.widths[4] < curve.widths[3] < curve.error * 1.5
+        assert curve.widths[16] == 0.0 and curve.widths[4] < curve.widths[3] < curve.error
+        solved = gptq_quantize(target, 2 * covariance.float(), dataclasses.replace(
+            bitcliff.QuantConfig(bits=3, group_size=curve.group_size), method="gptq"), name=name)
+        assert curve.widths[3] == pytest.approx(output_error(target - solved.qweight.dequantize(), covariance), rel=1e-2)
     # the output sensitivity: the mean squared gradient of the loss at the module's output
     name = next(iter(measured.modules))
     kept = []
@@ -167,8 +179,11 @@ def test_a_measured_plan_repairs_within_budget_and_loads_back(setup, tmp_path):
     result = bitcliff.repair(fp, repaired, calib, plan, progress=False)
     assert result.record.bits == pytest.approx(plan.planned_bits)
     assert result.record.bits <= 0.5 * quantized_weights(q)
-    assert {m.module: m.rank for m in result.record.modules if m.rank} == plan.steps["lowrank"]["module_ranks"]
-    assert {m.module for m in result.record.modules if m.restored_bits} == set(plan.steps["restore"]["modules"])
+    ranks = plan.steps.get("lowrank", {}).get("module_ranks", {})
+    widths = plan.steps.get("restore", {}).get("modules", {})
+    assert ranks or widths
+    assert {m.module: m.rank for m in result.record.modules if m.rank} == ranks
+    assert {m.module: m.restored_bits for m in result.record.modules if m.restored_bits} == widths
     assert _logit_error(fp, repaired, calib) < _logit_error(fp, q, calib)
     back = bitcliff.load(bitcliff.save(repaired, tmp_path / "mixed"))
     with torch.no_grad():
