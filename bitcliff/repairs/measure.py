@@ -9,12 +9,12 @@ module in one unit and takes the best per bit.  It needs, per quantized module:
   model's own inputs (one walk over a few calibration windows, layer by layer, nothing changed);
 * the spectrum of its output-error-optimal low-rank correction (``lowrank_solution``): the error
   rank ``r`` removes is the sum of the first ``r`` squared singular values;
-* when restoration is weighed too (``widths``), the error it would have at each wider width:
-  GPTQ at that width on the same inputs, as the repair walk would re-quantize it.  An estimate
-  from round-to-nearest (the error now times the ratio of RTN's errors at the two widths) costs
-  nothing but chose restoration too often: SmolLM2 GPTQ W3 +0.25 with restoration and low rank
-  weighed on it read 32.49 / 153.63 wiki / Canterbury ppl, against 31.60 / 151.18 for low rank
-  alone;
+* the error it would have at each wider width, estimated as its error now times the ratio of the
+  round-to-nearest errors at the two widths on the same inputs.  Solving GPTQ at each width
+  instead (exact on these inputs, a GPTQ run's solves more) chose restoration more often and
+  repaired worse (SmolLM2 GPTQ W3 +0.25, restoration and low rank weighed together: 34.49 /
+  155.77 wiki / Canterbury ppl against 32.49 / 153.63; Gemma-3: 29.07 / 161.61 against 29.24 /
+  158.57): the loss a module's output error costs is an estimate, and restoration's more so;
 * how much the loss cares about an error at its output, ``g``
   (:func:`bitcliff.quant.sensitivity.output_sensitivity`, on the full-precision model): the loss
   added is about ``½ g · tr(E C Eᵀ)``, which is what makes modules comparable.
@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from bitcliff.group_walk import GroupWalk, capture_calibration_inputs
 from bitcliff.kernels.pack import SUPPORTED_BITS
 from bitcliff.layers import find_decoder_layers
-from bitcliff.quant.gptq import gptq_quantize
 from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.rtn import quantize_rtn
 from bitcliff.quant.sensitivity import output_sensitivity
 from bitcliff.quant.surgery import quant_config
 from bitcliff.repairs.lowrank import MAX_RANK, lowrank_solution, output_error, whitening
@@ -53,8 +53,7 @@ class ModuleCurve:
             its quantization.
         error: output error now, ``tr(E C Eᵀ)`` (summed over outputs, mean over tokens).
         energy: the error removed by each low-rank direction, in order (``σ_i²``).
-        widths: wider width -> output error re-quantized at it by GPTQ (16: none left); empty
-            when restoration was not measured.
+        widths: wider width -> estimated output error re-quantized at it (16: none left).
         sensitivity: ``g``, loss per unit of output error (times two).
     """
 
@@ -95,9 +94,8 @@ class Measurements:
 
 @torch.no_grad()
 def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, max_rank: int = MAX_RANK,
-                    widths: bool = False, windows: int = MEASURE_WINDOWS,
-                    sensitivity_windows: int = SENSITIVITY_WINDOWS, batch_size: int = 8,
-                    progress: bool = False) -> Measurements:
+                    windows: int = MEASURE_WINDOWS, sensitivity_windows: int = SENSITIVITY_WINDOWS,
+                    batch_size: int = 8, progress: bool = False) -> Measurements:
     """Measure every quantized module of ``q_model`` (module docstring); nothing is changed.
 
     Args:
@@ -106,8 +104,6 @@ def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Te
         calib_ids: int64 ``[n, T]`` calibration windows; the first ``windows`` are walked, the
             first ``sensitivity_windows`` give the output sensitivities.
         max_rank: the longest low-rank spectrum measured (cut below each module's smaller side).
-        widths: also solve every module by GPTQ at each wider width (what weighing restoration
-            needs; about a GPTQ run's solves more).
     """
     if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
         raise ValueError(f"calib_ids must be int64 [n_windows, seq_len] with n_windows > 0, got {tuple(calib_ids.shape)}")
@@ -139,25 +135,26 @@ def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Te
                 full = f"{name}.{rel}"
                 target = fp_layers[index].get_submodule(rel).weight.detach().float()
                 measured.modules[full] = _curve(full, index, module, target, covariance, root, config.for_module(full),
-                                                max_rank, sensitivity[full], widths)
+                                                max_rank, sensitivity[full])
         hidden = walk.outputs
     measured.seconds = time.perf_counter() - start
     return measured
 
 
 def _curve(name: str, layer: int, module: QuantLinear, target: torch.Tensor, covariance: torch.Tensor,
-           root: torch.Tensor, own, max_rank: int, sensitivity: float, widths: bool) -> ModuleCurve:
+           root: torch.Tensor, own, max_rank: int, sensitivity: float) -> ModuleCurve:
     error = target - module.effective_weight()
     now = output_error(error, covariance)
     limit = min(max_rank, min(module.in_features, module.out_features) - 1)
     energy = lowrank_solution(error, covariance, limit, root=root).energy.tolist() if limit >= 1 else []
-    wider = {}
-    for bits in (b for b in (*SUPPORTED_BITS, 16) if b > module.bits and widths):
+    rtn_now = output_error(target - quantize_rtn(target, own, name).dequantize(), covariance)
+    widths = {}
+    for bits in (b for b in (*SUPPORTED_BITS, 16) if b > module.bits):
         if bits == 16:
-            wider[16] = 0.0
+            widths[16] = 0.0
             continue
-        setting = dataclasses.replace(own, bits=bits, method="gptq")
-        solved = gptq_quantize(target, 2.0 * covariance, setting, name=name).qweight.dequantize()
-        wider[bits] = output_error(target - solved, covariance)
+        wider = dataclasses.replace(own, bits=bits)
+        rtn_wider = output_error(target - quantize_rtn(target, wider, name).dequantize(), covariance)
+        widths[bits] = now * rtn_wider / max(rtn_now, 1e-30)
     return ModuleCurve(name, layer, module.in_features, module.out_features, module.bits, module.group_size,
-                       now, energy, wider, sensitivity)
+                       now, energy, widths, sensitivity)

@@ -91,8 +91,8 @@ class PrecisionRestoration(Repair):
         """The module re-quantized at each wider width (full precision only from the widest packed
         one), with its measured estimate of the error left."""
         if not curve.widths and curve.bits < FULL_PRECISION:
-            raise ValueError(f"the measurements of {curve.name} hold no wider width: measure with widths=True to "
-                             "weigh restoration")
+            raise ValueError(f"the measurements of {curve.name} hold no wider width: they cannot weigh restoration "
+                             "(measure again with bitcliff.measure_repairs)")
         before = curve.sensitivity * curve.error
         widest = max(SUPPORTED_BITS)
         return [MeasuredOption(self.name, curve.name,

@@ -220,8 +220,7 @@ def diagnose_and_repair(
     wanted = diagnosis["verdict"]["label"] != "healthy" or options.get("methods") is not None
     if allocator == "measured" and check_budget(budget) > 0 and wanted:
         start = time.perf_counter()
-        widths = "restore" in (options.get("methods") or ())  # restoration weighed only when asked for
-        options["measured"] = measure_repairs(fp_model, q_model, calib_ids, widths=widths, progress=progress)
+        options["measured"] = measure_repairs(fp_model, q_model, calib_ids, progress=progress)
         seconds["measure"] = time.perf_counter() - start
     plan = plan_repair(diagnosis, budget, **options)
     if on_plan is not None:

@@ -13,7 +13,7 @@ import torch
 
 import bitcliff
 from bitcliff.diagnosis.run import DiagnoseOptions
-from bitcliff.quant.gptq import gptq_quantize
+from bitcliff.quant.rtn import quantize_rtn
 from bitcliff.repairs.budget import quantized_weights, width_change_bits
 from bitcliff.repairs.lowrank import RANK_STEP, lowrank_bits, output_error
 from bitcliff.repairs.measure import Measurements, ModuleCurve, measure_repairs
@@ -27,7 +27,7 @@ def setup():
     fp, q, calib = repair_setup()
     evaluation = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
     report = bitcliff.diagnose(fp, q, evaluation, options=DiagnoseOptions.fast(), progress=False)
-    return fp, q, calib, evaluation, report, measure_repairs(fp, q, calib, max_rank=16, widths=True)
+    return fp, q, calib, evaluation, report, measure_repairs(fp, q, calib, max_rank=16)
 
 
 def _synthetic(report: dict, seed: int) -> Measurements:
@@ -111,10 +111,11 @@ def test_the_verdict_stays_the_prior():
     assert plan_repair(_diagnosis("healthy"), 0.5, measured=measured).methods == ()
 
 
-def test_restoration_without_measured_widths_is_refused(setup):
-    fp, q, calib, _, report, _ = setup
-    measured = measure_repairs(fp, q, calib, max_rank=8)
-    with pytest.raises(ValueError, match="hold no wider width: measure with widths=True"):
+def test_restoration_without_measured_widths_is_refused():
+    report = _diagnosis()
+    measured = _synthetic(report, 0)
+    measured.modules["model.layers.2.mlp.up_proj"].widths.clear()
+    with pytest.raises(ValueError, match="up_proj hold no wider width: they cannot weigh restoration"):
         plan_repair(report, 0.5, methods=["restore", "lowrank"], measured=measured)
 
 
@@ -143,9 +144,10 @@ def test_the_measuring_pass_matches_brute_force(setup):
         assert curve.error == pytest.approx(output_error(target - module.effective_weight(), covariance), rel=1e-3)
         assert sum(curve.energy) <= curve.error * (1 + 1e-6)
         assert curve.widths[16] == 0.0 and curve.widths[4] < curve.widths[3] < curve.error
-        solved = gptq_quantize(target, 2 * covariance.float(), dataclasses.replace(
-            bitcliff.QuantConfig(bits=3, group_size=curve.group_size), method="gptq"), name=name)
-        assert curve.widths[3] == pytest.approx(output_error(target - solved.qweight.dequantize(), covariance), rel=1e-2)
+        own = bitcliff.QuantConfig(bits=2, group_size=curve.group_size)
+        rtn = {b: output_error(target - quantize_rtn(target, dataclasses.replace(own, bits=b)).dequantize(), covariance)
+               for b in (2, 3)}
+        assert curve.widths[3] == pytest.approx(curve.error * rtn[3] / rtn[2], rel=1e-3)
     # the output sensitivity: the mean squared gradient of the loss at the module's output
     name = next(iter(measured.modules))
     kept = []
