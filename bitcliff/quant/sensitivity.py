@@ -98,12 +98,15 @@ def output_sensitivity(model: nn.Module, names: list[str], calib_ids: torch.Tens
             output.register_hook(on_gradient)
         return hook
 
-    # The input embeddings carry the graph: no parameter needs a gradient.
+    # The input embeddings carry the graph: no parameter gets a gradient (nor its memory).
     embeddings = model.get_input_embeddings()
     hooks.append(embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_(True)))
     hooks += [model.get_submodule(name).register_forward_hook(watch(name)) for name in names]
     device = next(model.parameters()).device
+    before = {p: p.requires_grad for p in model.parameters()}
     try:
+        for p in before:
+            p.requires_grad_(False)
         with torch.enable_grad():
             for window in tqdm(calib_ids, desc="sensitivity", disable=not progress, unit="window"):
                 ids = window.unsqueeze(0).to(device)
@@ -111,4 +114,6 @@ def output_sensitivity(model: nn.Module, names: list[str], calib_ids: torch.Tens
     finally:
         for hook in hooks:
             hook.remove()
+        for p, wanted in before.items():
+            p.requires_grad_(wanted)
     return {name: sums[name] / max(counts[name], 1) for name in names}
