@@ -51,10 +51,3 @@ def plan_allocated(ctx: PlanContext, measured: Measurements, methods: tuple[str,
         if chosen:
             out.append((method, repairs()[method].plan_measured(ctx, chosen)))
     return out
-
-
-def cite(chosen: dict[str, MeasuredOption], ctx: PlanContext, describe, top: int = 5) -> str:
-    """The ``top`` chosen options that remove the most loss per bit, as ``what (loss per kbit)``:
-    the evidence a plan's reason cites (``describe(option)``: the step in words)."""
-    ranked = sorted(chosen.values(), key=lambda o: -o.gain_per_bit)[:top]
-    return ", ".join(f"{describe(o)} ({o.gain_per_bit * 1e3:.3g} per kbit)" for o in ranked)

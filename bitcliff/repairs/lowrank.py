@@ -31,6 +31,7 @@ from bitcliff.repairs.registry import (
     PlanContext,
     Planned,
     Repair,
+    cite,
 )
 
 #: Ridge added to the covariance before its Cholesky factor, relative to its mean diagonal.
@@ -203,8 +204,6 @@ class LowRankCompensation(Repair):
                 for r in ranks if r <= len(curve.energy)]
 
     def plan_measured(self, ctx: PlanContext, chosen: dict[str, MeasuredOption]) -> Planned:
-        from bitcliff.repairs.allocate import cite  # noqa: PLC0415 - the allocator imports the registry
-
         width = ctx.options.get("factor_bits", FP16_BITS)
         bits = sum(o.cost for o in chosen.values())
         factors = "fp16 factors" if width == FP16_BITS else f"{width}-bit factors"
@@ -212,7 +211,7 @@ class LowRankCompensation(Repair):
         span = f"rank {ranks[0]}" if ranks[0] == ranks[-1] else f"ranks {ranks[0]}-{ranks[-1]}"
         reason = (f"low-rank compensation on {len(chosen)} modules with {bits / ctx.weights:.4f} bits/weight in "
                   f"{factors}, {span} chosen by the measured loss each removes per bit; "
-                  "most per bit: " + cite(chosen, ctx, lambda o: f"{o.module} rank {o.decision}"))
+                  "most per bit: " + cite(chosen, lambda o: f"{o.module} rank {o.decision}"))
         refine = int(ctx.options.get("refine_rounds") or 0)
         if refine:
             reason += f"; {refine} round{'s' * (refine > 1)} of re-quantizing each module around its factors"

@@ -120,6 +120,13 @@ class MeasuredOption:
         return (self.before - self.error) / self.cost if self.cost > 0 else 0.0
 
 
+def cite(chosen: dict[str, MeasuredOption], describe, top: int = 5) -> str:
+    """The ``top`` chosen options that remove the most loss per bit, as ``what (loss per kbit)``:
+    the evidence a plan's reason cites (``describe(option)``: the step in words)."""
+    ranked = sorted(chosen.values(), key=lambda o: -o.gain_per_bit)[:top]
+    return ", ".join(f"{describe(o)} ({o.gain_per_bit * 1e3:.3g} per kbit)" for o in ranked)
+
+
 @dataclass
 class ModuleRepair:
     """What the walk did to one module (one entry of ``repair.json``).

@@ -25,6 +25,7 @@ from bitcliff.repairs.registry import (
     PlanContext,
     Planned,
     Repair,
+    cite,
 )
 
 
@@ -102,14 +103,12 @@ class PrecisionRestoration(Repair):
                 for bits, error in curve.widths.items() if bits != FULL_PRECISION or curve.bits >= widest]
 
     def plan_measured(self, ctx: PlanContext, chosen: dict[str, MeasuredOption]) -> Planned:
-        from bitcliff.repairs.allocate import cite  # noqa: PLC0415 - the allocator imports the registry
-
         bits = sum(o.cost for o in chosen.values())
         widths = sorted({o.decision for o in chosen.values()})
         reason = (f"re-quantize {len(chosen)} modules at "
                   f"{'/'.join('fp16' if b == FULL_PRECISION else f'{b} bits' for b in widths)} "
                   f"({bits / ctx.weights:.4f} bits/weight), chosen by the measured loss each removes per bit; "
-                  "most per bit: " + cite(chosen, ctx, lambda o: o.module))
+                  "most per bit: " + cite(chosen, lambda o: o.module))
         return Planned({"modules": {name: o.decision for name, o in chosen.items()},
                         "evidence": {name: o.gain_per_bit for name, o in chosen.items()}}, bits, reason)
 
