@@ -3,22 +3,21 @@ from a diagnosis, and by default from a measuring pass of what each step buys.
 
 The verdict decides the kind of repair (the seed papers' claim, tested in docs/repair.md):
 
-* **signal degradation** (components work, error accumulates): *compensation*.  Low-rank
-  compensation with the budget, its factors stored at 4 bits; then norm recalibration on what it
-  left (free).  Who gets the bits: with measurements (``measured``, what ``diagnose_and_repair``
-  and the command line take by default, :data:`ALLOCATOR`) the global allocator gives every
-  module the rank whose measured loss removed per bit is highest across the whole model
-  (:mod:`bitcliff.repairs.allocate`; SmolLM2 GPTQ W3 +0.25: 31.60 / 151.18 wiki / Canterbury ppl
-  against 32.83 / 152.73 by the diagnosis's shares; Gemma-3: 30.03 / 166.94 against 31.86 /
-  183.40); from the diagnosis alone, the layers share it in proportion to how much error each
-  adds (``local_update_error``) times its weights, and inside a layer the repair walk spends that
-  share on the measured spectra.  Sparse outliers and bias correction are available with
-  ``methods``, not chosen (``Repair.auto``): at equal bits 4-bit low-rank factors beat the
-  outliers on every model and width measured (SmolLM2 GPTQ W3 +0.25: 33.00 against 33.60 wiki
-  ppl; GPTQ W2 +0.5: 178 against 198; Gemma-3 GPTQ W3 +0.25: 31.16 against 35.37; docs/repair.md).
-  Restoration is weighed against low rank by the allocator only when asked for (``methods``):
-  it lost there (SmolLM2 GPTQ W3 +0.25, restoration and low rank weighed together: 32.49 /
-  153.63).
+* **signal degradation** (components work, error accumulates): *compensation*, and precision
+  where it pays.  With measurements (``measured``, what ``diagnose_and_repair`` and the command
+  line take by default, :data:`ALLOCATOR`) the global allocator (:mod:`bitcliff.repairs.allocate`)
+  weighs, module by module across the whole model, 4-bit low-rank factors of every rank against
+  re-quantizing the module wider (restoration), by the measured loss each removes per bit; then
+  norm recalibration on what they left (free).  Weighing restoration beside low rank, against
+  low rank alone (wiki ppl, GPTQ g64): SmolLM2 W3 +0.25 32.49 against 31.60, Gemma-3 W3 +0.25
+  29.24 against 30.03, SmolLM2 W2 +0.5 81.08 against 129.40, Gemma-3 W2 +0.5 84.48 against
+  130.94: it loses a little once and wins the other three times, by a third at W2.  From the
+  diagnosis alone the plan is low rank only, the layers sharing the budget in proportion to how
+  much error each adds (``local_update_error``) times its weights (SmolLM2 W3: 32.83; Gemma-3
+  W3: 31.86).  Sparse outliers and bias correction are available with ``methods``, not chosen
+  (``Repair.auto``): at equal bits 4-bit low-rank factors beat the outliers on every model and
+  width measured (SmolLM2 GPTQ W3 +0.25: 33.00 against 33.60 wiki ppl; GPTQ W2 +0.5: 178
+  against 198; Gemma-3 GPTQ W3 +0.25: 31.16 against 35.37; docs/repair.md).
 * **computation collapse** (components stop functioning early): *compensation as well*.  The
   seed's answer was structure first, and it lost where it was tested: on SmolLM2 RTN W2 (the
   clean collapse) restoring the collapsed components first and compensating with the rest gave
@@ -28,8 +27,12 @@ The verdict decides the kind of repair (the seed papers' claim, tested in docs/r
   bits, those that stopped functioning first: local F(c) below the verdict's threshold in the
   early third of the layers, earliest layer first, then every other component by ascending F(c).
 * **mixed**: structure and compensation: from the diagnosis alone, half the budget each (not
-  measured against compensation alone yet); with measurements, restoration of single modules
-  and low rank weighed by the allocator; **healthy**: nothing.
+  measured against compensation alone yet); with measurements, as for degradation;
+  **healthy**: nothing.
+
+With measurements the verdict is a weaker prior than it was: it decides whether to repair and
+which repairs may be weighed, and the measurements decide the kind module by module, since the
+kind the verdict named lost to the weighed mix wherever both were measured.
 
 Every choice carries its reason, citing the evidence (tests hold the restored components to the
 ones the evidence names, and the allocator's steps to the measured gains that chose them).  Costs are exact, in extra bits per quantized weight.
@@ -243,10 +246,10 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         from bitcliff.repairs.measure import Measurements  # noqa: PLC0415 - measure imports the repairs
 
         measured = Measurements.from_dict(measured) if isinstance(measured, dict) else measured
-        if not forced and structural <= 0:  # the verdict's prior: no structure where it calls for none
-            methods = tuple(m for m in methods if registry[m].kind != "structure")
+        # Every weighable repair the verdict allows is weighed, restoration of single modules
+        # included whatever the verdict (module docstring: it wins at W2 and on Gemma-3 W3).
         weighed = tuple(m for m in methods if registry[m].weighable)
-        plan.allocation = {"by": "measured", "windows": measured.windows,
+        plan.allocation = {"by": "measured", "weighed": list(weighed), "windows": measured.windows,
                            "sensitivity_windows": measured.sensitivity_windows,
                            "seconds": round(measured.seconds, 1)}
     else:

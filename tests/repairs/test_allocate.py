@@ -103,12 +103,15 @@ def test_each_step_cites_the_measured_gain_that_chose_it():
         assert names == sorted(chosen, key=lambda n: -chosen[n])[:len(names)]  # the best per bit, in order
 
 
-def test_the_verdict_stays_the_prior():
+def test_the_verdict_decides_whether_to_repair_and_the_measurements_decide_how():
     measured = _synthetic(_diagnosis(), 1)
-    for label in ("degradation", "collapse"):
+    for label in ("degradation", "collapse", "mixed"):
         plan = plan_repair(_diagnosis(label), 0.5, measured=measured)
-        assert "restore" not in plan.methods and "lowrank" in plan.methods
+        assert plan.allocation["weighed"] == ["restore", "lowrank"]
+        assert {"restore", "lowrank"} & set(plan.methods) and "norm" in plan.methods
     assert plan_repair(_diagnosis("healthy"), 0.5, measured=measured).methods == ()
+    forced = plan_repair(_diagnosis(), 0.5, methods=["lowrank", "norm"], measured=measured)
+    assert forced.allocation["weighed"] == ["lowrank"] and "restore" not in forced.methods
 
 
 def test_restoration_without_measured_widths_is_refused():
