@@ -18,14 +18,16 @@ The verdict decides the kind of repair (the seed papers' claim, tested in docs/r
   (``Repair.auto``): at equal bits 4-bit low-rank factors beat the outliers on every model and
   width measured (SmolLM2 GPTQ W3 +0.25: 33.00 against 33.60 wiki ppl; GPTQ W2 +0.5: 178
   against 198; Gemma-3 GPTQ W3 +0.25: 31.16 against 35.37; docs/repair.md).
-* **computation collapse** (components stop functioning early): *compensation as well*.  The
+* **computation collapse** (components stop functioning early): as for degradation.  The
   seed's answer was structure first, and it lost where it was tested: on SmolLM2 RTN W2 (the
   clean collapse) restoring the collapsed components first and compensating with the rest gave
   ppl 32,478 at +0.5 bits and 1,076 at +1.0, where sparse outliers alone gave 221 and 168 and
-  4-bit low-rank factors alone 150 at +0.5 (docs/repair.md).  Structure is still planned with
-  ``methods`` (``restore``): whole components (a layer's attention or MLP) restored to more
-  bits, those that stopped functioning first: local F(c) below the verdict's threshold in the
-  early third of the layers, earliest layer first, then every other component by ascending F(c).
+  4-bit low-rank factors alone 150 at +0.5 (docs/repair.md).  Structure is still planned from
+  the diagnosis alone with ``methods`` (``restore``, no measurements): whole components (a
+  layer's attention or MLP) restored to more bits, those that stopped functioning first: local
+  F(c) below the verdict's threshold in the early third of the layers, earliest layer first,
+  then every other component by ascending F(c).  With measurements restoration is weighed
+  module by module instead.
 * **mixed**: structure and compensation: from the diagnosis alone, half the budget each (not
   measured against compensation alone yet); with measurements, as for degradation;
   **healthy**: nothing.
