@@ -5,7 +5,7 @@ Every item has options with a ``cost`` (bits stored) and an ``error`` (the loss 
 to leave).  :func:`allocate` solves it greedily on each item's lower convex hull of
 (cost, error): every item starts at its cheapest option, and the upgrade with the largest error
 reduction per bit is taken while the budget allows.  On convex hulls this greedy is optimal up
-to the last, partial step (it reaches the optimum of the linear relaxation, tested against
+to the last, partial step: its total is within one hull step of the best choice (tested against
 brute force).
 """
 

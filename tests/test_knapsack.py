@@ -69,7 +69,7 @@ def test_allocate_refuses_a_budget_below_the_cheapest_choice():
         allocate(options, low * 0.99)
 
 
-def testlower_hull_drops_dominated_and_concave_points():
+def test_lower_hull_drops_dominated_and_concave_points():
     points = [Option(1.0, 10.0), Option(2.0, 9.5), Option(3.0, 3.0), Option(3.5, 4.0), Option(5.0, 2.5)]
     hull = lower_hull(points)
     # (2, 9.5) lies above the segment (1, 10) -> (3, 3); (3.5, 4) is dominated by (3, 3).

@@ -72,7 +72,9 @@ def output_sensitivity(model: nn.Module, names: list[str], calib_ids: torch.Tens
     positions and output features of the squared loss gradient ``(∂L/∂y)²``.
 
     An output error ``δy = E x`` of a module raises the loss by about ``½ E[δyᵀ G δy]``; with ``G``
-    taken as this mean times the identity, by ``½ g · tr(E C Eᵀ)`` (``C = E[x xᵀ]``): the unit that
+    taken as proportional to this mean times the identity, by an amount proportional to
+    ``g · tr(E C Eᵀ)`` (``C = E[x xᵀ]``), with one factor for every module at one window length
+    (``L`` is a window's mean loss, so ``g`` scales as one over its length squared): the unit that
     makes output errors of different modules comparable (the repair allocator,
     :mod:`bitcliff.repairs.allocate`).  One scalar per module is a mean over tens of thousands of
     values, so a few windows estimate it well.
@@ -102,7 +104,7 @@ def output_sensitivity(model: nn.Module, names: list[str], calib_ids: torch.Tens
     embeddings = model.get_input_embeddings()
     hooks.append(embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_(True)))
     hooks += [model.get_submodule(name).register_forward_hook(watch(name)) for name in names]
-    device = next(model.parameters()).device
+    device = embeddings.weight.device  # where the input ids go
     before = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in before:

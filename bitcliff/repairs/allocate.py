@@ -3,8 +3,8 @@ each step removes per bit.
 
 Every repair that can be weighed (``Repair.measured_options``: low rank offers its ranks,
 restoration its wider widths) offers each module options, each with its exact stored bits and the
-loss it is estimated to leave (:mod:`bitcliff.repairs.measure`: ``½ g · tr(E C Eᵀ)`` after the
-step).  A module takes at most one option (restored modules get no factors), and choosing one
+loss it is estimated to leave, up to one factor for every module (:mod:`bitcliff.repairs.measure`:
+``g · tr(E C Eᵀ)`` after the step).  A module takes at most one option (restored modules get no factors), and choosing one
 per module under the budget is the multiple-choice knapsack :func:`bitcliff.knapsack.allocate`
 solves: the whole model at once, the steps removing the most loss per bit first.  No layer or
 method has a fixed share.
@@ -14,6 +14,8 @@ and the plan's reasons cite those numbers (a test recomputes them).
 """
 
 from __future__ import annotations
+
+import math
 
 from bitcliff.knapsack import allocate
 from bitcliff.repairs.measure import Measurements
@@ -26,7 +28,8 @@ def allocate_repairs(ctx: PlanContext, measured: Measurements, methods: tuple[st
     most ``available`` bits.
 
     Raises:
-        ValueError: a module of the plan that the measurements lack (made on another model).
+        ValueError: a module of the plan that the measurements lack (made on another model), or
+            measurements that are not finite and non-negative.
     """
     missing = sorted(set(ctx.modules) - set(measured.modules))
     if missing:
@@ -34,6 +37,9 @@ def allocate_repairs(ctx: PlanContext, measured: Measurements, methods: tuple[st
     options = {}
     for name in ctx.modules:
         curve = measured.modules[name]
+        numbers = [curve.error, curve.sensitivity, *curve.energy, *curve.widths.values()]
+        if not all(math.isfinite(x) and x >= 0 for x in numbers):
+            raise ValueError(f"the measurements of {name} hold a negative, NaN or infinite value: measure again")
         keep = MeasuredOption(None, name, 0.0, curve.sensitivity * curve.error, 0, curve.sensitivity * curve.error)
         options[name] = [keep] + [o for method in methods for o in repairs()[method].measured_options(ctx, curve)]
     return allocate(options, available)
@@ -41,12 +47,11 @@ def allocate_repairs(ctx: PlanContext, measured: Measurements, methods: tuple[st
 
 def plan_allocated(ctx: PlanContext, measured: Measurements, methods: tuple[str, ...],
                    available: float) -> list[tuple[str, Planned]]:
-    """Each repair's share of the plan from :func:`allocate_repairs`: ``(name, planned)`` for every
-    method that got at least one module."""
-    weighed = tuple(m for m in methods if repairs()[m].weighable)
-    choice = allocate_repairs(ctx, measured, weighed, available)
+    """Each repair's share of the plan from :func:`allocate_repairs` among ``methods`` (weighable
+    repairs): ``(name, planned)`` for every method that got at least one module."""
+    choice = allocate_repairs(ctx, measured, methods, available)
     out = []
-    for method in weighed:
+    for method in methods:
         chosen = {name: option for name, option in choice.items() if option.method == method}
         if chosen:
             out.append((method, repairs()[method].plan_measured(ctx, chosen)))

@@ -193,9 +193,14 @@ class LowRankCompensation(Repair):
     weighable = True
 
     def measured_options(self, ctx: PlanContext, curve) -> list[MeasuredOption]:
-        """Every rank in steps of ``RANK_STEP`` up to the module's measured spectrum (one rank with
-        the ``rank`` option), at the plan's factor width."""
+        """Every rank in steps of ``RANK_STEP`` up to the plan's ``max_rank`` or the module's
+        measured spectrum, the shorter (``diagnose_and_repair`` measures to ``max_rank``), or the one
+        ``rank`` asked for, at the plan's factor width."""
         width = ctx.options.get("factor_bits", FP16_BITS)
+        rank = ctx.options.get("rank")
+        if rank and len(curve.energy) < rank:  # a rank asked for is never silently dropped
+            raise ValueError(f"the measurements of {curve.name} cover ranks up to {len(curve.energy)}, the plan asks for "
+                             f"{rank}: measure again with max_rank={rank}")
         limit = min(ctx.options.get("max_rank") or MAX_RANK, len(curve.energy))
         ranks = [ctx.options["rank"]] if ctx.options.get("rank") else range(RANK_STEP, limit + 1, RANK_STEP)
         before = curve.sensitivity * curve.error

@@ -17,7 +17,8 @@ module in one unit and takes the best per bit.  It needs, per quantized module:
   158.57): the loss a module's output error costs is an estimate, and restoration's more so;
 * how much the loss cares about an error at its output, ``g``
   (:func:`bitcliff.quant.sensitivity.output_sensitivity`, on the full-precision model): the loss
-  added is about ``½ g · tr(E C Eᵀ)``, which is what makes modules comparable.
+  added is proportional to ``g · tr(E C Eᵀ)``, with one factor for all modules, which is what
+  makes modules comparable.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class ModuleCurve:
         error: output error now, ``tr(E C Eᵀ)`` (summed over outputs, mean over tokens).
         energy: the error removed by each low-rank direction, in order (``σ_i²``).
         widths: wider width -> estimated output error re-quantized at it (16: none left).
-        sensitivity: ``g``, loss per unit of output error (times two).
+        sensitivity: ``g``, proportional to the loss per unit of output error (one factor for every
+            module).
     """
 
     name: str
@@ -115,30 +117,37 @@ def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Te
     _, fp_layers = find_decoder_layers(fp_model)
     names = [f"{prefix}.{i}.{rel}" for i, layer in enumerate(q_layers)
              for rel, m in layer.named_modules() if isinstance(m, QuantLinear)]
-    with torch.enable_grad():
-        sensitivity = output_sensitivity(fp_model, names, calib_ids[:sensitivity_windows].long(), progress=progress)
-    walked = calib_ids[:windows].long()
-    calls = capture_calibration_inputs(q_model, q_layers, walked, batch_size)
-    hidden = calls.inputs[0]
-    measured = Measurements(windows=int(walked.shape[0]), sensitivity_windows=min(sensitivity_windows, len(calib_ids)))
-    for index in tqdm(range(len(q_layers)), desc="measure", unit="layer", disable=not progress):
-        layer, name = q_layers[index], f"{prefix}.{index}"
-        linears = {rel: m for rel, m in layer.named_modules() if isinstance(m, (QuantLinear, nn.Linear))}
-        walk = GroupWalk(layer, linears, hidden, calls.calls[index], name=name)
-        for group in walk:
-            covariance = group.statistics.hessian() / 2.0  # E[x xᵀ]
-            root = whitening(covariance)
-            for rel in group.members:
-                module = linears[rel]
-                if not isinstance(module, QuantLinear):
-                    continue
-                full = f"{name}.{rel}"
-                target = fp_layers[index].get_submodule(rel).weight.detach().float()
-                measured.modules[full] = _curve(full, index, module, target, covariance, root, config.for_module(full),
-                                                max_rank, sensitivity[full])
-        hidden = walk.outputs
-    measured.seconds = time.perf_counter() - start
-    return measured
+    modes = (fp_model.training, q_model.training)
+    fp_model.eval()  # no dropout in what is measured
+    q_model.eval()
+    try:
+        with torch.enable_grad():
+            sensitivity = output_sensitivity(fp_model, names, calib_ids[:sensitivity_windows].long(), progress=progress)
+        walked = calib_ids[:windows].long()
+        calls = capture_calibration_inputs(q_model, q_layers, walked, batch_size)
+        hidden = calls.inputs[0]
+        measured = Measurements(windows=int(walked.shape[0]), sensitivity_windows=min(sensitivity_windows, len(calib_ids)))
+        for index in tqdm(range(len(q_layers)), desc="measure", unit="layer", disable=not progress):
+            layer, name = q_layers[index], f"{prefix}.{index}"
+            linears = {rel: m for rel, m in layer.named_modules() if isinstance(m, (QuantLinear, nn.Linear))}
+            walk = GroupWalk(layer, linears, hidden, calls.calls[index], name=name)
+            for group in walk:
+                covariance = group.statistics.hessian() / 2.0  # E[x xᵀ]
+                root = whitening(covariance)
+                for rel in group.members:
+                    module = linears[rel]
+                    if not isinstance(module, QuantLinear):
+                        continue
+                    full = f"{name}.{rel}"
+                    target = fp_layers[index].get_submodule(rel).weight.detach().float()
+                    measured.modules[full] = _curve(full, index, module, target, covariance, root, config.for_module(full),
+                                                    max_rank, sensitivity[full])
+            hidden = walk.outputs
+        measured.seconds = time.perf_counter() - start
+        return measured
+    finally:
+        fp_model.train(modes[0])
+        q_model.train(modes[1])
 
 
 def _curve(name: str, layer: int, module: QuantLinear, target: torch.Tensor, covariance: torch.Tensor,

@@ -72,6 +72,10 @@ class PlanError(ValueError):
     """A repair that cannot be planned as asked (bad budget, methods, or diagnosis)."""
 
 
+class BudgetTooSmallError(PlanError):
+    """A budget below the cheapest step of every repair asked for."""
+
+
 def method_names() -> tuple[str, ...]:
     """Every repair's name, in the order a share group is repaired."""
     return tuple(repairs())
@@ -279,7 +283,7 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
     if weighed:
         from bitcliff.repairs.allocate import plan_allocated  # noqa: PLC0415
 
-        for name, planned in plan_allocated(ctx, measured, weighed, total - spent):
+        for name, planned in plan_allocated(ctx, measured, weighed, max(total - spent, 0.0)):
             ctx.steps[name] = planned.step
             plan.reasons.append(planned.reason)
             spent += planned.bits
@@ -287,7 +291,7 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
     plan.methods = tuple(plan.steps)
     plan.planned_bits = spent
     if not plan.methods:
-        raise PlanError(_too_small(budget, ctx, methods))
+        raise BudgetTooSmallError(_too_small(budget, ctx, methods))
     if spent < 0.99 * total:
         why = (f"no further step of {', '.join(weighed)} fits in what is left" if weighed
                else f"{', '.join(methods)} can use no more on this model")

@@ -102,8 +102,8 @@ class MeasuredOption:
     Attributes:
         method: the repair (None: the module left as it is); module: its full name.
         cost: the bits it stores.
-        error: the loss it is estimated to leave (``½ g · tr(E C Eᵀ)`` up to the ½, from the
-            measurements); before: the loss with no repair.
+        error: the loss it is estimated to leave, up to one factor for every module
+            (``g · tr(E C Eᵀ)``, from the measurements); before: the same with no repair.
         decision: what the repair's step records (low rank: the rank; restoration: the width).
     """
 

@@ -32,15 +32,17 @@ from bitcliff.diagnosis.run import (
     quantized_modules,
 )
 from bitcliff.repairs.budget import quantized_weights
+from bitcliff.repairs.lowrank import MAX_RANK
 from bitcliff.repairs.measure import measure_repairs
 from bitcliff.repairs.plan import (
     ALLOCATOR,
     ALLOCATORS,
+    BudgetTooSmallError,
     PlanError,
     RepairPlan,
-    check_budget,
     plan_repair,
 )
+from bitcliff.repairs.registry import repairs
 from bitcliff.repairs.walk import DEFAULT_BATCH_SIZE, WalkRecord, repair_walk
 from bitcliff.storage import write_json
 
@@ -95,6 +97,9 @@ def check_plan_fits(plan: RepairPlan, fp_model: nn.Module, q_model: nn.Module) -
     missing = [name for name in plan.restore if name not in modules]
     if missing:
         raise ValueError(f"the plan restores {missing[0]}, which is not a quantized module of this model")
+    ranked = [name for name in (plan.steps.get("lowrank") or {}).get("module_ranks", {}) if name not in modules]
+    if ranked:
+        raise ValueError(f"the plan gives low-rank factors to {ranked[0]}, which is not a quantized module of this model")
     if plan.weights and plan.weights != quantized_weights(q_model):
         raise ValueError(f"the plan was made for {plan.weights} quantized weights, this model has "
                          f"{quantized_weights(q_model)}")
@@ -213,16 +218,26 @@ def diagnose_and_repair(
         diagnosis = diagnose(fp_model, q_model, examples, options=PLANNING_DIAGNOSIS, name=name,
                              progress=progress).to_dict()
         seconds["diagnosis"] = time.perf_counter() - start
+    if not isinstance(diagnosis, dict):
+        diagnosis = diagnosis.to_dict()
     options = dict(plan_options or {})
     allocator = options.pop("allocator", ALLOCATOR)
     if allocator not in ALLOCATORS:
         raise PlanError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
-    wanted = diagnosis["verdict"]["label"] != "healthy" or options.get("methods") is not None
-    if allocator == "measured" and check_budget(budget) > 0 and wanted:
+    try:  # checks every option before the measuring pass
+        plan = plan_repair(diagnosis, budget, **options)
+    except BudgetTooSmallError:
+        if allocator != "measured":
+            raise
+        plan = None  # single measured steps may cost less than the diagnosis's plan's smallest
+    methods = options.get("methods") or [name for name, r in repairs().items() if r.auto]
+    wanted = plan is None or bool(plan.methods)  # nothing to measure for a healthy verdict
+    if allocator == "measured" and wanted and any(repairs()[m].weighable for m in methods):
         start = time.perf_counter()
-        options["measured"] = measure_repairs(fp_model, q_model, calib_ids, progress=progress)
+        longest = max(options.get("rank") or 0, options.get("max_rank") or MAX_RANK)
+        options["measured"] = measure_repairs(fp_model, q_model, calib_ids, max_rank=longest, progress=progress)
         seconds["measure"] = time.perf_counter() - start
-    plan = plan_repair(diagnosis, budget, **options)
+        plan = plan_repair(diagnosis, budget, **options)
     if on_plan is not None:
         on_plan(diagnosis, plan)
     ppl = dict(known_ppl or {})

@@ -210,3 +210,36 @@ def test_an_unknown_allocator_is_refused(setup):
     with pytest.raises(PlanError, match="allocator must be one of"):
         diagnose_and_repair(fp, copy.deepcopy(q), calib, 0.25, diagnosis=report.to_dict(),
                             plan_options={"allocator": "greedy"})
+
+
+def test_a_rank_beyond_the_measured_spectrum_is_refused_not_dropped():
+    report = _diagnosis()
+    measured = _synthetic(report, 0)  # spectra of 32 ranks, modules of 64 x 64
+    assert plan_repair(report, 0.5, methods=["lowrank"], rank=32, measured=measured).steps["lowrank"]
+    with pytest.raises(ValueError, match="cover ranks up to 32, the plan asks for 36: measure again"):
+        plan_repair(report, 0.5, methods=["lowrank"], rank=36, measured=measured)
+
+
+def test_non_finite_measurements_are_refused():
+    report = _diagnosis()
+    measured = _synthetic(report, 0)
+    measured.modules["model.layers.1.mlp.down_proj"].sensitivity = float("nan")
+    with pytest.raises(ValueError, match="down_proj hold a negative, NaN or infinite value"):
+        plan_repair(report, 0.5, measured=measured)
+
+
+def test_the_measuring_pass_runs_only_when_a_repair_can_be_weighed(setup, monkeypatch):
+    import bitcliff.repairs.run as run
+
+    fp, q, calib, _, report, _ = setup
+    calls = []
+    monkeypatch.setattr(run, "measure_repairs", lambda *a, **k: calls.append(k) or measure_repairs(*a, **k))
+    outcome = run.diagnose_and_repair(fp, copy.deepcopy(q), calib, 0.5, diagnosis=report,  # a report object
+                                      plan_options={"methods": ["norm"]})
+    assert not calls and outcome.plan.allocation["by"] == "diagnosis"
+    with pytest.raises(PlanError, match="factor_bits"):  # a bad option is refused before any measuring
+        run.diagnose_and_repair(fp, copy.deepcopy(q), calib, 0.5, diagnosis=report, plan_options={"factor_bits": 8})
+    assert not calls
+    outcome = run.diagnose_and_repair(fp, copy.deepcopy(q), calib, 0.5, diagnosis=report,
+                                      plan_options={"max_rank": 20})
+    assert calls == [{"max_rank": 20, "progress": False}] and outcome.plan.allocation["by"] == "measured"
