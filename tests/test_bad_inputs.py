@@ -144,6 +144,13 @@ def test_counts_are_checked_when_the_command_line_is_read(argv, flag, capsys):
     assert f"argument {flag}: must be" in err
 
 
+def test_an_unknown_allocator_is_refused_when_the_command_line_is_read(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["repair", "--quantized", "q", "--out", "o", "--allocator", "greedy"])
+    assert exit_.value.code == 2
+    assert "argument --allocator: invalid choice: 'greedy' (choose from 'measured', 'diagnosis')" in _error(capsys)
+
+
 def test_an_early_interrupt_of_a_streaming_run_says_nothing_was_kept(tiny_folder, tmp_path, monkeypatch, capsys):
     import bitcliff.quant.gptq_stream as stream
 
