@@ -23,6 +23,8 @@ from pathlib import Path
 
 from bench.provenance import commit, now
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
 
 @dataclass
 class Case:
@@ -147,7 +149,7 @@ def _fixtures(tmp: Path) -> dict[str, str]:
     status, err, _ = _bitcliff(["diagnose", "--quantized", str(ckpt), "--fast", "--out", str(diagnosis)])
     if status:
         raise SystemExit(f"could not diagnose the shared checkpoint: {err}")
-    root = Path(__file__).resolve().parents[1] / "bench" / "results"
+    root = REPOSITORY / "bench" / "results"
     badrows = tmp / "badrows"
     badrows.mkdir()
     lines = (root / "study-rows.jsonl").read_text().splitlines()
@@ -181,6 +183,7 @@ def main() -> int:
             ok = status not in (0,) and "Traceback" not in err and bool(message)
             failed += not ok
             shown = " ".join("…" + a[len(str(tmp)):] if a.startswith(str(tmp)) else a for a in argv)
+            shown = shown.replace(f"{REPOSITORY}/", "")  # files of the checkout, as a reader's clone names them
             message = message.replace(str(tmp), "…")
             rows.append(f"| {case.what} | `bitcliff {shown}` | {status} | {seconds:.1f} | {message.replace('|', '/')} |"
                         + ("" if ok else " **FAILED** |"))
