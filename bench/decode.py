@@ -67,7 +67,7 @@ def load_model(name: str):
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             except TypeError:  # older transformers
                 model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-            return model.eval(), f"{name} ({path})"
+            return model.eval(), f"{name} ({Path(path).name})"  # the asset, not where this machine caches it
         except Exception as exc:  # noqa: BLE001 - any failure to prepare the asset: fall back
             print(f"decode: model {name!r} unavailable ({type(exc).__name__}: {exc}); "
                   "using the SmolLM2-135M architecture with random weights", file=sys.stderr)
