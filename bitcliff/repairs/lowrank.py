@@ -202,11 +202,10 @@ class LowRankCompensation(Repair):
             raise ValueError(f"the measurements of {curve.name} cover ranks up to {len(curve.energy)}, the plan asks for "
                              f"{rank}: measure again with max_rank={rank}")
         limit = min(ctx.options.get("max_rank") or MAX_RANK, len(curve.energy))
-        ranks = [ctx.options["rank"]] if ctx.options.get("rank") else range(RANK_STEP, limit + 1, RANK_STEP)
+        ranks = [rank] if rank else range(RANK_STEP, limit + 1, RANK_STEP)
         before = curve.sensitivity * curve.error
         return [MeasuredOption(self.name, curve.name, lowrank_bits(r, curve.in_features, curve.out_features, width),
-                               curve.sensitivity * curve.lowrank_error(r), r, before)
-                for r in ranks if r <= len(curve.energy)]
+                               curve.sensitivity * curve.lowrank_error(r), r, before) for r in ranks]
 
     def plan_measured(self, ctx: PlanContext, chosen: dict[str, MeasuredOption]) -> Planned:
         width = ctx.options.get("factor_bits", FP16_BITS)
@@ -291,14 +290,16 @@ class LowRankCompensation(Repair):
             module = group.modules[rel]
             if not isinstance(module, QuantLinear) or group.entries[rel].restored_bits is not None:
                 continue
-            if "module_ranks" in step and not step["module_ranks"].get(f"{group.name}.{rel}"):
+            chosen = step["module_ranks"].get(f"{group.name}.{rel}") if "module_ranks" in step else None
+            if "module_ranks" in step and not chosen:
                 continue  # the allocator gave it no factors
             limit = min(step["max_rank"], min(module.in_features, module.out_features) - 1)
             if limit >= 1:
                 error = group.targets[rel] - group.weight(rel)
                 errors[rel] = error  # kept for rounding the factors: no second dequantization
                 solutions[rel] = (module, lowrank_solution(error, group.covariance, limit, root=shared))
-                energy[rel] = max(output_error(group.targets[rel], group.covariance), 1e-30)  # E‖W x‖²
+                if chosen is None:  # the greedy's unit: output error relative to E‖W x‖²
+                    energy[rel] = max(output_error(group.targets[rel], group.covariance), 1e-30)
         ranks = {rel: 0 for rel in solutions}
         width = step.get("factor_bits", FP16_BITS)  # plans made before quantized factors: fp16
         spent = 0.0

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitcliff.diagnosis.run import fingerprints
 from bitcliff.group_walk import GroupWalk, capture_calibration_inputs
 from bitcliff.kernels.pack import SUPPORTED_BITS
 from bitcliff.layers import find_decoder_layers
@@ -77,12 +78,15 @@ class ModuleCurve:
 
 @dataclass
 class Measurements:
-    """Every quantized module's :class:`ModuleCurve`, and how they were measured."""
+    """Every quantized module's :class:`ModuleCurve`, how they were measured, and the
+    fingerprints of the models measured (``diagnosis.run.fingerprints``: a plan refuses
+    measurements of other models than its diagnosis's)."""
 
     modules: dict[str, ModuleCurve] = field(default_factory=dict)
     windows: int = 0
     sensitivity_windows: int = 0
     seconds: float = 0.0
+    fingerprints: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +95,8 @@ class Measurements:
     def from_dict(cls, data: dict) -> "Measurements":
         modules = {name: ModuleCurve(**{**m, "widths": {int(k): v for k, v in m["widths"].items()}})
                    for name, m in data["modules"].items()}
-        return cls(modules, data["windows"], data["sensitivity_windows"], data["seconds"])
+        return cls(modules, data["windows"], data["sensitivity_windows"], data["seconds"],
+                   data.get("fingerprints") or {})
 
 
 @torch.no_grad()
@@ -126,7 +131,8 @@ def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Te
         walked = calib_ids[:windows].long()
         calls = capture_calibration_inputs(q_model, q_layers, walked, batch_size)
         hidden = calls.inputs[0]
-        measured = Measurements(windows=int(walked.shape[0]), sensitivity_windows=min(sensitivity_windows, len(calib_ids)))
+        measured = Measurements(windows=int(walked.shape[0]), sensitivity_windows=min(sensitivity_windows, len(calib_ids)),
+                                fingerprints=fingerprints(fp_model, q_model))
         for index in tqdm(range(len(q_layers)), desc="measure", unit="layer", disable=not progress):
             layer, name = q_layers[index], f"{prefix}.{index}"
             linears = {rel: m for rel, m in layer.named_modules() if isinstance(m, (QuantLinear, nn.Linear))}

@@ -37,7 +37,8 @@ which repairs may be weighed, and the measurements decide the kind module by mod
 kind the verdict named lost to the weighed mix wherever both were measured.
 
 Every choice carries its reason, citing the evidence (tests hold the restored components to the
-ones the evidence names, and the allocator's steps to the measured gains that chose them).  Costs are exact, in extra bits per quantized weight.
+ones the evidence names, and the allocator's steps to the measured gains that chose them).
+Costs are exact, in extra bits per quantized weight.
 
 The repairs themselves are the registry's (``registry.repairs()``): each sizes its own share of the
 plan; this module only hands out the budget, by the verdict and each repair's kind, and never
@@ -252,6 +253,10 @@ def plan_repair(report, budget: float, methods=None, rank: int | None = None, ma
         from bitcliff.repairs.measure import Measurements  # noqa: PLC0415 - measure imports the repairs
 
         measured = Measurements.from_dict(measured) if isinstance(measured, dict) else measured
+        made_on = (data.get("meta") or {}).get("fingerprints")
+        if made_on and measured.fingerprints and made_on != measured.fingerprints:
+            raise PlanError("the measurements were made on other models than the diagnosis: measure these models "
+                            "(bitcliff.measure_repairs) or diagnose them again")
         # Every weighable repair the verdict allows is weighed, restoration of single modules
         # included whatever the verdict (module docstring: it wins at W2 and on Gemma-3 W3).
         weighed = tuple(m for m in methods if registry[m].weighable)

@@ -122,6 +122,15 @@ def test_restoration_without_measured_widths_is_refused():
         plan_repair(report, 0.5, methods=["restore", "lowrank"], measured=measured)
 
 
+def test_measurements_of_other_models_than_the_diagnosis_are_refused(setup):
+    _, _, _, _, report, measured = setup
+    assert measured.fingerprints == report.to_dict()["meta"]["fingerprints"]
+    plan_repair(report, 0.5, measured=measured)
+    other = dataclasses.replace(measured, fingerprints={**measured.fingerprints, "quantized": "0" * 64})
+    with pytest.raises(PlanError, match="measurements were made on other models than the diagnosis"):
+        plan_repair(report, 0.5, measured=other)
+
+
 def test_measurements_of_another_model_are_refused():
     report = _diagnosis()
     measured = _synthetic(report, 0)
