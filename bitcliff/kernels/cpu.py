@@ -1,9 +1,16 @@
-"""Dequant-matmul on the CPU, fast enough for decoding: one byte per code, groups folded into the matmul.
+"""Dequant-matmul on the CPU: the compiled kernel where it builds, a plain-torch form where not.
 
-Dequantizing the whole weight on every call (the reference) costs about 80x an fp32 matmul for a
-single token, since unpacking K x N codes dwarfs the K x N multiply-adds of one row.  This path
-keeps, per layer, every code unpacked once to one byte (``uint8``, in the kernel layout's
-group-contiguous K order, see :mod:`bitcliff.kernels.layout`) and computes
+:func:`from_kernel_layout` gives a layer's CPU form once, and :func:`matmul` runs it, with the
+capture signals of ``reference.CaptureMode``:
+
+* :class:`~bitcliff.kernels.cpu_packed.PackedLayout`, the default: the compiled kernel
+  (``cpu_kernel.cpp``, built on first use by ``cpu_build.py``) reads the packed codes;
+* :class:`ByteLayout`, where no compiler is found: the plain-torch form below.
+
+The plain-torch form.  Dequantizing the whole weight on every call (the reference) costs about
+80x an fp32 matmul for a single token, since unpacking K x N codes dwarfs the K x N multiply-adds
+of one row.  This form keeps, per layer, every code unpacked once to one byte (``uint8``, in the
+kernel layout's group-contiguous K order, see :mod:`bitcliff.kernels.layout`) and computes
 
 * for a few rows (decode), without forming the dense weight:
   ``y[n] = sum_g s[g, n] * (x_g . q_g[:, n]) - sum_g (sum x_g) * s[g, n] * z[g, n]``,
@@ -11,8 +18,9 @@ group-contiguous K order, see :mod:`bitcliff.kernels.layout`) and computes
 * for many rows (prefill), the dense weight ``(q - z) * s`` exactly as the reference forms it,
   then one matmul (its cost is shared by the rows).
 
-Both equal the reference up to float32 summation order.  Memory: one byte per weight beside the
-packed checkpoint tensors (a quarter of an fp32 copy).
+Both equal the reference up to float32 summation order, as does the compiled kernel.  Memory:
+one byte per weight beside the packed checkpoint tensors (a quarter of an fp32 copy); the compiled
+kernel's layout takes about ``bits`` bits.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from bitcliff.kernels import cpu_packed
+from bitcliff.kernels.cpu_build import native_ops
+from bitcliff.kernels.cpu_packed import PackedLayout
 from bitcliff.kernels.layout import HOST, KernelLayout
 from bitcliff.kernels.reference import CaptureMode, output_stats
 
@@ -29,8 +40,8 @@ GROUPED_MAX_ROWS = 16
 
 
 @dataclass(frozen=True)
-class CpuLayout:
-    """One linear layer's weight in the CPU path's form.
+class ByteLayout:
+    """One linear layer's weight in the plain-torch CPU form (one byte per code).
 
     Attributes:
         in_features: K.
@@ -58,8 +69,17 @@ class CpuLayout:
         return self.codes.device
 
 
-def from_kernel_layout(layout: KernelLayout) -> CpuLayout:
-    """The CPU form of a kernel layout (exact: the same codes, scales and zeros)."""
+def from_kernel_layout(layout: KernelLayout) -> PackedLayout | ByteLayout:
+    """The CPU form of a kernel layout (exact: the same codes, scales and zeros): the compiled
+    kernel's where it builds and the scales are fp16 (as ``QuantLinear`` holds them), else the
+    plain-torch form."""
+    if native_ops() is not None and layout.scales.dtype == torch.float16:
+        return cpu_packed.pack(layout)
+    return byte_layout(layout)
+
+
+def byte_layout(layout: KernelLayout) -> ByteLayout:
+    """The plain-torch CPU form of a kernel layout (exact: the same codes, scales and zeros)."""
     n_groups, n = layout.n_groups, layout.out_features
     slot = layout.k_padded if layout.group_size == -1 else layout.group_size
     positions = n_groups * slot
@@ -72,7 +92,7 @@ def from_kernel_layout(layout: KernelLayout) -> CpuLayout:
         (source[layout.in_features:] == layout.in_features).all())
     scales = layout.scales.cpu().float().contiguous()
     zeros = layout.zeros.cpu().float().contiguous()
-    return CpuLayout(
+    return ByteLayout(
         in_features=layout.in_features,
         out_features=n,
         codes=codes.view(n_groups, slot, n).contiguous(),
@@ -83,7 +103,12 @@ def from_kernel_layout(layout: KernelLayout) -> CpuLayout:
     )
 
 
-def _positions(x: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
+#: Either CPU form, as a type and as a tuple for ``isinstance`` on the hot path.
+CpuLayout = PackedLayout | ByteLayout
+CPU_LAYOUTS = (PackedLayout, ByteLayout)
+
+
+def _positions(x: torch.Tensor, layout: ByteLayout) -> torch.Tensor:
     """fp32 ``[M, G, P]``: the activations ``x`` ``[M, K]`` at the layout's positions."""
     n_groups, slot, _ = layout.codes.shape
     xf = x.float()
@@ -95,9 +120,20 @@ def _positions(x: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
 
 
 def dense_weight(layout: CpuLayout) -> torch.Tensor:
-    """fp32 ``[G * P, N]``: ``(q - z) * s`` at every position (the reference's arithmetic)."""
+    """fp32 ``[positions, N]``: ``(q - z) * s`` at every position (the reference's arithmetic)."""
+    if isinstance(layout, PackedLayout):
+        return cpu_packed.dense_weight(layout, native_ops())
     weight = (layout.codes.float() - layout.zeros[:, None, :]) * layout.scales[:, None, :]
     return weight.view(-1, layout.out_features)
+
+
+def _byte_matmul(rows: torch.Tensor, layout: ByteLayout) -> torch.Tensor:
+    """fp32 ``[M, N]`` for ``rows`` ``[M, K]`` in the plain-torch form."""
+    xk = _positions(rows, layout)  # [M, G, P]
+    if rows.shape[0] <= GROUPED_MAX_ROWS:
+        per_group = torch.bmm(xk.transpose(0, 1), layout.codes.float())  # [G, M, N]
+        return (per_group * layout.scales[:, None, :]).sum(dim=0) - xk.sum(dim=-1) @ layout.offsets
+    return xk.reshape(rows.shape[0], -1) @ dense_weight(layout)
 
 
 def matmul(
@@ -118,16 +154,17 @@ def matmul(
     Returns:
         ``y`` ``[..., N]`` in x's dtype; with a capture, ``(y, a, b)``, a and b fp32 ``[tokens]``.
     """
+    packed = isinstance(layout, PackedLayout)
+    if packed and capture is CaptureMode.NONE:
+        return cpu_packed.linear(x, layout, bias, native_ops())  # the hot path: one operator call
     lead = x.shape[:-1]
     rows = x.reshape(-1, layout.in_features)
-    xk = _positions(rows, layout)  # [M, G, P]
-    if rows.shape[0] <= GROUPED_MAX_ROWS:
-        per_group = torch.bmm(xk.transpose(0, 1), layout.codes.float())  # [G, M, N]
-        y32 = (per_group * layout.scales[:, None, :]).sum(dim=0) - xk.sum(dim=-1) @ layout.offsets
+    if packed:
+        y32 = cpu_packed.linear(rows.float(), layout, bias, native_ops())
     else:
-        y32 = xk.reshape(rows.shape[0], -1) @ dense_weight(layout)
-    if bias is not None:
-        y32 = y32 + bias.float()
+        y32 = _byte_matmul(rows, layout)
+        if bias is not None:
+            y32 = y32 + bias.float()
     y = y32.to(x.dtype)
     out = y.reshape(*lead, layout.out_features)
     if capture is CaptureMode.NONE:

@@ -150,7 +150,7 @@ def run(
     """
     if capture is CaptureMode.ERROR and weight_fp is None:
         raise ValueError("capture 'error' needs the full-precision weight")
-    if isinstance(layout, cpu.CpuLayout):
+    if isinstance(layout, cpu.CPU_LAYOUTS):
         return cpu.matmul(x, layout, bias, capture, weight_fp)
     args = (x, *layout_args(layout)[:5], bias, *layout_args(layout)[5:])
     if capture is CaptureMode.NONE:

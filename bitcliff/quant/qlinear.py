@@ -229,8 +229,11 @@ class QuantLinear(nn.Module):
         return weight.to(dtype)
 
     def _buffers_key(self) -> tuple:
+        # Storage address and in-place version of each buffer: a replaced buffer (or one moved to
+        # another device) has another address, one written in place another version.  Checked on
+        # every forward, so kept to two cheap calls per tensor.
         tensors = (self.qweight, self.qzeros, self.scales, self.g_idx)
-        return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def _build_layout(self) -> KernelLayout | cpu.CpuLayout:
         layout = from_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)

@@ -1,5 +1,6 @@
-"""The CPU dequant-matmul path against the reference: every width, awkward shapes and group
-orders, both schedules (grouped for few rows, dense for many), captures, and dtypes.
+"""The CPU dequant-matmul path against the reference: both forms (the compiled kernel on packed
+codes, and the plain-torch fallback), every width, awkward shapes and group orders, both
+schedules (grouped for few rows, dense for many), captures, and dtypes.
 
 Tolerances (kernel vs reference): fp32 outputs agree to 1e-5 relative to the output's scale
 (only the float32 summation order differs); fp16/bf16 outputs to one rounding of their dtype.
@@ -11,14 +12,16 @@ import pytest
 import torch
 
 from bitcliff import QuantConfig
-from bitcliff.kernels import cpu, reference
+from bitcliff.kernels import cpu, cpu_packed, reference
+from bitcliff.kernels.cpu_build import native_ops
 from bitcliff.kernels.layout import from_gptq
 from bitcliff.kernels.reference import CaptureMode
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.qweight import QuantizedWeight
 from bitcliff.quant.rtn import quantize_rtn
 
-ROWS = [1, 3, cpu.GROUPED_MAX_ROWS, cpu.GROUPED_MAX_ROWS + 1, 118]
+ROWS = sorted({1, 3, 17, cpu.GROUPED_MAX_ROWS, cpu.GROUPED_MAX_ROWS + 1, cpu_packed.GEMV_MAX_ROWS + 1, 118})
+FORMS = ["packed", "bytes"]
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
 
 
@@ -32,6 +35,15 @@ def _layer(k, n, bits, group_size, g_idx=None, seed=0):
     return layer, weight
 
 
+def _cpu_layout(layer, form):
+    """The layer's CPU layout in ``form``: the compiled kernel's (packed) or the fallback's (bytes)."""
+    layout = from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
+    if form == "packed":
+        assert native_ops() is not None, "the compiled CPU kernel did not build on this machine"
+        return cpu_packed.pack(layout)
+    return cpu.byte_layout(layout)
+
+
 def _reference(layer, x):
     return reference.dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.bias)
 
@@ -42,42 +54,93 @@ def _check(y, ref):
     torch.testing.assert_close(y.float(), ref.float(), rtol=rtol, atol=atol * max(scale, 1.0))
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("k,n,group_size", [(96, 40, 32), (576, 48, 128), (100, 17, -1), (160, 24, 64)])
+@pytest.mark.parametrize("k,n,group_size", [(96, 40, 32), (576, 48, 128), (100, 17, -1), (160, 24, 64),
+                                            (200, 13, 64)])
 @pytest.mark.parametrize("rows", ROWS)
-def test_matches_the_reference(bits, k, n, group_size, rows):
+def test_matches_the_reference(form, bits, k, n, group_size, rows):
     layer, _ = _layer(k, n, bits, group_size)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    _check(cpu.matmul(x, _cpu_layout(layer, form), layer.bias), _reference(layer, x))
+
+
+def test_a_layer_runs_the_compiled_kernel():
+    layer, _ = _layer(96, 40, 3, 32)
+    assert isinstance(layer.kernel_layout(), cpu_packed.PackedLayout)
+    x = torch.randn(2, 96)
     _check(layer(x), _reference(layer, x))
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("rows", [1, 40])
-def test_act_order_and_uneven_groups(rows):
+def test_act_order_and_uneven_groups(form, rows):
     k, n, gs = 128, 24, 32
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(5))
     layer, _ = _layer(k, n, 3, gs, g_idx=perm // gs)  # groups of 32 scattered over K
     x = torch.randn(rows, k)
-    _check(layer(x), _reference(layer, x))
+    _check(cpu.matmul(x, _cpu_layout(layer, form), layer.bias), _reference(layer, x))
     uneven = torch.randint(0, 4, (k,), generator=torch.Generator().manual_seed(6))  # groups of any size
     layer, _ = _layer(k, n, 4, gs, g_idx=uneven)
-    assert cpu.from_kernel_layout(from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4)).columns is not None
-    _check(layer(x), _reference(layer, x))
+    layout = _cpu_layout(layer, form)
+    assert layout.columns is not None
+    _check(cpu.matmul(x, layout, layer.bias), _reference(layer, x))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_compiled_kernel_forms_the_reference_weight_exactly(bits):
+    layer, _ = _layer(200, 24, bits, 64)
+    layout = _cpu_layout(layer, "packed")
+    dense = cpu.dense_weight(layout)  # [positions, N] in position order
+    columns = torch.arange(layout.positions) if layout.columns is None else layout.columns
+    real = columns < 200  # the rest are padding positions
+    assert torch.equal(dense[real], layer.dequantize().t()[columns[real]])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_the_compiled_kernel_gives_the_same_bytes_for_any_thread_count(rows):
+    layer, _ = _layer(1024, 200, 3, 64)
+    layout = _cpu_layout(layer, "packed")
+    x = torch.randn(rows, 1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.matmul(x, layout)
+        torch.set_num_threads(2)
+        two = cpu.matmul(x, layout)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("bits,group_size,stored_bits", [(4, 128, 4.0), (2, 64, 2.0), (3, 128, 3.25), (3, 64, 3.5)])
+def test_the_compiled_kernel_reads_packed_codes(bits, group_size, stored_bits):
+    k, n = 512, 64
+    layer, _ = _layer(k, n, bits, group_size)
+    layout = _cpu_layout(layer, "packed")
+    assert layout.words.dtype == torch.int32
+    assert layout.words.numel() * 32 / (k * n) == stored_bits
+    groups = k // group_size
+    assert layout.scales.numel() == layout.zeros.numel() == groups * n  # fp16 scale and uint8 zero per group
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_activations(dtype):
+def test_half_precision_activations(form, dtype):
     layer, _ = _layer(96, 40, 4, 32)
+    layout = _cpu_layout(layer, form)
     for rows in (1, 64):
         x = torch.randn(2, rows, 96).to(dtype)
-        y = layer(x)
+        y = cpu.matmul(x, layout, layer.bias)
         assert y.dtype == dtype and y.shape == (2, rows, 40)
         _check(y, _reference(layer, x))
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("rows", [1, 50])
-def test_captures_match_the_reference(rows):
+def test_captures_match_the_reference(form, rows):
     layer, weight = _layer(96, 40, 3, 32)
-    layout = layer.kernel_layout()
+    layout = _cpu_layout(layer, form)
     x = torch.randn(rows, 96)
     y, sq, mx = cpu.matmul(x, layout, layer.bias, CaptureMode.STATS)
     stats = reference.output_stats(_reference(layer, x))
@@ -92,9 +155,9 @@ def test_captures_match_the_reference(rows):
         cpu.matmul(x, layout, layer.bias, CaptureMode.ERROR)
 
 
-def test_the_layout_holds_one_byte_per_code():
+def test_the_fallback_layout_holds_one_byte_per_code():
     layer, _ = _layer(576, 48, 2, 64)
-    layout = layer.kernel_layout()
+    layout = _cpu_layout(layer, "bytes")
     assert layout.codes.dtype == torch.uint8 and layout.codes.shape == (9, 64, 48)
     assert int(layout.codes.max()) <= 3
 

@@ -1,0 +1,95 @@
+"""Build and load the compiled CPU kernel (``cpu_kernel.cpp``), once per machine, on first use.
+
+The kernel is compiled by ``torch.utils.cpp_extension`` (the machine's C++ compiler and ninja)
+into bitcliff's cache and registered as the ``torch.ops.bitcliff_cpu`` operators.  It is built
+for the instruction sets the CPU has: AVX2 with FMA and F16C (every x86-64 CPU since about
+2015), else a portable scalar build.  The flags are fixed, never ``-march=native``, so that two
+AVX2 machines run the same machine code and give the same bytes.
+
+Where no compiler (or no ninja) is found, or the build fails, :func:`native_ops` returns
+``None`` and the CPU path falls back to its plain-torch form (``cpu.py``), slower but exact;
+either way the path taken is logged once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+#: Compiler flags per build; contraction off so the scalar code rounds the same on every machine.
+FLAGS = {
+    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"],
+    "portable": ["-O3", "-ffp-contract=off"],
+}
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def build_variant() -> str:
+    """``avx2`` where the CPU has AVX2, FMA and F16C, else ``portable``."""
+    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "portable"
+
+
+def _build() -> object | None:
+    from torch.utils import cpp_extension  # noqa: PLC0415 (imports setuptools: only when building)
+
+    from bitcliff.storage import cache_root  # noqa: PLC0415
+
+    variant = build_variant()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[variant]).encode() + torch.__version__.encode())
+    name = f"bitcliff_cpu_{variant}_{digest.hexdigest()[:12]}"
+    folder = cache_root() / "kernels" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name, sources=[str(SOURCE)], extra_cflags=FLAGS[variant], build_directory=str(folder),
+        is_python_module=False, verbose=False,
+    )
+    _register_fakes()
+    return torch.ops.bitcliff_cpu
+
+
+def _register_fakes() -> None:
+    """Shapes of the operators' outputs, so that ``torch.compile`` traces through them."""
+    @torch.library.register_fake("bitcliff_cpu::linear")
+    def _(x, words, scales, zeros, columns, bias, bits, out_features, gemv_max_rows, tile_blocks):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+
+def native_ops():
+    """``torch.ops.bitcliff_cpu`` (built on the first call), or ``None`` where it cannot be built."""
+    if "ops" in _state:  # every forward asks: no lock once decided
+        return _state["ops"]
+    with _lock:
+        if "ops" not in _state:
+            try:
+                _state["ops"] = _build()
+                logger.info("CPU dequant-matmul: compiled kernel (%s)", _state["ops"].isa())
+            except Exception as error:  # no compiler, no ninja, a failed build: all mean "use the fallback"
+                _state["ops"] = None
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                logger.warning("CPU dequant-matmul: the compiled kernel could not be built (%s); using the "
+                               "plain-torch path, which is exact but slower", first_line)
+        return _state["ops"]

@@ -1,0 +1,377 @@
+// Dequant-matmul on the CPU that reads the packed weights: y = x @ dequant(W), W 2/3/4-bit.
+//
+// The weight is in the CPU layout of `cpu.py` (CpuLayout): columns in blocks of BLOCK = 8 (one
+// AVX2 register of fp32 lanes), and for each block its code words contiguous, `[rows, BLOCK]`.  A
+// word holds CPW = 32 / bits codes of one column at consecutive K positions (LSB first; 3-bit
+// words hold 10 codes and 2 unused bits, so no code straddles a word), and every group of K
+// positions starts on a new word (a group spans WPG words; its last word may hold padding codes,
+// read against zero activations).
+//
+// Two schedules, both computing in fp32 and both exact up to fp32 summation order:
+// * gemv (a few rows, decode): per column block and group, accumulate `acc = x . q` over the
+//   group's codes, then `y += s * (acc - z * sum(x))`: codes become floats with one shift, one
+//   mask and one conversion each, and no dense weight is ever formed.
+// * gemm (many rows, prefill): dequantize a tile of columns, `(q - z) * s` exactly as the
+//   reference forms it, into a buffer that stays in cache, and hand it to the BLAS; the tile's
+//   dequantization is shared by all rows.
+//
+// Threads: at::parallel_for over column blocks.  Each output column is computed by one thread in
+// a fixed order, so the result does not depend on the thread count.
+//
+// Instruction sets: the AVX2 + FMA + F16C path is compiled when the build enables them (the
+// loader asks for exactly these, never -march=native, so every AVX2 machine runs the same code
+// and gives the same bytes); otherwise a portable scalar path with the same arithmetic order.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define BITCLIFF_AVX2 1
+#else
+#define BITCLIFF_AVX2 0
+#endif
+
+namespace {
+
+constexpr int BLOCK = 8;     // output columns per block (fp32 lanes of an AVX2 register)
+constexpr int ROW_TILE = 4;  // activation rows sharing one decode of the weights in gemv
+
+// fp16 -> fp32 for the portable path (IEEE half, subnormals included).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exponent = (h >> 10) & 0x1F;
+  uint32_t mantissa = h & 0x3FF;
+  uint32_t bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | (mantissa << 13);
+  } else if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int shift = 0;
+      while (!(mantissa & 0x400)) { mantissa <<= 1; ++shift; }
+      mantissa &= 0x3FF;
+      bits = sign | ((uint32_t)(127 - 15 - shift + 1) << 23) | (mantissa << 13);
+    }
+  } else {
+    bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// The gemv decodes code i of a word as `code << in_place_shift(bits, i)` (a mask, no shift) and
+// reads activations pre-scaled by 2^-in_place_shift, so that each product is x * code exactly as a
+// real number: the same fp32 rounding as decoding with a shift.  The top code of a full word
+// (4- and 2-bit) would reach the sign bit: it is shifted down instead (shift 0).  The scaling is
+// exact unless |x| < 2^-98, where x * 2^-shift becomes subnormal (no activation is that small).
+constexpr int in_place_shift(int bits, int i) { return bits * (i + 1) > 31 ? 0 : bits * i; }
+
+struct Weight {
+  const int32_t* words;   // [n_blocks, groups * wpg, BLOCK]
+  const uint16_t* scales; // fp16 bits, [n_blocks, groups, BLOCK]
+  const uint8_t* zeros;   // [n_blocks, groups, BLOCK]
+  int64_t groups;
+  int64_t wpg;            // words per group per column
+};
+
+#if BITCLIFF_AVX2
+// Code i of each lane's word, left where it lies: `code << shift(i)` (see in_place_shift), one
+// instruction.  Exact as a float (at most 4 significant bits), and never negative: a code that
+// would reach the sign bit is shifted down instead.
+template <int BITS>
+inline __m256i code_in_place(__m256i word, int i) {
+  if (in_place_shift(BITS, i) == 0 && i > 0) return _mm256_srli_epi32(word, BITS * i);
+  return _mm256_and_si256(word, _mm256_set1_epi32((int)(((1u << BITS) - 1) << (BITS * i))));
+}
+#endif
+
+// y[r, block] for rows [row0, row0 + ROWS) of x, ROWS <= ROW_TILE (a constant, so that the
+// accumulators live in registers).
+template <int BITS, int ROWS>
+void gemv_tile(const Weight& w, int64_t block, const float* x, const float* xsum, int64_t k_positions,
+               int64_t row0, float* y, int64_t y_stride) {
+  constexpr int rows = ROWS;
+  constexpr int CPW = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const int64_t positions = w.wpg * CPW;  // K positions of one group
+  const int32_t* words = w.words + block * w.groups * w.wpg * BLOCK;
+  const uint16_t* scales = w.scales + block * w.groups * BLOCK;
+  const uint8_t* zeros = w.zeros + block * w.groups * BLOCK;
+#if BITCLIFF_AVX2
+  // Independent accumulator chains: with one per row, every FMA would wait for the previous one
+  // (4-5 cycles of latency per 8 weights); code i of a word goes to chain i % CHAINS.
+  constexpr int CHAINS = ROWS >= 4 ? 1 : (ROWS == 1 ? 4 : 2);
+  __m256 total[ROWS];
+  for (int r = 0; r < ROWS; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m256 acc[ROWS][CHAINS];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < CHAINS; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < w.wpg; ++j) {
+      const __m256i word = _mm256_loadu_si256((const __m256i*)(words + (g * w.wpg + j) * BLOCK));
+      const int64_t k0 = g * positions + j * CPW;
+#pragma GCC unroll 16
+      for (int i = 0; i < CPW; ++i) {
+        const __m256 q = _mm256_cvtepi32_ps(code_in_place<BITS>(word, i));
+        for (int r = 0; r < ROWS; ++r) {
+          acc[r][i % CHAINS] =
+              _mm256_fmadd_ps(_mm256_broadcast_ss(x + (row0 + r) * k_positions + k0 + i), q, acc[r][i % CHAINS]);
+        }
+      }
+    }
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g * BLOCK)));
+    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zeros + g * BLOCK))));
+    for (int r = 0; r < ROWS; ++r) {
+      __m256 sum = acc[r][0];
+      for (int c = 1; c < CHAINS; ++c) sum = _mm256_add_ps(sum, acc[r][c]);
+      const __m256 centred = _mm256_fnmadd_ps(z, _mm256_broadcast_ss(xsum + (row0 + r) * w.groups + g), sum);
+      total[r] = _mm256_fmadd_ps(s, centred, total[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) _mm256_storeu_ps(y + (row0 + r) * y_stride + block * BLOCK, total[r]);
+#else
+  float total[ROWS][BLOCK] = {};
+  for (int64_t g = 0; g < w.groups; ++g) {
+    float acc[ROWS][BLOCK] = {};
+    for (int64_t j = 0; j < w.wpg; ++j) {
+      const int32_t* word = words + (g * w.wpg + j) * BLOCK;
+      const int64_t k0 = g * positions + j * CPW;
+      for (int i = 0; i < CPW; ++i) {
+        for (int r = 0; r < rows; ++r) {
+          const float xv = x[(row0 + r) * k_positions + k0 + i];
+          for (int c = 0; c < BLOCK; ++c) {
+            const float q = (float)(((uint32_t)word[c] >> (BITS * i)) & MASK);
+            acc[r][c] = acc[r][c] + xv * q;
+          }
+        }
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float xs = xsum[(row0 + r) * w.groups + g];
+      for (int c = 0; c < BLOCK; ++c) {
+        const float centred = acc[r][c] - (float)zeros[g * BLOCK + c] * xs;
+        total[r][c] = total[r][c] + half_to_float(scales[g * BLOCK + c]) * centred;
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < BLOCK; ++c) y[(row0 + r) * y_stride + block * BLOCK + c] = total[r][c];
+  }
+#endif
+}
+
+// The dense fp32 weight of column block `block`, `(q - z) * s`, written at `out[k * ld + c]`.
+template <int BITS>
+void dequantize_block(const Weight& w, int64_t block, float* out, int64_t ld) {
+  constexpr int CPW = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const int32_t* words = w.words + block * w.groups * w.wpg * BLOCK;
+  const uint16_t* scales = w.scales + block * w.groups * BLOCK;
+  const uint8_t* zeros = w.zeros + block * w.groups * BLOCK;
+  for (int64_t g = 0; g < w.groups; ++g) {
+#if BITCLIFF_AVX2
+    const __m256i mask = _mm256_set1_epi32((int)MASK);
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g * BLOCK)));
+    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zeros + g * BLOCK))));
+    for (int64_t j = 0; j < w.wpg; ++j) {
+      const __m256i word = _mm256_loadu_si256((const __m256i*)(words + (g * w.wpg + j) * BLOCK));
+      float* row = out + (g * w.wpg + j) * CPW * ld;
+#pragma GCC unroll 16
+      for (int i = 0; i < CPW; ++i) {
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(word, BITS * i), mask));
+        _mm256_storeu_ps(row + i * ld, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
+      }
+    }
+#else
+    for (int64_t j = 0; j < w.wpg; ++j) {
+      const int32_t* word = words + (g * w.wpg + j) * BLOCK;
+      float* row = out + (g * w.wpg + j) * CPW * ld;
+      for (int i = 0; i < CPW; ++i) {
+        for (int c = 0; c < BLOCK; ++c) {
+          const float q = (float)(((uint32_t)word[c] >> (BITS * i)) & MASK);
+          row[i * ld + c] = (q - (float)zeros[g * BLOCK + c]) * half_to_float(scales[g * BLOCK + c]);
+        }
+      }
+    }
+#endif
+  }
+}
+
+Weight check_weight(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(words.dtype() == at::kInt && words.dim() == 3 && words.size(2) == BLOCK && words.is_contiguous(),
+              "words must be contiguous int32 [blocks, rows, ", BLOCK, "]");
+  TORCH_CHECK(scales.dtype() == at::kHalf && scales.dim() == 3 && scales.size(2) == BLOCK && scales.is_contiguous(),
+              "scales must be contiguous fp16 [blocks, groups, ", BLOCK, "]");
+  TORCH_CHECK(zeros.dtype() == at::kByte && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
+              "zeros must be contiguous uint8 of the scales' shape");
+  TORCH_CHECK(scales.size(0) == words.size(0) && scales.size(1) > 0 && words.size(1) % scales.size(1) == 0,
+              "words [", words.size(0), ", ", words.size(1), "] do not fit scales [", scales.size(0), ", ",
+              scales.size(1), "]");
+  return Weight{words.data_ptr<int32_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                zeros.data_ptr<uint8_t>(), scales.size(1), words.size(1) / scales.size(1)};
+}
+
+template <int BITS>
+void gemv_all(const Weight& w, const float* x, const float* xsum, int64_t k_positions, int64_t rows, int64_t blocks,
+              float* y) {
+  // A task of at least ~32k weights, so that waking a thread pays for itself on small layers.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k_positions * BLOCK));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t r0 = 0; r0 < rows; r0 += ROW_TILE) {
+        switch (std::min<int64_t>(ROW_TILE, rows - r0)) {
+          case 1: gemv_tile<BITS, 1>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
+          case 2: gemv_tile<BITS, 2>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
+          case 3: gemv_tile<BITS, 3>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
+          default: gemv_tile<BITS, 4>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
+        }
+      }
+    }
+  });
+}
+
+// The activations at the weight's K positions, xk [rows, positions] fp32: column columns[p] of x
+// (a zero where columns[p] == K, padding), or x's columns in order then zeros.  With `in_place`
+// each position is scaled by 2^-in_place_shift (exact: a power of two) for gemv_tile's decode;
+// xsum [rows, groups] gets the unscaled sum of each group's activations.
+void gather_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bits, int64_t groups, bool in_place,
+                      at::Tensor& xk, at::Tensor& xsum) {
+  const int64_t rows = x.size(0), k = x.size(1), per_word = 32 / bits;
+  const int64_t positions = xk.size(1), per_group = positions / groups;
+  std::vector<float> factors(per_word, 1.0f);
+#if BITCLIFF_AVX2
+  if (in_place) {
+    for (int i = 0; i < per_word; ++i) factors[i] = std::ldexp(1.0f, -in_place_shift((int)bits, i));
+  }
+#endif
+  const int64_t* column = columns ? columns->data_ptr<int64_t>() : nullptr;
+  const float* src = x.data_ptr<float>();
+  float* dst = xk.data_ptr<float>();
+  float* sums = xsum.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < per_group; ++i) {
+        const int64_t p = g * per_group + i;
+        const int64_t c = column ? column[p] : p;
+        const float v = c < k ? src[r * k + c] : 0.0f;
+        sum += v;
+        dst[r * positions + p] = v * factors[i % per_word];
+      }
+      sums[r * groups + g] = sum;
+    }
+  }
+}
+
+// y [rows, blocks * BLOCK] = xk [rows, positions] @ dequant(W), tiles of dequantized columns.
+at::Tensor gemm(const at::Tensor& xk, const Weight& w, int64_t bits, int64_t blocks, int64_t tile_blocks) {
+  const int64_t rows = xk.size(0), positions = xk.size(1);
+  at::Tensor y = at::empty({rows, blocks * BLOCK}, xk.options());
+  const int64_t tiles = (blocks + tile_blocks - 1) / tile_blocks;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(positions * tile_blocks * BLOCK);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * tile_blocks, count = std::min(tile_blocks, blocks - first);
+      const int64_t ld = count * BLOCK;
+      for (int64_t b = 0; b < count; ++b) {
+        switch (bits) {
+          case 2: dequantize_block<2>(w, first + b, buffer.data() + b * BLOCK, ld); break;
+          case 3: dequantize_block<3>(w, first + b, buffer.data() + b * BLOCK, ld); break;
+          default: dequantize_block<4>(w, first + b, buffer.data() + b * BLOCK, ld); break;
+        }
+      }
+      at::Tensor tile = at::from_blob(buffer.data(), {positions, ld}, xk.options());
+      y.narrow(1, first * BLOCK, ld).copy_(at::mm(xk, tile));
+    }
+  });
+  return y;
+}
+
+// y [..., N] = x [..., K] @ dequant(W)ᵀ (+ bias), in x's dtype (computed in fp32): the grouped
+// form for up to gemv_max_rows rows, tiles of tile_blocks dequantized column blocks above.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+                  const c10::optional<at::Tensor>& columns, const c10::optional<at::Tensor>& bias, int64_t bits,
+                  int64_t out_features, int64_t gemv_max_rows, int64_t tile_blocks) {
+  const Weight w = check_weight(words, scales, zeros, bits);
+  const int64_t blocks = words.size(0), positions = w.groups * w.wpg * (32 / bits);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must be [..., K] with K > 0");
+  TORCH_CHECK(out_features > 0 && out_features <= blocks * BLOCK && out_features > (blocks - 1) * BLOCK,
+              "out_features ", out_features, " does not fit ", blocks, " column blocks");
+  TORCH_CHECK(tile_blocks >= 1, "tile_blocks must be positive, got ", tile_blocks);
+  const int64_t k = x.size(-1);
+  if (columns.has_value()) {
+    TORCH_CHECK(columns->dtype() == at::kLong && columns->dim() == 1 && columns->numel() == positions &&
+                    columns->is_contiguous(), "columns must be contiguous int64 [", positions, "]");
+  } else {
+    TORCH_CHECK(k <= positions, "x has ", k, " features, the weight ", positions, " positions");
+  }
+  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t rows = x2.size(0);
+  const bool few = rows <= gemv_max_rows;
+  at::Tensor xk = at::empty({rows, positions}, x2.options());
+  at::Tensor xsum = at::empty({rows, w.groups}, x2.options());
+  gather_positions(x2, columns.has_value() ? &columns.value() : nullptr, bits, w.groups, few, xk, xsum);
+  at::Tensor y;
+  if (few) {
+    y = at::empty({rows, blocks * BLOCK}, x2.options());
+    const float *xp = xk.data_ptr<float>(), *sp = xsum.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    switch (bits) {
+      case 2: gemv_all<2>(w, xp, sp, positions, rows, blocks, yp); break;
+      case 3: gemv_all<3>(w, xp, sp, positions, rows, blocks, yp); break;
+      default: gemv_all<4>(w, xp, sp, positions, rows, blocks, yp); break;
+    }
+  } else {
+    y = gemm(xk, w, bits, blocks, tile_blocks);
+  }
+  if (out_features != blocks * BLOCK) y = y.narrow(1, 0, out_features);
+  if (bias.has_value()) y = y + bias->to(at::kFloat);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return y.to(x.scalar_type()).reshape(shape);
+}
+
+// The dense fp32 weight [positions, blocks * BLOCK] (tests and the reference comparison).
+at::Tensor dequantize(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits) {
+  const Weight w = check_weight(words, scales, zeros, bits);
+  const int64_t blocks = words.size(0), positions = w.groups * w.wpg * (32 / bits);
+  at::Tensor out = at::empty({positions, blocks * BLOCK}, at::TensorOptions().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      switch (bits) {
+        case 2: dequantize_block<2>(w, b, op + b * BLOCK, blocks * BLOCK); break;
+        case 3: dequantize_block<3>(w, b, op + b * BLOCK, blocks * BLOCK); break;
+        default: dequantize_block<4>(w, b, op + b * BLOCK, blocks * BLOCK); break;
+      }
+    }
+  });
+  return out;
+}
+
+// Which instruction set this build runs (the loader reports it once).
+std::string isa() { return BITCLIFF_AVX2 ? "avx2" : "portable"; }
+
+}  // namespace
+
+TORCH_LIBRARY(bitcliff_cpu, m) {
+  m.def("linear(Tensor x, Tensor words, Tensor scales, Tensor zeros, Tensor? columns, Tensor? bias, int bits, "
+        "int out_features, int gemv_max_rows, int tile_blocks) -> Tensor");
+  m.def("dequantize(Tensor words, Tensor scales, Tensor zeros, int bits) -> Tensor");
+  m.def("isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(bitcliff_cpu, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("dequantize", &dequantize);
+}

@@ -1,0 +1,136 @@
+"""The compiled CPU path's weight layout, and its dequant-matmul (``cpu_kernel.cpp``).
+
+The layout keeps every code packed, so a decode step reads about ``bits`` bits per weight plus
+the group's fp16 scale and uint8 zero, and no dense copy of the weight is ever kept:
+
+* **columns in blocks of 8** (one AVX2 register of fp32 lanes), each block's words contiguous in
+  memory, so a block is one sequential stream for the prefetcher;
+* **32 // bits codes per int32 word**, one column's consecutive K positions, LSB first: 16 codes
+  at 2 bits, 8 at 4, and 10 at 3 bits (2 bits of each word unused), so that a code never
+  straddles words and every width decodes with one shift and one mask per code;
+* **every group starts on a new word**: a group of ``P`` positions takes ``ceil(P / (32 //
+  bits))`` words, its tail padded with zero codes that meet zero activations.  For 2 and 4 bits
+  this costs nothing; 3-bit groups of 32, 64 and 128 take 4, 7 and 13 words (4.0, 3.5 and 3.25
+  bits per weight, 3.2 without groups): the price of decoding every width with the same two
+  instructions per code, where two bit planes would need four.
+
+Built once per layer from the kernel layout (exact: the same codes, scales and zeros, tested
+against the reference).  Act-order and padding are handled by gathering the activations into the
+layout's position order, one index per position, ``[M, K]`` work per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitcliff.kernels.layout import HOST, KernelLayout
+
+BLOCK = 8  #: output columns per block (the kernel's ``BLOCK``)
+#: Rows up to which the grouped form (no dense weight) runs; above, tiles of dequantized columns
+#: go through the BLAS.  Measured on the 2-core AVX2 machine (bench/cpu_kernels.py).
+GEMV_MAX_ROWS = 16
+#: Column blocks per dequantized tile of the many-rows schedule (64 columns).
+TILE_BLOCKS = 8
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """One linear layer's weight as the compiled CPU kernel reads it.
+
+    Attributes:
+        bits: 2, 3 or 4.
+        in_features: K.
+        out_features: N (the layout pads it to a multiple of :data:`BLOCK` with zero scales).
+        words: int32 ``[ceil(N / 8), G * WPG, 8]``: block, word row, column in block.
+        scales: fp16 ``[ceil(N / 8), G, 8]``.
+        zeros: uint8 ``[ceil(N / 8), G, 8]``, true (v2) zero points.
+        columns: int64 ``[G * WPG * (32 // bits)]``, the activation column read at each position
+            (``K``, a zero column, for padding); ``None`` when positions are columns ``0..K-1``
+            then padding.
+    """
+
+    bits: int
+    in_features: int
+    out_features: int
+    words: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    columns: torch.Tensor | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+    @property
+    def positions(self) -> int:
+        """K positions the kernel walks (groups times their padded size)."""
+        return self.words.shape[1] * (32 // self.bits)
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for the weight."""
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros))
+
+
+def _blocked(t: torch.Tensor, n_padded: int) -> torch.Tensor:
+    """``[R, N]`` -> ``[ceil(N/8), R, 8]``, columns padded with zeros."""
+    rows, n = t.shape
+    padded = torch.nn.functional.pad(t, (0, n_padded - n))
+    return padded.view(rows, n_padded // BLOCK, BLOCK).permute(1, 0, 2).contiguous()
+
+
+def pack(layout: KernelLayout) -> PackedLayout:
+    """The compiled kernel's form of a kernel layout (exact: the same codes, scales and zeros).
+
+    Raises ``ValueError`` for scales that are not fp16 (the kernel reads fp16 scales).
+    """
+    if layout.scales.dtype != torch.float16:
+        raise ValueError(f"the compiled CPU kernel reads fp16 scales, got {layout.scales.dtype}")
+    bits, n, k = layout.bits, layout.out_features, layout.in_features
+    per_word = 32 // bits
+    groups = layout.n_groups
+    slot = layout.k_padded if layout.group_size == -1 else layout.group_size
+    words_per_group = -(-slot // per_word)
+    padded_slot = words_per_group * per_word
+    n_padded = -(-n // BLOCK) * BLOCK
+
+    codes = torch.zeros(groups * slot, n, dtype=torch.int64, device=HOST)
+    codes[: layout.k_padded] = layout.codes()
+    codes = torch.nn.functional.pad(codes.view(groups, slot, n), (0, 0, 0, padded_slot - slot))
+    shifts = (bits * torch.arange(per_word, dtype=torch.int64, device=HOST)).view(1, 1, per_word, 1)
+    words = (codes.view(groups, words_per_group, per_word, n) << shifts).sum(dim=2)  # disjoint fields: an OR
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).view(groups * words_per_group, n)
+
+    source = torch.full((groups * slot,), -1, dtype=torch.int64, device=HOST)
+    source[: layout.k_padded] = layout.source_columns()
+    source = torch.nn.functional.pad(source.view(groups, slot), (0, padded_slot - slot), value=-1).flatten()
+    source = torch.where(source >= 0, source, torch.full_like(source, k))
+    identity = bool(torch.equal(source[:k], torch.arange(k, device=HOST))) and bool((source[k:] == k).all())
+    return PackedLayout(
+        bits=bits,
+        in_features=k,
+        out_features=n,
+        words=_blocked(words, n_padded).to(layout.device),
+        scales=_blocked(layout.scales.cpu(), n_padded).to(layout.device),
+        zeros=_blocked(layout.zeros.cpu(), n_padded).to(layout.device),
+        columns=None if identity else source.to(layout.device),
+    )
+
+
+def linear(x: torch.Tensor, layout: PackedLayout, bias: torch.Tensor | None, ops) -> torch.Tensor:
+    """``x @ dequant(W)ᵀ (+ bias)``: ``x`` ``[..., K]`` (any float dtype, computed in fp32) to
+    ``[..., N]`` in ``x.dtype``, through the compiled operator ``ops.linear`` (one call: the
+    gather to the layout's positions, the schedule for the row count, the bias and the cast)."""
+    return ops.linear(x, layout.words, layout.scales, layout.zeros, layout.columns, bias, layout.bits,
+                      layout.out_features, GEMV_MAX_ROWS, TILE_BLOCKS)
+
+
+def dense_weight(layout: PackedLayout, ops) -> torch.Tensor:
+    """fp32 ``[positions, N]``: ``(q - z) * s`` at every position, as the kernel forms it."""
+    dense = ops.dequantize(layout.words, layout.scales, layout.zeros, layout.bits)
+    return dense[:, : layout.out_features]
