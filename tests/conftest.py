@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+from bitcliff import numerics
 
-import bitcliff  # noqa: F401  - pins the CPU code paths (bitcliff.numerics) before any test computes
+# The commands' CPU paths, before any test computes: the tests compare bytes that the commands
+# pin (importing bitcliff leaves the process alone, so the suite pins for itself).
+numerics.pin()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tiny_llama_config(**overrides):

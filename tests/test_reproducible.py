@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -32,9 +33,7 @@ def wider_folder(tmp_path_factory):
 
 
 def _quantize(folder, out, threads: int) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    for key in numerics.PINNED:  # what a fresh shell has: bitcliff pins them itself
-        env.pop(key, None)
+    env = {**_clean_env(), "OMP_NUM_THREADS": str(threads)}  # the command pins them itself
     command = [sys.executable, "-m", "bitcliff", "quantize", "--model", str(folder), "--method", "gptq", "--bits", "3",
                "--group-size", "64", "--calib-samples", "16", "--seq-len", "128", "--text-file",
                str(folder.parent / "text.txt"), "--out", str(out), "--device", "cpu"]
@@ -49,12 +48,91 @@ def test_gptq_checkpoint_is_the_same_with_one_and_two_threads(wider_folder, tmp_
     assert _quantize(wider_folder, tmp_path / "one", 1) == _quantize(wider_folder, tmp_path / "two", 2)
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without the pinned variables: what a fresh shell has (this suite pins them)."""
+    return {k: v for k, v in os.environ.items() if k not in numerics.PINNED}
+
+
+def _run_python(code: str) -> str:
+    """The last line ``code`` prints, run by a fresh interpreter in a clean environment."""
+    result = subprocess.run([sys.executable, "-c", code], env=_clean_env(), check=True, capture_output=True,
+                            text=True, timeout=300)
+    return result.stdout.strip().splitlines()[-1]
+
+
+# What a process's numerics are: its environment, ATen's kernels, threads and numerics modes.
+_REPORT = """
+import json, torch
+print(json.dumps({"environ": dict(os.environ), "aten": torch.backends.cpu.get_cpu_capability(),
+                  "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+                  "dtype": str(torch.get_default_dtype()), "matmul": torch.get_float32_matmul_precision(),
+                  "deterministic": torch.are_deterministic_algorithms_enabled(), "grad": torch.is_grad_enabled()}))
+"""
+
+
+def test_importing_bitcliff_leaves_the_process_alone():
+    """A library must not change its host's environment or numerics (a server, a notebook)."""
+    modules = "bitcliff, bitcliff.quant, bitcliff.diagnosis, bitcliff.repairs, bitcliff.cli, bitcliff.cliff, bitcliff.study"
+    plain = json.loads(_run_python("import os, torch" + _REPORT))
+    imported = json.loads(_run_python(f"import os, torch\nimport {modules}" + _REPORT))
+    assert {k for k in plain["environ"].keys() | imported["environ"].keys()
+            if plain["environ"].get(k) != imported["environ"].get(k)} == set()
+    assert imported == plain
+
+
+# After ``import os, torch``: MKL's branch in effect, where this torch build exports MKL's query.
+_MKL_BRANCH = """
+def mkl_branch():
+    import ctypes
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return lib.mkl_serv_cbwr_get(ctypes.c_int(-1))
+    except (OSError, AttributeError):
+        return None
+"""
+
+# ``python -m bitcliff --help`` (which imports every command), then what took effect.
+_COMMAND = """
+import os, runpy, sys
+from bitcliff import numerics
+numerics.PINNED = PINNED or numerics.PINNED
+sys.argv = ["bitcliff", "--help"]
+try:
+    runpy.run_module("bitcliff", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+import torch
+""" + _MKL_BRANCH + """
+print(torch.backends.cpu.get_cpu_capability(), os.environ.get("ATEN_CPU_CAPABILITY"), os.environ.get("MKL_CBWR"),
+      mkl_branch())
+"""
+
+
+def _command_report(pinned: dict[str, str] | None = None) -> list[str]:
+    """After ``python -m bitcliff --help`` in a fresh interpreter, pinning ``pinned`` instead of
+    :data:`numerics.PINNED` where given: ATen's kernels, the two variables, MKL's branch."""
+    return _run_python(_COMMAND.replace("PINNED or", f"{pinned!r} or")).split()
+
+
 @pytest.mark.skipif(not numerics._has_avx2(), reason="the pinned paths are x86 AVX2 ones; this CPU has no AVX2")
-def test_importing_bitcliff_pins_the_cpu_paths():
-    env = {k: v for k, v in os.environ.items() if k not in numerics.PINNED}
-    code = "import bitcliff, torch, os; print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
-    assert out.split() == ["AVX2", "AVX2,STRICT"]
+def test_the_command_pins_the_cpu_paths():
+    assert _command_report()[:3] == ["AVX2", "avx2", "AVX2,STRICT"]
+
+
+@pytest.mark.skipif(not numerics._has_avx2(), reason="the pinned paths are x86 AVX2 ones; this CPU has no AVX2")
+def test_the_command_pins_before_torch_computes():
+    """The command pins before torch's first CPU operation, importing every command included.
+
+    Pinned here to paths the CPU would not choose itself (ATen's scalar kernels, MKL's compatible
+    branch), the report shows that both libraries took the pin, not merely that it was set."""
+    own = _run_python("import os, torch" + _MKL_BRANCH + "torch.ones(64, 64) @ torch.ones(64, 64)\n"
+                      "print(torch.backends.cpu.get_cpu_capability(), mkl_branch())").split()
+    compatible = _run_python("import os; os.environ['MKL_CBWR'] = 'COMPATIBLE'\nimport torch" + _MKL_BRANCH
+                             + "print(mkl_branch())")
+    report = _command_report({"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"})
+    assert own[0] != "DEFAULT" and report[:3] == ["DEFAULT", "default", "COMPATIBLE"]
+    if compatible != "None":  # MKL can be asked
+        assert own[1] != compatible and report[3] == compatible
 
 
 def test_a_setting_of_the_user_is_kept(monkeypatch):

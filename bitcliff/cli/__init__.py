@@ -12,6 +12,7 @@ import errno
 import logging
 import sys
 
+from bitcliff import numerics
 from bitcliff.cli import assets, cliff, diagnose, evaluate, quantize, repair, study
 from bitcliff.cli.common import HelpFormatter, device_from_args
 
@@ -34,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default: this process's arguments); returns the exit status.
+
+    Pins the CPU paths first (:func:`bitcliff.numerics.pin`): importing bitcliff computes
+    nothing, so this comes before torch's first CPU operation and every command gives the same
+    bytes on any thread count and x86 machine; the processes a command starts inherit the pin.
+    """
+    numerics.pin()
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that starts its own ranks
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -5,8 +5,9 @@ its diagnosis, which feeds its repair.  On a GPU they run one after another in t
 the CPU a step spends part of its time on one core (the GPTQ column loop, the analyses' many
 small operations), so with two or more cores the steps run two at a time, each worker process on
 its share of the cores: the same work finishes sooner.  The numbers do not change: every step
-reads its inputs from the run folder and the CPU paths are pinned (:mod:`bitcliff.numerics`),
-so a step gives the same bytes on one thread or several.
+reads its inputs from the run folder and the CPU paths are pinned (:mod:`bitcliff.numerics`:
+by the command, and the workers inherit the pin), so a step gives the same bytes on one thread
+or several.
 
 Steps that are ready start longest chain first, so that the three GPTQ -> diagnosis -> repair
 chains start early and the short RTN steps fill the gaps.

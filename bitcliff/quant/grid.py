@@ -10,10 +10,18 @@ the scale that is actually used.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-# Shrink factors tried by the MSE clipping search, from the full range down to 20% of it.
-MSE_GRID = torch.linspace(1.0, 0.2, 81).tolist()
+
+@functools.cache
+def mse_grid() -> tuple[float, ...]:
+    """Shrink factors tried by the MSE clipping search, from the full range down to 20% of it.
+
+    Computed on first use, not on import: importing bitcliff runs no CPU operation, so that the
+    CPU paths can still be pinned afterwards (:mod:`bitcliff.numerics`)."""
+    return tuple(torch.linspace(1.0, 0.2, 81).tolist())
 
 
 def _range_to_grid(
@@ -62,7 +70,7 @@ def fit_grid(
         return scale, zero
     maxq = 2**bits - 1
     best_err = torch.full_like(scale, float("inf"))
-    for shrink in MSE_GRID:
+    for shrink in mse_grid():
         s, z = _range_to_grid(wmin * shrink, wmax * shrink, bits, sym)
         q = quantize_codes(w, s[:, None], z[:, None], maxq)
         err = ((s[:, None] * (q - z[:, None]) - w) ** 2).sum(dim=1)
