@@ -11,8 +11,8 @@
 // * gemv (a few rows, decode): per column block and group, accumulate `acc = x . q` over the
 //   group's codes, then `y += s * (acc - z * sum(x))`: codes become floats with one shift, one
 //   mask and one conversion each, and no dense weight is ever formed.
-// * gemm (many rows, prefill): dequantize a tile of columns, `(q - z) * s` exactly as the
-//   reference forms it, into a buffer that stays in cache, and hand it to the BLAS; the tile's
+// * gemm (many rows, prefill): dequantize a slab of K positions, `(q - z) * s` exactly as the
+//   reference forms it, into a buffer of bounded size, and hand it to the BLAS; the slab's
 //   dequantization is shared by all rows.
 //
 // Threads: at::parallel_for over column blocks.  Each output column is computed by one thread in
@@ -169,15 +169,17 @@ void gemv_tile(const Weight& w, int64_t block, const float* x, const float* xsum
 #endif
 }
 
-// The dense fp32 weight of column block `block`, `(q - z) * s`, written at `out[k * ld + c]`.
+// The dense fp32 weight of column block `block` over groups [first_group, end_group), `(q - z) * s`
+// exactly as the reference forms it, written at `out[k * ld + c]` (k counted from the first group).
 template <int BITS>
-void dequantize_block(const Weight& w, int64_t block, float* out, int64_t ld) {
+void dequantize_block(const Weight& w, int64_t block, int64_t first_group, int64_t end_group, float* out, int64_t ld) {
   constexpr int CPW = 32 / BITS;
   constexpr uint32_t MASK = (1u << BITS) - 1;
   const int32_t* words = w.words + block * w.groups * w.wpg * BLOCK;
   const uint16_t* scales = w.scales + block * w.groups * BLOCK;
   const uint8_t* zeros = w.zeros + block * w.groups * BLOCK;
-  for (int64_t g = 0; g < w.groups; ++g) {
+  out -= first_group * w.wpg * CPW * ld;  // rows are written at their position within the range
+  for (int64_t g = first_group; g < end_group; ++g) {
 #if BITCLIFF_AVX2
     const __m256i mask = _mm256_set1_epi32((int)MASK);
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g * BLOCK)));
@@ -240,19 +242,17 @@ void gemv_all(const Weight& w, const float* x, const float* xsum, int64_t k_posi
   });
 }
 
-// The activations at the weight's K positions, xk [rows, positions] fp32: column columns[p] of x
-// (a zero where columns[p] == K, padding), or x's columns in order then zeros.  With `in_place`
-// each position is scaled by 2^-in_place_shift (exact: a power of two) for gemv_tile's decode;
-// xsum [rows, groups] gets the unscaled sum of each group's activations.
-void gather_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bits, int64_t groups, bool in_place,
+// The activations at the weight's K positions for gemv_tile, xk [rows, positions] fp32: column
+// columns[p] of x (a zero where columns[p] == K, padding), or x's columns in order then zeros, each
+// scaled by 2^-in_place_shift (exact: a power of two) for the AVX2 decode; xsum [rows, groups]
+// gets the unscaled sum of each group's activations.
+void gather_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bits, int64_t groups,
                       at::Tensor& xk, at::Tensor& xsum) {
   const int64_t rows = x.size(0), k = x.size(1), per_word = 32 / bits;
   const int64_t positions = xk.size(1), per_group = positions / groups;
   std::vector<float> factors(per_word, 1.0f);
 #if BITCLIFF_AVX2
-  if (in_place) {
-    for (int i = 0; i < per_word; ++i) factors[i] = std::ldexp(1.0f, -in_place_shift((int)bits, i));
-  }
+  for (int i = 0; i < per_word; ++i) factors[i] = std::ldexp(1.0f, -in_place_shift((int)bits, i));
 #endif
   const int64_t* column = columns ? columns->data_ptr<int64_t>() : nullptr;
   const float* src = x.data_ptr<float>();
@@ -273,41 +273,56 @@ void gather_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bi
   }
 }
 
-// y [rows, blocks * BLOCK] = xk [rows, positions] @ dequant(W), tiles of dequantized columns.
-at::Tensor gemm(const at::Tensor& xk, const Weight& w, int64_t bits, int64_t blocks, int64_t tile_blocks) {
-  const int64_t rows = xk.size(0), positions = xk.size(1);
-  at::Tensor y = at::empty({rows, blocks * BLOCK}, xk.options());
-  const int64_t tiles = (blocks + tile_blocks - 1) / tile_blocks;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(positions * tile_blocks * BLOCK);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t first = t * tile_blocks, count = std::min(tile_blocks, blocks - first);
-      const int64_t ld = count * BLOCK;
-      for (int64_t b = 0; b < count; ++b) {
-        switch (bits) {
-          case 2: dequantize_block<2>(w, first + b, buffer.data() + b * BLOCK, ld); break;
-          case 3: dequantize_block<3>(w, first + b, buffer.data() + b * BLOCK, ld); break;
-          default: dequantize_block<4>(w, first + b, buffer.data() + b * BLOCK, ld); break;
-        }
-      }
-      at::Tensor tile = at::from_blob(buffer.data(), {positions, ld}, xk.options());
-      y.narrow(1, first * BLOCK, ld).copy_(at::mm(xk, tile));
+template <int BITS>
+void dequantize_groups(const Weight& w, int64_t blocks, int64_t first_group, int64_t end_group, float* out) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      dequantize_block<BITS>(w, b, first_group, end_group, out + b * BLOCK, blocks * BLOCK);
     }
   });
+}
+
+// y [rows, blocks * BLOCK] = xk [rows, positions] @ dequant(W) for many rows: the weight is
+// dequantized one slab of K positions at a time (whole groups, at most slab_bytes of fp32, all
+// columns) and each slab goes to the BLAS, `y += xk[:, slab] @ slab`.  Slabs along K rather than
+// tiles of columns: the BLAS then packs each part of xk once, where column tiles would repack all
+// of xk per tile (measured slower than an fp32 matmul at M = 512).
+at::Tensor gemm(const at::Tensor& xk, const Weight& w, int64_t bits, int64_t blocks, int64_t slab_bytes) {
+  const int64_t rows = xk.size(0), per_group = w.wpg * (32 / bits);
+  const int64_t group_bytes = per_group * blocks * BLOCK * (int64_t)sizeof(float);
+  const int64_t slab_groups = std::max<int64_t>(1, std::min<int64_t>(w.groups, slab_bytes / group_bytes));
+  at::Tensor slab = at::empty({slab_groups * per_group, blocks * BLOCK}, xk.options());
+  at::Tensor y;
+  for (int64_t g0 = 0; g0 < w.groups; g0 += slab_groups) {
+    const int64_t g1 = std::min(w.groups, g0 + slab_groups);
+    float* out = slab.data_ptr<float>();
+    switch (bits) {
+      case 2: dequantize_groups<2>(w, blocks, g0, g1, out); break;
+      case 3: dequantize_groups<3>(w, blocks, g0, g1, out); break;
+      default: dequantize_groups<4>(w, blocks, g0, g1, out); break;
+    }
+    const int64_t length = (g1 - g0) * per_group;
+    const at::Tensor part = xk.narrow(1, g0 * per_group, length);
+    if (g0 == 0) {
+      y = at::mm(part, slab.narrow(0, 0, length));
+    } else {
+      y.addmm_(part, slab.narrow(0, 0, length));
+    }
+  }
   return y;
 }
 
 // y [..., N] = x [..., K] @ dequant(W)ᵀ (+ bias), in x's dtype (computed in fp32): the grouped
-// form for up to gemv_max_rows rows, tiles of tile_blocks dequantized column blocks above.
+// form for up to gemv_max_rows rows, slabs of at most slab_bytes of dequantized weight above.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
                   const c10::optional<at::Tensor>& columns, const c10::optional<at::Tensor>& bias, int64_t bits,
-                  int64_t out_features, int64_t gemv_max_rows, int64_t tile_blocks) {
+                  int64_t out_features, int64_t gemv_max_rows, int64_t slab_bytes) {
   const Weight w = check_weight(words, scales, zeros, bits);
   const int64_t blocks = words.size(0), positions = w.groups * w.wpg * (32 / bits);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must be [..., K] with K > 0");
   TORCH_CHECK(out_features > 0 && out_features <= blocks * BLOCK && out_features > (blocks - 1) * BLOCK,
               "out_features ", out_features, " does not fit ", blocks, " column blocks");
-  TORCH_CHECK(tile_blocks >= 1, "tile_blocks must be positive, got ", tile_blocks);
+  TORCH_CHECK(slab_bytes >= 1, "slab_bytes must be positive, got ", slab_bytes);
   const int64_t k = x.size(-1);
   if (columns.has_value()) {
     TORCH_CHECK(columns->dtype() == at::kLong && columns->dim() == 1 && columns->numel() == positions &&
@@ -317,12 +332,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor
   }
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t rows = x2.size(0);
-  const bool few = rows <= gemv_max_rows;
-  at::Tensor xk = at::empty({rows, positions}, x2.options());
-  at::Tensor xsum = at::empty({rows, w.groups}, x2.options());
-  gather_positions(x2, columns.has_value() ? &columns.value() : nullptr, bits, w.groups, few, xk, xsum);
   at::Tensor y;
-  if (few) {
+  if (rows <= gemv_max_rows) {
+    at::Tensor xk = at::empty({rows, positions}, x2.options());
+    at::Tensor xsum = at::empty({rows, w.groups}, x2.options());
+    gather_positions(x2, columns.has_value() ? &columns.value() : nullptr, bits, w.groups, xk, xsum);
     y = at::empty({rows, blocks * BLOCK}, x2.options());
     const float *xp = xk.data_ptr<float>(), *sp = xsum.data_ptr<float>();
     float* yp = y.data_ptr<float>();
@@ -331,8 +345,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor
       case 3: gemv_all<3>(w, xp, sp, positions, rows, blocks, yp); break;
       default: gemv_all<4>(w, xp, sp, positions, rows, blocks, yp); break;
     }
-  } else {
-    y = gemm(xk, w, bits, blocks, tile_blocks);
+  } else {  // many rows: the gather is a small part of the work, torch's vectorised ops do it
+    at::Tensor xk = x2;
+    if (columns.has_value()) {
+      xk = at::cat({x2, at::zeros({rows, 1}, x2.options())}, 1).index_select(1, columns.value());
+    } else if (positions != k) {
+      xk = at::constant_pad_nd(x2, {0, positions - k});
+    }
+    y = gemm(xk, w, bits, blocks, slab_bytes);
   }
   if (out_features != blocks * BLOCK) y = y.narrow(1, 0, out_features);
   if (bias.has_value()) y = y + bias->to(at::kFloat);
@@ -347,15 +367,11 @@ at::Tensor dequantize(const at::Tensor& words, const at::Tensor& scales, const a
   const int64_t blocks = words.size(0), positions = w.groups * w.wpg * (32 / bits);
   at::Tensor out = at::empty({positions, blocks * BLOCK}, at::TensorOptions().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      switch (bits) {
-        case 2: dequantize_block<2>(w, b, op + b * BLOCK, blocks * BLOCK); break;
-        case 3: dequantize_block<3>(w, b, op + b * BLOCK, blocks * BLOCK); break;
-        default: dequantize_block<4>(w, b, op + b * BLOCK, blocks * BLOCK); break;
-      }
-    }
-  });
+  switch (bits) {
+    case 2: dequantize_groups<2>(w, blocks, 0, w.groups, op); break;
+    case 3: dequantize_groups<3>(w, blocks, 0, w.groups, op); break;
+    default: dequantize_groups<4>(w, blocks, 0, w.groups, op); break;
+  }
   return out;
 }
 
@@ -366,7 +382,7 @@ std::string isa() { return BITCLIFF_AVX2 ? "avx2" : "portable"; }
 
 TORCH_LIBRARY(bitcliff_cpu, m) {
   m.def("linear(Tensor x, Tensor words, Tensor scales, Tensor zeros, Tensor? columns, Tensor? bias, int bits, "
-        "int out_features, int gemv_max_rows, int tile_blocks) -> Tensor");
+        "int out_features, int gemv_max_rows, int slab_bytes) -> Tensor");
   m.def("dequantize(Tensor words, Tensor scales, Tensor zeros, int bits) -> Tensor");
   m.def("isa() -> str", &isa);
 }

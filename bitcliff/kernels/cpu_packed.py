@@ -28,11 +28,11 @@ import torch
 from bitcliff.kernels.layout import HOST, KernelLayout
 
 BLOCK = 8  #: output columns per block (the kernel's ``BLOCK``)
-#: Rows up to which the grouped form (no dense weight) runs; above, tiles of dequantized columns
-#: go through the BLAS.  Measured on the 2-core AVX2 machine (bench/cpu_kernels.py).
+#: Rows up to which the grouped form (no dense weight) runs; above, slabs of dequantized weight
+#: go through the BLAS.
 GEMV_MAX_ROWS = 16
-#: Column blocks per dequantized tile of the many-rows schedule (64 columns).
-TILE_BLOCKS = 8
+#: Most bytes of fp32 weight the many-rows schedule dequantizes at once (a slab of K positions).
+SLAB_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def linear(x: torch.Tensor, layout: PackedLayout, bias: torch.Tensor | None, ops
     ``[..., N]`` in ``x.dtype``, through the compiled operator ``ops.linear`` (one call: the
     gather to the layout's positions, the schedule for the row count, the bias and the cast)."""
     return ops.linear(x, layout.words, layout.scales, layout.zeros, layout.columns, bias, layout.bits,
-                      layout.out_features, GEMV_MAX_ROWS, TILE_BLOCKS)
+                      layout.out_features, GEMV_MAX_ROWS, SLAB_BYTES)
 
 
 def dense_weight(layout: PackedLayout, ops) -> torch.Tensor:
