@@ -1,10 +1,12 @@
 """End-to-end decode speed: tokens/s of a model in fp16 and with W4/W3/W2 ``QuantLinear`` layers.
 
     python -m bench.decode [--model default [MODEL ...]] [--bits 4 3 2] [--group 128] [--new-tokens 128]
-                           [--batch 1] [--compile] [--device cuda|cpu] [--out DIR]
+                           [--batch 1] [--compile] [--device cuda|cpu] [--bf16] [--prefill-tokens 512]
+                           [--out DIR]
 
-On ``--device cpu`` the model stays fp32 (the baseline row is then ``fp32``) and the quantized
-layers run the CPU path (``bitcliff.kernels.cpu``).
+On ``--device cpu`` the model stays fp32 (the baseline row is then ``fp32``; ``--bf16`` adds the
+bf16 model) and the quantized layers run the CPU path (``bitcliff.kernels.cpu``).  Each row also
+times prefill: one forward over ``--prefill-tokens`` tokens (0: skip), as tokens/s.
 
 Greedy generation of ``--new-tokens`` tokens after a short prompt, timed after a warm-up run
 (which also builds the kernel layouts and tunes the kernels), median of ``--reps`` runs.  With
@@ -94,6 +96,21 @@ def time_generate(model, prompt, new_tokens: int, reps: int, static: bool) -> di
     return {"seconds": median, "tokens_per_s": prompt.shape[0] * new_tokens / median}
 
 
+@torch.inference_mode()
+def time_prefill(model, prompt, reps: int) -> float:
+    """Tokens/s of one forward over ``prompt`` (median of ``reps`` after a warm-up)."""
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    model(prompt)
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        model(prompt)
+        sync()
+        times.append(time.perf_counter() - start)
+    return prompt.numel() / sorted(times)[len(times) // 2]
+
+
 def time_model(name: str, args) -> dict:
     """Every variant of one model: fp16 (fp32 on CPU) and each width, eager and compiled."""
     from bitcliff import QuantConfig, quantize
@@ -102,14 +119,19 @@ def time_model(name: str, args) -> dict:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, base.config.vocab_size, (args.batch, args.prompt_tokens), generator=gen)
     prompt = prompt.to(args.device)
+    long_prompt = torch.randint(0, base.config.vocab_size, (1, args.prefill_tokens), generator=gen).to(args.device)
     baseline = "fp16" if args.device == "cuda" else "fp32"
+    extra = ["bf16"] if args.bf16 and args.device == "cpu" else []
     rows = []
-    for bits in [None, *args.bits]:
+    for bits in [None, *extra, *args.bits]:
         model = copy.deepcopy(base)
-        if bits is not None:
+        if isinstance(bits, int):
             quantize(model, QuantConfig(bits=bits, group_size=args.group), progress=False)
-        model = model.cuda().half() if args.device == "cuda" else model
-        label = baseline if bits is None else f"w{bits}g{args.group}"
+        if args.device == "cuda":
+            model = model.cuda().half()
+        elif bits == "bf16":
+            model = model.to(torch.bfloat16)
+        label = baseline if bits is None else bits if bits == "bf16" else f"w{bits}g{args.group}"
         modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
         for mode, compiled in modes:
             row = {"variant": label, "mode": mode}
@@ -117,6 +139,8 @@ def time_model(name: str, args) -> dict:
                 if compiled:
                     model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
                 row.update(time_generate(model, prompt, args.new_tokens, args.reps, static=compiled))
+                if args.prefill_tokens and not compiled:
+                    row["prefill_tokens_per_s"] = time_prefill(model, long_prompt, args.reps)
             except Exception as exc:  # noqa: BLE001 - report, keep measuring the others
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
@@ -144,6 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graphs")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--bf16", action="store_true", help="on the CPU, also time the bf16 model")
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="tokens of the timed prefill (0: none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.device == "cuda":
@@ -158,12 +184,13 @@ def main(argv=None) -> int:
     path = results_path(args.out, env, "decode-")
     path.write_text(json.dumps(result, indent=1))
     key = f"speedup_vs_{baseline}"
-    lines = [f"{'model':>16} {'variant':>8} {'mode':>8} {'tok/s':>9} {'vs ' + baseline:>8}"]
+    lines = [f"{'model':>16} {'variant':>8} {'mode':>8} {'tok/s':>9} {'vs ' + baseline:>8} {'prefill/s':>10}"]
     for m in models:
         for r in m["rows"]:
             tps = f"{r['tokens_per_s']:9.1f}" if "tokens_per_s" in r else f"{'failed':>9}"
             sp = f"{r[key]:8.2f}" if key in r else f"{'':>8}"
-            lines.append(f"{m['name']:>16} {r['variant']:>8} {r['mode']:>8} {tps} {sp}")
+            pf = f"{r['prefill_tokens_per_s']:10.1f}" if "prefill_tokens_per_s" in r else f"{'':>10}"
+            lines.append(f"{m['name']:>16} {r['variant']:>8} {r['mode']:>8} {tps} {sp} {pf}")
     (args.out / f"decode-{args.device}-summary.txt").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path}\n" + "\n".join(lines))
     return 0

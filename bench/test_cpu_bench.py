@@ -8,6 +8,8 @@ Shapes are SmolLM2-135M's (hidden 576, MLP 1536), the model the CPU path serves.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -70,3 +72,34 @@ def test_ideal_speedup_accounting(bits, design, ours):
     got = ideal(k, n, 1, bits, 128, layout_bytes)
     assert got["ideal_speedup_design"] == pytest.approx(design, rel=5e-3)
     assert got["ideal_speedup_bytes"] == pytest.approx(ours, rel=5e-3)
+
+
+def test_the_cpu_kernel_benchmark_writes_its_rows_and_resumes(tmp_path):
+    from bench import cpu_kernels
+
+    out = tmp_path / "rows.jsonl"
+    argv = ["--shapes", "smollm2", "--rows", "1", "17", "--bits", "3", "--groups", "64", "--threads", "1",
+            "--reps", "1", "--rotate-mb", "1", "--bf16-max-rows", "1", "--out", str(out)]
+    assert cpu_kernels.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    measured = [r for r in rows if "variant" in r]
+    # 3 shapes x (fp32, w3g64 at both row counts, bf16 at one row)
+    assert len(measured) == 3 * (2 * 2 + 1)
+    for r in measured:
+        assert r["seconds"] > 0 and 0 < r["fraction_of_floor"] and r["tokens_per_s"] == r["rows"] / r["seconds"]
+        if r["variant"] == "w3g64":
+            assert r["speedup_vs_fp32"] > 0 and r["bits_per_weight"] < 4.5
+    assert cpu_kernels.main(argv) == 0  # a rerun measures nothing again
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len([r for r in again if "variant" in r]) == len(measured)
+
+
+def test_the_peer_gets_the_same_weights():
+    from bench.cpu_kernels import _torch_int4, quantized_layer
+
+    weight = torch.randn(96, 256) * 0.02
+    packed, scales_and_zeros = _torch_int4(weight, 64)
+    x = torch.randn(3, 256)
+    peer = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 64, scales_and_zeros).float()
+    ours = x @ quantized_layer(weight, 4, 64).dequantize().t()
+    assert (peer - ours).norm() / ours.norm() < 2e-2  # bf16 activations and scales
