@@ -6,7 +6,8 @@
 
 On ``--device cpu`` the model stays fp32 (the baseline row is then ``fp32``; ``--bf16`` adds the
 bf16 model) and the quantized layers run the CPU path (``bitcliff.kernels.cpu``).  Each row also
-times prefill: one forward over ``--prefill-tokens`` tokens (0: skip), as tokens/s.
+times prefill: one forward over ``--prefill-tokens`` tokens (0: skip), as tokens/s, and splits an
+eager token's time into the linear layers, the unembedding and everything else.
 
 Greedy generation of ``--new-tokens`` tokens after a short prompt, timed after a warm-up run
 (which also builds the kernel layouts and tunes the kernels), median of ``--reps`` runs.  With
@@ -111,6 +112,39 @@ def time_prefill(model, prompt, reps: int) -> float:
     return prompt.numel() / sorted(times)[len(times) // 2]
 
 
+@torch.inference_mode()
+def time_split(model, prompt, new_tokens: int) -> dict:
+    """Milliseconds per generated token in the linear layers, in the unembedding, and in
+    everything else, from timing hooks on every linear module during one greedy generation
+    (the hooks add a few microseconds per call; the split, not the total, is the point)."""
+    from bitcliff.quant.qlinear import QuantLinear
+
+    head = model.get_output_embeddings()
+    spent = {"linears": 0.0, "unembedding": 0.0}
+    started = {}
+
+    def before(module, _inputs):
+        started[id(module)] = time.perf_counter()
+
+    def after(module, _inputs, _output):
+        spent["unembedding" if module is head else "linears"] += time.perf_counter() - started.pop(id(module))
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, QuantLinear)):
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_token = {key: 1e3 * value / new_tokens for key, value in spent.items()}
+    per_token["everything_else"] = 1e3 * total / new_tokens - sum(per_token.values())
+    return {f"ms_per_token_{key}": value for key, value in per_token.items()}
+
+
 def time_model(name: str, args) -> dict:
     """Every variant of one model: fp16 (fp32 on CPU) and each width, eager and compiled."""
     from bitcliff import QuantConfig, quantize
@@ -141,6 +175,8 @@ def time_model(name: str, args) -> dict:
                 row.update(time_generate(model, prompt, args.new_tokens, args.reps, static=compiled))
                 if args.prefill_tokens and not compiled:
                     row["prefill_tokens_per_s"] = time_prefill(model, long_prompt, args.reps)
+                if not compiled:
+                    row.update(time_split(model, prompt, args.new_tokens))
             except Exception as exc:  # noqa: BLE001 - report, keep measuring the others
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)

@@ -81,6 +81,21 @@ def test_w2_falls_off_the_cliff(fp_model, eval_ids, fp_ppl):
     assert evaluate_ppl(q, eval_ids, progress=False)["ppl"] > 100 * fp_ppl
 
 
+def test_the_compiled_cpu_kernel_and_the_plain_torch_path_give_the_same_perplexity(fp_model, eval_ids, monkeypatch):
+    from bitcliff.kernels import cpu, cpu_packed
+
+    q = _quantized_copy(fp_model[0], QuantConfig(bits=3, group_size=64))
+    layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    compiled = evaluate_ppl(q, eval_ids, progress=False)["ppl"]
+    assert all(isinstance(m.kernel_layout(), cpu_packed.PackedLayout) for m in layers)
+    monkeypatch.setattr(cpu, "native_ops", lambda: None)  # as on a machine without a compiler
+    for m in layers:
+        m._layout = None
+    plain = evaluate_ppl(q, eval_ids, progress=False)["ppl"]
+    assert all(isinstance(m.kernel_layout(), cpu.ByteLayout) for m in layers)
+    assert f"{compiled:.4g}" == f"{plain:.4g}", (compiled, plain)
+
+
 def test_cli_quantize_then_eval(tmp_path, capsys):
     out = tmp_path / "w3g64"
     assert cli_main(["quantize", "--model", "default", "--bits", "3", "--group-size", "64", "--out", str(out)]) == 0
