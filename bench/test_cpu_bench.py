@@ -103,3 +103,18 @@ def test_the_peer_gets_the_same_weights():
     peer = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 64, scales_and_zeros).float()
     ours = x @ quantized_layer(weight, 4, 64).dequantize().t()
     assert (peer - ours).norm() / ours.norm() < 2e-2  # bf16 activations and scales
+
+
+def test_the_cpu_table_shows_each_variant_beside_fp32(tmp_path):
+    from bench.cpu_table import load_rows, table
+
+    rows_file = tmp_path / "rows.jsonl"
+    rows = [{"environment": {"read_bandwidth_gbs": {"2": 20.0}}},
+            {"shape": "a 8x8", "rows": 1, "threads": 2, "variant": "fp32", "seconds": 2e-3, "fraction_of_floor": 0.8},
+            {"shape": "a 8x8", "rows": 1, "threads": 2, "variant": "w4g128", "seconds": 5e-4,
+             "fraction_of_floor": 0.5, "speedup_vs_fp32": 4.0}]
+    rows_file.write_text("\n".join(json.dumps(r) for r in rows))
+    environment, measured = load_rows(rows_file)
+    assert environment["read_bandwidth_gbs"]["2"] == 20.0 and len(measured) == 2
+    text = table(measured, 1, 2, 128)
+    assert "| a 8x8 | 2 ms (1.00x, 80%) | 0.5 ms (4.00x, 50%) |" in text
