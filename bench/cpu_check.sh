@@ -4,7 +4,8 @@
 #   2. bench.decode: decode and prefill tokens/s of the embedded SmolLM2 and of four
 #      Llama-3-8B-shaped layers, fp32 (and bf16 for SmolLM2) against W4/W3/W2;
 #   3. with LLAMA_CPP_BIN (a folder holding llama-bench and llama-quantize) and SMOLLM2_GGUF (the
-#      embedded Q4_1 GGUF), llama.cpp's decode of the same model requantized to F32, Q4_0, Q4_1.
+#      embedded Q4_1 GGUF), llama.cpp's decode and prefill of the same model requantized to F32,
+#      Q4_0, Q4_1, and of the Llama-3-8B-shaped stack (bench.llama_gguf) in F32, Q4_0, Q3_K, Q2_K.
 # Rows go to bench/results/ (DATE, default today, names the files).  PYTHON picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +27,10 @@ if [[ -n "${LLAMA_CPP_BIN:-}" && -n "${SMOLLM2_GGUF:-}" ]]; then
     done
     "$LLAMA_CPP_BIN/llama-bench" -m "$work/smollm2-F32.gguf" -m "$work/smollm2-Q4_0.gguf" -m "$work/smollm2-Q4_1.gguf" \
         -p 512 -n 64 -t 1,2 -r 3 -o jsonl > "$out/llama-bench-smollm2-$date.jsonl"
+    "$py" -m bench.llama_gguf "$work/llama3-F32.gguf"
+    for type in Q4_0 Q3_K Q2_K; do
+        "$LLAMA_CPP_BIN/llama-quantize" "$work/llama3-F32.gguf" "$work/llama3-$type.gguf" "$type" >/dev/null 2>&1
+    done
+    "$LLAMA_CPP_BIN/llama-bench" -m "$work/llama3-F32.gguf" -m "$work/llama3-Q4_0.gguf" -m "$work/llama3-Q3_K.gguf" \
+        -m "$work/llama3-Q2_K.gguf" -p 512 -n 16 -t 2 -r 3 -o jsonl > "$out/llama-bench-llama3-layers-$date.jsonl"
 fi
