@@ -14,14 +14,19 @@ tuning cache) goes into one archive beside one summary JSON, and the main result
 beside them: at most :data:`MAX_FILES` files, none deeper than the output folder itself.
 
 Caches never live under the output folder: ``BITCLIFF_CACHE`` and Triton's cache go to a scratch
-folder, the bitcliff tuning cache seeded from ``bench/results/tuning-seed/`` (the static model's
-choices, ``bench/sass_model.py --seed-cache``) so that no stage waits for autotuning.  The commit
-comes from ``BITCLIFF_COMMIT`` (the copy of the tree on the GPU machine has no git history).
+folder.  The machine may be an H100 or an H200 (``bench/devices.py``): the check reads the device
+name at run time and seeds the bitcliff tuning cache with that device's file of
+``bench/results/tuning-seed/`` (the static model's ordering of each shape's admissible
+candidates, ``bench/sass_model.py --seed-cache``), so that no stage tunes over every candidate: the
+launcher measures only the few each seed entry orders.  The summary records the device and the
+ceilings the model assumed for it.  The commit comes from ``BITCLIFF_COMMIT`` (the copy of the
+tree on the GPU machine has no git history).
 GemLite, the peer, is installed from a wheel carried in ``.whl/`` when one is there.
 
 ``--dry-run`` runs on the CPU: it checks every path and module the stages use, every third-party
 module they import against the GPU machine's package list (``bench/gpu_machine_packages.txt``),
-the files the run would return, and the time plan; it exits non-zero on any problem.
+a seed and predictions for every device the machine may be, the files the run would return, and
+the time plan; it exits non-zero on any problem.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bench.devices import DEVICES, device_for, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +54,7 @@ COMMAND_LIMIT_S = 10 * 60
 START_S = 120  # a machine's start, counted in the budget (a minute or two)
 MAX_FILES, MAX_DEPTH = 8, 2
 SEED = Path("bench/results/tuning-seed")
+PREDICTIONS = Path("bench/results")  # sass-<date>.json, the newest read by bench/kernels.py
 WHEELS = Path(".whl")
 
 
@@ -181,8 +189,7 @@ def dry_run(stages) -> int:
         fatal, lazy = missing_modules(stage.entry)
         problems += [f"{name}: imports {m}, which the GPU machine does not have" for m in fatal]
         notes += [f"{name}: a function imports {m}, not on the GPU machine (fine unless it runs)" for m in lazy]
-    if not (ROOT / SEED).is_dir() or not any((ROOT / SEED).glob("*.json")):
-        problems.append(f"no seeded tuning cache in {SEED} (python -m bench.sass_model --seed-cache)")
+    problems += device_problems()
     if not list((ROOT / WHEELS).glob("gemlite-*.whl")):
         notes.append("no GemLite wheel in .whl/: the peer rows will say skipped (pip wheel --no-deps gemlite -w .whl)")
     returned = {c: returned_files(c, COMMANDS[c]) for c in COMMANDS}
@@ -204,6 +211,30 @@ def dry_run(stages) -> int:
     return 1 if problems else 0
 
 
+def seed_for(device_name: str) -> Path | None:
+    """The tuning seed of the device a GPU reports as ``device_name`` (its H100 or H200 family), or
+    None where there is no preset or no file for it."""
+    device = device_for(device_name)
+    if device is None:
+        return None
+    found = sorted((ROOT / SEED).glob(f"autotune-{slug(device.name)}-triton*.json"))
+    return found[-1] if found else None
+
+
+def device_problems() -> list[str]:
+    """Every device the GPU machine may be needs its seed, and the newest predictions its rows."""
+    problems = []
+    for device in DEVICES:
+        if seed_for(device.name) is None:
+            problems.append(f"no tuning seed for {device.name} in {SEED} (python -m bench.sass_model --seed-cache)")
+    found = sorted((ROOT / PREDICTIONS).glob("sass-2*.json"))  # dated: not sass-before-*
+    if not found:
+        return problems + [f"no predictions (sass-*.json) in {PREDICTIONS}"]
+    predicted = {row.get("device") for row in json.loads(found[-1].read_text())["rows"]}
+    problems += [f"{found[-1].name} has no predictions for {d.name}" for d in DEVICES if d.name not in predicted]
+    return problems
+
+
 def returned_files(command: str, stages) -> list[str]:
     """What a command leaves under $OUT: the archive, the summary, the main result JSON."""
     files = [f"gpu-check-{command}.tar.gz", f"gpu-check-{command}.json"]
@@ -223,8 +254,11 @@ def env_report() -> int:
     import torch
     import triton
 
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    preset = device_for(name) if name else None
     print(json.dumps({"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                      "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                      "device": name, "model_ceilings": asdict(preset) if preset else None,
+                      "seed": str(seed_for(name).relative_to(ROOT)) if name and seed_for(name) else None,
                       "commit": os.environ.get("BITCLIFF_COMMIT", "unknown"), "python": sys.version.split()[0]},
                      indent=1))
     smi = shutil.which("nvidia-smi")
@@ -268,6 +302,23 @@ def sanitize() -> int:
     return worst
 
 
+def seed_cache(cache: Path) -> tuple[str, str]:
+    """Copy this device's seed into the tuning cache under the name the launcher will look for
+    (this device's name and this Triton's version); (device name, what was seeded)."""
+    import triton
+
+    # Asked in a child process: this one starts no CUDA context that would stay open beside the stages.
+    asked = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0) "
+                            "if torch.cuda.is_available() else 'no CUDA device')"],
+                           capture_output=True, text=True, check=False, timeout=120)
+    name = asked.stdout.strip().splitlines()[-1] if asked.returncode == 0 and asked.stdout.strip() else "unknown"
+    seed = seed_for(name)
+    if seed is None:
+        return name, f"none: no seed for {name!r}: every shape class tunes over all its candidates"
+    shutil.copy(seed, cache / f"autotune-{slug(name)}-triton{triton.__version__}.json")
+    return name, str(seed.relative_to(ROOT))
+
+
 def install_wheels(site: Path) -> str:
     wheels = sorted((ROOT / WHEELS).glob("*.whl"))
     if not wheels:
@@ -284,10 +335,8 @@ def run(stages, command: str) -> int:
     work = scratch / "work"  # logs and results, archived at the end
     cache = scratch / "cache"
     work.mkdir()
-    if (ROOT / SEED).is_dir():
-        shutil.copytree(ROOT / SEED, cache)
-    else:
-        cache.mkdir()
+    cache.mkdir()
+    device, seeded = seed_cache(cache)
     site = scratch / "site"
     env = dict(os.environ, BITCLIFF_CACHE=str(cache), TRITON_CACHE_DIR=str(scratch / "triton"),
                TRITON_DEFAULT_FP_FUSION="1", PYTHONUNBUFFERED="1")
@@ -298,7 +347,9 @@ def run(stages, command: str) -> int:
     except (OSError, subprocess.CalledProcessError) as exc:
         wheels = f"install failed: {exc}"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    preset = device_for(device)
     summary = {"command": command, "commit": os.environ.get("BITCLIFF_COMMIT", "unknown"), "wheels": wheels,
+               "device": device, "model_ceilings": asdict(preset) if preset else None, "seed": seeded,
                "time_plan": time_plan(), "stages": []}
     for name in stages:
         stage = STAGES[name]

@@ -16,8 +16,9 @@ exceed twice the L2 (so every call reads DRAM, and launch gaps vanish); large-M 
 ``triton.testing.do_bench`` (median, L2 flushed before each call).  The peer, GemLite (its current
 API, ``GemLiteLinearTriton``; 2 and 4 bits, it has no 3-bit kernel), gets exactly the same codes,
 scales, zeros and activations and is timed the same way; it is skipped with the reason when not
-installed.  Each row also carries the static model's prediction (``bench/sass_model.py``) and the
-prediction's error.  Results go to ``<out>/kernels-<device>-<date>.json`` with the device,
+installed.  Each row also carries the static model's two predicted bounds for this device
+(``bench/sass_model.py``: overlapped and serialized, H100 or H200 by the device's name) and where
+the measurement fell against them.  Results go to ``<out>/kernels-<device>-<date>.json`` with the device,
 torch/triton versions and commit.
 """
 
@@ -287,13 +288,28 @@ def bench_gemlite(weights, xs, bits, group, timed, y_ours) -> dict:
         return {"gemlite": f"skipped: {type(exc).__name__}: {exc}"[:200]}
 
 
-def predictions() -> dict:
-    """The static model's predictions (``bench/results/sass-*.json``, newest), by (bits, K, N, M)."""
-    found = sorted(RESULTS.glob("sass-*.json"))
-    if not found:
+def predictions(device_name: str) -> dict:
+    """The static model's predictions for this device (``bench/results/sass-*.json``, newest; the
+    H100 or H200 rows, ``bench/devices.py``), by (bits, K, N, M); none for another device."""
+    from bench.devices import device_for
+
+    found = sorted(RESULTS.glob("sass-2*.json"))  # dated results, newest last (not sass-before-*)
+    device = device_for(device_name)
+    if not found or device is None:
         return {}
     rows = json.loads(found[-1].read_text())["rows"]
-    return {(r["bits"], r["K"], r["N"], r["M"]): r for r in rows if r["capture"] == "none"}
+    return {(r["bits"], r["K"], r["N"], r["M"]): r for r in rows
+            if r["capture"] == "none" and r.get("device") == device.name}
+
+
+def beside_prediction(row: dict, p: dict) -> dict:
+    """The measured row against both predicted bounds: the times, the speedups, and where the
+    measurement fell (below the overlapped bound, between the two, or above the serialized one)."""
+    ms, over, ser = row["ms"], p["overlapped_s"] * 1e3, p["serialized_s"] * 1e3
+    return {"predicted_us": [round(over * 1e3, 3), round(ser * 1e3, 3)],
+            "predicted_speedup": [p["speedup_serialized"], p["speedup_overlapped"]],
+            "measured_vs_bounds": "faster than both" if ms < over else ("between" if ms <= ser else "slower than both"),
+            "error_vs_overlapped": ms / over - 1, "error_vs_serialized": ms / ser - 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,12 +319,13 @@ def predictions() -> dict:
 
 def summary_table(rows: list[dict]) -> str:
     head = (f"{'K x N':>13} {'M':>5} {'b':>2} {'us':>9} {'GB/s':>7} {'fp16 us':>9} {'speedup':>7} "
-            f"{'pred':>5} {'ideal':>6} {'frac':>5} {'stats+':>7} {'err/(fp+q)':>10} {'gemlite':>8}")
+            f"{'predicted':>9} {'ideal':>6} {'frac':>5} {'stats+':>7} {'err/(fp+q)':>10} {'gemlite':>8}")
     lines = [head]
     for r in rows:
         stats = f"{100 * r['stats_overhead']:6.1f}%" if "stats_overhead" in r else f"{'':>7}"
         err = f"{r['error_vs_fp16_plus_q']:10.2f}" if "error_vs_fp16_plus_q" in r else f"{'':>10}"
-        pred = f"{r['predicted_speedup']:5.2f}" if "predicted_speedup" in r else f"{'':>5}"
+        pred = (f"{r['predicted_speedup'][0]:4.1f}-{r['predicted_speedup'][1]:<4.1f}" if "predicted_speedup" in r
+                else f"{'':>9}")
         peer = f"{r['fp16_ms'] / r['gemlite_ms']:8.2f}" if "gemlite_ms" in r else f"{'-':>8}"
         lines.append(
             f"{r['K']:>6}x{r['N']:<6} {r['M']:>5} {r['bits']:>2} {1000 * r['ms']:9.1f} {r['GBps']:7.0f} "
@@ -332,12 +349,17 @@ def main(argv=None) -> int:
     env = environment()
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     ceilings = measure_ceilings()
+    from bench.devices import device_for
+
+    preset = device_for(env["device"])
+    assumed = (f" (the model assumes {preset.bandwidth / 1e9:.0f} GB/s, {preset.matrix_flops / 1e12:.0f} TFLOP/s, "
+               f"{preset.sms} SMs)" if preset else " (no model preset for this device: no predictions)")
     print(f"{env['device']}: copy {ceilings['copy_GBps']:.0f} GB/s, fp16 matmul "
-          f"{ceilings['fp16_TFLOPs']:.0f} TFLOP/s; torch {env['torch']}, triton {env['triton']}", flush=True)
+          f"{ceilings['fp16_TFLOPs']:.0f} TFLOP/s{assumed}; torch {env['torch']}, triton {env['triton']}", flush=True)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    predicted = predictions()
+    predicted = predictions(env["device"])
     rows = []
     started = time.time()
     for k, n in shapes:
@@ -346,15 +368,13 @@ def main(argv=None) -> int:
                 capture_rows = bits == 4 or not args.quick
                 row = bench_row(k, n, m, bits, args.group, l2, ceilings, capture_rows, peers=not args.no_peers)
                 p = predicted.get((bits, k, n, m))
-                if p:  # the static model's prediction and its error
-                    row["predicted_speedup"] = p["speedup"]
-                    row["predicted_us"] = p["seconds"] * 1e6
-                    row["prediction_error"] = row["ms"] * 1e3 / row["predicted_us"] - 1
+                if p:  # the static model's two bounds and where the measurement fell
+                    row.update(beside_prediction(row, p))
                 rows.append(row)
                 print(summary_table([row]).splitlines()[1], flush=True)
     result = {"environment": env, "ceilings": ceilings, "group": args.group, "rows": rows,
               "seconds": round(time.time() - started, 1),
-              "predictions": "bench/results/sass-*.json (static model of the sm_90a code)"}
+              "predictions": "bench/results/sass-*.json (static model of the sm_90a code; both bounds)"}
     args.out.mkdir(parents=True, exist_ok=True)
     path = results_path(args.out, env, "kernels-")
     path.write_text(json.dumps(result, indent=1))

@@ -1,72 +1,71 @@
 """A static performance model of the dequant-matmul kernels, from their compiled sm_90 code.
 
     python -m bench.sass_model [--bits 2 3 4] [--batches 1 16 64 2048] [--json out.json]
+                               [--seed-cache DIR] [--variants-from RESULT.json] [--jobs 2]
 
-No GPU is needed: Triton and ptxas compile each kernel variant for sm_90a here, and this script reads
-the machine code (SASS).  For every variant it finds the K loop (the backward branch whose body
-holds the weight loads), counts the instructions of one iteration by class, and divides by the
-weights one thread handles per iteration: *instructions per weight*, the number that decides whether
-a gemv can run at the memory limit (``bench/NOTES.md``).  It then predicts, for the Llama-3 layer
-shapes at each batch size, the kernel time as the largest of
+No GPU is needed: Triton and ptxas compile each kernel variant for sm_90a here and
+``bench/sass_code.py`` reads the machine code: the K loop's instructions by class, per weight,
+and whether the loop is software-pipelined.  For the Llama-3 layer shapes at each batch size, on
+an H200 and an H100 (``bench/devices.py``), every configuration the autotuner would try there (its
+candidates after ``tuning.prune``, the tuner's own rule) is predicted as two bounds:
+
+* **overlapped** (optimistic): the largest of *issue*, *memory* and *tensor* (below): memory and
+  compute overlap perfectly;
+* **serialized** (pessimistic): their sum: a warp that loads without a pipeline (one stage, about
+  one warp per scheduler) cannot load and compute at once.  Where the loop is software-pipelined
+  (its weight loads are asynchronous copies) only each program's first iteration is exposed: the
+  excess over the largest is divided by the iterations a program runs;
+
+each plus a fixed launch-and-tail latency (``Device.latency_s``, an assumption).  The terms:
 
 * **issue**: the program's warp-instructions (loop x iterations + the rest once) over the rate
-  each SM can issue them, per pipe (see :data:`RATES`), scaled down when too few warps are resident
-  to use the SM's four schedulers;
+  each SM can issue them, per pipe (see :data:`RATES`), on the busiest SM, scaled down when too few
+  warps are resident to use the SM's four schedulers;
 * **memory**: bytes moved (packed weights, scales, zeros, x, y; the fp16 weight too for ``error``
   capture; split-K's fp32 partial sums, counted as if they went to DRAM, though L2 serves them)
   over the device bandwidth;
-* **tensor cores** (tiled): FLOPs over the matrix rate (half of it for ``mma.sync`` code),
+* **tensor cores** (tiled): FLOPs over the matrix rate (half of it for ``mma.sync`` code).
 
-and compares it with an fp16 ``torch.matmul`` modelled the same way (bytes or FLOPs, whichever
-binds).  For each shape the configuration with the best prediction among the autotuner's
-candidates is chosen, as the tuner would on the GPU.
+An fp16 ``torch.matmul`` is modelled the same way (bytes or FLOPs, whichever binds, plus the same
+latency).  The candidates of each shape are ranked by the serialized bound, then the overlapped
+one; the first few form the tuning seed (``bench/seed.py``): an ordering for the tuner to
+measure on the GPU, not a measurement.
 
-**Every time here is a prediction**, not a measurement: it assumes perfect overlap of memory and
-issue, full bandwidth once enough warps are resident, and the rates below.  ``bench/kernels.py``
-measures the real thing on a GPU, and ``bench/NOTES.md`` sets the two side by side.
+**Every time here is a prediction.**  ``bench/kernels.py`` measures the real thing on a GPU and
+sets each row beside these bounds; ``bench/NOTES.md`` discusses both.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import datetime as dt
+import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from bench.devices import DEVICES, Device
+from bench.sass_code import Variant, analyse, instruction_class, instructions, k_loop  # noqa: F401
 
-import triton  # noqa: E402
+import triton  # noqa: E402  (after sass_code, which clears TRITON_INTERPRET)
 
-from bench.compile_check import compile_variant, constexprs, kernel  # noqa: E402
+from bench.compile_check import constexprs, kernel  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192))  # K x N
 BATCHES = (1, 16, 64, 2048)
 GROUP = 128
-
-
-@dataclass(frozen=True)
-class Device:
-    """The figures the model assumes, with where each comes from."""
-
-    name: str = "NVIDIA H200"
-    sms: int = 132  # device query on the H200 lent here (shared/gpu-machine.md)
-    clock_hz: float = 1.98e9  # SM clock read by nvidia-smi under load on that machine
-    bandwidth: float = 4.3e12  # B/s, a device-to-device copy measured there (read + write)
-    matrix_flops: float = 790e12  # bf16/fp16 dense matmul measured there through torch
-    mma_sync_share: float = 0.5  # assumed: mma.sync (HMMA) code reaches half of the wgmma rate
-    regs_per_sm: int = 65536
-    max_warps_per_sm: int = 64
-    max_programs_per_sm: int = 32
-    smem_per_sm: int = 228 * 1024
-
+ROOT = Path(__file__).resolve().parents[1]
+#: The sources whose compiled code the variants count: a saved result is reused only for these.
+KERNEL_SOURCES = ("bitcliff/kernels/gemv.py", "bitcliff/kernels/tiled.py", "bitcliff/kernels/decode.py",
+                  "bitcliff/kernels/epilogue.py", "bitcliff/kernels/layout.py", "bitcliff/kernels/qmatmul.py",
+                  "bench/compile_check.py", "bench/sass_code.py")
 
 #: Warp-instructions per clock per SM, by pipe: the issue rate of Hopper's four schedulers and the
 #: per-SM throughputs of the CUDA C++ Programming Guide's arithmetic-instruction table for compute
@@ -75,124 +74,8 @@ class Device:
 #: conversions 16 -> 0.5.  Memory instructions: one per clock per SM (assumed).
 RATES = {"issue": 4.0, "fp32": 4.0, "fp16x2": 4.0, "int": 2.0, "conv": 0.5, "global": 1.0, "shared": 1.0}
 
-CLASSES = {
-    "fp32": "FADD FMUL FFMA FMNMX FSEL FSET FSETP FCHK FSWZADD MUFU",
-    "fp16x2": "HADD2 HMUL2 HFMA2 HMNMX2 HSET2 HSETP2",
-    "int": ("LOP3 LOP SHF SHL SHR IADD3 IADD IMAD IMUL LEA ISETP ICMP SEL PRMT SGXT BMSK BFE BFI IABS "
-            "IMNMX VIADD VIMNMX VIADDMNMX MOV P2R R2P PLOP3 POPC FLO BREV CS2R S2R IDP IDP4A"),
-    "conv": "I2F F2I F2F I2FP F2FP FRND I2I",
-    "global": "LDG STG LD ST RED ATOM ATOMG LDC REDG",
-    "shared": "LDS STS LDSM STSM LDGSTS ATOMS BAR SHFL UTMALDG UTMASTG SYNCS",
-    "tensor": "HMMA HGMMA IMMA QGMMA WARPGROUP",
-}
-_CLASS_OF = {op: cls for cls, ops in CLASSES.items() for op in ops.split()}
-
-
-def instruction_class(opcode: str) -> str:
-    root = opcode.split(".")[0]
-    if root in _CLASS_OF:
-        return _CLASS_OF[root]
-    if root.startswith("U"):
-        return "uniform"  # the uniform datapath: an issue slot, no vector pipe
-    return "other"
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the machine code
-# ---------------------------------------------------------------------------------------------
-
-_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-
-
-def disassemble(cubin: bytes) -> str:
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([str(cuobjdump), "--dump-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-
-
-def instructions(sass: str) -> list[tuple[int, str, str]]:
-    """(address, opcode, operands) of every instruction."""
-    return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
-
-
-def k_loop(code: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
-    """The body of the K loop: of the loops closed by a backward branch, the one with the most
-    global or asynchronous loads (the weight stream).  Raises if the code has no loop."""
-    loops = []
-    for i, (addr, op, rest) in enumerate(code):
-        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
-        if target and int(target.group(1), 16) < addr:
-            start = next(j for j, (a, _, _) in enumerate(code) if a == int(target.group(1), 16))
-            body = code[start:i + 1]
-            loads = sum(o.split(".")[0] in ("LDG", "LDGSTS", "UTMALDG") for _, o, _ in body)
-            loops.append((loads, len(body), body))
-    if not loops:
-        raise ValueError("no loop found in the SASS")
-    return max(loops, key=lambda x: (x[0], x[1]))[2]
-
-
-def count_classes(code) -> dict[str, int]:
-    counts = collections.Counter(instruction_class(op) for _, op, _ in code)
-    counts["total"] = len(code)
-    return dict(counts)
-
-
-def resources(cubin: bytes) -> dict:
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
-    res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    return {"regs": int(res.get("REG", 0)), "stack": int(res.get("STACK", 0)) + int(res.get("LOCAL", 0))}
-
-
-@dataclass
-class Variant:
-    """One compiled kernel variant and what its code costs."""
-
-    schedule: str
-    bits: int
-    capture: str
-    dtype: str
-    config: dict
-    weights_per_thread_iter: int
-    loop: dict = field(default_factory=dict)  # class -> instructions per iteration per thread
-    rest: dict = field(default_factory=dict)  # class -> instructions outside the loop, per thread
-    regs: int = 0
-    shared: int = 0
-    hgmma: bool = False
-
-    @property
-    def per_weight(self) -> float:
-        return self.loop["total"] / self.weights_per_thread_iter
-
-    def per_weight_by_class(self) -> dict[str, float]:
-        return {k: v / self.weights_per_thread_iter for k, v in self.loop.items() if k != "total"}
-
-
-def analyse(schedule: str, kernel, constexprs: dict, bits: int, capture: str, dtype: str) -> Variant:
-    compiled = compile_variant(kernel, constexprs, 90, dtype)
-    code = instructions(disassemble(compiled.asm["cubin"]))
-    body = k_loop(code)
-    threads = 32 * constexprs["num_warps"]
-    if schedule == "gemv":
-        weights = constexprs["BLOCK_N"] * 32 * constexprs["BLOCK_U"] // threads
-    else:
-        weights = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // threads
-    loop = count_classes(body)
-    everything = count_classes(code)
-    rest = {k: everything.get(k, 0) - loop.get(k, 0) for k in everything}
-    config = {k: v for k, v in constexprs.items() if k.isupper() and not isinstance(v, str)
-              and k not in ("BITS", "INTERPRET")} | {
-        "num_warps": constexprs["num_warps"], "num_stages": constexprs["num_stages"]}
-    return Variant(schedule, bits, capture, dtype, config, weights, loop, rest,
-                   regs=resources(compiled.asm["cubin"])["regs"], shared=compiled.metadata.shared,
-                   hgmma=any(op.startswith("HGMMA") for _, op, _ in code))
+#: The tuned meta-parameters of each schedule (with num_warps and num_stages: a configuration).
+TUNED = {"gemv": ("BLOCK_N", "BLOCK_U", "SPLIT_K"), "tiled": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +90,18 @@ def layout_bytes(k: int, n: int, bits: int, group: int) -> int:
 
 
 def fp16_time(k: int, n: int, m: int, dev: Device) -> float:
-    return max((2 * k * n + 2 * m * (k + n)) / dev.bandwidth, 2 * m * k * n / dev.matrix_flops)
+    """fp16 ``torch.matmul``: its bytes or FLOPs, whichever binds, plus the launch latency."""
+    return max((2 * k * n + 2 * m * (k + n)) / dev.bandwidth, 2 * m * k * n / dev.matrix_flops) + dev.latency_s
+
+
+def ideal_time(k: int, n: int, m: int, bits: int, dev: Device, group: int = GROUP) -> float:
+    """The quantized kernel's floor: its bytes or FLOPs, whichever binds (no latency)."""
+    return max((layout_bytes(k, n, bits, group) + 2 * m * (k + n)) / dev.bandwidth, 2 * m * k * n / dev.matrix_flops)
 
 
 def predict(v: Variant, k: int, n: int, m: int, dev: Device, group: int = GROUP) -> dict:
-    """Predicted seconds of one launch of variant ``v`` on ``[m, k] x [k, n]``, and what binds it."""
+    """Both predicted bounds (seconds) of one launch of variant ``v`` on ``[m, k] x [k, n]``, and
+    their terms: ``overlapped_s`` <= ``serialized_s``, each including ``latency_s``."""
     c = v.config
     split = c.get("SPLIT_K", 1)
     if v.schedule == "gemv":
@@ -223,15 +113,15 @@ def predict(v: Variant, k: int, n: int, m: int, dev: Device, group: int = GROUP)
     iters = -(-tiles // split)
     warps = c["num_warps"]
     # Programs resident per SM: registers, warps, shared memory.
-    occupancy = min(dev.regs_per_sm // max(v.regs * 32 * warps, 1), dev.max_warps_per_sm // warps,
-                    dev.max_programs_per_sm, dev.smem_per_sm // max(v.shared, 1))
+    occupancy = max(1, min(dev.regs_per_sm // max(v.regs * 32 * warps, 1), dev.max_warps_per_sm // warps,
+                           dev.max_programs_per_sm, dev.smem_per_sm // max(v.shared, 1)))
     per_sm = -(-programs // dev.sms)  # programs on the busiest SM
-    resident_warps = min(per_sm, max(occupancy, 1)) * warps
+    resident_warps = min(per_sm, occupancy) * warps
     usable = min(1.0, resident_warps / 4)  # one warp per scheduler at least
     cycles = {}
     for cls, rate in RATES.items():
-        count = v.loop.get("total" if cls == "issue" else cls, 0) * iters + \
-            v.rest.get("total" if cls == "issue" else cls, 0)
+        name = "total" if cls == "issue" else cls
+        count = v.loop.get(name, 0) * iters + v.rest.get(name, 0)
         cycles[cls] = per_sm * count * warps / (rate * usable)
     issue_s = max(cycles.values()) / dev.clock_hz
     bound_pipe = max(cycles, key=cycles.get)
@@ -246,64 +136,69 @@ def predict(v: Variant, k: int, n: int, m: int, dev: Device, group: int = GROUP)
         rows = -(-m // c["BLOCK_M"]) * c["BLOCK_M"]
         flops = 2 * rows * k * n * (2 if v.capture == "error" else 1)
         tensor_s = flops / (dev.matrix_flops * (1.0 if v.hgmma else dev.mma_sync_share))
-    seconds = max(issue_s, memory_s, tensor_s)
-    bound = "memory" if seconds == memory_s else ("tensor" if seconds == tensor_s else f"issue:{bound_pipe}")
-    ideal = max((layout_bytes(k, n, v.bits, group) + 2 * m * (k + n)) / dev.bandwidth,
-                2 * m * k * n / dev.matrix_flops)
+    longest = max(issue_s, memory_s, tensor_s)
+    # What overlap must hide: the terms other than the largest.  A pipelined loop hides it after
+    # each program's first iteration; a loop that waits for its own loads hides none of it.
+    exposed = issue_s + memory_s + tensor_s - longest
+    overlapped = longest + dev.latency_s
+    serialized = longest + (exposed / iters if v.pipelined else exposed) + dev.latency_s
+    bound = "memory" if longest == memory_s else ("tensor" if longest == tensor_s else f"issue:{bound_pipe}")
+    ideal = ideal_time(k, n, m, v.bits, dev, group)
     fp16 = fp16_time(k, n, m, dev)
-    return {"seconds": seconds, "issue_s": issue_s, "memory_s": memory_s, "tensor_s": tensor_s,
-            "bound": bound, "programs": programs, "speedup": fp16 / seconds, "ceiling": fp16 / ideal,
-            "fraction": ideal / seconds}
+    return {"overlapped_s": overlapped, "serialized_s": serialized, "latency_s": dev.latency_s,
+            "issue_s": issue_s, "memory_s": memory_s, "tensor_s": tensor_s, "bound": bound,
+            "programs": programs, "iters": iters,
+            "warps_per_sm": min(programs * warps / dev.sms, occupancy * warps), "pipelined": v.pipelined,
+            "speedup_overlapped": fp16 / overlapped, "speedup_serialized": fp16 / serialized,
+            "ceiling": (fp16 - dev.latency_s) / ideal}
 
 
 def dequant_then_matmul(k: int, n: int, m: int, bits: int, dev: Device, group: int = GROUP) -> dict:
     """The alternative for large M: dequantize the weight to fp16 once (reading the packed bytes,
-    writing 2 bytes a weight, at the memory limit) and run the fp16 matmul."""
-    seconds = (layout_bytes(k, n, bits, group) + 2 * k * n) / dev.bandwidth + fp16_time(k, n, m, dev)
-    ideal = max((layout_bytes(k, n, bits, group) + 2 * m * (k + n)) / dev.bandwidth, 2 * m * k * n / dev.matrix_flops)
-    fp16 = fp16_time(k, n, m, dev)
-    return {"seconds": seconds, "bound": "dequant+fp16", "speedup": fp16 / seconds,
-            "ceiling": fp16 / ideal, "fraction": ideal / seconds}
+    writing 2 bytes a weight, at the memory limit; one launch) and run the fp16 matmul."""
+    seconds = (layout_bytes(k, n, bits, group) + 2 * k * n) / dev.bandwidth + dev.latency_s + fp16_time(k, n, m, dev)
+    return {"seconds": seconds, "bound": "dequant+fp16", "speedup": fp16_time(k, n, m, dev) / seconds}
 
 
 # ---------------------------------------------------------------------------------------------
-# The variants of today's kernels
+# Candidates: the autotuner's, pruned by its rule, for this checkout or an earlier commit
 # ---------------------------------------------------------------------------------------------
 
 
-def gemv_candidates(bits: int, capture: str, dtype: str):
-    """The autotuner's gemv configurations (one compile per shape of code: split or not)."""
+def config_of(c) -> dict:
+    """A ``triton.Config`` as the tuning cache writes it (``tuning.config_dict``)."""
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def code_key(schedule: str, config: dict) -> tuple:
+    """What decides a variant's compiled loop: the configuration, with every split as a split of 2
+    (the split only changes a program's K range, not its code)."""
+    names = TUNED[schedule] + ("num_warps", "num_stages")
+    return tuple((name, min(config[name], 2) if name == "SPLIT_K" else config[name]) for name in names)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where kernels and candidates come from: this checkout, or git commit REF (``--before``)."""
+
+    kernel: Callable  # schedule -> the @triton.jit function
+    constexprs: Callable  # (schedule, bits, capture, dtype, config) -> every constexpr of a launch
+    candidates: Callable  # schedule -> list[triton.Config]
+    prune: Callable  # (schedule, configs, m, n, kp, sms, group) -> the configs that may run
+    current: bool = True
+
+
+def current_source() -> Source:
     from bitcliff.kernels import tuning
 
-    seen = set()
-    for cfg in tuning.gemv_configs():
-        config = {"BLOCK_N": cfg.kwargs["BLOCK_N"], "BLOCK_U": cfg.kwargs["BLOCK_U"],
-                  "SPLIT_K": min(cfg.kwargs["SPLIT_K"], 2), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        if tuple(config.values()) not in seen:
-            seen.add(tuple(config.values()))
-            yield kernel("gemv"), constexprs("gemv", bits, capture, dtype, config, GROUP)
-
-
-def tiled_candidates(bits: int, capture: str, dtype: str, m: int):
-    """The autotuner's tiled configurations that survive its pruning at batch ``m``."""
-    from bitcliff.kernels import tuning
-
-    args = {"M": m, "N": 4096, "KP": 4096, "y_ptr": _CpuTensor(), "GROUP_SIZE": GROUP}
-    seen = set()
-    for cfg in tuning.prune_tiled(tuning.tiled_configs(), args, BITS=bits, GROUP_SIZE=GROUP):
-        config = {**cfg.kwargs, "SPLIT_K": min(cfg.kwargs["SPLIT_K"], 2), "num_warps": cfg.num_warps,
-                  "num_stages": cfg.num_stages}
-        if tuple(config.values()) not in seen:
-            seen.add(tuple(config.values()))
-            yield kernel("tiled"), constexprs("tiled", bits, capture, dtype, config, GROUP)
+    return Source(kernel, lambda s, b, c, d, cfg: constexprs(s, b, c, d, cfg, GROUP), tuning.candidates, tuning.prune)
 
 
 def _module_at(ref: str, path: str, name: str):
     """Module ``path`` of the repository as it was at git ``ref``, imported under ``name``."""
     import importlib.util
 
-    root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=root, capture_output=True, text=True,
+    source = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout
     folder = Path(tempfile.mkdtemp(prefix="bitcliff-before-"))
     (folder / f"{name}.py").write_text(source)
@@ -314,145 +209,225 @@ def _module_at(ref: str, path: str, name: str):
     return module
 
 
-def before_candidates(ref: str, schedule: str, bits: int, capture: str, m: int):
-    """The kernels and tuning candidates of commit ``ref`` (the single-file ``qmatmul.py`` with the
-    GPTQ-ordered planes), for a before/after comparison of the same model."""
-    old = _module_at(ref, "bitcliff/kernels/qmatmul.py", "_before_qmatmul")
-    old_tuning = _module_at(ref, "bitcliff/kernels/tuning.py", "_before_tuning")
-    common = {"BITS": bits, "GROUP_SIZE": GROUP, "CAPTURE": capture, "HAS_BIAS": False, "PERMUTED": False,
-              "INTERPRET": False}
-    seen = set()
-    if schedule == "gemv":
-        args = {"M": m, "N": 4096, "KP": 4096, "y_ptr": _CpuTensor()}
-        configs = old_tuning.prune_gemv(old_tuning.gemv_configs(), args, BITS=bits, GROUP_SIZE=GROUP)
-        fn = old._qmm_gemv_kernel
-    else:
-        args = {"M": m, "N": 4096, "KP": 4096, "y_ptr": _CpuTensor(), "GROUP_SIZE": GROUP}
-        configs = old_tuning.prune_tiled(old_tuning.tiled_configs(), args, BITS=bits, GROUP_SIZE=GROUP)
-        fn = old._qmm_tiled_kernel
-    for cfg in configs:
-        config = {**cfg.kwargs, "SPLIT_K": min(cfg.kwargs["SPLIT_K"], 2), "num_warps": cfg.num_warps,
-                  "num_stages": cfg.num_stages}
-        if tuple(config.values()) not in seen:
-            seen.add(tuple(config.values()))
-            yield fn, {**common, **config}
-
-
 class _CpuTensor:
     device = type("D", (), {"type": "cpu"})()
+
+
+def before_source(ref: str) -> Source:
+    """The kernels and tuning of commit ``ref`` (the single-file ``qmatmul.py`` with the
+    GPTQ-ordered planes), for a before/after comparison under the same model."""
+    old = _module_at(ref, "bitcliff/kernels/qmatmul.py", "_before_qmatmul")
+    old_tuning = _module_at(ref, "bitcliff/kernels/tuning.py", "_before_tuning")
+
+    def meta(schedule, bits, capture, dtype, config):
+        return {"BITS": bits, "GROUP_SIZE": GROUP, "CAPTURE": capture, "HAS_BIAS": False, "PERMUTED": False,
+                "INTERPRET": False, **config}
+
+    def prune(schedule, configs, m, n, kp, sms, group):
+        args = {"M": m, "N": n, "KP": kp, "y_ptr": _CpuTensor(), "GROUP_SIZE": group}
+        fn = old_tuning.prune_gemv if schedule == "gemv" else old_tuning.prune_tiled
+        return fn(configs, args, GROUP_SIZE=group)
+
+    return Source(lambda s: old._qmm_gemv_kernel if s == "gemv" else old._qmm_tiled_kernel, meta,
+                  lambda s: old_tuning.gemv_configs() if s == "gemv" else old_tuning.tiled_configs(), prune,
+                  current=False)
+
+
+def kernels_hash() -> str:
+    """Of the kernel sources and the Triton version: equal hashes compile to equal code."""
+    h = hashlib.sha256(triton.__version__.encode())
+    for path in KERNEL_SOURCES:
+        h.update((ROOT / path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _analyse_job(job: tuple) -> dict:
+    """One compile and count in a worker process (this checkout's kernels)."""
+    schedule, bits, capture, dtype, config = job
+    return asdict(analyse(schedule, kernel(schedule), constexprs(schedule, bits, capture, dtype, config, GROUP),
+                          bits, capture, dtype))
+
+
+def compile_pool(source: Source, schedule: str, bits: int, capture: str, dtype: str, batches, devices,
+                 reuse: dict, jobs: int) -> dict[tuple, Variant]:
+    """The compiled variants that some shape's pruned candidates need, by :func:`code_key`; those in
+    ``reuse`` (same key and kernels hash) are taken as they are."""
+    needed = {}
+    for m in batches:
+        for k, n in SHAPES:
+            for sms in sorted({d.sms for d in devices}):
+                for c in source.prune(schedule, source.candidates(schedule), m, n, k, sms, GROUP):
+                    cfg = config_of(c)
+                    needed.setdefault(code_key(schedule, cfg), {**cfg, "SPLIT_K": min(cfg["SPLIT_K"], 2)})
+    pool, todo = {}, []
+    for key, cfg in needed.items():
+        found = reuse.get((schedule, bits, capture, dtype, key))
+        if found is not None:
+            pool[key] = found
+        else:
+            todo.append((key, cfg))
+    if todo and source.current and jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(jobs) as ex:
+            done = ex.map(_analyse_job, [(schedule, bits, capture, dtype, cfg) for _, cfg in todo])
+            for (key, _), fields in zip(todo, done):
+                pool[key] = Variant(**fields)
+    else:
+        for key, cfg in todo:
+            meta = source.constexprs(schedule, bits, capture, dtype, cfg)
+            pool[key] = analyse(schedule, source.kernel(schedule), meta, bits, capture, dtype)
+    return pool
+
+
+def reusable(path: Path | None) -> dict:
+    """The variants of a saved result, if its kernels hash is this checkout's (else nothing)."""
+    if path is None:
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("kernels_hash") != kernels_hash():
+        print(f"{path}: compiled from other kernel sources or another Triton; compiling again", file=sys.stderr)
+        return {}
+    out = {}
+    for fields in saved["variants"]:
+        fields = {k: v for k, v in fields.items() if k != "per_weight"}
+        v = Variant(**fields)
+        out[(v.schedule, v.bits, v.capture, v.dtype, code_key(v.schedule, v.config))] = v
+    return out
 
 
 def _with_split(v: Variant, split: int) -> Variant:
     return Variant(**{**asdict(v), "config": {**v.config, "SPLIT_K": split}})
 
 
-def best(variants: list[Variant], k: int, n: int, m: int, dev: Device) -> tuple[Variant, dict]:
-    """The candidate (and split) with the best prediction for one shape, as the tuner would pick."""
+def ranked(pool: dict, source: Source, schedule: str, k: int, n: int, m: int, dev: Device) -> list[tuple]:
+    """``(prediction, variant, configuration)`` of every candidate the pruning keeps for this shape,
+    best first: by the serialized bound, then the overlapped one, then the tuner's order."""
     options = []
-    for v in variants:
-        splits = (1,) if v.config["SPLIT_K"] == 1 else (2, 4, 8, 16, 32)
-        for s in splits:
-            if s > 1 and m > 64:
-                continue
-            cand = _with_split(v, s)
-            options.append((predict(cand, k, n, m, dev)["seconds"], id(cand), cand))
-    _, _, chosen = min(options, key=lambda x: (x[0], x[1]))
-    return chosen, predict(chosen, k, n, m, dev)
+    for c in source.prune(schedule, source.candidates(schedule), m, n, k, dev.sms, GROUP):
+        cfg = config_of(c)
+        v = _with_split(pool[code_key(schedule, cfg)], cfg["SPLIT_K"])
+        options.append((predict(v, k, n, m, dev), v, cfg))
+    return sorted(options, key=lambda o: (o[0]["serialized_s"], o[0]["overlapped_s"]))
 
 
-def model(bits_list, batches, captures=("none", "stats", "error"), dtype="fp16", dev=Device(),
-          before: str | None = None) -> dict:
+def model(bits_list, batches, captures=("none", "stats", "error"), dtype="fp16", devices=DEVICES,
+          source: Source | None = None, reuse: dict | None = None, jobs: int = 1) -> dict:
+    from bench.seed import seed_order
     from bitcliff.kernels.tuning import GEMV_MAX_M
 
+    source = source or current_source()
     rows, variants_out = [], []
     for bits in bits_list:
         for capture in captures:
-            gemv_pool = None
-            for m in batches:
-                if m <= GEMV_MAX_M and gemv_pool is not None:
-                    pool = gemv_pool
-                else:
-                    schedule = "gemv" if m <= GEMV_MAX_M else "tiled"
-                    if before:
-                        candidates = before_candidates(before, schedule, bits, capture, m)
-                    elif schedule == "gemv":
-                        candidates = gemv_candidates(bits, capture, dtype)
-                    else:
-                        candidates = tiled_candidates(bits, capture, dtype, m)
-                    pool = [analyse(schedule, kern, cfg, bits, capture, dtype) for kern, cfg in candidates]
-                    variants_out += [asdict(v) | {"per_weight": v.per_weight} for v in pool]
-                    if schedule == "gemv":
-                        gemv_pool = pool
-                for k, n in SHAPES:
-                    v, p = best(pool, k, n, m, dev)
-                    row = {"bits": bits, "capture": capture, "dtype": dtype, "K": k, "N": n, "M": m,
-                           "schedule": v.schedule, "config": v.config, "per_weight": round(v.per_weight, 3),
-                           "per_weight_by_class": {c: round(x, 3) for c, x in v.per_weight_by_class().items()},
-                           **{key: (round(val, 9) if isinstance(val, float) else val) for key, val in p.items()}}
-                    if m > GEMV_MAX_M and capture == "none":
-                        alt = dequant_then_matmul(k, n, m, bits, dev)
-                        row["dequant_matmul"] = {key: (round(val, 9) if isinstance(val, float) else val)
-                                                 for key, val in alt.items()}
-                    rows.append(row)
-    return {"device": asdict(dev), "rates_warp_instr_per_clock_per_sm": RATES, "group": GROUP,
-            "triton": triton.__version__, "rows": rows, "variants": variants_out}
+            for schedule in ("gemv", "tiled"):
+                ms = [m for m in batches if (m <= GEMV_MAX_M) == (schedule == "gemv")]
+                if not ms:
+                    continue
+                pool = compile_pool(source, schedule, bits, capture, dtype, ms, devices, reuse or {}, jobs)
+                variants_out += [asdict(v) | {"per_weight": v.per_weight} for v in pool.values()]
+                for m in ms:
+                    for k, n in SHAPES:
+                        for dev in devices:
+                            options = ranked(pool, source, schedule, k, n, m, dev)
+                            p, v, cfg = options[0]
+                            rows.append(_row(bits, capture, dtype, k, n, m, dev, schedule, cfg, v, p, options,
+                                             seed_order(options)))
+    return {"devices": [asdict(d) for d in devices], "rates_warp_instr_per_clock_per_sm": RATES, "group": GROUP,
+            "triton": triton.__version__, "kernels_hash": kernels_hash(), "rows": rows, "variants": variants_out}
+
+
+def _round(value):
+    return round(value, 9) if isinstance(value, float) else value
+
+
+def _row(bits, capture, dtype, k, n, m, dev, schedule, cfg, v, p, options, order) -> dict:
+    from bitcliff.kernels.tuning import GEMV_MAX_M
+
+    row = {"device": dev.name, "bits": bits, "capture": capture, "dtype": dtype, "K": k, "N": n, "M": m,
+           "schedule": schedule, "config": cfg, "per_weight": round(v.per_weight, 3),
+           "per_weight_by_class": {c: round(x, 3) for c, x in v.per_weight_by_class().items()},
+           **{key: _round(val) for key, val in p.items()}, "candidates": len(options),
+           "order": [{"config": c, "overlapped_us": round(q["overlapped_s"] * 1e6, 3),
+                      "serialized_us": round(q["serialized_s"] * 1e6, 3)} for q, _, c in order]}
+    if m > GEMV_MAX_M and capture == "none":
+        row["dequant_matmul"] = {key: _round(val) for key, val in dequant_then_matmul(k, n, m, bits, dev).items()}
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def medians(result: dict, device: str) -> dict:
+    """Per (bits, M), capture none, medians over the shapes of one device's rows."""
+    groups = collections.defaultdict(list)
+    for r in result["rows"]:
+        if r["capture"] == "none" and r.get("device", device) == device:
+            groups[(r["bits"], r["M"])].append(r)
+    out = {}
+    for key, rs in groups.items():
+        # An earlier model's result (before/after tables) has only some of these.
+        out[key] = {name: _median([r[name] for r in rs]) for name in (
+            "per_weight", "speedup_overlapped", "speedup_serialized", "ceiling", "overlapped_s", "serialized_s",
+            "warps_per_sm") if name in rs[0]} | {
+            "schedule": rs[0]["schedule"], "bound": collections.Counter(r["bound"] for r in rs).most_common(1)[0][0],
+            "dequant": _median([r["dequant_matmul"]["speedup"] for r in rs]) if "dequant_matmul" in rs[0] else None}
+    return out
 
 
 def summary(result: dict) -> str:
-    """Per width and M (capture none): instructions per weight, median predicted speedup over the
-    shapes and its fraction of the byte ceiling; then the capture overheads."""
-    lines = [f"{'bits':>4} {'M':>5} {'schedule':8} {'instr/w':>7} {'speedup':>8} {'ceiling':>8} {'fraction':>8}  "
-             f"{'dequant+mm':>10}  bound"]
-    groups = collections.defaultdict(list)
-    for r in result["rows"]:
-        groups[(r["bits"], r["M"], r["capture"])].append(r)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    for (bits, m, capture), rs in sorted(groups.items()):
-        if capture != "none":
-            continue
-        alt = [r["dequant_matmul"]["speedup"] for r in rs if "dequant_matmul" in r]
-        lines.append(
-            f"{bits:>4} {m:>5} {rs[0]['schedule']:8} {med([r['per_weight'] for r in rs]):7.2f} "
-            f"{med([r['speedup'] for r in rs]):8.2f} {med([r['ceiling'] for r in rs]):8.2f} "
-            f"{med([r['fraction'] for r in rs]):8.2f}  {med(alt) if alt else float('nan'):10.2f}  "
-            f"{collections.Counter(r['bound'] for r in rs).most_common(1)[0][0]}")
-    lines.append(f"{'bits':>4} {'M':>5}  stats/none   error/(fp16+none)")
-    for (bits, m, capture), rs in sorted(groups.items()):
-        if capture != "none":
-            continue
-        base = {(r["K"], r["N"]): r["seconds"] for r in rs}
-        stats = [r["seconds"] / base[(r["K"], r["N"])] - 1 for r in groups.get((bits, m, "stats"), [])]
-        err = [r["seconds"] / (base[(r["K"], r["N"])] + fp16_time(r["K"], r["N"], m, Device()))
-               for r in groups.get((bits, m, "error"), [])]
-        if stats or err:
-            lines.append(f"{bits:>4} {m:>5}  {100 * med(stats) if stats else float('nan'):9.1f}%  "
-                         f"{med(err) if err else float('nan'):10.2f}")
+    """Per device, width and M (capture none, medians over the shapes): instructions per weight,
+    both predicted speedups and times, the byte ceiling and resident warps; then the capture costs."""
+    lines = []
+    for dev in result["devices"]:
+        lines.append(f"{dev['name']} ({dev['bandwidth'] / 1e12:.1f} TB/s, {dev['sms']} SMs, "
+                     f"latency {1e6 * (dev['launch_s'] + dev['tail_s']):.1f} us assumed)")
+        lines.append(f"{'bits':>4} {'M':>5} {'schedule':8} {'instr/w':>7} {'speedup over-ser':>17} "
+                     f"{'us over-ser':>15} {'ceiling':>7} {'warps/SM':>8} {'dequant+mm':>10}  bound")
+        for (bits, m), x in sorted(medians(result, dev["name"]).items()):
+            lines.append(
+                f"{bits:>4} {m:>5} {x['schedule']:8} {x['per_weight']:7.2f} "
+                f"{x['speedup_overlapped']:8.2f}-{x['speedup_serialized']:<8.2f} "
+                f"{1e6 * x['overlapped_s']:7.1f}-{1e6 * x['serialized_s']:<7.1f} {x['ceiling']:7.2f} "
+                f"{x['warps_per_sm']:8.1f} {x['dequant'] if x['dequant'] else float('nan'):10.2f}  {x['bound']}")
+        lines.append(f"{'bits':>4} {'M':>5}  stats/none (serialized)   error/(fp16+none) (serialized)")
+        groups = collections.defaultdict(list)
+        for r in result["rows"]:
+            if r.get("device", dev["name"]) == dev["name"]:
+                groups[(r["bits"], r["M"], r["capture"])].append(r)
+        device = Device(**dev)
+        for (bits, m, capture), rs in sorted(groups.items()):
+            if capture != "none":
+                continue
+            base = {(r["K"], r["N"]): r["serialized_s"] for r in rs}
+            stats = [r["serialized_s"] / base[(r["K"], r["N"])] - 1 for r in groups.get((bits, m, "stats"), [])]
+            err = [r["serialized_s"] / (base[(r["K"], r["N"])] + fp16_time(r["K"], r["N"], m, device))
+                   for r in groups.get((bits, m, "error"), [])]
+            if stats or err:
+                lines.append(f"{bits:>4} {m:>5}  {100 * _median(stats) if stats else float('nan'):9.1f}%  "
+                             f"{_median(err) if err else float('nan'):24.2f}")
     return "\n".join(lines)
 
 
-def markdown_table(before: dict, after: dict) -> str:
-    """Per width and batch (capture none, medians over the shapes): instructions per weight and the
-    predicted speedup over fp16, before and after, with the byte ceiling and what binds."""
-    def medians(result):
-        groups = collections.defaultdict(list)
-        for r in result["rows"]:
-            if r["capture"] == "none":
-                groups[(r["bits"], r["M"])].append(r)
-        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-        return {key: {"per_weight": med([r["per_weight"] for r in rs]), "speedup": med([r["speedup"] for r in rs]),
-                      "ceiling": med([r["ceiling"] for r in rs]), "fraction": med([r["fraction"] for r in rs]),
-                      "schedule": rs[0]["schedule"],
-                      "bound": collections.Counter(r["bound"] for r in rs).most_common(1)[0][0]}
-                for key, rs in groups.items()}
-
-    b, a = medians(before), medians(after)
-    lines = ["| bits | M | schedule | instr/weight before → after | speedup before → after | ceiling | "
-             "fraction after | bound after |", "|---|---|---|---|---|---|---|---|"]
+def markdown_table(after: dict, device: str, before: dict | None = None) -> str:
+    """Per width and batch (capture none, medians over the shapes) on ``device``: instructions per
+    weight (before -> after when an earlier result is given), both predicted speedups over fp16,
+    both times, the byte ceiling, resident warps per SM and what binds the overlapped bound."""
+    a = medians(after, device)
+    b = medians(before, before["rows"][0].get("device", device)) if before else {}
+    lines = ["| bits | M | schedule | instr/weight | speedup overlapped – serialized | µs overlapped – serialized "
+             "| ceiling | warps/SM | bound (overlapped) |", "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(a):
-        x, y = b.get(key), a[key]
-        lines.append(f"| W{key[0]} | {key[1]} | {y['schedule']} | "
-                     f"{x['per_weight']:.2f} → {y['per_weight']:.2f} | {x['speedup']:.2f} → {y['speedup']:.2f} | "
-                     f"{y['ceiling']:.2f} | {y['fraction']:.2f} | {y['bound']} |" if x else "")
+        y = a[key]
+        per = f"{b[key]['per_weight']:.2f} → {y['per_weight']:.2f}" if key in b else f"{y['per_weight']:.2f}"
+        lines.append(f"| W{key[0]} | {key[1]} | {y['schedule']} | {per} | "
+                     f"{y['speedup_overlapped']:.2f} – {y['speedup_serialized']:.2f} | "
+                     f"{1e6 * y['overlapped_s']:.1f} – {1e6 * y['serialized_s']:.1f} | {y['ceiling']:.2f} | "
+                     f"{y['warps_per_sm']:.1f} | {y['bound']} |")
     return "\n".join(lines)
 
 
@@ -463,18 +438,24 @@ def main(argv=None) -> int:
     parser.add_argument("--captures", nargs="+", default=["none", "stats", "error"])
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--jobs", type=int, default=1, help="processes compiling variants at once")
+    parser.add_argument("--variants-from", type=Path, default=None, metavar="RESULT",
+                        help="reuse the compiled counts of a saved result (when its kernels hash matches)")
     parser.add_argument("--variant", nargs=2, metavar=("SCHEDULE", "BITS"), default=None,
                         help="count one variant (compile_check's configuration) and print it as JSON")
     parser.add_argument("--seed-cache", type=Path, default=None, metavar="DIR",
-                        help="write the chosen configurations as a tuning cache for the GPU machine")
+                        help="write the candidates' order as a tuning seed per device for the GPU machine")
     parser.add_argument("--seed-triton", default="3.6.0", help="the GPU machine's Triton (cache file name)")
     parser.add_argument("--before", default=None, metavar="REF",
                         help="model the kernels of git commit REF instead (before/after comparisons)")
-    parser.add_argument("--table", nargs=2, type=Path, metavar=("BEFORE", "AFTER"), default=None,
-                        help="print the before/after Markdown table of two result files")
+    parser.add_argument("--table", nargs="+", type=Path, metavar="RESULT", default=None,
+                        help="print the Markdown table of a result (AFTER, or BEFORE AFTER) per device")
     args = parser.parse_args(argv)
     if args.table:
-        print(markdown_table(*(json.loads(p.read_text()) for p in args.table)))
+        results = [json.loads(p.read_text()) for p in args.table]
+        after, before = results[-1], (results[0] if len(results) > 1 else None)
+        for dev in after["devices"]:
+            print(f"\n{dev['name']}\n\n{markdown_table(after, dev['name'], before)}")
         return 0
     if args.variant:
         from bench.compile_check import GEMV, TILED
@@ -484,50 +465,32 @@ def main(argv=None) -> int:
         v = analyse(schedule, kernel(schedule), meta, bits, "none", args.dtype)
         print(json.dumps(asdict(v) | {"per_weight": v.per_weight}))
         return 0
-    result = model(args.bits, args.batches, tuple(args.captures), args.dtype, before=args.before)
+    source = before_source(args.before) if args.before else current_source()
+    result = model(args.bits, args.batches, tuple(args.captures), args.dtype, source=source,
+                   reuse={} if args.before else reusable(args.variants_from), jobs=args.jobs)
     if args.before:
         result["kernels_from"] = args.before
     result["date"] = dt.date.today().isoformat()
     result["commit"] = _commit()
     result["label"] = "prediction (static model of the sm_90a SASS; no GPU measured these)"
-    text = summary(result)
-    print(f"PREDICTIONS for {result['device']['name']} from sm_90a SASS (triton {triton.__version__})")
-    print(text)
+    print(f"PREDICTIONS from sm_90a SASS (triton {triton.__version__}): overlapped (optimistic) and "
+          f"serialized (pessimistic) bounds")
+    print(summary(result))
     if args.seed_cache:
-        print(f"seeded {seed_cache(result, args.seed_cache, result['device']['name'], args.seed_triton)}")
+        from bench.seed import write_seeds
+
+        for path in write_seeds(result, args.seed_cache, args.seed_triton):
+            print(f"seeded {path}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
-_TUNED = {"gemv": ("BLOCK_N", "BLOCK_U", "SPLIT_K"), "tiled": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M")}
-
-
-def seed_cache(result: dict, folder: Path, device: str, triton_version: str) -> Path:
-    """The configurations the model chose, as a bitcliff tuning cache for ``device`` and Triton
-    ``triton_version`` (``tuning.TuningCache``'s file and keys): a GPU run launches them directly."""
-    from bitcliff.kernels.tuning import m_bucket
-
-    entries = {}
-    for r in result["rows"]:
-        dtype = {"fp16": "float16", "bf16": "bfloat16"}[r["dtype"]]
-        key = "|".join(str(v) for v in (r["schedule"], r["bits"], result["group"], dtype, r["capture"],
-                                         f"m{m_bucket(r['M'])}", f"n{r['N']}", f"k{r['K']}", 0, 0))
-        c = r["config"]
-        entries[key] = {**{k: c[k] for k in _TUNED[r["schedule"]]}, "num_warps": c["num_warps"],
-                        "num_stages": c["num_stages"]}
-    slug = "".join(ch if ch.isalnum() else "_" for ch in device).strip("_")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"autotune-{slug}-triton{triton_version}.json"
-    path.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
-    return path
-
-
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+                              cwd=ROOT).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("BITCLIFF_COMMIT", "unknown")
 

@@ -44,3 +44,14 @@ def test_an_unknown_stage_is_refused(capsys):
     except SystemExit as exc:
         assert exc.code == 2
     assert "unknown stage or command 'nonsense'" in capsys.readouterr().err
+
+
+def test_dry_run_needs_a_seed_for_every_device(monkeypatch, tmp_path):
+    """The machine may be an H100 or an H200: the check takes the seed of the device it finds."""
+    monkeypatch.setattr(gpu_check, "SEED", tmp_path)  # an empty seed folder
+    problems = gpu_check.device_problems()
+    assert any("no tuning seed for NVIDIA H100 80GB HBM3" in p for p in problems)
+    assert any("no tuning seed for NVIDIA H200" in p for p in problems)
+    (tmp_path / "autotune-NVIDIA_H200-triton3.6.0.json").write_text("{}")
+    assert gpu_check.seed_for("NVIDIA H200") == tmp_path / "autotune-NVIDIA_H200-triton3.6.0.json"
+    assert gpu_check.seed_for("NVIDIA H100 80GB HBM3") is None

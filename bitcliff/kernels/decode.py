@@ -22,8 +22,15 @@ unit) become their contribution ``sum_k (q_k - z) / 16 * x_k`` to the output, as
 * multiply by the activation pair and sum in half precision (``fma2``), ``chain`` pairs at a
   time, then convert to fp32 and add (``to_f32_add``).
 
-The division by 16 keeps every intermediate at most ``|x|`` in size (a ``(q - z) * x`` product
-could overflow fp16 for large activations); the kernel multiplies the scale by 16.
+The division by 16 keeps every *product* at most ``|x|`` in size (``(q - z) * x`` alone would
+overflow fp16 from ``|x|`` of about 4367 at 4 bits); the kernel multiplies the scale by 16.  The
+*sum* of a chain is not so bounded: ``chain`` products in half precision (16 in fp16, 4 in bf16)
+reach ``chain * max|q - z| / 16 * max|x|``, so in fp16 a unit's sum can overflow to ``inf`` once
+``max|x|`` exceeds ``65504 * 16 / (chain * max|q - z|)``: about 4367 at 4 bits, 9358 at 3 bits and
+21835 at 2 bits (:attr:`DecodeProgram.max_abs_activation`; ``tests/kernels/test_decode.py`` shows
+both sides of the bound).  Nothing checks this at run time (it would cost a reduction over ``x`` and
+a synchronisation per launch): fp16 activations beyond it need bf16 or the portable path.  bf16's
+bound (about 9e37 at 4 bits) lies beyond any real activation.
 
 The same program is printed as PTX for ``tl.inline_asm_elementwise`` (:attr:`DecodeProgram.ptx`)
 and executed by numpy (:meth:`DecodeProgram.emulate`), so the exact bit sequence the GPU runs is
@@ -195,6 +202,17 @@ class DecodeProgram:
             lines.append("mov.f32 $0, acc;")
         lines.append("}")
         return "\n".join(lines)
+
+    @property
+    def max_abs_activation(self) -> float:
+        """(unit programs) The largest ``max|x|`` for which no half-precision sum of a chain can
+        exceed the format's largest finite value, whatever the codes and zero points: beyond it a
+        unit's fp16 sum may overflow (see the module docstring)."""
+        if self.kind != "unit":
+            raise ValueError("only the gemv's unit programs sum in half precision")
+        fmt = FORMATS[self.dtype]
+        largest = (2.0 - 2.0 ** -fmt.mantissa_bits) * 2.0 ** (2 ** (15 - fmt.mantissa_bits) - 2 - fmt.exponent_bias)
+        return largest * 16 / (self.chain * (2**self.bits - 1))
 
     # -- constants -----------------------------------------------------------------------------
 

@@ -24,11 +24,15 @@ int32 pairs, so rows must start at even, 4-byte aligned offsets (a copy fixes an
 Tuning: ``triton.autotune`` over block shapes and ``SPLIT_K`` (keys: M bucket, N, K, and the
 constexprs; candidate lists and pruning in ``tuning.py``), and the winner per device, Triton version
 and shape class is kept in a JSON file under ``$BITCLIFF_CACHE`` (default ``~/.cache/bitcliff``) so
-later runs launch it directly.  Under ``TRITON_INTERPRET=1`` (CPU tests) a fixed small configuration
+later runs launch it directly.  What the cache holds runs only if ``tuning.prune`` admits it for the
+shape; a seeded entry (the static model's ordering of a few candidates, a prediction) is measured
+on its first launch and replaced by the winner.  Under ``TRITON_INTERPRET=1`` (CPU tests) a fixed small configuration
 is used and nothing is tuned.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +50,7 @@ from bitcliff.kernels.tuning import (
     GEMV_MAX_M,
     SPLIT_MAX_M,
     TUNING_CACHE,
+    cached_choices,
     choose_by_measurement,
     config_dict,
     gemv_configs,
@@ -90,6 +95,19 @@ _tiled_tuned = triton.autotune(
 )(_tiled)
 
 _KERNELS = {"gemv": (_gemv, _gemv_tuned), "tiled": (_tiled, _tiled_tuned)}
+
+
+@functools.lru_cache(maxsize=None)
+def _restricted_tuner(schedule: str, configs: tuple[tuple, ...]):
+    """An autotuner over just ``configs`` (sorted ``config_dict`` items, already admitted by the
+    pruning): how a seed's ordered candidates are measured."""
+    as_configs = []
+    for items in configs:
+        c = dict(items)
+        warps, stages = c.pop("num_warps"), c.pop("num_stages")
+        as_configs.append(triton.Config(c, num_warps=warps, num_stages=stages))
+    return triton.autotune(configs=as_configs, key=KEY, reset_to_zero=["cap_a_ptr", "cap_b_ptr"])(
+        _KERNELS[schedule][0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +263,13 @@ def quant_matmul(
             f"m{m_bucket(m)}", f"n{n}", f"k{layout.k_padded}", int(bias is not None),
             int(layout.kidx is not None),
         ))
-        config = TUNING_CACHE.get(device, key)
+        # Only configurations the tuner's own pruning admits for this shape: one measured winner
+        # runs as it is; a seed's several predicted candidates are measured here, once.
+        choices = cached_choices(device, key, schedule, m, n, layout.k_padded, layout.group_size)
+        if len(choices) == 1:
+            config = choices[0]
+        elif choices:
+            tuned = _restricted_tuner(schedule, tuple(tuple(sorted(c.items())) for c in choices))
     if config is not None or INTERPRETED:
         config = dict(DEFAULT_CONFIGS[schedule], **(config or {}))
         may_split = config["SPLIT_K"] > 1

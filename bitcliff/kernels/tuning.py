@@ -10,6 +10,7 @@ version, in the user's cache directory, and holds plain JSON a user can read or 
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from pathlib import Path
@@ -31,10 +32,16 @@ DEFAULT_CONFIGS = {
 }
 
 
-# (BLOCK_N, num_warps): four or eight columns per thread.  A thread reads 16 or 32 contiguous bytes
-# of each plane row; more columns share each activation load and zero-point constant among more
-# weights, fewer give more programs and warps to fill the GPU.
-_GEMV_SHAPES = ((128, 1), (256, 2), (512, 4), (256, 1), (512, 2), (1024, 4))
+# (BLOCK_N, num_warps): two, four or eight columns per thread.  A thread reads 8, 16 or 32
+# contiguous bytes of each plane row; more columns share each activation load and zero-point
+# constant among more weights, fewer give more programs and warps to fill the GPU (two columns a
+# thread: twice the resident warps of four for the same split, to hide load latency with).
+_GEMV_SHAPES = ((64, 1), (128, 2), (256, 4), (128, 1), (256, 2), (512, 4), (256, 1), (512, 2), (1024, 4))
+# One stage keeps the loop in registers; two let Triton software-pipeline the weight loads (through
+# shared memory) where its pipeliner takes this loop, so that one warp loads a tile while it
+# computes the previous one.  Whether the compiled loop is pipelined is read from its machine code
+# (``bench/sass_model.py``); the tuner measures both.
+_GEMV_STAGES = (1, 2)
 
 
 def gemv_configs() -> list[triton.Config]:
@@ -42,13 +49,11 @@ def gemv_configs() -> list[triton.Config]:
     for block_n, warps in _GEMV_SHAPES:
         for block_u in (2, 4):
             for split_k in (1, 2, 4, 8, 16, 32):
-                # No software pipelining: the loop keeps everything in registers (a pipelined load
-                # would go through shared memory); each warp issues a whole tile's loads before
-                # using them, and resident warps keep the memory system busy.
-                configs.append(triton.Config(
-                    {"BLOCK_N": block_n, "BLOCK_U": block_u, "SPLIT_K": split_k},
-                    num_warps=warps, num_stages=1,
-                ))
+                for stages in _GEMV_STAGES:
+                    configs.append(triton.Config(
+                        {"BLOCK_N": block_n, "BLOCK_U": block_u, "SPLIT_K": split_k},
+                        num_warps=warps, num_stages=stages,
+                    ))
     return configs
 
 
@@ -74,15 +79,38 @@ def tiled_configs() -> list[triton.Config]:
     return configs
 
 
+def candidates(schedule: str) -> list[triton.Config]:
+    """Every configuration the autotuner knows for ``schedule`` (``"gemv"`` or ``"tiled"``)."""
+    return gemv_configs() if schedule == "gemv" else tiled_configs()
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return 132  # an H100's count, for exercising the pruning without a GPU
+        return 132  # an H100's and an H200's count, for exercising the pruning without a GPU
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def prune_gemv(configs, named_args, **kwargs):
-    m, n, kp = named_args["M"], named_args["N"], named_args["KP"]
-    sms = _num_sms(named_args["y_ptr"].device)
+# ---------------------------------------------------------------------------------------------
+# Pruning: the one rule for which configurations may run a shape class
+# ---------------------------------------------------------------------------------------------
+
+
+def prune(schedule: str, configs, m: int, n: int, kp: int, sms: int, group: int = -1) -> list:
+    """The configurations of ``configs`` worth running on ``[m, kp] x [kp, n]`` with ``sms`` SMs.
+
+    The one rule every reader of configurations applies: the autotuner (through
+    :func:`prune_gemv` / :func:`prune_tiled`), the launcher when it reads the tuning cache
+    (:func:`cached_choices`), and the seed writer (``bench/sass_model.py --seed-cache``).  It is a
+    function of the shape class (``m`` is taken by its bucket, :func:`m_bucket`), as the tuning
+    cache is keyed by shape class.  Never empty when ``configs`` is not.
+    """
+    m = m_bucket(m)
+    if schedule == "gemv":
+        return _prune_gemv(configs, m, n, kp, sms)
+    return _prune_tiled(configs, m, n, kp, sms, group)
+
+
+def _prune_gemv(configs, m: int, n: int, kp: int, sms: int) -> list:
     units = kp // 32
     keep = []
     for c in configs:
@@ -98,9 +126,7 @@ def prune_gemv(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: abs(m * triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] - 2 * sms))]
 
 
-def prune_tiled(configs, named_args, **kwargs):
-    m, n, kp = named_args["M"], named_args["N"], named_args["KP"]
-    sms = _num_sms(named_args["y_ptr"].device)
+def _prune_tiled(configs, m: int, n: int, kp: int, sms: int, group: int) -> list:
     target = min(max(16, triton.next_power_of_2(m)), 128)
     keep = []
     for c in configs:
@@ -117,9 +143,35 @@ def prune_tiled(configs, named_args, **kwargs):
         keep.append(c)
     # A K tile inside one group loads one row of scales and zeros instead of a [BLOCK_K, BLOCK_N]
     # gather: prefer such tiles when the group size allows them.
-    group = named_args["GROUP_SIZE"] if "GROUP_SIZE" in named_args else kwargs.get("GROUP_SIZE", -1)
     aligned = [c for c in keep if group == -1 or group % c.kwargs["BLOCK_K"] == 0]
     return aligned or keep or configs[:1]
+
+
+def prune_gemv(configs, named_args, **kwargs):
+    """:func:`prune` as ``triton.autotune``'s ``early_config_prune`` for the gemv kernel."""
+    return prune("gemv", configs, named_args["M"], named_args["N"], named_args["KP"],
+                 _num_sms(named_args["y_ptr"].device))
+
+
+def prune_tiled(configs, named_args, **kwargs):
+    """:func:`prune` as ``triton.autotune``'s ``early_config_prune`` for the tiled kernel."""
+    group = named_args["GROUP_SIZE"] if "GROUP_SIZE" in named_args else kwargs.get("GROUP_SIZE", -1)
+    return prune("tiled", configs, named_args["M"], named_args["N"], named_args["KP"],
+                 _num_sms(named_args["y_ptr"].device), group)
+
+
+def _as_key(config: dict) -> tuple:
+    return tuple(sorted(config.items()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _admitted(schedule: str, m_class: int, n: int, kp: int, sms: int, group: int) -> frozenset:
+    return frozenset(_as_key(config_dict(c)) for c in prune(schedule, candidates(schedule), m_class, n, kp, sms, group))
+
+
+def admissible(schedule: str, config: dict, m: int, n: int, kp: int, sms: int, group: int = -1) -> bool:
+    """Whether ``config`` (``config_dict``'s form) is one of the candidates :func:`prune` keeps."""
+    return _as_key(config) in _admitted(schedule, m_bucket(m), n, kp, sms, group)
 
 
 class TuningCache:
@@ -128,6 +180,11 @@ class TuningCache:
     ``$BITCLIFF_CACHE`` (default ``~/.cache/bitcliff``) ``/autotune-<device>-triton<version>.json``.
     A configuration is written after the first tuning of its shape class and read at every
     later start; delete the file to tune again.
+
+    An entry is either a measured winner (a configuration: ``config_dict``'s form) or a seed, the
+    static model's ordering of a few admissible candidates (``{"order": [configuration, ...],
+    "predicted_us": [[overlapped, serialized], ...]}``, written by ``bench/sass_model.py
+    --seed-cache``): a prediction, which the launcher measures (:func:`cached_choices`).
     """
 
     def __init__(self) -> None:
@@ -166,6 +223,20 @@ class TuningCache:
 
 
 TUNING_CACHE = TuningCache()
+
+
+def cached_choices(device: torch.device, key: str, schedule: str, m: int, n: int, kp: int,
+                   group: int = -1) -> list[dict]:
+    """What the tuning cache offers for ``key`` that :func:`prune` admits for this shape: a
+    measured winner (one configuration), a seed's ordered candidates (to be measured: a seed is a
+    prediction), or nothing (tune over every admissible candidate).  A configuration the pruning
+    rejects is never returned, whoever wrote it."""
+    entry = TUNING_CACHE.get(device, key)
+    if not entry:
+        return []
+    offered = entry["order"] if "order" in entry else [entry]
+    sms = _num_sms(device)
+    return [dict(c) for c in offered if admissible(schedule, c, m, n, kp, sms, group)]
 
 
 def choose_by_measurement(device: torch.device, key: str, candidates: dict, timer=None) -> str:

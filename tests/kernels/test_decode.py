@@ -136,3 +136,42 @@ def test_word_program_gives_scaled_weights_in_k_order(bits, dtype):
             exact = torch.from_numpy((code.astype(np.float64) - zeros) * scales.double().numpy())
             expected = exact.to(torch_dtype).view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
             np.testing.assert_array_equal(got[..., position], expected, err_msg=f"position {position}")
+
+
+def _worst_case_sum(bits: int, dtype: str, x: float) -> tuple[float, float]:
+    """A unit whose 32 codes all sit at the largest distance from their zero point (every plane bit
+    set, zero 0) against 32 activations ``x`` of one sign: the program's fp32 result and the exact
+    sum ``32 * x * (2**bits - 1) / 16``."""
+    fmt = decode.FORMATS[dtype]
+    prog = decode.program(bits, dtype)
+    words = {w: np.array([0xFFFFFFFF], dtype=np.uint32) for w in decode.WORDS}
+    half = int(decode._round(np.array([x]), fmt)[0])
+    pairs = [np.array([half | (half << 16)], dtype=np.uint32)] * decode.N_X
+    with np.errstate(over="ignore"):
+        got = prog.emulate(words, pairs, np.array([0], dtype=np.uint32))[0]
+    return float(got), 32 * float(decode._to_float(np.array([half]), fmt)[0]) * (2**bits - 1) / 16
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fp16_sums_overflow_just_beyond_the_documented_activation_range(bits):
+    """Each product (q - z) / 16 * x is at most |x|, but a chain of sixteen in fp16 is not: the sum
+    stays finite up to ``max_abs_activation`` (about 4367 / 9358 / 21835 at 4 / 3 / 2 bits) and
+    overflows at the next fp16 value above it, where the exact (fp32) sum is an ordinary number."""
+    limit = decode.program(bits, "fp16").max_abs_activation
+    assert limit == pytest.approx(65504 / (2**bits - 1))
+    below = float(np.float16(limit))
+    below = below if below <= limit else float(np.nextafter(np.float16(limit), np.float16(0)))
+    above = float(np.nextafter(np.float16(below), np.float16(np.inf)))
+    got, exact = _worst_case_sum(bits, "fp16", below)
+    assert np.isfinite(got) and got == pytest.approx(exact, rel=1e-3)
+    got, exact = _worst_case_sum(bits, "fp16", above)
+    assert np.isinf(got) and np.isfinite(exact)
+    assert above > limit  # the documented bound is exactly where overflow begins
+
+
+def test_bf16_sums_have_no_such_limit_at_any_real_activation():
+    """bf16 sums chains of four over fp32's exponent range: the worst case at fp16's largest value
+    (far beyond fp16's bound) is finite and close to the exact sum."""
+    assert decode.program(4, "bf16").max_abs_activation > 1e37
+    got, exact = _worst_case_sum(4, "bf16", 65504.0)
+    assert np.isfinite(got) and got == pytest.approx(exact, rel=2e-2)

@@ -219,8 +219,15 @@ def test_autotune_pruning_keeps_sensible_configs(k, n, bits):
         kept = tuning.prune_gemv(tuning.gemv_configs(), args, BITS=bits, GROUP_SIZE=128)
         assert kept
         for c in kept:
-            assert c.kwargs["BLOCK_N"] // (32 * c.num_warps) in (4, 8)  # columns per thread
-            assert c.num_stages == 1
+            assert c.kwargs["BLOCK_N"] // (32 * c.num_warps) in (2, 4, 8)  # columns per thread
+            assert c.num_stages in (1, 2)
+        # The rule of the issue's seed audit: a warp for every scheduler of every SM, K slices of at
+        # least two tiles, wherever some configuration can give them (not SmolLM2's 576 x 1536).
+        if k >= 4096:
+            units = k // 32
+            for c in kept:
+                bn, bu, sk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_U"], c.kwargs["SPLIT_K"]
+                assert m * -(-n // bn) * sk * c.num_warps >= 4 * 132 and 2 * sk * bu <= units
     for m in (16, 64, 2048):
         args = {"M": m, "N": n, "KP": k, "y_ptr": y}
         kept = tuning.prune_tiled(tuning.tiled_configs(), args, BITS=bits, GROUP_SIZE=128)
@@ -257,3 +264,38 @@ def test_measured_choice_keeps_the_faster_and_both_times(tmp_path, monkeypatch):
     assert tuning.TuningCache().get(dev, "choice|k") == {"schedule": "dequant", "ms": times}
     times["dequant"] = 9.0  # remembered: not timed again
     assert tuning.choose_by_measurement(dev, "choice|k", candidates, fake_timer) == "dequant"
+
+
+def test_the_pruning_is_one_rule_for_tuner_cache_and_seed():
+    """The autotuner's hooks and the cache reader's test of one configuration agree with ``prune``."""
+    y = torch.empty(1)
+    for schedule, hook, m in (("gemv", tuning.prune_gemv, 1), ("tiled", tuning.prune_tiled, 16)):
+        args = {"M": m, "N": 4096, "KP": 4096, "y_ptr": y, "GROUP_SIZE": 128}
+        kept = hook(tuning.candidates(schedule), args, GROUP_SIZE=128)
+        assert kept == tuning.prune(schedule, tuning.candidates(schedule), m, 4096, 4096, 132, 128)
+        kept_dicts = [tuning.config_dict(c) for c in kept]
+        for c in tuning.candidates(schedule):
+            assert tuning.admissible(schedule, tuning.config_dict(c), m, 4096, 4096, 132, 128) == (
+                tuning.config_dict(c) in kept_dicts)
+
+
+def test_the_launcher_reads_only_admissible_configurations(tmp_path, monkeypatch):
+    """A cached configuration the pruning rejects is not launched, whoever wrote it; a seed's order
+    is offered for measurement, less what the pruning rejects."""
+    monkeypatch.setenv("BITCLIFF_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "TUNING_CACHE", tuning.TuningCache())
+    dev = torch.device("cpu")
+    shape = dict(schedule="gemv", m=1, n=4096, kp=4096, group=128)
+    # An earlier seed's W3 pick at 4096 x 4096: 2 * SPLIT_K * BLOCK_U = 256 > 128 units, and
+    # 4 x 32 programs of 4 warps = 512 warps, fewer than one per scheduler of 132 SMs (528).
+    rejected = {"BLOCK_N": 1024, "BLOCK_U": 4, "SPLIT_K": 32, "num_warps": 4, "num_stages": 1}
+    good = {"BLOCK_N": 128, "BLOCK_U": 2, "SPLIT_K": 32, "num_warps": 1, "num_stages": 1}
+    assert not tuning.admissible("gemv", rejected, 1, 4096, 4096, 132, 128)
+    assert tuning.admissible("gemv", good, 1, 4096, 4096, 132, 128)
+    tuning.TUNING_CACHE.put(dev, "measured-bad", rejected)
+    tuning.TUNING_CACHE.put(dev, "measured-good", good)
+    tuning.TUNING_CACHE.put(dev, "seeded", {"order": [rejected, good], "predicted_us": [[1.0, 2.0], [1.5, 2.5]]})
+    assert tuning.cached_choices(dev, "measured-bad", **shape) == []
+    assert tuning.cached_choices(dev, "measured-good", **shape) == [good]
+    assert tuning.cached_choices(dev, "seeded", **shape) == [good]
+    assert tuning.cached_choices(dev, "absent", **shape) == []
