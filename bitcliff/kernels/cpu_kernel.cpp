@@ -316,7 +316,7 @@ at::Tensor gemm(const at::Tensor& xk, const Weight& w, int64_t bits, int64_t blo
 // form for up to gemv_max_rows rows, slabs of at most slab_bytes of dequantized weight above.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
                   const c10::optional<at::Tensor>& columns, const c10::optional<at::Tensor>& bias, int64_t bits,
-                  int64_t out_features, int64_t gemv_max_rows, int64_t slab_bytes) {
+                  int64_t in_features, int64_t out_features, int64_t gemv_max_rows, int64_t slab_bytes) {
   const Weight w = check_weight(words, scales, zeros, bits);
   const int64_t blocks = words.size(0), positions = w.groups * w.wpg * (32 / bits);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must be [..., K] with K > 0");
@@ -324,9 +324,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor
               "out_features ", out_features, " does not fit ", blocks, " column blocks");
   TORCH_CHECK(slab_bytes >= 1, "slab_bytes must be positive, got ", slab_bytes);
   const int64_t k = x.size(-1);
+  TORCH_CHECK(k == in_features, "x has ", k, " features, the weight ", in_features);
   if (columns.has_value()) {
     TORCH_CHECK(columns->dtype() == at::kLong && columns->dim() == 1 && columns->numel() == positions &&
                     columns->is_contiguous(), "columns must be contiguous int64 [", positions, "]");
+    TORCH_CHECK(columns->numel() == 0 || (columns->min().item<int64_t>() >= 0 && columns->max().item<int64_t>() <= k),
+                "columns must lie in [0, ", k, "]");
   } else {
     TORCH_CHECK(k <= positions, "x has ", k, " features, the weight ", positions, " positions");
   }
@@ -355,7 +358,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor
     y = gemm(xk, w, bits, blocks, slab_bytes);
   }
   if (out_features != blocks * BLOCK) y = y.narrow(1, 0, out_features);
-  if (bias.has_value()) y = y + bias->to(at::kFloat);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == out_features, "bias has ", bias->numel(), " values, expected ", out_features);
+    y = y + bias->to(at::kFloat);
+  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return y.to(x.scalar_type()).reshape(shape);
@@ -382,7 +388,7 @@ std::string isa() { return BITCLIFF_AVX2 ? "avx2" : "portable"; }
 
 TORCH_LIBRARY(bitcliff_cpu, m) {
   m.def("linear(Tensor x, Tensor words, Tensor scales, Tensor zeros, Tensor? columns, Tensor? bias, int bits, "
-        "int out_features, int gemv_max_rows, int slab_bytes) -> Tensor");
+        "int in_features, int out_features, int gemv_max_rows, int slab_bytes) -> Tensor");
   m.def("dequantize(Tensor words, Tensor scales, Tensor zeros, int bits) -> Tensor");
   m.def("isa() -> str", &isa);
 }

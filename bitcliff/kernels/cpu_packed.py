@@ -127,7 +127,7 @@ def linear(x: torch.Tensor, layout: PackedLayout, bias: torch.Tensor | None, ops
     ``[..., N]`` in ``x.dtype``, through the compiled operator ``ops.linear`` (one call: the
     gather to the layout's positions, the schedule for the row count, the bias and the cast)."""
     return ops.linear(x, layout.words, layout.scales, layout.zeros, layout.columns, bias, layout.bits,
-                      layout.out_features, GEMV_MAX_ROWS, SLAB_BYTES)
+                      layout.in_features, layout.out_features, GEMV_MAX_ROWS, SLAB_BYTES)
 
 
 def dense_weight(layout: PackedLayout, ops) -> torch.Tensor:

@@ -60,80 +60,39 @@ def _run(x, layout: KernelLayout, bias, capture: CaptureMode, weight_fp=None):
     return cpu.matmul(x, cpu.from_kernel_layout(layout), bias, capture, weight_fp)
 
 
-@torch.library.custom_op("bitcliff::qmatmul", mutates_args=())
-def qmatmul(
-    x: torch.Tensor,
-    lo: torch.Tensor,
-    hi: Optional[torch.Tensor],
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    kidx: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    """``y = x @ dequant(W)ᵀ (+ bias)``; W in kernel layout (see module docstring)."""
-    layout = make_layout(lo, hi, scales, zeros, kidx, bits=bits, group_size=group_size, in_features=in_features)
-    return _run(x, layout, bias, CaptureMode.NONE)
+#: The operators' arguments after ``x``: the layout's tensors, the bias, the layout's constants.
+_LAYOUT_SCHEMA = ("Tensor lo, Tensor? hi, Tensor scales, Tensor zeros, Tensor? kidx, Tensor? bias, "
+                  "int bits, int group_size, int in_features")
 
 
-@torch.library.custom_op("bitcliff::qmatmul_stats", mutates_args=())
-def qmatmul_stats(
-    x: torch.Tensor,
-    lo: torch.Tensor,
-    hi: Optional[torch.Tensor],
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    kidx: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, sum(y**2), max|y|)`` per token."""
-    layout = make_layout(lo, hi, scales, zeros, kidx, bits=bits, group_size=group_size, in_features=in_features)
-    return _run(x, layout, bias, CaptureMode.STATS)
+def _define(capture: CaptureMode, returns: str):
+    """Register ``bitcliff::<name>`` for ``capture``: one implementation and one fake (meta)
+    implementation, the same for every capture mode but for the output ``returns``."""
+    name = {CaptureMode.NONE: "qmatmul", CaptureMode.STATS: "qmatmul_stats", CaptureMode.ERROR: "qmatmul_error"}[capture]
+    weight_fp = ", Tensor weight_fp" if capture is CaptureMode.ERROR else ""
+
+    def implementation(x, lo, hi, scales, zeros, kidx, bias, bits, group_size, in_features, weight_fp=None):
+        layout = make_layout(lo, hi, scales, zeros, kidx, bits=bits, group_size=group_size, in_features=in_features)
+        return _run(x, layout, bias, capture, weight_fp)
+
+    def fake(x, lo, hi, scales, zeros, kidx, bias, bits, group_size, in_features, weight_fp=None):
+        y = x.new_empty((*x.shape[:-1], scales.shape[1]))
+        if capture is CaptureMode.NONE:
+            return y
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return y, x.new_empty((tokens,), dtype=torch.float32), x.new_empty((tokens,), dtype=torch.float32)
+
+    op = torch.library.custom_op(f"bitcliff::{name}", implementation, mutates_args=(),
+                                 schema=f"(Tensor x, {_LAYOUT_SCHEMA}{weight_fp}) -> {returns}")
+    op.register_fake(fake)
+    return op
 
 
-@torch.library.custom_op("bitcliff::qmatmul_error", mutates_args=())
-def qmatmul_error(
-    x: torch.Tensor,
-    lo: torch.Tensor,
-    hi: Optional[torch.Tensor],
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    kidx: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    bits: int,
-    group_size: int,
-    in_features: int,
-    weight_fp: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, ||y_q - y_fp||**2, ||y_fp||**2)`` per token, ``weight_fp`` ``[N, K]``."""
-    layout = make_layout(lo, hi, scales, zeros, kidx, bits=bits, group_size=group_size, in_features=in_features)
-    return _run(x, layout, bias, CaptureMode.ERROR, weight_fp)
-
-
-def _fake_outputs(x: torch.Tensor, scales: torch.Tensor):
-    y = x.new_empty((*x.shape[:-1], scales.shape[1]))
-    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return y, x.new_empty((tokens,), dtype=torch.float32), x.new_empty((tokens,), dtype=torch.float32)
-
-
-@qmatmul.register_fake
-def _(x, lo, hi, scales, zeros, kidx, bias, bits, group_size, in_features):
-    return _fake_outputs(x, scales)[0]
-
-
-@qmatmul_stats.register_fake
-def _(x, lo, hi, scales, zeros, kidx, bias, bits, group_size, in_features):
-    return _fake_outputs(x, scales)
-
-
-@qmatmul_error.register_fake
-def _(x, lo, hi, scales, zeros, kidx, bias, bits, group_size, in_features, weight_fp):
-    return _fake_outputs(x, scales)
+# y [..., N]; with a capture also the two fp32 [T] signals of reference.CaptureMode (weight_fp
+# [N, K] the full-precision weight, for "error").
+qmatmul = _define(CaptureMode.NONE, "Tensor")
+qmatmul_stats = _define(CaptureMode.STATS, "(Tensor, Tensor, Tensor)")
+qmatmul_error = _define(CaptureMode.ERROR, "(Tensor, Tensor, Tensor)")
 
 
 def run(

@@ -167,3 +167,26 @@ def test_capture_mode_is_parsed_once_with_a_clear_error():
     assert CaptureMode.ERROR.signals == ("err_sq", "fp_sq") and CaptureMode.NONE.signals == ()
     with pytest.raises(ValueError, match=r"capture mode must be one of \['none', 'stats', 'error'\], got 'errors'"):
         CaptureMode.parse("errors")
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+def test_the_compiled_operator_passes_opcheck(rows):
+    layer, _ = _layer(100, 24, 3, 32)
+    layout = _cpu_layout(layer, "packed")
+    args = (torch.randn(2, rows, 100), layout.words, layout.scales, layout.zeros, layout.columns, layer.bias,
+            3, 100, 24, cpu_packed.GEMV_MAX_ROWS, cpu_packed.SLAB_BYTES)
+    torch.library.opcheck(torch.ops.bitcliff_cpu.linear.default, args)
+
+
+def test_the_compiled_operator_names_what_does_not_fit():
+    layer, _ = _layer(96, 40, 4, 32)
+    layout = _cpu_layout(layer, "packed")
+    with pytest.raises(RuntimeError, match="out_features 41 does not fit 5 column blocks"):
+        torch.ops.bitcliff_cpu.linear(torch.randn(1, 96), layout.words, layout.scales, layout.zeros, None, None,
+                                      4, 96, 41, 16, 2**20)
+    with pytest.raises(RuntimeError, match="bits must be 2, 3 or 4, got 5"):
+        torch.ops.bitcliff_cpu.linear(torch.randn(1, 96), layout.words, layout.scales, layout.zeros, None, None,
+                                      5, 96, 40, 16, 2**20)
+    with pytest.raises(RuntimeError, match="x has 50 features, the weight 96"):
+        torch.ops.bitcliff_cpu.linear(torch.randn(1, 50), layout.words, layout.scales, layout.zeros, None, None,
+                                      4, 96, 40, 16, 2**20)
