@@ -80,10 +80,12 @@ def device_from_args(args: argparse.Namespace):
         raise UsageError(f"--device: {exc}") from None
 
 
-def add_quant_args(p: argparse.ArgumentParser) -> None:
-    """The settings of a quantization; the GPTQ defaults are the best measured ones."""
+def add_quant_args(p: argparse.ArgumentParser, group_size: bool = True) -> None:
+    """The settings of a quantization; the GPTQ defaults are the best measured ones (without
+    ``group_size``, for a command that takes a list of group sizes under its own flag)."""
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
-    p.add_argument("--group-size", type=int, default=64, help="input channels per scale and zero; -1 for per-channel")
+    if group_size:
+        p.add_argument("--group-size", type=int, default=64, help="input channels per scale and zero; -1 for per-channel")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
     p.add_argument("--mse", action="store_true", help="search per-group clipping for minimal squared error")
     gptq = p.add_argument_group(
@@ -179,6 +181,18 @@ def check_out(out: Path, overwrite: bool, flag: str = "--out") -> None:
 
     check_location(out, flag)
     check_replaceable(out, overwrite)
+
+
+def check_file_out(path, overwrite: bool, flag: str) -> None:
+    """Refuse, before any work, a one-file output (``--json``) that is occupied or cannot be
+    written; the message names ``flag`` (see ``bitcliff.storage``)."""
+    from bitcliff.storage import check_file_replaceable
+
+    check_location(path, flag, file=True)
+    try:
+        check_file_replaceable(path, overwrite)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc}") from None
 
 
 def check_location(path, flag: str, file: bool = False, renamed: bool = True) -> None:
