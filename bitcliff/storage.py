@@ -277,10 +277,26 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, kind: str) -> None:
-    """Record every file now in ``folder`` as bitcliff's (call it last, when the folder is full)."""
+def write_manifest(folder: Path, kind: str, bound: tuple[str, ...] = ()) -> None:
+    """Record every file now in ``folder`` as bitcliff's (call it last, when the folder is full).
+
+    ``bound``: files whose sha256 is recorded too (those present), so that a reader can tell them
+    from a file of the same name copied in from another folder (:func:`manifest_digests`).
+    """
     files = [f for f in _listing(folder) if f != MANIFEST]
-    (folder / MANIFEST).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
+    data = {"kind": kind, "files": files}
+    if bound:
+        data["digests"] = {name: file_sha256(folder / name) for name in bound if name in files}
+    (folder / MANIFEST).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of an output folder, or None where there is none (or it is unreadable)."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("files"), list) else None
 
 
 def foreign_files(folder: Path) -> list[str]:
@@ -386,7 +402,8 @@ def check_replaceable(directory: str | os.PathLike, overwrite: bool) -> None:
         )
 
 
-def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool, kind: str) -> Path:
+def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool, kind: str,
+                   bound: tuple[str, ...] = ()) -> Path:
     """Create ``directory`` by calling ``fill(tmp)`` on a temporary sibling, then renaming it.
 
     Args:
@@ -394,6 +411,7 @@ def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], o
         fill: writes the folder's content into the temporary folder it is given.
         overwrite: replace an existing folder that bitcliff wrote (see :func:`check_replaceable`).
         kind: what the folder is ("checkpoint", "diagnosis", ...), recorded in its manifest.
+        bound: files whose digests the manifest records (see :func:`write_manifest`).
     Returns:
         ``directory`` (a symbolic link followed).  The old folder is removed only after the new one is in place; on any
         error (disk full, Ctrl-C) the temporary folder is removed and ``directory`` is untouched.
@@ -404,7 +422,7 @@ def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], o
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         fill(tmp)
-        write_manifest(tmp, kind)
+        write_manifest(tmp, kind, bound)
         make_shareable(tmp)
         old = None
         if directory.exists():
