@@ -86,6 +86,7 @@ def test_an_edited_checkpoint_format_is_caught(tiny_folder, tmp_path, capsys):
     (["diagnose", "--bits", "2", "--compare", "rtn:5:64", "--out", "x"], "--compare rtn:5:64: bits must be one of"),
     (["diagnose", "--bits", "2", "--compare", "awq:4:64", "--out", "x"], "--compare 'awq:4:64': expected"),
     (["diagnose", "--bits", "2", "--patch-examples", "9", "--out", "x"], "patch_examples (9) cannot exceed"),
+    (["cliff", "--budget", "inf", "--out", "x"], "--budget: budget must be a finite number"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, message, capsys, monkeypatch, tmp_path):
     import bitcliff.models
@@ -98,6 +99,17 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, capsys, monkey
     assert main(argv) == 2
     assert message in _error(capsys)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv", [["eval", "default", "--seq-len", "1"],
+                                  ["diagnose", "--bits", "2", "--calib-seq-len", "1", "--out", "x"],
+                                  ["repair", "--quantized", "x", "--seq-len", "1", "--out", "y"]])
+def test_a_window_too_short_is_refused_naming_the_flag(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    flag = next(a for a in argv if a.endswith("seq-len"))
+    assert f"argument {flag}: must be an integer >= 2" in _error(capsys)
 
 
 def test_rtn_refuses_a_text_file_it_would_not_read(tiny_folder, tmp_path, capsys):

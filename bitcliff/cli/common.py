@@ -26,6 +26,12 @@ def positive_int(text: str) -> int:
     return _integer(text, 1, "a positive integer")
 
 
+def window_length(text: str) -> int:
+    """argparse type of a window length in tokens: at least 2, since a window predicts each token
+    from those before it (argparse names the flag in its refusal)."""
+    return _integer(text, 2, "an integer >= 2 (tokens per window)")
+
+
 def nonnegative_int(text: str) -> int:
     """argparse type of a count that may be 0."""
     return _integer(text, 0, "an integer >= 0")
@@ -60,7 +66,7 @@ def add_text_args(p: argparse.ArgumentParser, seq_len: int | None = 512) -> None
     p.add_argument("--text-file", default="wiki",
                    help="corpus: 'wiki' (the embedded Wikipedia sample), 'canterbury' (embedded books) or a path to a UTF-8 text file")
     if seq_len is not None:
-        p.add_argument("--seq-len", type=positive_int, default=seq_len, help="tokens per window")
+        p.add_argument("--seq-len", type=window_length, default=seq_len, help="tokens per window")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
