@@ -146,6 +146,27 @@ def test_a_full_disk_says_nothing_was_left_behind(tiny_folder, tmp_path, capsys,
     assert "no space left on device" in _error(capsys) and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command, shown", [
+    ("quantize", ["--method {rtn,gptq}  (default: rtn)", "(default: 64)"]),
+    ("diagnose", ["(default: rtn)", "(default: 64)"]),
+    ("sweep", ["(default: rtn)", "(default: 4 3 2)", "(default: 64)"]),
+])
+def test_help_shows_every_default_once(command, shown):
+    import re
+
+    text = build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    text = re.sub(r"\s+", " ", text)
+    for piece in shown:
+        assert re.sub(r"\s+", " ", piece) in text, piece
+    assert "(default: asymmetric)" not in text and "(default: False)" not in text
+
+
+def test_study_sweep_help_shows_its_lists():
+    study = build_parser()._subparsers._group_actions[0].choices["study"]
+    text = study._subparsers._group_actions[0].choices["sweep"].format_help()
+    assert "(default: 32 64 128 -1)" in text and "(default: rtn gptq)" in text
+
+
 def test_help_shows_the_defaults():
     text = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
     assert "(default: 64)" in text and "--paper" in text and "(default: True)" in text

@@ -4,6 +4,7 @@ name the flag, and checks that run before any work starts."""
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 from pathlib import Path
@@ -59,7 +60,33 @@ def _integer(text: str, least: int, what: str) -> int:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` shows every default and keeps the descriptions' line breaks."""
+    """``--help`` shows every default and keeps the descriptions' line breaks.
+
+    argparse's own formatter shows a default only beside a help text; this one shows it for every
+    option that has one (a list as it is typed), and none for an on/off switch, whose help says
+    what it turns on, nor where the default is None.
+    """
+
+    @staticmethod
+    def _default_text(action: argparse.Action) -> str | None:
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return None
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"(default: {shown})".replace("%", "%%")
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._default_text(action):  # argparse formats no help line at all
+            action = copy.copy(action)
+            action.help = self._default_text(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", self._default_text(action)
+        if default is None or "%(default)" in text or text == default:
+            return text
+        return f"{text} {default}"
 
 
 def add_text_args(p: argparse.ArgumentParser, seq_len: int | None = 512) -> None:
@@ -92,7 +119,7 @@ def add_quant_args(p: argparse.ArgumentParser, group_size: bool = True) -> None:
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
     if group_size:
         p.add_argument("--group-size", type=int, default=64, help="input channels per scale and zero; -1 for per-channel")
-    p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
+    p.add_argument("--sym", action="store_true", help="symmetric grid; without it, asymmetric")
     p.add_argument("--mse", action="store_true", help="search per-group clipping for minimal squared error")
     gptq = p.add_argument_group(
         "GPTQ", "The defaults are the best measured setting: true-sequential with one scale refit\n"
