@@ -4,10 +4,17 @@
 * :func:`write_text`, :func:`write_json`, :func:`save_tensors`: one file, written to a temporary
   sibling and renamed into place, so a reader never sees half a file.
 * :func:`building_dir`: a cache folder built beside its final name and renamed when complete.
-* :func:`replace_folder`: an output folder (checkpoint, run, report) built the same way.  An
-  existing folder is replaced only when bitcliff wrote it and it holds nothing else: every
-  folder it writes carries a manifest (:data:`MANIFEST`) of its own files, and any other file
-  found there is named in the refusal instead of being deleted.
+* :func:`replace_folder`: an output folder (checkpoint, run, report) built the same way.
+* :func:`write_output`: an output that is one JSON file (``eval --json``, ``sweep.json``).
+
+What may be replaced (:func:`check_replaceable`, :func:`check_file_replaceable`), the rule the
+README states: an output is a folder bitcliff wrote, whose manifest (:data:`MANIFEST`) lists its
+files, or a JSON file bitcliff wrote, which names itself (:data:`OUTPUT_KEY`).  bitcliff writes
+where nothing is, and replaces what is there only when it is such an output and ``overwrite``
+is given; then it replaces that output alone.  Anything else found there stops it, named: a
+file the manifest does not list, or another output kept inside the folder (a diagnosis in a
+checkpoint's folder, an ``eval --json`` file).  A symbolic link is followed: the output goes
+where it points and the link stays.
 
 Temporary files and folders are created private (0600/0700); the finished result gets the
 permissions the user's umask gives ordinary files (0644/0755 for umask 022).
@@ -30,6 +37,9 @@ import torch
 #: Written last into every output folder: what bitcliff wrote there, so that a later
 #: ``overwrite`` can tell its own files from a user's.
 MANIFEST = ".bitcliff-manifest.json"
+
+#: The key by which a JSON file bitcliff wrote as an output names itself (its value: the kind).
+OUTPUT_KEY = "bitcliff_output"
 
 
 class OccupiedOutputError(FileExistsError):
@@ -95,6 +105,37 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data, indent: int = 2, sort_keys: bool = False) -> Path:
     """Write ``data`` as JSON to ``path`` atomically (serialized before anything is written)."""
     return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def check_file_replaceable(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, before any work, a one-file output that :func:`write_output` would refuse.
+
+    Raises:
+        OccupiedOutputError: ``path`` is a folder; or it exists and ``overwrite`` is off; or,
+            with ``overwrite``, it is not a JSON file bitcliff wrote as an output.
+    """
+    path = real_path(path)
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise OccupiedOutputError(f"{path} is a folder; give the path of a file")
+    if not overwrite:
+        raise OccupiedOutputError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    if output_kind(path) is None:
+        raise OccupiedOutputError(f"{path} is a file bitcliff did not write as an output; it replaces only its own "
+                                  "outputs, so nothing was changed: choose another file name")
+
+
+def write_output(path: str | os.PathLike, data: dict, overwrite: bool, kind: str) -> Path:
+    """Write ``data`` as a one-file JSON output, marked as bitcliff's (:data:`OUTPUT_KEY`).
+
+    Every command that writes one file as its result goes through here, so that the rule of
+    :func:`check_file_replaceable` holds for all of them.  Returns the path written (a symbolic
+    link followed).
+    """
+    path = real_path(path)
+    check_file_replaceable(path, overwrite)
+    return write_json(path, {OUTPUT_KEY: kind, **data})
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
@@ -197,6 +238,26 @@ def _listing(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
+def real_path(path: str | os.PathLike) -> Path:
+    """``path`` with ``~`` and every symbolic link resolved: an output given as a link is written
+    where the link points, and the link itself is left alone."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def output_kind(path: Path) -> str | None:
+    """The kind of bitcliff output ``path`` is (a folder with a manifest, or a JSON file that
+    names itself), or None for anything else."""
+    try:
+        if path.is_dir():
+            return str(json.loads((path / MANIFEST).read_text())["kind"])
+        if path.suffix.lower() != ".json" or path.stat().st_size > (64 << 20):
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return str(data[OUTPUT_KEY]) if isinstance(data, dict) and OUTPUT_KEY in data else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -216,31 +277,58 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, kind: str) -> None:
-    """Record every file now in ``folder`` as bitcliff's (call it last, when the folder is full)."""
+def write_manifest(folder: Path, kind: str, bound: tuple[str, ...] = ()) -> None:
+    """Record every file now in ``folder`` as bitcliff's (call it last, when the folder is full).
+
+    ``bound``: files whose sha256 is recorded too (those present), so that a reader can tell them
+    from a file of the same name copied in from another folder (:func:`manifest_digests`).
+    """
     files = [f for f in _listing(folder) if f != MANIFEST]
-    (folder / MANIFEST).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
+    data = {"kind": kind, "files": files}
+    if bound:
+        data["digests"] = {name: file_sha256(folder / name) for name in bound if name in files}
+    (folder / MANIFEST).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of an output folder, or None where there is none (or it is unreadable)."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("files"), list) else None
 
 
 def foreign_files(folder: Path) -> list[str]:
-    """Files in ``folder`` that bitcliff did not write as part of it, by its manifest.
-
-    A sub-folder with a manifest of its own (a report written into a checkpoint folder) is
-    judged by that manifest; a folder without a manifest is foreign as a whole.
-    """
+    """Files in ``folder`` that bitcliff did not write as part of it, by its manifest (a folder
+    without a manifest is foreign as a whole).  Other outputs kept inside it are not listed
+    here but by :func:`nested_outputs`."""
     try:
         owned = set(json.loads((folder / MANIFEST).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return _listing(folder)
-    foreign = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_dir() and (entry / MANIFEST).is_file():
-            foreign += [f"{entry.name}/{name}" for name in foreign_files(entry)]
-        elif entry.is_dir():
-            foreign += [name for name in (f"{entry.name}/{f}" for f in _listing(entry)) if name not in owned]
-        elif entry.name != MANIFEST and entry.name not in owned:
-            foreign.append(entry.name)
-    return foreign
+    nested = {name for name, _ in nested_outputs(folder)}
+    return [name for name in _listing(folder)
+            if name != MANIFEST and name not in owned and not any(name == n or name.startswith(n + "/") for n in nested)]
+
+
+def nested_outputs(folder: Path) -> list[tuple[str, str]]:
+    """Other bitcliff outputs kept inside the output folder ``folder`` (name, kind), which its
+    manifest does not list: a report saved into a checkpoint's folder, an ``eval --json`` file.
+    They are outputs of their own, so replacing ``folder`` may not delete them."""
+    try:
+        owned = set(json.loads((folder / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    found = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if name == MANIFEST or name in owned or any(name.startswith(n + "/") for n, _ in found):
+            continue
+        kind = output_kind(path)
+        if kind is not None:
+            found.append((name, kind))
+    return found
 
 
 def check_writable_location(path: str | os.PathLike, file: bool = False, renamed: bool = True) -> None:
@@ -255,7 +343,7 @@ def check_writable_location(path: str | os.PathLike, file: bool = False, renamed
         PermissionError: nothing can be written where ``path`` would go (the message says why).
         NotADirectoryError: a file stands where a folder of the path should be.
     """
-    path = Path(path).expanduser()
+    path = real_path(path)  # a link is followed: the output goes where it points
     if path.exists():
         if file and path.is_dir():
             raise OccupiedOutputError(f"{path} is a folder; give the path of a file")
@@ -286,7 +374,7 @@ def check_replaceable(directory: str | os.PathLike, overwrite: bool) -> None:
         OccupiedOutputError: ``directory`` is a file; or it holds files and ``overwrite`` is
             off; or, with ``overwrite``, it holds a file bitcliff did not write there (named).
     """
-    directory = Path(directory)
+    directory = real_path(directory)
     if not directory.exists():
         return
     if not directory.is_dir():
@@ -304,9 +392,18 @@ def check_replaceable(directory: str | os.PathLike, overwrite: bool) -> None:
             f"{directory} holds {foreign[0]}{more}, which bitcliff did not write; it replaces only "
             "folders it wrote itself, so nothing was changed: move those files or choose another output folder"
         )
+    nested = nested_outputs(directory)
+    if nested:
+        (name, kind), more = nested[0], f" (and {len(nested) - 1} more)" if len(nested) > 1 else ""
+        raise OccupiedOutputError(
+            f"{directory} holds {name}{more}, a bitcliff output of its own ({kind}); overwrite "
+            "replaces one output and never another one kept inside it, so nothing was changed: move or "
+            "delete it first, or choose another output folder"
+        )
 
 
-def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool, kind: str) -> Path:
+def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool, kind: str,
+                   bound: tuple[str, ...] = ()) -> Path:
     """Create ``directory`` by calling ``fill(tmp)`` on a temporary sibling, then renaming it.
 
     Args:
@@ -314,17 +411,18 @@ def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], o
         fill: writes the folder's content into the temporary folder it is given.
         overwrite: replace an existing folder that bitcliff wrote (see :func:`check_replaceable`).
         kind: what the folder is ("checkpoint", "diagnosis", ...), recorded in its manifest.
+        bound: files whose digests the manifest records (see :func:`write_manifest`).
     Returns:
-        ``directory``.  The old folder is removed only after the new one is in place; on any
+        ``directory`` (a symbolic link followed).  The old folder is removed only after the new one is in place; on any
         error (disk full, Ctrl-C) the temporary folder is removed and ``directory`` is untouched.
     """
-    directory = Path(directory)
+    directory = real_path(directory)
     check_replaceable(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         fill(tmp)
-        write_manifest(tmp, kind)
+        write_manifest(tmp, kind, bound)
         make_shareable(tmp)
         old = None
         if directory.exists():
@@ -346,6 +444,7 @@ def replace_folder(directory: str | os.PathLike, fill: Callable[[Path], None], o
 def finish_folder(work: Path, directory: Path, overwrite: bool, kind: str) -> Path:
     """Move a finished work folder (filled over time, e.g. a resumable run) to ``directory``
     with the same rules as :func:`replace_folder`; ``work`` is left in place on refusal."""
+    directory = real_path(directory)
     write_manifest(work, kind)
     make_shareable(work)
     old = None

@@ -86,6 +86,7 @@ def test_an_edited_checkpoint_format_is_caught(tiny_folder, tmp_path, capsys):
     (["diagnose", "--bits", "2", "--compare", "rtn:5:64", "--out", "x"], "--compare rtn:5:64: bits must be one of"),
     (["diagnose", "--bits", "2", "--compare", "awq:4:64", "--out", "x"], "--compare 'awq:4:64': expected"),
     (["diagnose", "--bits", "2", "--patch-examples", "9", "--out", "x"], "patch_examples (9) cannot exceed"),
+    (["cliff", "--budget", "inf", "--out", "x"], "--budget: budget must be a finite number"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, message, capsys, monkeypatch, tmp_path):
     import bitcliff.models
@@ -98,6 +99,17 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, capsys, monkey
     assert main(argv) == 2
     assert message in _error(capsys)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv", [["eval", "default", "--seq-len", "1"],
+                                  ["diagnose", "--bits", "2", "--calib-seq-len", "1", "--out", "x"],
+                                  ["repair", "--quantized", "x", "--seq-len", "1", "--out", "y"]])
+def test_a_window_too_short_is_refused_naming_the_flag(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    flag = next(a for a in argv if a.endswith("seq-len"))
+    assert f"argument {flag}: must be an integer >= 2" in _error(capsys)
 
 
 def test_rtn_refuses_a_text_file_it_would_not_read(tiny_folder, tmp_path, capsys):
@@ -132,6 +144,27 @@ def test_a_full_disk_says_nothing_was_left_behind(tiny_folder, tmp_path, capsys,
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     assert _quantize(tiny_folder, tmp_path / "q") == 1
     assert "no space left on device" in _error(capsys) and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("quantize", ["--method {rtn,gptq}  (default: rtn)", "(default: 64)"]),
+    ("diagnose", ["(default: rtn)", "(default: 64)"]),
+    ("sweep", ["(default: rtn)", "(default: 4 3 2)", "(default: 64)"]),
+])
+def test_help_shows_every_default_once(command, shown):
+    import re
+
+    text = build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    text = re.sub(r"\s+", " ", text)
+    for piece in shown:
+        assert re.sub(r"\s+", " ", piece) in text, piece
+    assert "(default: asymmetric)" not in text and "(default: False)" not in text
+
+
+def test_study_sweep_help_shows_its_lists():
+    study = build_parser()._subparsers._group_actions[0].choices["study"]
+    text = study._subparsers._group_actions[0].choices["sweep"].format_help()
+    assert "(default: 32 64 128 -1)" in text and "(default: rtn gptq)" in text
 
 
 def test_help_shows_the_defaults():
@@ -176,3 +209,86 @@ def test_quantize_takes_bits_or_avg_bits_not_both(capsys):
         main(["quantize", "--bits", "3", "--avg-bits", "3.5", "--out", "o"])
     assert exit_.value.code == 2
     assert "not allowed with argument" in _error(capsys)
+
+
+# ------------------------------------------------------------- what an output may replace
+
+
+def _eval(folder, *extra, text_of=None):
+    text = _text(text_of or folder)
+    return main(["eval", str(folder), "--text-file", text, "--seq-len", "32", "--windows", "1", *extra])
+
+
+def test_eval_json_replaces_only_a_result_bitcliff_wrote(tiny_folder, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    assert _eval(tiny_folder, "--json", str(notes)) == 2
+    assert "--json" in _error(capsys) and notes.read_text() == "my notes"
+    assert _eval(tiny_folder, "--json", str(notes), "--overwrite") == 2
+    assert "bitcliff did not write" in _error(capsys) and notes.read_text() == "my notes"
+
+    ckpt = tmp_path / "q"
+    assert _quantize(tiny_folder, ckpt) == 0
+    config = (ckpt / "config.json").read_text()
+    assert _eval(tiny_folder, "--json", str(ckpt / "config.json"), "--overwrite") == 2
+    assert (ckpt / "config.json").read_text() == config
+
+    result = tmp_path / "result.json"
+    assert _eval(tiny_folder, "--json", str(result)) == 0
+    assert _eval(tiny_folder, "--json", str(result)) == 2
+    assert "--overwrite" in _error(capsys)
+    assert _eval(tiny_folder, "--json", str(result), "--overwrite") == 0
+    assert json.loads(result.read_text())["bitcliff_output"] == "eval"
+
+
+def test_sweep_replaces_only_what_bitcliff_wrote_and_reads_group_size(tiny_folder, tmp_path, capsys):
+    old = tmp_path / "oldsweep"
+    old.mkdir()
+    (old / "sweep.json").write_text('{"mine": 1}')
+    argv = ["sweep", "--model", str(tiny_folder), "--bits", "4", "--group-size", "32", "--text-file",
+            _text(tiny_folder), "--seq-len", "32", "--windows", "1", "--out-dir", str(old)]
+    for extra in ([], ["--overwrite"]):
+        assert main(argv + extra) == 2
+        assert "sweep.json" in _error(capsys)
+        assert (old / "sweep.json").read_text() == '{"mine": 1}'
+    (old / "sweep.json").unlink()
+    assert main(argv) == 0
+    capsys.readouterr()
+    rows = json.loads((old / "sweep.json").read_text())["rows"]
+    assert rows[1]["setting"] == "rtn-w4g32-asym"  # --group-size is read, not ignored
+    assert main(argv) == 2  # its own outputs: replaced only with --overwrite
+    assert "--overwrite" in _error(capsys)
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_overwrite_keeps_other_outputs_kept_inside_a_checkpoint(tiny_folder, tmp_path, capsys):
+    """One rule for a diagnosis saved into a checkpoint's folder and an eval --json file there:
+    each is an output of its own, so --overwrite of the checkpoint refuses and names it."""
+    from bitcliff.storage import replace_folder
+
+    ckpt = tmp_path / "tq4c"
+    assert _quantize(tiny_folder, ckpt) == 0
+    replace_folder(ckpt / "diagnosis", lambda tmp: (tmp / "diagnosis.json").write_text("{}"), False, "diagnosis")
+    assert _quantize(tiny_folder, ckpt, "--overwrite") == 2
+    assert "holds diagnosis, a bitcliff output of its own (diagnosis)" in _error(capsys)
+    assert (ckpt / "diagnosis" / "diagnosis.json").exists()
+    import shutil
+
+    shutil.rmtree(ckpt / "diagnosis")
+    assert _eval(ckpt, "--json", str(ckpt / "eval.json"), text_of=tiny_folder) == 0
+    capsys.readouterr()
+    assert _quantize(tiny_folder, ckpt, "--overwrite") == 2
+    assert "holds eval.json, a bitcliff output of its own (eval)" in _error(capsys)
+    (ckpt / "eval.json").unlink()
+    assert _quantize(tiny_folder, ckpt, "--overwrite") == 0
+
+
+def test_an_output_given_as_a_symbolic_link_is_written_where_it_points(tiny_folder, tmp_path, capsys):
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert _quantize(tiny_folder, link) == 0
+    assert _quantize(tiny_folder, link, "--overwrite") == 0
+    assert link.is_symlink() and (target / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing hidden left behind

@@ -62,7 +62,8 @@ def test_other_settings_in_the_same_folder_are_refused(run, tiny_folder, capsys)
 
 @pytest.mark.parametrize("extra,message", [
     (["--bits", "5"], "bits must be one of"),
-    (["--budget", "-1"], "budget must be a number of bits per weight >= 0"),
+    (["--budget", "-1"], "--budget: budget must be a finite number of extra bits per weight >= 0"),
+    (["--budget", "inf"], "--budget: budget must be a finite number of extra bits per weight >= 0"),
     (["--bits", "3", "3"], "bits must be distinct"),
 ])
 def test_bad_settings_are_refused_before_any_work(tiny_folder, tmp_path, extra, message, capsys):
@@ -115,3 +116,13 @@ def test_a_step_whose_folder_was_deleted_or_changed_is_computed_again(run, tiny_
     again = json.loads((run / "state.json").read_text())["steps"]
     assert again["gptq-w3"]["ppl"] == state["gptq-w3"]["ppl"]
     assert again["rtn-w3"] == state["rtn-w3"]  # untouched steps are kept as they were
+
+
+@pytest.mark.parametrize("budget", [float("inf"), float("nan"), -0.5])
+def test_a_budget_repair_would_refuse_is_refused_by_the_settings(budget):
+    """One validator for cliff's and repair's budget: refused before any work, never saved as
+    ``Infinity`` in ``state.json`` (which is not JSON)."""
+    from bitcliff.cliff.run import CliffSettings
+
+    with pytest.raises(ValueError, match="^budget must be a finite number"):
+        CliffSettings(budget=budget)

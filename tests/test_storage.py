@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -15,6 +16,7 @@ from bitcliff.storage import (
     check_replaceable,
     replace_folder,
     write_json,
+    write_output,
 )
 
 
@@ -71,14 +73,43 @@ def test_a_folder_bitcliff_did_not_write_is_never_replaced(tmp_path):
         check_replaceable(tmp_path / "file", overwrite=True)
 
 
-def test_a_nested_bitcliff_folder_counts_as_its_own(tmp_path):
+def test_a_nested_bitcliff_output_is_never_deleted_with_its_parent(tmp_path):
+    """overwrite replaces one output: a report or a one-file result kept inside is named, kept."""
     out = tmp_path / "ckpt"
     replace_folder(out, _fill("x"), overwrite=False, kind="checkpoint")
     replace_folder(out / "diagnosis", _fill("y"), overwrite=False, kind="diagnosis")
-    check_replaceable(out, overwrite=True)  # the report inside was written by bitcliff too
-    (out / "diagnosis" / "mine.txt").write_text("z")
-    with pytest.raises(OccupiedOutputError, match="diagnosis/mine.txt"):
+    check_replaceable(out / "diagnosis", overwrite=True)  # itself, it is replaceable
+    with pytest.raises(OccupiedOutputError, match=r"holds diagnosis, a bitcliff output of its own \(diagnosis\)"):
+        replace_folder(out, _fill("z"), overwrite=True, kind="checkpoint")
+    assert (out / "diagnosis" / "a.txt").read_text() == "y"
+    shutil.rmtree(out / "diagnosis")
+    write_output(out / "eval.json", {"ppl": 1.0}, overwrite=False, kind="eval")
+    with pytest.raises(OccupiedOutputError, match=r"holds eval.json, a bitcliff output of its own \(eval\)"):
         check_replaceable(out, overwrite=True)
+
+
+def test_a_one_file_output_replaces_only_a_file_bitcliff_wrote(tmp_path):
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"a": 1}')
+    for overwrite in (False, True):
+        with pytest.raises(OccupiedOutputError):
+            write_output(mine, {"ppl": 1.0}, overwrite=overwrite, kind="eval")
+    assert mine.read_text() == '{"a": 1}'
+    ours = tmp_path / "r.json"
+    write_output(ours, {"ppl": 1.0}, overwrite=False, kind="eval")
+    with pytest.raises(OccupiedOutputError, match="--overwrite"):
+        write_output(ours, {"ppl": 2.0}, overwrite=False, kind="eval")
+    write_output(ours, {"ppl": 2.0}, overwrite=True, kind="eval")
+    assert json.loads(ours.read_text()) == {"bitcliff_output": "eval", "ppl": 2.0}
+
+
+def test_a_symbolic_link_is_followed_and_kept(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    replace_folder(tmp_path / "link", _fill("one"), overwrite=False, kind="test")
+    replace_folder(tmp_path / "link", _fill("two"), overwrite=True, kind="test")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "a.txt").read_text() == "two"
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
 
 
 def test_an_error_while_filling_leaves_nothing_behind(tmp_path):

@@ -4,6 +4,7 @@ name the flag, and checks that run before any work starts."""
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 from pathlib import Path
@@ -24,6 +25,12 @@ class UsageError(ValueError):
 def positive_int(text: str) -> int:
     """argparse type of a count that must be at least 1 (argparse names the flag in its refusal)."""
     return _integer(text, 1, "a positive integer")
+
+
+def window_length(text: str) -> int:
+    """argparse type of a window length in tokens: at least 2, since a window predicts each token
+    from those before it (argparse names the flag in its refusal)."""
+    return _integer(text, 2, "an integer >= 2 (tokens per window)")
 
 
 def nonnegative_int(text: str) -> int:
@@ -53,14 +60,40 @@ def _integer(text: str, least: int, what: str) -> int:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` shows every default and keeps the descriptions' line breaks."""
+    """``--help`` shows every default and keeps the descriptions' line breaks.
+
+    argparse's own formatter shows a default only beside a help text; this one shows it for every
+    option that has one (a list as it is typed), and none for an on/off switch, whose help says
+    what it turns on, nor where the default is None.
+    """
+
+    @staticmethod
+    def _default_text(action: argparse.Action) -> str | None:
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return None
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"(default: {shown})".replace("%", "%%")
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._default_text(action):  # argparse formats no help line at all
+            action = copy.copy(action)
+            action.help = self._default_text(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", self._default_text(action)
+        if default is None or "%(default)" in text or text == default:
+            return text
+        return f"{text} {default}"
 
 
 def add_text_args(p: argparse.ArgumentParser, seq_len: int | None = 512) -> None:
     p.add_argument("--text-file", default="wiki",
                    help="corpus: 'wiki' (the embedded Wikipedia sample), 'canterbury' (embedded books) or a path to a UTF-8 text file")
     if seq_len is not None:
-        p.add_argument("--seq-len", type=positive_int, default=seq_len, help="tokens per window")
+        p.add_argument("--seq-len", type=window_length, default=seq_len, help="tokens per window")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -80,11 +113,13 @@ def device_from_args(args: argparse.Namespace):
         raise UsageError(f"--device: {exc}") from None
 
 
-def add_quant_args(p: argparse.ArgumentParser) -> None:
-    """The settings of a quantization; the GPTQ defaults are the best measured ones."""
+def add_quant_args(p: argparse.ArgumentParser, group_size: bool = True) -> None:
+    """The settings of a quantization; the GPTQ defaults are the best measured ones (without
+    ``group_size``, for a command that takes a list of group sizes under its own flag)."""
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
-    p.add_argument("--group-size", type=int, default=64, help="input channels per scale and zero; -1 for per-channel")
-    p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
+    if group_size:
+        p.add_argument("--group-size", type=int, default=64, help="input channels per scale and zero; -1 for per-channel")
+    p.add_argument("--sym", action="store_true", help="symmetric grid; without it, asymmetric")
     p.add_argument("--mse", action="store_true", help="search per-group clipping for minimal squared error")
     gptq = p.add_argument_group(
         "GPTQ", "The defaults are the best measured setting: true-sequential with one scale refit\n"
@@ -179,6 +214,18 @@ def check_out(out: Path, overwrite: bool, flag: str = "--out") -> None:
 
     check_location(out, flag)
     check_replaceable(out, overwrite)
+
+
+def check_file_out(path, overwrite: bool, flag: str) -> None:
+    """Refuse, before any work, a one-file output (``--json``) that is occupied or cannot be
+    written; the message names ``flag`` (see ``bitcliff.storage``)."""
+    from bitcliff.storage import check_file_replaceable
+
+    check_location(path, flag, file=True)
+    try:
+        check_file_replaceable(path, overwrite)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc}") from None
 
 
 def check_location(path, flag: str, file: bool = False, renamed: bool = True) -> None:

@@ -19,6 +19,7 @@ from bitcliff.cli.common import (
     config_from_args,
     nonnegative_int,
     positive_int,
+    window_length,
 )
 from bitcliff.quant.convert import quantize_on_text
 
@@ -31,8 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", type=int, help="instead of --quantized: quantize on the fly with this many bits")
     add_quant_args(p)
     p.add_argument("--text-file", default="wiki", help="corpus: 'wiki' (embedded) or a path to a UTF-8 text file")
-    p.add_argument("--seq-len", type=positive_int, help="tokens per example (default 256; 128 with --fast)")
-    p.add_argument("--calib-seq-len", type=positive_int, default=512, help="GPTQ calibration window length")
+    p.add_argument("--seq-len", type=window_length, help="tokens per example (default 256; 128 with --fast)")
+    p.add_argument("--calib-seq-len", type=window_length, default=512, help="GPTQ calibration window length")
     p.add_argument("--examples", type=positive_int, help="evaluation windows (default 64; 8 with --fast)")
     p.add_argument("--trace-examples", type=positive_int, help="examples for the signal trace and components (default 8)")
     p.add_argument("--patch-examples", type=nonnegative_int, help="of those, examples also patched, 0 to skip (default 2)")

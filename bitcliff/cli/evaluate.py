@@ -11,8 +11,10 @@ from bitcliff.cli.common import (
     add_device_arg,
     add_quant_args,
     add_text_args,
+    check_file_out,
     check_location,
     check_model_arg,
+    check_out,
     check_text_arg,
     config_from_args,
     positive_int,
@@ -29,6 +31,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--windows", type=positive_int, default=16, help="evaluation windows")
     add_text_args(p)
     p.add_argument("--json", help="write the result (ppl, per-window NLL, config) to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace a --json file bitcliff wrote")
     add_device_arg(p)
     p.set_defaults(func=run_eval)
 
@@ -36,11 +39,13 @@ def add_parsers(sub) -> None:
                        formatter_class=HelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    p.add_argument("--group-sizes", type=int, nargs="+", default=[64])
-    add_quant_args(p)
+    p.add_argument("--group-sizes", "--group-size", dest="group_sizes", type=int, nargs="+", default=[64],
+                   help="input channels per scale and zero, one checkpoint each; -1 for per-channel")
+    add_quant_args(p, group_size=False)
     add_text_args(p)
     p.add_argument("--windows", type=positive_int, default=16, help="evaluation windows")
     p.add_argument("--out-dir", default="runs/sweep", help="where checkpoints and sweep.json go")
+    p.add_argument("--overwrite", action="store_true", help="replace checkpoints and a sweep.json bitcliff wrote")
     add_device_arg(p)
     p.set_defaults(func=run_sweep)
 
@@ -48,12 +53,12 @@ def add_parsers(sub) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from bitcliff.models import load_any
     from bitcliff.quant.surgery import quant_config
-    from bitcliff.storage import write_json
+    from bitcliff.storage import write_output
 
     check_model_arg(args.target, flag="eval")
     check_text_arg(args.text_file)
     if args.json:
-        check_location(args.json, "--json", file=True)
+        check_file_out(args.json, args.overwrite, "--json")
     model, tokenizer, path, quantized = load_any(args.target, device=args.device)
     result = evaluate_text(model, tokenizer, args.text_file, args.windows, args.seq_len)
     config = quant_config(model)
@@ -68,7 +73,7 @@ def run_eval(args: argparse.Namespace) -> int:
         **result,
     }
     if args.json:
-        write_json(Path(args.json), record)
+        write_output(args.json, record, args.overwrite, kind="eval")
     print(f"{path}: ppl {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows) on "
           f"{describe(args.device)}")
     return 0
@@ -82,21 +87,30 @@ def run_sweep(args: argparse.Namespace) -> int:
     """fp and quantized perplexities in one table (checkpoints saved and reloaded)."""
     from bitcliff.models import load_fp_model
     from bitcliff.quant.checkpoint import load, save
-    from bitcliff.storage import write_json
+    from bitcliff.storage import write_output
 
     configs = [config_from_args(args, bits, group, flags={"group_size": "--group-sizes"})
                for group in args.group_sizes for bits in args.bits]
     check_model_arg(args.model)
     check_text_arg(args.text_file)
     check_location(args.out_dir, "--out-dir", renamed=False)
-    fp_model, tokenizer, path = load_fp_model(args.model, device=args.device)
     out_dir = Path(args.out_dir)
+    check_file_out(out_dir / "sweep.json", args.overwrite, "--out-dir")
+    fp_model, tokenizer, path = load_fp_model(args.model, device=args.device)
+    folders = [out_dir / f"{Path(path).name}-{config.describe()}" for config in configs]
+    for folder in folders:  # every output checked before any is written
+        check_out(folder, args.overwrite, "--out-dir")
+    written = False
+
+    def save_rows() -> None:  # a long sweep keeps what it measured
+        nonlocal written
+        write_output(out_dir / "sweep.json", {"model": path, "rows": rows}, args.overwrite or written, kind="sweep")
+        written = True
     rows = [{"setting": "fp32", "bits_per_weight": 32.0,
              **evaluate_text(fp_model, tokenizer, args.text_file, args.windows, args.seq_len)}]
-    for config in configs:
+    for config, folder in zip(configs, folders):
         model = quantize_on_text(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.seq_len)
-        folder = out_dir / f"{Path(path).name}-{config.describe()}"
-        save(model, folder, tokenizer=tokenizer, overwrite=True)
+        save(model, folder, tokenizer=tokenizer, overwrite=args.overwrite)
         del model
         reloaded = load(folder, device=args.device)  # evaluate what is on disk, not what is in memory
         result = evaluate_text(reloaded, tokenizer, args.text_file, args.windows, args.seq_len)
@@ -108,8 +122,8 @@ def run_sweep(args: argparse.Namespace) -> int:
             "checkpoint_mb": round(_folder_bytes(folder) / 1e6, 1),
             **result,
         })
-        write_json(out_dir / "sweep.json", {"model": path, "rows": rows})  # a long sweep keeps what it measured
-    write_json(out_dir / "sweep.json", {"model": path, "rows": rows})
+        save_rows()
+    save_rows()
     print(f"\nperplexity of {path} on {args.text_file} ({rows[0]['windows']} windows x {args.seq_len} tokens)")
     print(f"{'setting':22s} {'bits/w':>7s} {'disk MB':>8s} {'ppl':>12s}")
     for row in rows:

@@ -15,6 +15,7 @@ from bitcliff.cli.common import (
     check_text_arg,
     nonnegative_int,
     positive_int,
+    window_length,
 )
 from bitcliff.quant.factors import FACTOR_WIDTHS
 from bitcliff.repairs.plan import ALLOCATOR, ALLOCATORS, FACTOR_BITS, REFINE_ROUNDS
@@ -48,7 +49,7 @@ def add_parser(sub) -> None:
                         "shares by the error each adds)")
     p.add_argument("--text-file", default="wiki", help="calibration and evaluation text: 'wiki', 'canterbury' (embedded) or a UTF-8 file")
     p.add_argument("--calib-samples", type=positive_int, default=64, help="calibration windows")
-    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window")
+    p.add_argument("--seq-len", type=window_length, default=512, help="tokens per window")
     p.add_argument("--windows", type=positive_int, default=16, help="evaluation windows for the before/after perplexity")
     p.add_argument("--out", required=True, help="output folder: the repaired checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder bitcliff wrote")

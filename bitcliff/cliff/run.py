@@ -81,13 +81,13 @@ class CliffSettings:
 
     def __post_init__(self) -> None:
         from bitcliff.quant.config import QuantConfig
+        from bitcliff.repairs.plan import check_budget
 
         if not self.bits or len(set(self.bits)) != len(self.bits):
             raise ValueError(f"bits must be distinct widths, got {self.bits}")
         for bits in self.bits:
             QuantConfig(bits=bits, group_size=self.group_size)  # names a bad width or group size
-        if not (self.budget >= 0 and self.budget == self.budget):
-            raise ValueError(f"budget must be a number of bits per weight >= 0, got {self.budget}")
+        check_budget(self.budget)  # repair's own check: the same values pass both, inf and NaN neither
         for key in ("windows", "calib_samples", "repair_calib", "diagnosis_examples", "trace_examples"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")

@@ -65,7 +65,7 @@ from bitcliff.quant.tensor_files import (  # noqa: F401 - CheckpointError and Mi
     check_finite_tensor,
     read_tensors,
 )
-from bitcliff.storage import MANIFEST, replace_folder, save_tensors, write_json
+from bitcliff.storage import MANIFEST, file_sha256, read_manifest, replace_folder, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def save(
         for name, write in (extra_files or {}).items():
             write(tmp / name)
 
-    path = replace_folder(Path(directory), fill, overwrite, kind="checkpoint")
+    path = replace_folder(Path(directory), fill, overwrite, kind="checkpoint", bound=SIDE_FILES)
     log.info("saved a checkpoint to %s (checkpoint_format=%s)", path, fmt)
     return path
 
@@ -377,11 +377,46 @@ def shard_files(directory: Path) -> list[Path]:
 #: Files a checkpoint's model is built from: when bitcliff's manifest lists one, it must be there.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
+#: Files read beside the weights that change what the model computes: each is bound to its
+#: checkpoint by a digest in the manifest, since one copied from another checkpoint of the same
+#: model fits its modules and would load silently.
+SIDE_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, OUTLIERS_FILE, FACTORS_FILE)
+#: Side files only bitcliff writes: without a manifest to bind them they are never loaded.
+_OWN_SIDE_FILES = (OUTLIERS_FILE, FACTORS_FILE)
+
+
+def check_side_files(directory: Path) -> None:
+    """Refuse a side file (:data:`SIDE_FILES`) that is not this checkpoint's own: one its manifest
+    does not list, one whose bytes differ from the digest it records, or one of bitcliff's own
+    files in a folder without a manifest.  A manifest written before digests were recorded
+    binds by name only."""
+    manifest = read_manifest(directory)
+    for name in SIDE_FILES:
+        if not (directory / name).is_file():
+            continue
+        if manifest is None:
+            if name in _OWN_SIDE_FILES:
+                raise CheckpointError(f"{directory} holds {name} but no bitcliff manifest to bind it to these weights: "
+                                      f"it may be another checkpoint's; remove it, or load the checkpoint it came with")
+            continue
+        digests = manifest.get("digests")
+        if name not in manifest["files"]:
+            reason = "its manifest does not list it"
+        elif isinstance(digests, dict) and digests.get(name) != file_sha256(directory / name):
+            reason = "its bytes differ from the digest its manifest records"
+        else:
+            continue
+        raise CheckpointError(f"{directory / name} is not this checkpoint's own ({reason}): it may have been copied "
+                              "from another checkpoint, whose repairs would be applied to these weights; remove it, "
+                              "or copy the whole checkpoint it came from")
+
 
 def check_files_present(directory: Path) -> None:
     """Refuse a checkpoint that lacks a file bitcliff wrote into it and reads back (config, weights,
     adapter), by the folder's manifest: loading without it would silently give another model
-    (a repaired checkpoint without its adapter evaluates as if never repaired)."""
+    (a repaired checkpoint without its adapter evaluates as if never repaired); and one whose side
+    files are not its own (:func:`check_side_files`)."""
+    check_side_files(directory)
     try:
         listed = json.loads((directory / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):

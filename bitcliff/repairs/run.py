@@ -84,16 +84,23 @@ class RepairResult:
         return {RECORD_FILE: lambda path: Path(path).write_text(text)}
 
 
-def check_plan_fits(plan: RepairPlan, fp_model: nn.Module, q_model: nn.Module) -> None:
-    """Raise ``ValueError`` when ``plan`` was made for another model or quantization."""
-    target = plan.target or {}
-    modules = quantized_modules(q_model)
-    expected = (target.get("fingerprints") or {})
+def check_made_on(expected: dict | None, fp_model: nn.Module, q_model: nn.Module) -> None:
+    """Raise ``ValueError`` when the fingerprints a diagnosis recorded (``meta.fingerprints``,
+    which its plan carries) are not those of these models: whatever it says, healthy included,
+    would be about other weights."""
+    expected = expected or {}
     actual = fingerprints(fp_model, q_model)
     for key, what in (("fp", "full-precision model"), ("quantized", "quantized model")):
         if expected.get(key) is not None and expected[key] != actual[key]:
             raise ValueError(f"the diagnosis (and plan) was made on another {what}: its weights' fingerprint "
                              "differs; diagnose these models first")
+
+
+def check_plan_fits(plan: RepairPlan, fp_model: nn.Module, q_model: nn.Module) -> None:
+    """Raise ``ValueError`` when ``plan`` was made for another model or quantization."""
+    target = plan.target or {}
+    modules = quantized_modules(q_model)
+    check_made_on(target.get("fingerprints"), fp_model, q_model)
     missing = [name for name in plan.restore if name not in modules]
     if missing:
         raise ValueError(f"the plan restores {missing[0]}, which is not a quantized module of this model")
@@ -220,6 +227,8 @@ def diagnose_and_repair(
         seconds["diagnosis"] = time.perf_counter() - start
     if not isinstance(diagnosis, dict):
         diagnosis = diagnosis.to_dict()
+    # before anything is measured, and also when the verdict plans nothing (healthy)
+    check_made_on((diagnosis.get("meta") or {}).get("fingerprints"), fp_model, q_model)
     options = dict(plan_options or {})
     allocator = options.pop("allocator", ALLOCATOR)
     if allocator not in ALLOCATORS:

@@ -221,6 +221,18 @@ def test_an_unknown_allocator_is_refused(setup):
                             plan_options={"allocator": "greedy"})
 
 
+def test_a_diagnosis_of_another_model_is_refused_even_when_healthy(setup):
+    """A healthy verdict plans nothing: the fingerprints are checked all the same, first."""
+    from bitcliff.repairs.run import diagnose_and_repair
+
+    fp, q, calib, _, report, _ = setup
+    other = copy.deepcopy(report.to_dict())
+    other["verdict"]["label"] = "healthy"
+    other["meta"]["fingerprints"] = {**other["meta"]["fingerprints"], "fp": "0" * 64}
+    with pytest.raises(ValueError, match="made on another full-precision model"):
+        diagnose_and_repair(fp, copy.deepcopy(q), calib, 0.25, diagnosis=other)
+
+
 def test_a_rank_beyond_the_measured_spectrum_is_refused_not_dropped():
     report = _diagnosis()
     measured = _synthetic(report, 0)  # spectra of 32 ranks, modules of 64 x 64

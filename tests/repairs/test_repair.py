@@ -107,6 +107,11 @@ def test_an_adapter_that_does_not_fit_its_checkpoint_is_refused(setup, tmp_path)
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[key] = torch.zeros(tensors[key].shape[0], 7, dtype=torch.float16)
     save_file(tensors, out / "adapter_model.safetensors")
+    from bitcliff.quant.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors is not this checkpoint's own"):
+        bitcliff.load(out)
+    (out / ".bitcliff-manifest.json").unlink()  # a folder without a manifest: the adapter's own checks
     with pytest.raises(AdapterError, match=r"A \(\d+, 7\), B \(\d+, \d+\) do not fit a \[\d+, \d+\] layer"):
         bitcliff.load(out)
     assert result.record.bits > 0
@@ -177,8 +182,35 @@ def test_sparse_outliers_load_back_exactly_and_their_bits_are_the_bytes_on_disk(
     key = next(k for k in stored if k.endswith("outlier_col"))
     stored[key] = stored[key] + 1000  # columns past the layer: another checkpoint's file
     save_file(stored, out / "outliers.safetensors")
-    with pytest.raises(CheckpointError, match="do not fit the checkpoint"):
+    with pytest.raises(CheckpointError, match="not this checkpoint's own"):
         bitcliff.load(out)
+
+
+@pytest.mark.parametrize("file, methods", [("outliers.safetensors", ["outliers"]),
+                                           ("lowrank.safetensors", ["lowrank"])])
+def test_a_side_file_from_another_checkpoint_is_refused(setup, tmp_path, file, methods):
+    """A repair's file copied into another checkpoint of the same model fits its modules: only the
+    digest the manifest records tells it apart.  A stray one in a plain checkpoint is refused too."""
+    import shutil
+
+    from bitcliff.quant.checkpoint import CheckpointError
+
+    fp, q, calib, evaluation, report = setup
+    folders = []
+    for budget in (0.25, 0.5):
+        repaired = copy.deepcopy(q)
+        bitcliff.repair(fp, repaired, calib, bitcliff.plan_repair(report, budget, methods=methods), progress=False)
+        folders.append(bitcliff.save(repaired, tmp_path / f"r{budget}"))
+    shutil.copy(folders[0] / file, folders[1] / file)
+    with pytest.raises(CheckpointError, match=f"{file} is not this checkpoint's own .its bytes differ"):
+        bitcliff.load(folders[1])
+    plain = bitcliff.save(q, tmp_path / "plain")
+    shutil.copy(folders[0] / file, plain / file)
+    with pytest.raises(CheckpointError, match="its manifest does not list it"):
+        bitcliff.load(plain)
+    (plain / ".bitcliff-manifest.json").unlink()  # a folder bitcliff did not write: nothing binds the file
+    with pytest.raises(CheckpointError, match=f"holds {file} but no bitcliff manifest"):
+        bitcliff.load(plain)
 
 
 @pytest.mark.parametrize("methods", [["outliers"], ["restore"]])
@@ -259,7 +291,7 @@ def test_quantized_low_rank_factors_are_charged_the_bytes_they_store_and_load_ba
     key = next(k for k in stored if k.endswith("lora_A.scales"))
     stored[key] = stored[key][:, :1].contiguous()  # another checkpoint's factors
     save_file(stored, out / "lowrank.safetensors")
-    with pytest.raises(CheckpointError, match="low-rank factors of .* do not fit the checkpoint"):
+    with pytest.raises(CheckpointError, match="lowrank.safetensors is not this checkpoint's own"):
         bitcliff.load(out)
     (out / "lowrank.safetensors").unlink()
     with pytest.raises(CheckpointError, match="lacks lowrank.safetensors"):
