@@ -30,6 +30,10 @@ def add_parsers(sub) -> None:
     p.add_argument("target", help="a checkpoint folder, default, gemma3-270m, a local HF folder or a hub id")
     p.add_argument("--windows", type=positive_int, default=16, help="evaluation windows")
     add_text_args(p)
+    p.add_argument("--against", metavar="MODEL",
+                   help="the checkpoint's full-precision source (default, a local HF folder or a hub id): also "
+                        "report the KL divergence of the next-token distributions from it and the share of the "
+                        "same top token, per token, as llama.cpp defines them")
     p.add_argument("--json", help="write the result (ppl, per-window NLL, config) to this file")
     p.add_argument("--overwrite", action="store_true", help="replace a --json file bitcliff wrote")
     add_device_arg(p)
@@ -56,11 +60,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from bitcliff.storage import write_output
 
     check_model_arg(args.target, flag="eval")
+    if args.against:
+        check_model_arg(args.against, flag="--against")
     check_text_arg(args.text_file)
     if args.json:
         check_file_out(args.json, args.overwrite, "--json")
     model, tokenizer, path, quantized = load_any(args.target, device=args.device)
-    result = evaluate_text(model, tokenizer, args.text_file, args.windows, args.seq_len)
+    if args.against:
+        result = _against(model, tokenizer, args)
+    else:
+        result = evaluate_text(model, tokenizer, args.text_file, args.windows, args.seq_len)
     config = quant_config(model)
     record = {
         "model": path,
@@ -76,7 +85,31 @@ def run_eval(args: argparse.Namespace) -> int:
         write_output(args.json, record, args.overwrite, kind="eval")
     print(f"{path}: ppl {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows) on "
           f"{describe(args.device)}")
+    if args.against:
+        interval = result["kl_mean_ci95"]
+        spread = f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
+        print(f"against {args.against} (ppl {result['ppl_fp']:.3f}, Δppl {result['delta_ppl']:+.3f}): KL mean "
+              f"{result['kl_mean']:.4f}{spread}, median {result['kl_median']:.4f}, p99 {result['kl_p99']:.4f}, "
+              f"p99.9 {result['kl_p999']:.4f}, max {result['kl_max']:.4f} nats; same top token "
+              f"{result['same_top_pct']:.2f} %")
     return 0
+
+
+def _against(model, tokenizer, args: argparse.Namespace) -> dict:
+    """Perplexity and divergence from the ``--against`` model on the evaluation windows."""
+    from bitcliff.assets import load_text
+    from bitcliff.cli.common import UsageError
+    from bitcliff.data import evaluation_windows
+    from bitcliff.divergence import check_same_source, evaluate_against
+    from bitcliff.models import load_fp_model
+
+    reference, _, _ = load_fp_model(args.against, device=args.device)
+    try:
+        check_same_source(model, reference)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    ids = evaluation_windows(tokenizer, load_text(args.text_file), args.windows, args.seq_len)
+    return evaluate_against(model, reference, ids)
 
 
 def _folder_bytes(path: Path) -> int:
