@@ -25,12 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from bitcliff.kernels.layout import HOST, KernelLayout
+from bitcliff.kernels.layout import HOST, KernelLayout, unpack_plane, width
 
 BLOCK = 8  #: output columns per block (the kernel's ``BLOCK``)
 #: Rows up to which the grouped form (no dense weight) runs; above, slabs of dequantized weight
 #: go through the BLAS.
 GEMV_MAX_ROWS = 16
+#: Columns repacked at a time when a layout is built (its int64 codes stay under ~100 MB at K = 4096).
+PACK_COLUMNS = 2048
 #: Most bytes of fp32 weight the many-rows schedule dequantizes at once (a slab of K positions).
 SLAB_BYTES = 16 * 2**20
 
@@ -99,12 +101,20 @@ def pack(layout: KernelLayout) -> PackedLayout:
     padded_slot = words_per_group * per_word
     n_padded = -(-n // BLOCK) * BLOCK
 
-    codes = torch.zeros(groups * slot, n, dtype=torch.int64, device=HOST)
-    codes[: layout.k_padded] = layout.codes()
-    codes = torch.nn.functional.pad(codes.view(groups, slot, n), (0, 0, 0, padded_slot - slot))
+    spec = width(bits)
     shifts = (bits * torch.arange(per_word, dtype=torch.int64, device=HOST)).view(1, 1, per_word, 1)
-    words = (codes.view(groups, words_per_group, per_word, n) << shifts).sum(dim=2)  # disjoint fields: an OR
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).view(groups * words_per_group, n)
+    words = torch.empty(groups * words_per_group, n, dtype=torch.int32, device=HOST)
+    for first in range(0, n, PACK_COLUMNS):  # int64 codes of a few columns at a time: bounded memory
+        last = min(n, first + PACK_COLUMNS)
+        part = unpack_plane(layout.lo[:, first:last].cpu(), spec.lo)
+        if layout.hi is not None:
+            part = part | (unpack_plane(layout.hi[:, first:last].cpu(), spec.hi) << spec.lo)
+        codes = torch.zeros(groups * slot, last - first, dtype=torch.int64, device=HOST)
+        codes[: layout.k_padded] = part
+        codes = torch.nn.functional.pad(codes.view(groups, slot, -1), (0, 0, 0, padded_slot - slot))
+        packed = (codes.view(groups, words_per_group, per_word, -1) << shifts).sum(dim=2)  # disjoint fields: an OR
+        packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+        words[:, first:last] = packed.view(groups * words_per_group, -1).to(torch.int32)
 
     source = torch.full((groups * slot,), -1, dtype=torch.int64, device=HOST)
     source[: layout.k_padded] = layout.source_columns()

@@ -190,3 +190,11 @@ def test_the_compiled_operator_names_what_does_not_fit():
     with pytest.raises(RuntimeError, match="x has 50 features, the weight 96"):
         torch.ops.bitcliff_cpu.linear(torch.randn(1, 50), layout.words, layout.scales, layout.zeros, None, None,
                                       4, 96, 40, 16, 2**20)
+
+
+def test_packing_a_few_columns_at_a_time_gives_the_same_layout(monkeypatch):
+    layer, _ = _layer(200, 100, 3, 64)
+    whole = _cpu_layout(layer, "packed")
+    monkeypatch.setattr(cpu_packed, "PACK_COLUMNS", 24)
+    chunked = _cpu_layout(layer, "packed")
+    assert torch.equal(whole.words, chunked.words) and torch.equal(whole.scales, chunked.scales)
