@@ -58,7 +58,7 @@ class BitcliffGPTQConfig(QuantizationConfig):
 
     @classmethod
     def get_min_capability(cls) -> int:
-        return 70  # the Triton kernels' floor (Volta); the CPU ignores it
+        return 70  # Volta, the oldest GPU Triton compiles for; vLLM checks it on CUDA only
 
     @staticmethod
     def get_config_filenames() -> list[str]:
