@@ -6,10 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
 # A small KV cache (GiB): the test models are tiny, and the machine's memory is shared.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-pytest.importorskip("vllm", reason="the vLLM integration tests need vLLM (make test-vllm installs it)")

@@ -15,6 +15,8 @@ from torch import nn
 
 from bitcliff.kernels.pack import pack_qweight, pack_qzeros
 
+pytest.importorskip("vllm", reason="needs vLLM (make test-vllm installs it)")
+
 TP = 2
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from checkpoints import NEW_TOKENS, bitcliff_greedy, make_checkpoint, prompt_ids
 
+pytest.importorskip("vllm", reason="needs vLLM (make test-vllm installs it)")
+
 #: Logit gap below which two paths computing in fp32 may legitimately pick different tokens.
 TIE_MARGIN = 1e-3
 
