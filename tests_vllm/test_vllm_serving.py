@@ -1,0 +1,116 @@
+"""bitcliff checkpoints of the embedded SmolLM2-135M served by vLLM (CPU build) through the plugin.
+
+Greedy continuations in fp32 must equal ``bitcliff.load``'s token for token.  Both run bitcliff's
+kernel on the same packed weights, but the rest of the model (attention, norms, the head) is
+vLLM's own code, summing in another order; so a divergence is accepted only at a step where
+``bitcliff.load``'s top two logits are within :data:`TIE_MARGIN` (a near-tie that fp32 summation
+order may flip), and the test reports every such step.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from checkpoints import NEW_TOKENS, bitcliff_greedy, make_checkpoint, prompt_ids
+
+pytest.importorskip("vllm", reason="needs vLLM (make test-vllm installs it)")
+
+#: Logit gap below which two paths computing in fp32 may legitimately pick different tokens.
+TIE_MARGIN = 1e-3
+
+VARIANTS = {
+    "w2-rtn-g64-asym": dict(bits=2, group_size=64),
+    "w3-rtn-g64-asym": dict(bits=3, group_size=64),
+    "w4-rtn-g128-asym": dict(bits=4, group_size=128),
+    "w3-gptq-g64-act-order": dict(bits=3, group_size=64, method="gptq", act_order=True, calib_samples=8,
+                                  refit_rounds=0, true_sequential=False),
+    "mixed-w3-w4-w2": dict(bits=3, group_size=64, module_widths=(
+        *((f"model.layers.0.self_attn.{p}", 4, 128) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+        *((f"model.layers.1.mlp.{p}", 2, 32) for p in ("gate_proj", "up_proj")),
+        ("model.layers.2.mlp.down_proj", 2, 64),
+    )),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Checkpoints made on first use, kept for the module."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = make_checkpoint(root / name, **VARIANTS[name])
+        return made[name]
+
+    return get
+
+
+def vllm_greedy(folder, prompts, **engine):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=256, enforce_eager=True, seed=0, **engine)
+    try:
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                            SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+        return [list(o.outputs[0].token_ids) for o in outs]
+    finally:
+        if hasattr(llm, "shutdown"):  # frees the engine processes before the next test starts its own
+            llm.shutdown()
+
+
+def check_greedy(folder, variant, **engine):
+    prompts = prompt_ids(folder)
+    expected, margins = bitcliff_greedy(folder, prompts)
+    got = vllm_greedy(folder, prompts, **engine)
+    for p, (want, have, gaps) in enumerate(zip(expected, got, margins)):
+        assert len(have) == NEW_TOKENS
+        first = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
+        if first is None:
+            continue
+        assert gaps[first] < TIE_MARGIN, (
+            f"{variant}, prompt {p}: vLLM diverges at token {first} ({have[first]} vs bitcliff.load's "
+            f"{want[first]}) where the top-2 logit gap is {gaps[first]:.4g}, not a near-tie")
+        print(f"{variant}, prompt {p}: near-tie divergence at token {first} (gap {gaps[first]:.2g})")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_continuation_equals_bitcliff_load(checkpoints, variant):
+    check_greedy(checkpoints(variant), variant)
+
+
+def test_tensor_parallel_engine_equals_bitcliff_load(checkpoints, monkeypatch):
+    """Three ranks (SmolLM2's 9 query and 3 key/value heads split evenly): column-parallel q/k/v and
+    gate/up, row-parallel o/down with act-order groups, 3-bit words cut at every rank boundary."""
+    # Three workers on a machine with fewer cores: let them share instead of binding one per core.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    variant = "w3-gptq-g64-act-order"
+    check_greedy(checkpoints(variant), f"{variant}, 3 ranks", tensor_parallel_size=3,
+                 distributed_executor_backend="mp")
+
+
+def test_repaired_checkpoint_is_refused_naming_the_side_file(checkpoints, tmp_path):
+    folder = tmp_path / "repaired"
+    shutil.copytree(checkpoints("w3-rtn-g64-asym"), folder)
+    (folder / "lowrank.safetensors").write_bytes(b"")  # refused by name, before anything reads it
+    with pytest.raises(Exception, match=r"lowrank\.safetensors"):
+        vllm_greedy(folder, [[1, 2, 3]])
+
+
+def test_claims_through_vllms_own_selection():
+    """vLLM asks the registered config first; symmetric 4-bit without extras stays vLLM's."""
+    from vllm.model_executor.layers.quantization import get_quantization_config
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # through the installed entry point, as every vLLM process does
+    config = get_quantization_config("bitcliff")
+    asym = {"quant_method": "gptq", "bits": 3, "group_size": 64, "sym": False, "desc_act": False,
+            "checkpoint_format": "gptq_v2"}
+    sym4 = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+    assert config.override_quantization_method(asym, None) == "bitcliff"
+    assert config.override_quantization_method(sym4, None) is None
+    assert config.override_quantization_method(sym4, "bitcliff") == "bitcliff"
+    assert config.override_quantization_method(asym, "gptq") is None  # an explicit other choice wins
