@@ -158,6 +158,9 @@ def test_a_repair_that_cannot_be_loaded_is_an_error_not_a_silent_unrepaired_mode
         key = next(k for k in tensors if k.endswith("lora_B.weight"))
         tensors[key][0, 0] = float("nan")
         save_file(tensors, out / "adapter_model.safetensors")
+        with pytest.raises(CheckpointError, match="adapter_model.safetensors is not this checkpoint's own"):
+            bitcliff.load(out)  # its bytes differ from the digest the manifest records
+        (out / ".bitcliff-manifest.json").unlink()  # a folder without a manifest: the adapter's own checks
         with pytest.raises(AdapterError, match=f"tensor {key} holds NaN or Inf values"):
             bitcliff.load(out)
         return
