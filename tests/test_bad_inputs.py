@@ -203,3 +203,39 @@ def test_finite_weights_cost_little_to_check():
     check_finite_tensor(torch.ones(4, dtype=torch.float16), "finite")
     with pytest.raises(CheckpointError, match="x holds 2 NaN or Inf value"):
         check_finite_tensor(torch.tensor([1.0, float("-inf"), float("nan")]), "x")
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("dynamic", {"+:model.layers.(": {"bits": 4}}, "quantization_config.dynamic['+:model.layers.(']: the key is not a valid regular expression"),
+    ("dynamic", ["+:.*"], "quantization_config.dynamic must be a mapping of module-name regex to override, got list"),
+    ("dynamic", {"+:.*": 3}, "quantization_config.dynamic['+:.*'] must be a mapping"),
+    ("dynamic", {"+:.*": {"bits": "4"}}, "quantization_config.dynamic['+:.*'].bits must be an integer, got '4'"),
+    ("sym", "false", "quantization_config.sym must be true or false, got 'false'"),
+    ("meta", [], "quantization_config.meta must be a mapping, got list"),
+])
+def test_a_hand_edited_quantization_config_is_refused_on_load_naming_the_field(checkpoint, tmp_path, tiny_folder,
+                                                                               capsys, field, value, expected):
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(checkpoint, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["quantization_config"][field] = value
+    (edited / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(edited), "--text-file", _text(tiny_folder), "--seq-len", "32", "--windows", "1"]) == 2
+    err = _error(capsys)
+    assert expected in err and len(err.splitlines()) == 1
+
+
+def test_a_hand_edited_manifest_is_refused_on_load_naming_the_field(checkpoint, tmp_path, tiny_folder, capsys):
+    import shutil
+
+    from bitcliff.storage import MANIFEST
+
+    edited = tmp_path / "edited"
+    shutil.copytree(checkpoint, edited)
+    manifest = json.loads((edited / MANIFEST).read_text())
+    manifest["digests"] = ["0" * 64]
+    (edited / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["eval", str(edited), "--text-file", _text(tiny_folder), "--seq-len", "32", "--windows", "1"]) == 2
+    assert "'digests' must map file names to sha256 digests" in _error(capsys)
