@@ -153,3 +153,28 @@ def check_fits_context(model, tokens: int, what: str = "windows") -> None:
     if isinstance(context, int) and tokens > context:
         raise ValueError(f"{what} of {tokens} tokens are longer than the model's context of {context} tokens "
                          f"(max_position_embeddings): use --seq-len {context} or less")
+
+
+def check_token_ids(model, ids, what: str = "windows") -> None:
+    """Refuse token ids outside the model's vocabulary (its input embedding's rows), naming the
+    first such id and the vocabulary size: the embedding lookup would fail with a bare
+    ``IndexError`` (or read another device's memory on a GPU).
+
+    Args:
+        model: a causal LM with ``get_input_embeddings()``; others are not checked.
+        ids: an int64 tensor of any shape, or a list of them.
+        what: what the ids are, for the message ("calibration windows", "examples").
+    Raises:
+        ValueError: an id below 0 or at least the vocabulary size.
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(vocab, int):
+        return
+    for i, tensor in enumerate(ids if isinstance(ids, (list, tuple)) else [ids]):
+        bad = (tensor < 0) | (tensor >= vocab)
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            index = [i, *where] if isinstance(ids, (list, tuple)) else where
+            raise ValueError(f"{what} hold token id {int(tensor[tuple(where)])} (at {tuple(index)}), outside the model's "
+                             f"vocabulary of {vocab} ids (0-{vocab - 1}): were they made with this model's tokenizer?")
