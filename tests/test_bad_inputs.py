@@ -239,3 +239,21 @@ def test_a_hand_edited_manifest_is_refused_on_load_naming_the_field(checkpoint, 
     (edited / MANIFEST).write_text(json.dumps(manifest))
     assert main(["eval", str(edited), "--text-file", _text(tiny_folder), "--seq-len", "32", "--windows", "1"]) == 2
     assert "'digests' must map file names to sha256 digests" in _error(capsys)
+
+
+def test_the_bad_input_pass_lists_every_case_with_its_class():
+    """``bench.bad_inputs`` (too long for the suite) is checked here for what can go wrong before
+    it runs: every case has a class, names only places its fixtures make, and is listed once."""
+    import string
+
+    from bench.bad_inputs import CLASSES, PLACES, _cases
+
+    cases = _cases()
+    assert len({case.what for case in cases}) == len(cases)
+    assert {case.kind for case in cases} <= set(CLASSES)
+    named = {field for case in cases for arg in case.argv for _, field, _, _ in string.Formatter().parse(arg) if field}
+    assert named <= PLACES
+    issue_37 = {case.what: case.kind for case in cases if case.kind != "refusal"}
+    assert {"data loss", "silently wrong", "traceback", "late or unclear"} == set(issue_37.values())
+    assert issue_37["eval --json onto a user's file"] == "data loss"
+    assert issue_37["a text too short for disjoint calibration and evaluation"] == "silently wrong"
