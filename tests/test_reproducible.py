@@ -175,3 +175,11 @@ def test_ctrl_c_while_the_command_starts_is_one_line_and_130():
     assert result.returncode == 130
     assert result.stderr.strip() == "bitcliff: interrupted while starting; nothing was done"
     assert result.stdout == ""
+
+
+def test_bitcliff_load_registers_the_transformers_method():
+    """A checkpoint may declare quant_method "bitcliff"; transformers must know it by the time
+    ``bitcliff.load`` is reached, though ``import bitcliff`` imported nothing heavy."""
+    assert _run_python("import bitcliff\nbitcliff.load\n"
+                       "from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING as known\n"
+                       "print('bitcliff' in known)") == "True"
