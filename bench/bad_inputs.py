@@ -262,8 +262,8 @@ def main() -> int:
         "(exit status 2: a refusal; 1: a failure of the machine).  Seconds include starting Python and torch "
         "(about 3 s), so a refusal after a few seconds came before any work.",
         "",
-        "The class is the fault a case guards against, what the command did before it refused: data loss, "
-        "silently wrong, a traceback, late or unclear, or none (a plain refusal of a bad value).",
+        ("The class is the fault a case guards against, what the command did before it refused: data loss, "
+         "silently wrong, a traceback, late or unclear, or none (a plain refusal of a bad value)."),
         "",
         "| bad input | class | command | exit | seconds | what it says |",
         "|---|---|---|---|---|---|",
