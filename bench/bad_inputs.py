@@ -7,6 +7,10 @@ error, seconds) is written to ``docs/bad-inputs.md``.
 A case passes when the command exits with a status other than 0 (a refusal), prints no
 traceback, and says what is wrong in one line; the run fails (exit 1) when any case does not.
 Cases that need a checkpoint share one RTN W4 checkpoint of the default model, made first.
+
+Each case names the class of fault it guards against, what the command did before it was
+refused (:data:`CLASSES`): data loss, silently wrong, traceback, late or unclear, or a plain
+refusal of a bad value.
 """
 
 from __future__ import annotations
@@ -26,12 +30,22 @@ from bench.provenance import commit, now
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
+#: The class of fault a case guards against: what the command did before it refused.
+CLASSES = ("data loss", "silently wrong", "traceback", "late or unclear", "refusal")
+
+#: The places the cases name (``{tmp}``...), made by :func:`_fixtures`.
+PLACES = frozenset({"tmp", "file", "mine", "binary", "ckpt", "nan", "noweights", "truncated", "diagnosis", "badrows",
+                    "law", "usersweep", "nested", "link", "stray", "otherdiag", "short", "dynamic"})
+
+
 @dataclass
 class Case:
-    """One bad input: what a user might type (``{tmp}``, ``{ckpt}``... are filled in) and why it is bad."""
+    """One bad input: what a user might type (``{tmp}``, ``{ckpt}``... are filled in), why it is
+    bad, and the class of fault it guards against (one of :data:`CLASSES`)."""
 
     what: str
     argv: list[str]
+    kind: str = "refusal"
 
 
 def _cases() -> list[Case]:
@@ -109,6 +123,22 @@ def _cases() -> list[Case]:
                                                 "--bits", "3"]),
         c("a GPTQ prediction without its calibration size", ["study", "predict", "{law}", "--model", "default",
                                                              "--method", "gptq", "--bits", "3"]),
+        # Issue 37: nothing lost, nothing silently wrong.
+        c("eval --json onto a user's file", ["eval", "{ckpt}", "--windows", "1", "--json", "{file}"], "data loss"),
+        c("sweep --out-dir onto a folder with a user's sweep.json", ["sweep", "--bits", "4", "--out-dir",
+                                                                    "{usersweep}"], "data loss"),
+        c("--overwrite on a checkpoint holding a diagnosis", ["quantize", "--bits", "3", "--out", "{nested}",
+                                                              "--overwrite"], "data loss"),
+        c("--out a symlink to a user's folder", ["quantize", "--bits", "3", "--out", "{link}", "--overwrite"],
+          "data loss"),
+        c("a side file copied from another checkpoint", ["eval", "{stray}", "--windows", "1"], "silently wrong"),
+        c("a diagnosis of another model", ["repair", "--quantized", "{ckpt}", "--diagnosis", "{otherdiag}", "--out",
+                                           "{tmp}/r"], "silently wrong"),
+        c("a text too short for disjoint calibration and evaluation", ["eval", "{ckpt}", "--text-file", "{short}"],
+          "silently wrong"),
+        c("an infinite repair budget", ["cliff", "--budget", "inf"], "late or unclear"),
+        c("windows of one token", ["eval", "default", "--seq-len", "1"], "traceback"),
+        c("a hand-edited quantization_config.dynamic", ["eval", "{dynamic}", "--windows", "1"], "traceback"),
     ]
 
 
@@ -158,10 +188,35 @@ def _fixtures(tmp: Path) -> dict[str, str]:
     lines[3] = json.dumps(row)
     lines[6] = lines[6][:40]  # cut short, as by a crash
     (badrows / "rows.jsonl").write_text("\n".join(lines) + "\n")
-    return {"tmp": str(tmp), "file": str(tmp / "a-file"), "mine": str(mine), "binary": str(tmp / "binary.bin"),
-            "ckpt": str(ckpt), "nan": str(nan), "noweights": str(noweights), "truncated": str(truncated),
-            "diagnosis": str(diagnosis / "diagnosis.json"), "badrows": str(badrows),
-            "law": str(root / "study-law.json")}
+    usersweep = tmp / "usersweep"
+    usersweep.mkdir()
+    (usersweep / "sweep.json").write_text('{"the user\'s": "results"}\n')
+    nested = tmp / "nested"
+    shutil.copytree(ckpt, nested)
+    shutil.copytree(diagnosis, nested / "diagnosis")
+    (tmp / "link").symlink_to(mine, target_is_directory=True)
+    stray = tmp / "stray"
+    shutil.copytree(ckpt, stray)
+    (stray / "outliers.safetensors").write_bytes((noweights / "config.json").read_bytes())
+    other = json.loads((diagnosis / "diagnosis.json").read_text())
+    other["meta"]["fingerprints"] = {"fp": "0" * 64, "quantized": "0" * 64}  # as if made on another model
+    (tmp / "other-diagnosis.json").write_text(json.dumps(other))
+    from bitcliff.assets import load_text
+
+    (tmp / "short.txt").write_text(load_text("wiki")[:40_000])
+    dynamic = tmp / "dynamic"
+    shutil.copytree(ckpt, dynamic)
+    config = json.loads((dynamic / "config.json").read_text())
+    config["quantization_config"]["dynamic"] = ["+:.*"]
+    (dynamic / "config.json").write_text(json.dumps(config))
+    places = {"tmp": str(tmp), "file": str(tmp / "a-file"), "mine": str(mine), "binary": str(tmp / "binary.bin"),
+              "ckpt": str(ckpt), "nan": str(nan), "noweights": str(noweights), "truncated": str(truncated),
+              "diagnosis": str(diagnosis / "diagnosis.json"), "badrows": str(badrows),
+              "law": str(root / "study-law.json"), "usersweep": str(usersweep), "nested": str(nested),
+              "link": str(tmp / "link"), "stray": str(stray), "otherdiag": str(tmp / "other-diagnosis.json"),
+              "short": str(tmp / "short.txt"), "dynamic": str(dynamic)}
+    assert set(places) == PLACES, "PLACES lists what the cases may name"
+    return places
 
 
 def main() -> int:
@@ -185,7 +240,8 @@ def main() -> int:
             shown = " ".join("…" + a[len(str(tmp)):] if a.startswith(str(tmp)) else a for a in argv)
             shown = shown.replace(f"{REPOSITORY}/", "")  # files of the checkout, as a reader's clone names them
             message = message.replace(str(tmp), "…")
-            rows.append(f"| {case.what} | `bitcliff {shown}` | {status} | {seconds:.1f} | {message.replace('|', '/')} |"
+            rows.append(f"| {case.what} | {case.kind} | `bitcliff {shown}` | {status} | {seconds:.1f} | "
+                        f"{message.replace('|', '/')} |"
                         + ("" if ok else " **FAILED** |"))
             print(f"{'ok ' if ok else 'BAD'} {status:3d} {seconds:5.1f}s {case.what}: {message[:120]}", flush=True)
     import platform
@@ -206,8 +262,11 @@ def main() -> int:
         "(exit status 2: a refusal; 1: a failure of the machine).  Seconds include starting Python and torch "
         "(about 3 s), so a refusal after a few seconds came before any work.",
         "",
-        "| bad input | command | exit | seconds | what it says |",
-        "|---|---|---|---|---|",
+        ("The class is the fault a case guards against, what the command did before it refused: data loss, "
+         "silently wrong, a traceback, late or unclear, or none (a plain refusal of a bad value)."),
+        "",
+        "| bad input | class | command | exit | seconds | what it says |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
     ]

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitcliff.data import check_fits_context
+from bitcliff.data import check_fits_context, check_token_ids
 from bitcliff.distributed import Ranks
 from bitcliff.layers import (
     LayerCall,
@@ -247,6 +247,7 @@ def capture_calibration_inputs(
     """What the decoder layers receive for each batch of ``batch_size`` calibration windows:
     ``inputs[0][b]`` (the first layer's input) and ``calls[l][b]`` for every layer ``l``."""
     check_fits_context(model, calib_ids.shape[-1], "calibration windows")
+    check_token_ids(model, calib_ids, "calibration windows")
     recorded = LayerCalls(layers)
     device = _input_device(model)
     was_training = model.training

@@ -8,7 +8,9 @@
 
 ``BitcliffConfig`` and its quantizer are registered with transformers' public registration API
 (``register_quantization_config`` / ``register_quantizer``, method name ``"bitcliff"``) when this
-module is imported, which ``import bitcliff`` does.  After the weights are loaded the quantizer
+module is imported: when ``bitcliff.BitcliffConfig`` or ``bitcliff.hf_quantizer`` is first used
+(``import bitcliff`` alone imports nothing heavy), and by :func:`bitcliff.load` and every command
+that loads a model.  After the weights are loaded the quantizer
 runs :func:`bitcliff.quantize` on the model: RTN, or GPTQ when the config carries calibration
 text (``method="gptq"``, ``calibration_text=...``, windows cut by the model's own tokenizer as in
 :func:`bitcliff.data.calibration_windows`).  The model's ``config.quantization_config`` then

@@ -93,6 +93,7 @@ def load_fp_model(name: str, dtype: torch.dtype | None = None, device: str | tor
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from bitcliff import hf_quantizer  # noqa: F401  - registers quant_method "bitcliff", whose loader says what to do
     from bitcliff.assets import resolve_model
 
     path = resolve_model(name)

@@ -203,3 +203,57 @@ def test_finite_weights_cost_little_to_check():
     check_finite_tensor(torch.ones(4, dtype=torch.float16), "finite")
     with pytest.raises(CheckpointError, match="x holds 2 NaN or Inf value"):
         check_finite_tensor(torch.tensor([1.0, float("-inf"), float("nan")]), "x")
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("dynamic", {"+:model.layers.(": {"bits": 4}}, "quantization_config.dynamic['+:model.layers.(']: the key is not a valid regular expression"),
+    ("dynamic", ["+:.*"], "quantization_config.dynamic must be a mapping of module-name regex to override, got list"),
+    ("dynamic", {"+:.*": 3}, "quantization_config.dynamic['+:.*'] must be a mapping"),
+    ("dynamic", {"+:.*": {"bits": "4"}}, "quantization_config.dynamic['+:.*'].bits must be an integer, got '4'"),
+    ("sym", "false", "quantization_config.sym must be true or false, got 'false'"),
+    ("meta", [], "quantization_config.meta must be a mapping, got list"),
+])
+def test_a_hand_edited_quantization_config_is_refused_on_load_naming_the_field(checkpoint, tmp_path, tiny_folder,
+                                                                               capsys, field, value, expected):
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(checkpoint, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["quantization_config"][field] = value
+    (edited / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(edited), "--text-file", _text(tiny_folder), "--seq-len", "32", "--windows", "1"]) == 2
+    err = _error(capsys)
+    assert expected in err and len(err.splitlines()) == 1
+
+
+def test_a_hand_edited_manifest_is_refused_on_load_naming_the_field(checkpoint, tmp_path, tiny_folder, capsys):
+    import shutil
+
+    from bitcliff.storage import MANIFEST
+
+    edited = tmp_path / "edited"
+    shutil.copytree(checkpoint, edited)
+    manifest = json.loads((edited / MANIFEST).read_text())
+    manifest["digests"] = ["0" * 64]
+    (edited / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["eval", str(edited), "--text-file", _text(tiny_folder), "--seq-len", "32", "--windows", "1"]) == 2
+    assert "'digests' must map file names to sha256 digests" in _error(capsys)
+
+
+def test_the_bad_input_pass_lists_every_case_with_its_class():
+    """``bench.bad_inputs`` (too long for the suite) is checked here for what can go wrong before
+    it runs: every case has a class, names only places its fixtures make, and is listed once."""
+    import string
+
+    from bench.bad_inputs import CLASSES, PLACES, _cases
+
+    cases = _cases()
+    assert len({case.what for case in cases}) == len(cases)
+    assert {case.kind for case in cases} <= set(CLASSES)
+    named = {field for case in cases for arg in case.argv for _, field, _, _ in string.Formatter().parse(arg) if field}
+    assert named <= PLACES
+    issue_37 = {case.what: case.kind for case in cases if case.kind != "refusal"}
+    assert {"data loss", "silently wrong", "traceback", "late or unclear"} == set(issue_37.values())
+    assert issue_37["eval --json onto a user's file"] == "data loss"
+    assert issue_37["a text too short for disjoint calibration and evaluation"] == "silently wrong"

@@ -55,6 +55,52 @@ def test_a_second_run_reuses_every_step(run, tiny_folder, monkeypatch, capsys):
     assert "continuations of" in capsys.readouterr().out
 
 
+def _moved_run(run, tmp_path, text):
+    """A copy of ``run`` whose settings name ``text`` (a copy of its text) as --text-file."""
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    state = json.loads((moved / "state.json").read_text())
+    state["settings"]["text"] = str(text)
+    (moved / "state.json").write_text(json.dumps(state))
+    return moved
+
+
+def test_a_text_edited_under_the_same_name_is_not_resumed(run, tiny_folder, tmp_path, monkeypatch, capsys):
+    import bitcliff
+
+    text = tmp_path / "text.txt"
+    shutil.copy(tiny_folder.parent / "text.txt", text)
+    moved = _moved_run(run, tmp_path, text)
+    argv = [a if a != str(tiny_folder.parent / "text.txt") else str(text) for a in _argv(tiny_folder, moved)]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished step was computed again")
+
+    monkeypatch.setattr(bitcliff, "quantize", no_work)
+    assert main(argv) == 0  # the same content under another path: every step is reused
+    capsys.readouterr()
+    text.write_text(text.read_text().replace("w1 ", "w2 "))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (text_sha256); the content of --text-file changed since" in err
+
+
+def test_a_model_folder_changed_under_the_same_name_is_not_resumed(run, tiny_folder, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    config = json.loads((model / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3  # another model, with the same input embeddings
+    (model / "config.json").write_text(json.dumps(config))
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    argv = [a if a != str(tiny_folder) else str(model) for a in _argv(tiny_folder, moved)]
+    state = json.loads((moved / "state.json").read_text())
+    state["settings"]["model"] = str(model)
+    (moved / "state.json").write_text(json.dumps(state))
+    assert main(argv) == 2
+    assert "(model_folder_sha256); the --model folder changed since" in capsys.readouterr().err
+
+
 def test_other_settings_in_the_same_folder_are_refused(run, tiny_folder, capsys):
     assert main(_argv(tiny_folder, run, "--budget", "0.5")) == 2
     assert "holds a run with other settings (budget)" in capsys.readouterr().err
@@ -126,3 +172,20 @@ def test_a_budget_repair_would_refuse_is_refused_by_the_settings(budget):
 
     with pytest.raises(ValueError, match="^budget must be a finite number"):
         CliffSettings(budget=budget)
+
+
+def test_a_run_folder_older_than_the_fingerprints(tmp_path):
+    """An older run of an embedded text is resumed (its cached file is checked by digest) and its
+    fingerprint recorded; one of a user's text is refused: its results cannot be tied to the text."""
+    from bitcliff.cliff.run import StepStore
+
+    older = {"text": "wiki", "budget": 0.25}
+    StepStore.open(tmp_path / "embedded", older).put("fp", {"ppl": 2.0})
+    now = {**older, "text_sha256": "ab"}
+    store = StepStore.open(tmp_path / "embedded", now, adoptable=frozenset({"text_sha256"}))
+    assert store.steps == {"fp": {"ppl": 2.0}}
+    assert json.loads((tmp_path / "embedded" / "state.json").read_text())["settings"] == now
+    StepStore.open(tmp_path / "user", {"text": "t.txt"}).put("fp", {"ppl": 2.0})
+    with pytest.raises(ValueError, match=r"other settings \(text_sha256\); it was written before its inputs' content "
+                                         r"was recorded \(text_sha256\)"):
+        StepStore.open(tmp_path / "user", {"text": "t.txt", "text_sha256": "ab"})

@@ -141,3 +141,46 @@ def test_a_setting_of_the_user_is_kept(monkeypatch):
     chosen = numerics.pin()
     assert os.environ["MKL_CBWR"] == "COMPATIBLE"
     assert "MKL_CBWR" not in chosen
+
+
+def test_importing_bitcliff_and_its_command_line_imports_no_torch():
+    """The public names come on first use, so the command can answer Ctrl-C before torch loads;
+    they stay the same names, and the first use of ``BitcliffConfig`` registers it."""
+    report = _run_python(
+        "import json, sys, bitcliff, bitcliff.cli\n"
+        "before = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "names = {n: getattr(bitcliff, n).__module__ for n in bitcliff.__all__}\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING as known\n"
+        "print(json.dumps([before, names, 'bitcliff' in known, bitcliff.__version__]))")
+    before, names, registered, version = json.loads(report)
+    assert before == []
+    assert names["quantize"] == "bitcliff.quant.convert" and names["load"] == "bitcliff.quant.checkpoint"
+    assert set(names) == {"BitcliffConfig", "QuantConfig", "QuantLinear", "RepairPlan", "quantize", "save", "load",
+                          "diagnose", "measure_repairs", "plan_repair", "repair"}
+    assert registered and version
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_130():
+    """SIGINT arrives while the commands' modules import torch (sent from inside that step, so the
+    timing is certain): one line, exit status 130, no traceback."""
+    code = ("import os, signal, sys, bitcliff.cli as cli\n"
+            "build = cli.build_parser\n"
+            "def slow_start():\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    import torch, transformers  # noqa: F401\n"
+            "    return build()\n"
+            "cli.build_parser = slow_start\n"
+            "sys.exit(cli.main(['--help']))")
+    result = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=300,
+                            check=False)  # the status is what is tested
+    assert result.returncode == 130
+    assert result.stderr.strip() == "bitcliff: interrupted while starting; nothing was done"
+    assert result.stdout == ""
+
+
+def test_bitcliff_load_registers_the_transformers_method():
+    """A checkpoint may declare quant_method "bitcliff"; transformers must know it by the time
+    ``bitcliff.load`` is reached, though ``import bitcliff`` imported nothing heavy."""
+    assert _run_python("import bitcliff\nbitcliff.load\n"
+                       "from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING as known\n"
+                       "print('bitcliff' in known)") == "True"

@@ -10,14 +10,22 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
+import signal
 import sys
+import threading
 
 from bitcliff import numerics
-from bitcliff.cli import assets, cliff, diagnose, evaluate, quantize, repair, study
-from bitcliff.cli.common import HelpFormatter, device_from_args
+
+# Nothing heavy above: the commands' modules import torch and transformers (seconds), and a Ctrl-C
+# in that time must end with one line, not an import traceback (see :func:`main`).
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (importing their modules, and with them torch)."""
+    from bitcliff.cli import assets, cliff, diagnose, evaluate, quantize, repair, study
+    from bitcliff.cli.common import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="bitcliff", formatter_class=HelpFormatter,
         description="Low-bit (2/3/4-bit) quantization of LLMs: quantize, evaluate, and diagnose why a "
@@ -42,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     bytes on any thread count and x86 machine; the processes a command starts inherit the pin.
     """
     numerics.pin()
-    args = build_parser().parse_args(argv)
+    with interrupt_quietly_while_starting():
+        parser = build_parser()
+        from bitcliff.cli.common import device_from_args
+    args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that starts its own ranks
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     prefix = f"bitcliff {args.command}"
@@ -65,6 +76,31 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def on_interrupt_while_starting(signum=None, frame=None) -> None:
+    """Ctrl-C before any command started: one line and exit status 130, at once.  Nothing was
+    written yet, and exiting without unwinding skips a traceback through whatever library was
+    importing (torch alone prints some 60 lines)."""
+    sys.stderr.write("\nbitcliff: interrupted while starting; nothing was done\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+class interrupt_quietly_while_starting:
+    """Install :func:`on_interrupt_while_starting` for SIGINT, and put the previous handler back on
+    exit (a command's own Ctrl-C handling says what it kept).  Only the main thread may set
+    signal handlers; elsewhere (a caller's worker thread) this does nothing."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, on_interrupt_while_starting)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def add_text_args(p: argparse.ArgumentParser, seq_len: int | None = 512) -> None:
     p.add_argument("--text-file", default="wiki",
-                   help="corpus: 'wiki' (the embedded Wikipedia sample), 'canterbury' (embedded books) or a path to a UTF-8 text file")
+                   help="corpus: 'wiki' (the embedded Wikipedia sample), 'canterbury' (embedded books) or a path to a UTF-8 text "
+                        "file; calibration and evaluation read disjoint parts of it (a text under 1,400,000 characters is split)")
     if seq_len is not None:
         p.add_argument("--seq-len", type=window_length, default=seq_len, help="tokens per window")
 

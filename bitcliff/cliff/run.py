@@ -9,7 +9,9 @@ with the same numbers.  Everything lands in one run folder:
 
 * ``state.json``: the settings and every finished step's result.  Running the same command again
   reuses the finished steps (an interrupted run resumes); other settings in the same folder are
-  refused, never mixed.
+  refused, never mixed.  The settings hold what the inputs contain, not only their names: the
+  text's sha256 and a model folder's digest, so an edited ``--text-file`` or model folder is
+  refused too.
 * ``gptq-w3g64/``, ``gptq-w3g64-repaired/``: the checkpoints (``bitcliff.load`` reads them);
   ``gptq-w3g64-diagnosis/``: the diagnosis (``report.html``).
 * ``cliff.json`` and ``report.html`` (:mod:`bitcliff.cliff.report`), rewritten at the end.
@@ -109,8 +111,12 @@ class StepStore:
     steps: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, folder: Path, settings: dict, restart: bool = False) -> "StepStore":
+    def open(cls, folder: Path, settings: dict, restart: bool = False,
+             adoptable: frozenset = frozenset()) -> "StepStore":
         """Resume the run in ``folder`` or start one.
+
+        ``adoptable``: keys of ``settings`` that a run folder written before they were recorded
+        may lack and still be resumed (they are added to it).
 
         Raises:
             ValueError: the folder holds a run with other settings (named), unless ``restart``.
@@ -124,13 +130,22 @@ class StepStore:
             saved = json.loads(state.read_text())
             if restart:
                 _remove_run(folder)
-            elif saved.get("settings") != settings:
-                old = saved.get("settings", {})
-                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                raise ValueError(f"{folder} holds a run with other settings ({', '.join(diff)}); pass --restart to "
-                                 "discard it, or choose another --out")
             else:
-                return cls(folder, settings, saved.get("steps", {}))
+                old = saved.get("settings", {})
+                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k)
+                              and not (k in adoptable and k not in old))
+                if diff:
+                    unrecorded = [k for k in diff if k.endswith("_sha256") and k not in old]
+                    why = (f"; it was written before its inputs' content was recorded ({', '.join(unrecorded)}), so its "
+                           "results cannot be tied to them" if unrecorded
+                           else "; the content of --text-file changed since" if "text_sha256" in diff
+                           else "; the --model folder changed since" if "model_folder_sha256" in diff else "")
+                    raise ValueError(f"{folder} holds a run with other settings ({', '.join(diff)}){why}; pass "
+                                     "--restart to discard it, or choose another --out")
+                store = cls(folder, settings, saved.get("steps", {}))
+                if old != settings:
+                    store.save()  # record the adopted fingerprints
+                return store
         folder.mkdir(parents=True, exist_ok=True)
         store = cls(folder, settings)
         store.save()
@@ -186,6 +201,34 @@ def _remove_run(folder: Path) -> None:
             raise OccupiedOutputError(f"{folder} holds {entry.name}, which bitcliff did not write; nothing was removed")
 
 
+def input_fingerprints(settings: CliffSettings, text: str) -> dict:
+    """What the inputs that can change under the same name hold, for the run's identity: the
+    text's sha256 (``--text-file`` is a path) and, for a model given as a folder, the folder's
+    digest (the input embeddings' fingerprint misses a fine-tune that leaves them alone).  A
+    finished step is reused only when they are the same as when it was computed."""
+    import hashlib
+    import os
+
+    from bitcliff.assets import MODEL_ALIASES, MODELS
+    from bitcliff.storage import folder_digest
+
+    prints = {"text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    key = settings.model.strip().lower()
+    folder = Path(os.path.expanduser(settings.model))
+    if MODEL_ALIASES.get(key, key) not in MODELS and folder.is_dir():
+        prints["model_folder_sha256"] = folder_digest(folder)
+    return prints
+
+
+def _embedded_fingerprints(settings: CliffSettings) -> frozenset:
+    """The fingerprints a run folder written before they were recorded may lack and still be
+    resumed: those of an embedded text, whose cached file is checked against its recorded digest
+    whenever it is read, so its name stands for its content."""
+    from bitcliff.assets import TEXTS
+
+    return frozenset({"text_sha256"}) if settings.text.strip().lower() in TEXTS else frozenset()
+
+
 def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progress: bool = True,
               device: str | torch.device = "cpu", workers: int | None = None) -> dict:
     """Run (or resume) the cliff in ``out`` on ``device``; returns the summary written to ``cliff.json``.
@@ -204,11 +247,12 @@ def run_cliff(settings: CliffSettings, out: Path, restart: bool = False, progres
     device = resolve_device(device)
     job = Job.open(settings, out, device, progress)
     fp_model = job.fp_model
-    identity = {**settings.to_dict(), "model_fingerprint": model_fingerprint(fp_model, digits=16)}
+    identity = {**settings.to_dict(), "model_fingerprint": model_fingerprint(fp_model, digits=16),
+                **input_fingerprints(settings, job.text)}
     dtype = next(fp_model.parameters()).dtype
     if device.type != "cpu":  # the CPU's fp32 is the protocol's reference (and what older run folders hold)
         identity["compute"] = f"{device.type} {dtype}"
-    store = StepStore.open(Path(out), identity, restart)
+    store = StepStore.open(Path(out), identity, restart, adoptable=_embedded_fingerprints(settings))
     middle = job_steps(settings.bits)
     store.drop_stale(middle, progress)
     bar = tqdm(total=len(middle) + 3, desc="cliff", unit="step", disable=not progress)

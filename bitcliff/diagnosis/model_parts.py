@@ -63,12 +63,15 @@ def logit_lens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     unembedding (nostalgebraist's logit lens), with the model's final soft-capping if it has one.
 
     Args:
-        hidden: float ``[..., d_model]`` residual stream.
+        hidden: float ``[..., d_model]`` residual stream, in any float dtype.
     Returns:
         fp32 ``[..., vocab]``.
     """
     norm = getattr(backbone(model), ARCHITECTURE.final_norm)
-    logits = getattr(model, ARCHITECTURE.unembedding)(norm(hidden)).float()
+    unembedding = getattr(model, ARCHITECTURE.unembedding)
+    # The diagnosis keeps residual streams in fp32; a bf16 or fp16 model reads them in its own dtype.
+    hidden = hidden.to(unembedding.weight.dtype)
+    logits = unembedding(norm(hidden)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

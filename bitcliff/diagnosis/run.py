@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitcliff.data import check_token_ids
 from bitcliff.diagnosis.components import ComponentAssessment, ComponentAssessor
 from bitcliff.diagnosis.fp_record import eager_attention, model_logits, record_fp
 from bitcliff.diagnosis.inputs import (
@@ -214,6 +215,7 @@ def diagnose(
         if other_name == name:
             raise ValueError(f"compare model name {other_name!r} is also the diagnosed model's name")
     examples = prepare_examples(texts, tokenizer, context_length(fp_model))
+    check_token_ids(fp_model, examples, "the examples")
     if len(examples) < 3:
         raise ValueError(f"diagnosis needs at least 3 examples (for the per-example statistics), got {len(examples)}")
     fp_model.eval()

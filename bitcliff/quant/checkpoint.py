@@ -47,7 +47,7 @@ from bitcliff.quant.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from bitcliff.quant.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from bitcliff.quant.adapter import adapter_tensors, has_adapter, load_adapter
 from bitcliff.quant.config import QuantConfig
-from bitcliff.quant.dynamic import dynamic_entries, dynamic_override, module_overrides
+from bitcliff.quant.dynamic import check_dynamic, dynamic_entries, dynamic_override, module_overrides
 from bitcliff.quant.factors import FACTORS_FILE
 from bitcliff.quant.gptq_model import gptq_log, write_gptq_log
 from bitcliff.quant.outliers import OUTLIERS_FILE
@@ -323,6 +323,7 @@ def read_quantization_config(directory: Path) -> tuple[dict, dict]:
             f"{directory} is not a GPTQ checkpoint: config.json has no quantization_config "
             "with quant_method 'gptq'"
         )
+    _check_fields(directory, qc)
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in FORMATS:
         raise CheckpointError(f"{directory}: unsupported checkpoint_format {fmt!r}, expected one of {FORMATS}")
@@ -339,6 +340,32 @@ def read_quantization_config(directory: Path) -> tuple[dict, dict]:
     if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise CheckpointError(f"{directory}: quantization_config group_size={group_size!r} is invalid")
     return model_config, qc
+
+
+# The flags a GPTQ config holds as true/false, and the mappings bitcliff reads its own settings from.
+_BOOL_FIELDS = ("sym", "desc_act", "static_groups", "true_sequential")
+
+
+def _check_fields(directory: Path, qc: dict) -> None:
+    """Refuse, on load, the rest of a hand-edited ``quantization_config`` that loading reads,
+    naming the field: later it would fail with a regex or type error, or be read as something else
+    (``"sym": "false"`` is true)."""
+    for key in _BOOL_FIELDS:
+        if key in qc and not isinstance(qc[key], bool):
+            raise CheckpointError(f"{directory}: quantization_config.{key} must be true or false, got {qc[key]!r}")
+    damp = qc.get("damp_percent")
+    if damp is not None and (isinstance(damp, bool) or not isinstance(damp, (int, float))):
+        raise CheckpointError(f"{directory}: quantization_config.damp_percent must be a number, got {damp!r}")
+    meta = qc.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{directory}: quantization_config.meta must be a mapping, got {type(meta).__name__}")
+    if meta and meta.get("bitcliff") is not None and not isinstance(meta["bitcliff"], dict):
+        raise CheckpointError(f"{directory}: quantization_config.meta.bitcliff must be a mapping, "
+                              f"got {type(meta['bitcliff']).__name__}")
+    try:
+        check_dynamic(qc.get("dynamic"))
+    except ValueError as error:
+        raise CheckpointError(f"{directory}: {error}") from error
 
 
 def read_weight_map(directory: Path) -> dict[str, str]:
@@ -391,6 +418,8 @@ def check_side_files(directory: Path) -> None:
     files in a folder without a manifest.  A manifest written before digests were recorded
     binds by name only."""
     manifest = read_manifest(directory)
+    if manifest is not None:
+        _check_manifest(directory, manifest)
     for name in SIDE_FILES:
         if not (directory / name).is_file():
             continue
@@ -409,6 +438,18 @@ def check_side_files(directory: Path) -> None:
         raise CheckpointError(f"{directory / name} is not this checkpoint's own ({reason}): it may have been copied "
                               "from another checkpoint, whose repairs would be applied to these weights; remove it, "
                               "or copy the whole checkpoint it came from")
+
+
+def _check_manifest(directory: Path, manifest: dict) -> None:
+    """Refuse a hand-edited manifest whose fields :func:`check_side_files` would misread: with
+    ``digests`` not a mapping of name to digest, a side file would be bound by its name alone."""
+    if not all(isinstance(name, str) for name in manifest["files"]):
+        raise CheckpointError(f"{directory / MANIFEST}: 'files' must list file names, got {manifest['files']!r}")
+    digests = manifest.get("digests")
+    if digests is not None and not (isinstance(digests, dict)
+                                    and all(isinstance(v, str) for v in digests.values())):
+        raise CheckpointError(f"{directory / MANIFEST}: 'digests' must map file names to sha256 digests, "
+                              f"got {digests!r}; re-create the checkpoint")
 
 
 def check_files_present(directory: Path) -> None:

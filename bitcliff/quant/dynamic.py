@@ -42,9 +42,38 @@ def dynamic_entries(overrides: dict[str, tuple[int, int]]) -> dict[str, dict]:
     return entries
 
 
+def check_dynamic(dynamic) -> None:
+    """Refuse a ``dynamic`` mapping :func:`dynamic_override` cannot read, naming the entry: a
+    hand-edited config would otherwise fail deep in loading with a regex or type error.
+
+    Raises:
+        ValueError: ``dynamic`` is not a mapping, a key is not a valid regex (after its ``+:``
+            or ``-:``), an override is not a mapping, or its ``bits`` / ``group_size`` is not an
+            integer (whether the width is supported is checked per module, where it applies).
+    """
+    if dynamic is None:
+        return
+    if not isinstance(dynamic, dict):
+        raise ValueError(f"quantization_config.dynamic must be a mapping of module-name regex to override, "
+                         f"got {type(dynamic).__name__}")
+    for pattern, override in dynamic.items():
+        field = f"quantization_config.dynamic[{pattern!r}]"
+        try:
+            re.compile(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern)
+        except re.error as error:
+            raise ValueError(f"{field}: the key is not a valid regular expression ({error})") from error
+        if not isinstance(override, dict):
+            raise ValueError(f"{field} must be a mapping such as {{\"bits\": 4, \"group_size\": 128}} "
+                             f"(or {{}} after '-:'), got {override!r}")
+        for key in ("bits", "group_size"):
+            value = override.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{field}.{key} must be an integer, got {value!r}")
+
+
 def dynamic_override(dynamic: dict | None, name: str) -> dict | bool | None:
     """Module ``name``'s override: a dict, False when it is left unquantized, None when no entry
-    matches."""
+    matches.  ``dynamic`` is one :func:`check_dynamic` accepted."""
     for pattern, override in (dynamic or {}).items():
         negative = pattern.startswith("-:")
         regex = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern

@@ -73,6 +73,30 @@ def test_bad_inputs_are_clear_errors(pair, windows):
         bitcliff.diagnose(fp, fp, windows, options=fast, progress=False)
 
 
+def test_out_of_vocabulary_ids_are_refused_naming_the_id_and_the_vocabulary(pair, windows):
+    fp, q = pair
+    bad = windows.clone()
+    bad[1, 3] = 500
+    with pytest.raises(ValueError, match=r"token id 500 \(at \(1, 3\)\), outside the model's vocabulary of 128 ids"):
+        bitcliff.diagnose(fp, q, bad, options=DiagnoseOptions.fast(), progress=False)
+    with pytest.raises(ValueError, match=r"calibration windows hold token id 500 .* vocabulary of 128 ids"):
+        quantize(copy.deepcopy(fp), QuantConfig(bits=4, group_size=32, method="gptq", calib_samples=5),
+                 calib_ids=bad, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_diagnosed_like_fp32(tiny_llama, windows, dtype):
+    """The diagnosis keeps residual streams in fp32 and reads them back in the model's dtype."""
+    fp = tiny_llama.to(dtype)
+    q = quantize(copy.deepcopy(fp), QuantConfig(bits=2, group_size=32), progress=False)
+    report = bitcliff.diagnose(fp, q, windows, options=DiagnoseOptions.fast(), progress=False)
+    reference = bitcliff.diagnose(fp.float(), quantize(copy.deepcopy(fp.float()), QuantConfig(bits=2, group_size=32),
+                                                       progress=False),
+                                  windows, options=DiagnoseOptions.fast(), progress=False)
+    assert report.verdict.label == reference.verdict.label
+    assert report.ppl_q == pytest.approx(reference.ppl_q, rel=0.05)
+
+
 def test_a_quantized_model_of_other_weights_is_refused(pair, windows):
     fp, q = pair
     permuted = copy.deepcopy(q)
