@@ -166,7 +166,7 @@ def measure_shape(name: str, k: int, n: int, args, done: set, write) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["smollm2", "llama3"])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["smollm2", "smollm2-head", "llama3"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 128, 512])
     parser.add_argument("--bits", type=int, nargs="+", choices=[2, 3, 4], default=[4, 3, 2])
     parser.add_argument("--groups", type=int, nargs="+", default=[64, 128])
