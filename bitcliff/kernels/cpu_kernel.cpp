@@ -20,7 +20,8 @@
 //
 // Instruction sets: the AVX2 + FMA + F16C path is compiled when the build enables them (the
 // loader asks for exactly these, never -march=native, so every AVX2 machine runs the same code
-// and gives the same bytes); otherwise a portable scalar path with the same arithmetic order.
+// and gives the same bytes); otherwise a portable scalar path (shifts and separate multiply-adds: the
+// same results up to fp32 rounding, not the same bytes).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
