@@ -21,7 +21,8 @@ _WITHOUT_COMPILER = textwrap.dedent("""
     x = torch.randn(2, 96)
     y, again = layer(x), layer(x)
     ref = reference.dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 3)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # fp32 sums in another order: the same bound as test_cpu's, scaled by the output's size
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * max(float(ref.abs().max()), 1.0))
     print("layout", type(layer.kernel_layout()).__name__)
 """)
 
