@@ -198,3 +198,22 @@ def test_packing_a_few_columns_at_a_time_gives_the_same_layout(monkeypatch):
     monkeypatch.setattr(cpu_packed, "PACK_COLUMNS", 24)
     chunked = _cpu_layout(layer, "packed")
     assert torch.equal(whole.words, chunked.words) and torch.equal(whole.scales, chunked.scales)
+
+
+@pytest.mark.parametrize("rows", [cpu_packed.GEMV_MAX_ROWS + 1, cpu_packed.GEMV_MAX_ROWS_LARGE,
+                                  cpu_packed.GEMV_MAX_ROWS_LARGE + 1])
+def test_a_weight_larger_than_a_slab_keeps_the_grouped_form_for_more_rows(rows, monkeypatch):
+    monkeypatch.setattr(cpu_packed, "SLAB_BYTES", 96 * 40 * 4 - 1)  # this small layer counts as large
+    layer, _ = _layer(96, 40, 3, 32)
+    layout = _cpu_layout(layer, "packed")
+    calls = []
+    ops = native_ops()
+
+    class Recording:
+        def linear(self, *args):
+            calls.append(args[-2])
+            return ops.linear(*args)
+
+    x = torch.randn(rows, 96)
+    _check(cpu_packed.linear(x, layout, layer.bias, Recording()), _reference(layer, x))
+    assert calls == [cpu_packed.GEMV_MAX_ROWS_LARGE]
