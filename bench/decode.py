@@ -10,7 +10,9 @@ times prefill: one forward over ``--prefill-tokens`` tokens (0: skip), as tokens
 eager token's time into the linear layers, the unembedding and everything else.
 
 Greedy generation of ``--new-tokens`` tokens after a short prompt, timed after a warm-up run
-(which also builds the kernel layouts and tunes the kernels), median of ``--reps`` runs.  With
+(which also builds the kernel layouts and tunes the kernels), median of ``--reps`` runs.  The
+decode rate (``tokens_per_s``) leaves out the prompt's prefill and the first token: a one-token
+generation is timed too and subtracted, as llama-bench's ``-p 0 -n N`` counts decode.  With
 ``--compile`` it also times ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) over a static
 KV cache; a variant that fails to compile is reported, not fatal.
 
@@ -79,22 +81,35 @@ def load_model(name: str):
 
 @torch.inference_mode()
 def time_generate(model, prompt, new_tokens: int, reps: int, static: bool) -> dict:
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    if static:
-        kwargs["cache_implementation"] = "static"
-    model.generate(prompt, **kwargs)  # warm-up: layouts, tuning, compilation
+    """Decode speed: tokens/s of the ``new_tokens - 1`` tokens after the first, as llama-bench's
+    ``-p 0 -n N`` counts it.  A generation of one token (the prompt's prefill and the first token)
+    is timed beside one of ``new_tokens`` and subtracted, so that the prompt's prefill, which runs
+    the many-row path, is not counted as decode.  Medians of ``reps`` runs, after a warm-up
+    (layouts, tuning, compilation); ``generate_tokens_per_s`` is the whole generation's rate."""
+    if new_tokens < 2:
+        raise ValueError(f"--new-tokens must be at least 2 to time decode apart from the prompt, got {new_tokens}")
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        out = model.generate(prompt, **kwargs)
-        sync()
-        times.append(time.perf_counter() - start)
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    times.sort()
-    median = times[len(times) // 2]
-    return {"seconds": median, "tokens_per_s": prompt.shape[0] * new_tokens / median}
+
+    def median_seconds(tokens: int) -> float:
+        kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        if static:
+            kwargs["cache_implementation"] = "static"
+        model.generate(prompt, **kwargs)  # warm-up
+        times = []
+        for _ in range(reps):
+            sync()
+            start = time.perf_counter()
+            out = model.generate(prompt, **kwargs)
+            sync()
+            times.append(time.perf_counter() - start)
+        assert out.shape[1] == prompt.shape[1] + tokens
+        return sorted(times)[len(times) // 2]
+
+    whole, first = median_seconds(new_tokens), median_seconds(1)
+    batch = prompt.shape[0]
+    return {"seconds": whole, "first_token_seconds": first,
+            "generate_tokens_per_s": batch * new_tokens / whole,
+            "tokens_per_s": batch * (new_tokens - 1) / max(whole - first, 1e-9)}
 
 
 @torch.inference_mode()

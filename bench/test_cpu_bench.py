@@ -118,3 +118,20 @@ def test_the_cpu_table_shows_each_variant_beside_fp32(tmp_path):
     assert environment["read_bandwidth_gbs"]["2"] == 20.0 and len(measured) == 2
     text = table(measured, 1, 2, 128)
     assert "| a 8x8 | 2 ms (1.00x, 80%) | 0.5 ms (4.00x, 50%) |" in text
+
+
+def test_decode_speed_leaves_out_the_prompts_prefill():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.decode import time_generate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+    prompt = torch.randint(0, 128, (1, 8))
+    row = time_generate(model, prompt, new_tokens=4, reps=1, static=False)
+    assert row["seconds"] > row["first_token_seconds"] > 0
+    assert row["tokens_per_s"] == pytest.approx(3 / (row["seconds"] - row["first_token_seconds"]))
+    assert row["generate_tokens_per_s"] == pytest.approx(4 / row["seconds"])
+    with pytest.raises(ValueError, match="--new-tokens"):
+        time_generate(model, prompt, new_tokens=1, reps=1, static=False)
