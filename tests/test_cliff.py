@@ -42,6 +42,25 @@ def test_every_step_is_recorded_and_reported(run, capsys):
     assert page.count("class='card") == 3 and "id='cliff-plot'" in page and "http" not in page.replace("https://", "")
 
 
+def test_every_model_is_measured_against_full_precision_beside_its_perplexity(run):
+    from bitcliff.cliff.report import table
+
+    summary = json.loads((run / "cliff.json").read_text())
+    for width in summary["widths"]:
+        for key in ("rtn", "gptq", "repair"):
+            model = width[key]
+            assert model["kl_mean"] >= 0 and 0 <= model["same_top_pct"] <= 100, (width["bits"], key)
+            low, high = model["kl_mean_ci95"]
+            assert low <= model["kl_mean"] <= high
+    w2 = summary["widths"][-1]
+    assert w2["gptq"]["kl_mean"] > summary["widths"][0]["gptq"]["kl_mean"]  # 2 bits drift further than 4
+    lines = table(summary).splitlines()
+    kl_rows = [line for line in lines if line.split()[:1] == ["KL"]]
+    assert len(kl_rows) == 3 and all("same top token:" in line for line in kl_rows)
+    assert f"{w2['repair']['kl_mean']:.4f}" in kl_rows[-1]
+    assert "KL RTN / GPTQ / repaired" in (run / "report.html").read_text()
+
+
 def test_a_second_run_reuses_every_step(run, tiny_folder, monkeypatch, capsys):
     import bitcliff
 

@@ -13,7 +13,14 @@ import torch
 import bitcliff
 from bitcliff import QuantConfig
 from bitcliff.cli import main as cli_main
-from bitcliff.divergence import evaluate_against, summarize, token_divergence
+from bitcliff.divergence import (
+    bucketed_divergence,
+    evaluate_against,
+    evaluate_with_reference,
+    reference_predictions,
+    summarize,
+    token_divergence,
+)
 from bitcliff.eval import evaluate_ppl
 
 
@@ -78,6 +85,41 @@ def test_evaluate_against_matches_brute_force_and_the_perplexity(tiny_llama):
     assert itself["kl_max"] == 0.0 and itself["same_top_pct"] == 100.0
 
 
+def test_bucketed_divergence_is_exact_with_every_token_kept_and_a_lower_bound_with_fewer():
+    gen = torch.Generator().manual_seed(3)
+    fp = torch.randn(2, 7, 13, generator=gen) * 3
+    q = fp + torch.randn(2, 7, 13, generator=gen)
+    exact, exact_top = token_divergence(fp, q)
+    log_probs = torch.log_softmax(fp[:, :-1].float(), dim=-1)
+    for k in (13, 5, 1):
+        top = log_probs.topk(k, dim=-1)
+        rest = log_probs.scatter(-1, top.indices, float("-inf")).logsumexp(dim=-1)  # every other token
+        kl, same_top = bucketed_divergence(top.values, top.indices.to(torch.int32), rest, q)
+        assert torch.equal(same_top, exact_top)  # the top token needs only the first kept one
+        if k == 13:
+            torch.testing.assert_close(kl, exact, rtol=1e-5, atol=1e-6)
+        else:
+            assert bool((kl <= exact + 1e-6).all()) and float(kl.sum()) < float(exact.sum())
+    with pytest.raises(ValueError, match="cover different positions"):
+        bucketed_divergence(top.values, top.indices, rest, q[:, :5])
+
+
+def test_evaluating_against_kept_predictions_gives_the_perplexity_and_the_divergence(tiny_llama):
+    quantized = bitcliff.quantize(copy.deepcopy(tiny_llama), QuantConfig(bits=2, group_size=32), progress=False)
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(2))
+    direct = evaluate_against(quantized, tiny_llama, ids, progress=False)
+    every = evaluate_with_reference(quantized, reference_predictions(tiny_llama, ids, top_k=128, progress=False),
+                                    progress=False)
+    assert every["ppl"] == evaluate_ppl(quantized, ids, progress=False)["ppl"]  # to the last digit
+    for key in ("kl_mean", "kl_median", "kl_p99", "kl_max", "same_top_pct", "ppl_fp"):
+        assert every[key] == pytest.approx(direct[key], rel=1e-5, abs=1e-7), key
+    few = evaluate_with_reference(quantized, reference_predictions(tiny_llama, ids, top_k=8, progress=False),
+                                  batch_size=2, progress=False)
+    assert few["same_top_pct"] == direct["same_top_pct"] and 0 < few["kl_mean"] <= direct["kl_mean"]
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        reference_predictions(tiny_llama, ids, top_k=0)
+
+
 def test_another_model_or_windows_beyond_the_context_are_refused(tiny_llama):
     from transformers import LlamaForCausalLM
 
@@ -106,3 +148,19 @@ def test_eval_against_on_the_command_line(tiny_folder, tmp_path, capsys):
     assert result["kl_mean"] >= 0 and 0 <= result["same_top_pct"] <= 100 and len(result["kl_per_window"]) == 2
     assert cli_main(["eval", str(checkpoint), "--against", str(tmp_path / "nothing"), "--text-file", text]) == 2
     assert "--against" in capsys.readouterr().err
+
+
+def test_repair_on_the_command_line_reports_the_divergence_before_and_after(tiny_folder, tmp_path, capsys):
+    text = str(tiny_folder.parent / "text.txt")
+    quantized, repaired = tmp_path / "q", tmp_path / "r"
+    assert cli_main(["quantize", "--model", str(tiny_folder), "--method", "rtn", "--bits", "2", "--group-size", "32",
+                     "--out", str(quantized)]) == 0
+    assert cli_main(["repair", "--model", str(tiny_folder), "--quantized", str(quantized), "--budget", "0.5",
+                     "--methods", "lowrank", "--rank", "2", "--text-file", text, "--calib-samples", "4",
+                     "--seq-len", "32", "--windows", "2", "--out", str(repaired)]) == 0
+    out = capsys.readouterr().out
+    assert "KL divergence from fp (nats per token): quantized " in out and "same top token" in out
+    record = json.loads((repaired / "repair.json").read_text())
+    before, after = record["divergence"]["quantized"], record["divergence"]["repaired"]
+    assert before["kl_mean"] > 0 and after["kl_mean"] >= 0
+    assert f"quantized {before['kl_mean']:.4f}, repaired {after['kl_mean']:.4f}" in out

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from bitcliff.assets import load_text
     from bitcliff.data import calibration_windows, evaluation_windows
     from bitcliff.device import describe
+    from bitcliff.divergence import kl_recovery, reference_predictions
     from bitcliff.models import is_quantized_folder, load_fp_model
     from bitcliff.repairs.plan import PlanError, check_budget
     from bitcliff.repairs.run import diagnose_and_repair
@@ -113,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
             fp_model, q_model, calibration_windows(tokenizer, text, args.calib_samples, args.seq_len), args.budget,
             diagnosis=report, examples=None if report is not None else evaluation_windows(tokenizer, text, 16, 256),
             plan_options={"methods": methods, "rank": args.rank, "refine_rounds": args.refine_rounds,
-                          "factor_bits": args.factor_bits, "allocator": args.allocator}, eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len),
+                          "factor_bits": args.factor_bits, "allocator": args.allocator},
+            reference=reference_predictions(fp_model, evaluation_windows(tokenizer, text, args.windows, args.seq_len),
+                                            progress=False),
             out=out, tokenizer=tokenizer, overwrite=args.overwrite, on_plan=show, name=Path(args.quantized).name,
             record_extra={"text": args.text_file, "quantized": str(args.quantized), "model": args.model,
                           "device": describe(args.device)},
@@ -127,4 +130,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"spent {outcome.result.bits_per_weight:.4f} of {outcome.plan.budget:g} bits per weight in "
           f"{outcome.seconds['repair']:.0f} s; ppl fp {ppl['fp']:.2f}, quantized {ppl['quantized']:.2f}, "
           f"repaired {ppl['repaired']:.2f} (recovers {outcome.recovery:.0%} of the gap) -> {out}")
+    before, after = outcome.divergence["quantized"], outcome.divergence["repaired"]
+    print(f"KL divergence from fp (nats per token): quantized {before['kl_mean']:.4f}, repaired "
+          f"{after['kl_mean']:.4f} (recovers {kl_recovery(before['kl_mean'], after['kl_mean']):.0%}); "
+          f"same top token {before['same_top_pct']:.1f} % -> {after['same_top_pct']:.1f} %")
     return 0

@@ -15,11 +15,18 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from bitcliff.divergence import kl_recovery
 from bitcliff.storage import write_text
 
 
+def _kl_recovery(width: dict) -> float:
+    return kl_recovery(width["gptq"]["kl_mean"], width["repair"]["kl_mean"])
+
+
 def table(summary: dict) -> str:
-    """The printed table: one row per width, and the continuations."""
+    """The printed table: one row per width (a second row, where measured, with each model's
+    mean KL divergence from full precision in nats, the repair's recovery of it, and the same-top-
+    token agreement of RTN / GPTQ / repaired), and the continuations."""
     fp = summary["fp"]["ppl"]
     lines = [f"{summary['model']}: fp ppl {fp:.2f} ({summary['settings']['windows']} windows x 512 tokens of "
              f"{summary['settings']['text']})",
@@ -29,6 +36,11 @@ def table(summary: dict) -> str:
         lines.append(f"{w['bits']:>4} {w['effective_bits']:5.2f} {w['rtn']['ppl']:10.2f} {w['gptq']['ppl']:10.2f} "
                      f"{rep['ppl']:10.2f} {rep['bits_spent']:6.3f} {rep['recovery']:8.0%}  "
                      f"{w['diagnosis']['headline'].removeprefix('verdict: ')}")
+        if all("kl_mean" in w[key] for key in ("rtn", "gptq", "repair")):  # runs before KL was measured lack it
+            lines.append(f"{'':>4} {'KL':>5} {w['rtn']['kl_mean']:10.4f} {w['gptq']['kl_mean']:10.4f} "
+                         f"{rep['kl_mean']:10.4f} {'':>6} {_kl_recovery(w):8.0%}  same top token: "
+                         f"{w['rtn']['same_top_pct']:.1f} / {w['gptq']['same_top_pct']:.1f} / "
+                         f"{rep['same_top_pct']:.1f} %")
         if w["diagnosis"]["evidence"]:
             lines.append(f"{'':>30}evidence: {w['diagnosis']['evidence'][0]}")
     cont = summary["continuations"]
@@ -103,13 +115,24 @@ img{max-width:100%} blockquote{margin:.3em 0 .3em 1em;color:#333}
 """
 
 
+def _divergence_cells(width: dict) -> str:
+    """The KL and same-top cells of a width's row (empty where the run did not measure them)."""
+    models = [width[key] for key in ("rtn", "gptq", "repair")]
+    if not all("kl_mean" in m for m in models):
+        return "<td></td><td></td><td></td>"
+    kl = " / ".join(format(m["kl_mean"], ".4f") for m in models)
+    same_top = " / ".join(format(m["same_top_pct"], ".1f") for m in models)
+    return f"<td>{kl}</td><td>{_kl_recovery(width):.0%}</td><td>{same_top}</td>"
+
+
 def render(summary: dict, folder: Path) -> str:
     esc = html.escape
     fp = summary["fp"]["ppl"]
     rows = "".join(
         f"<tr><td>W{w['bits']}</td><td>{w['effective_bits']:.2f}</td><td>{w['rtn']['ppl']:.2f}</td>"
         f"<td>{w['gptq']['ppl']:.2f}</td><td>{w['repair']['ppl']:.2f}</td><td>{w['repair']['bits_spent']:.3f}</td>"
-        f"<td>{w['repair']['recovery']:.0%}</td><td style='text-align:left'>{esc(w['diagnosis']['label'])}</td></tr>"
+        f"<td>{w['repair']['recovery']:.0%}</td>{_divergence_cells(w)}"
+        f"<td style='text-align:left'>{esc(w['diagnosis']['label'])}</td></tr>"
         for w in summary["widths"] if all(k in w for k in ("rtn", "gptq", "repair")))
     cont = summary["continuations"]
     parts = [
@@ -120,7 +143,11 @@ def render(summary: dict, folder: Path) -> str:
         f"{summary['settings']['budget']:g} extra bits per weight.</p>",
         f"<img id='cliff-plot' alt='cliff plot' src='data:image/png;base64,{cliff_plot(summary)}'>",
         "<table><thead><tr><th>bits</th><th>effective</th><th>RTN</th><th>GPTQ</th><th>repaired</th>"
-        f"<th>+bits</th><th>recovery</th><th>verdict</th></tr></thead><tbody>{rows}</tbody></table>",
+        "<th>+bits</th><th>recovery</th><th>KL RTN / GPTQ / repaired</th><th>KL recovery</th>"
+        f"<th>same top % RTN / GPTQ / repaired</th><th>verdict</th></tr></thead><tbody>{rows}</tbody></table>",
+        "<p>Perplexity on the evaluation windows; KL: mean KL divergence from the full-precision model's "
+        "next-token distribution, in nats per token; same top: tokens whose most likely next token is "
+        "full precision's.</p>",
         *[_card(w, folder) for w in summary["widths"]],
         f"<h2>Continuations of “{esc(cont['prompt'])}” (greedy)</h2>",
         *[f"<p><b>{esc(name)}</b></p><blockquote>{esc(text)}</blockquote>" for name, text in cont["texts"].items()],

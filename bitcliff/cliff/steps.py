@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -69,11 +71,21 @@ class Job:
         name = f"gptq-w{bits}g{self.settings.group_size}"
         return self.out / (f"{name}-{kind}" if kind else name)
 
-    def evaluate(self, model) -> dict:
-        from bitcliff.eval import evaluate_ppl
+    @cached_property
+    def reference(self):
+        """The full-precision model's predictions on the evaluation windows
+        (``divergence.ReferencePredictions``), computed once per process."""
+        from bitcliff.divergence import reference_predictions
 
-        result = evaluate_ppl(model, self.eval_ids, progress=False)
-        return {"ppl": result["ppl"], "mean_nll": result["mean_nll"]}
+        return reference_predictions(self.fp_model, self.eval_ids, progress=False)
+
+    def evaluate(self, model) -> dict:
+        """Perplexity, and KL divergence and same-top agreement against the full-precision model,
+        in one forward per window."""
+        from bitcliff.divergence import evaluate_with_reference, headline
+
+        result = evaluate_with_reference(model, self.reference, progress=False)
+        return {"ppl": result["ppl"], "mean_nll": result["mean_nll"], **headline(result)}
 
 
 #: The folder each kind of step writes (``Job.folder``'s ``kind``); its digest is kept with the
@@ -117,7 +129,10 @@ def compute(job: Job, name: str, done: dict[str, dict]) -> dict:
 
 
 def _fp(job: Job, done: dict) -> dict:
-    return job.evaluate(job.fp_model)
+    from bitcliff.divergence import reference_ppl
+
+    ppl = reference_ppl(job.reference)  # the reference's forward passes are the fp evaluation
+    return {"ppl": ppl, "mean_nll": math.log(ppl)}
 
 
 def _rtn(job: Job, bits: int, done: dict) -> dict:
@@ -158,20 +173,22 @@ def _diagnosis(job: Job, bits: int, done: dict) -> dict:
 
 
 def _repair(job: Job, bits: int, done: dict) -> dict:
+    from bitcliff.divergence import HEADLINE
     from bitcliff.repairs.run import diagnose_and_repair
 
     settings, gptq, repaired = job.settings, done[f"gptq-w{bits}"], job.folder(bits, "repaired")
     outcome = diagnose_and_repair(
         job.fp_model, job.load(job.folder(bits)), job.calib[: settings.repair_calib], settings.budget,
         diagnosis=json.loads((job.folder(bits, "diagnosis") / "diagnosis.json").read_text()),
-        eval_ids=job.eval_ids, known_ppl={"fp": done["fp"]["ppl"], "quantized": gptq["ppl"]}, out=repaired,
+        known_ppl={"fp": done["fp"]["ppl"], "quantized": gptq["ppl"]}, reference=job.reference, out=repaired,
         tokenizer=job.tokenizer, overwrite=True, progress=job.progress)
     plan = outcome.plan
-    if outcome.result is None:
-        return {"ppl": gptq["ppl"], "bits_spent": 0.0, "methods": [], "reasons": plan.reasons, "recovery": 0.0}
+    if outcome.result is None:  # nothing repaired: the GPTQ model's figures stand
+        return {"ppl": gptq["ppl"], "bits_spent": 0.0, "methods": [], "reasons": plan.reasons, "recovery": 0.0,
+                **{key: gptq[key] for key in HEADLINE if key in gptq}}
     return {"ppl": outcome.ppl["repaired"], "bits_spent": outcome.result.bits_per_weight,
             "methods": list(plan.methods), "reasons": plan.reasons, "checkpoint": repaired.name,
-            "recovery": outcome.recovery}
+            "recovery": outcome.recovery, **outcome.divergence["repaired"]}
 
 
 @torch.inference_mode()

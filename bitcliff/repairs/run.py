@@ -25,12 +25,9 @@ import torch
 from torch import nn
 
 from bitcliff.device import model_device
-from bitcliff.diagnosis.run import (
-    DiagnoseOptions,
-    diagnose,
-    fingerprints,
-    quantized_modules,
-)
+from bitcliff.diagnosis.run import DiagnoseOptions, diagnose
+from bitcliff.divergence import ReferencePredictions, evaluate_with_reference, headline, reference_ppl
+from bitcliff.models import fingerprints, quantized_modules
 from bitcliff.repairs.budget import quantized_weights
 from bitcliff.repairs.lowrank import MAX_RANK
 from bitcliff.repairs.measure import measure_repairs
@@ -152,6 +149,9 @@ class RepairOutcome:
         result: the repair, or None when the plan had nothing to do (a healthy verdict).
         ppl: perplexities evaluated (``fp``, ``quantized``, ``repaired``) on ``eval_ids``.
         seconds: ``diagnosis`` and ``repair`` times.
+        divergence: KL divergence and same-top agreement against the full-precision model
+            (``divergence.headline``) of the models evaluated (``quantized``, ``repaired``), where
+            a reference was given.
     """
 
     diagnosis: dict
@@ -159,6 +159,7 @@ class RepairOutcome:
     result: RepairResult | None
     ppl: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    divergence: dict | None = None
 
     @property
     def recovery(self) -> float:
@@ -169,7 +170,8 @@ class RepairOutcome:
     def record(self, **extra) -> dict:
         """``repair.json``: the plan, what the walk did, the bits, and the evaluation."""
         base = self.result.to_dict() if self.result is not None else {"plan": self.plan.to_dict(), "bits_per_weight": 0.0}
-        return {**base, "ppl": self.ppl, "recovery": self.recovery,
+        divergence = {} if self.divergence is None else {"divergence": self.divergence}
+        return {**base, "ppl": self.ppl, "recovery": self.recovery, **divergence,
                 "seconds": {k: round(v, 1) for k, v in self.seconds.items()}, **extra}
 
 
@@ -184,6 +186,7 @@ def diagnose_and_repair(
     plan_options: dict | None = None,
     eval_ids: torch.Tensor | None = None,
     known_ppl: dict | None = None,
+    reference: ReferencePredictions | None = None,
     out: str | Path | None = None,
     tokenizer=None,
     overwrite: bool = False,
@@ -207,6 +210,10 @@ def diagnose_and_repair(
             :data:`~bitcliff.repairs.plan.ALLOCATOR`.
         eval_ids: windows to evaluate the perplexity on (none: no evaluation).
         known_ppl: perplexities already measured on ``eval_ids`` (``fp``, ``quantized``), not run again.
+        reference: the full-precision model's predictions on ``eval_ids``
+            (``divergence.reference_predictions``): its perplexity stands for ``fp``'s, and each
+            evaluation also measures KL divergence and same-top agreement, in the same forward
+            passes.
         out: a folder to save the repaired checkpoint to (with ``repair.json``), ``tokenizer`` beside it.
         record_extra: more fields for ``repair.json``.
         on_plan: called with the diagnosis and the plan before the repair runs (to show it).
@@ -216,6 +223,21 @@ def diagnose_and_repair(
     """
     import bitcliff  # noqa: PLC0415 - the package's save
     from bitcliff.eval import evaluate_ppl  # noqa: PLC0415
+
+    if reference is not None and eval_ids is not None and not torch.equal(eval_ids, reference.eval_ids):
+        raise ValueError("reference: its predictions were made on other windows than eval_ids")
+    if reference is not None:
+        eval_ids = reference.eval_ids
+
+    divergence: dict = {}
+
+    def evaluate(model: nn.Module, key: str) -> float:
+        """``model``'s perplexity (and, with a reference, its divergence, kept under ``key``)."""
+        if reference is None:
+            return evaluate_ppl(model, eval_ids, progress=False)["ppl"]
+        report = evaluate_with_reference(model, reference, progress=False)
+        divergence[key] = headline(report)
+        return report["ppl"]
 
     seconds = {}
     start = time.perf_counter()
@@ -250,26 +272,30 @@ def diagnose_and_repair(
     if on_plan is not None:
         on_plan(diagnosis, plan)
     ppl = dict(known_ppl or {})
+    if reference is not None and "fp" not in ppl:
+        ppl["fp"] = reference_ppl(reference)  # the reference's forward passes measured it
     if eval_ids is not None:
         for key, model in (("fp", fp_model), ("quantized", q_model)):
             if key not in ppl:
-                ppl[key] = evaluate_ppl(model, eval_ids, progress=False)["ppl"]
+                ppl[key] = evaluate(model, key)
     if not plan.methods:
         if "quantized" in ppl:
             ppl["repaired"] = ppl["quantized"]
-        return RepairOutcome(diagnosis, plan, None, ppl, seconds)
+        return RepairOutcome(diagnosis, plan, None, ppl, seconds, divergence or None)
     start = time.perf_counter()
     result = repair(fp_model, q_model, calib_ids, plan, progress=progress)
     seconds["repair"] = time.perf_counter() - start
-    outcome = RepairOutcome(diagnosis, plan, result, ppl, seconds)
+    outcome = RepairOutcome(diagnosis, plan, result, ppl, seconds, divergence or None)
     if out is None:
         if eval_ids is not None:
-            ppl["repaired"] = evaluate_ppl(q_model, eval_ids, progress=False)["ppl"]
+            ppl["repaired"] = evaluate(q_model, "repaired")
+            outcome.divergence = divergence or None
         return outcome
     text = json.dumps(outcome.record(**(record_extra or {})), indent=1)
     bitcliff.save(q_model, out, tokenizer=tokenizer, overwrite=overwrite,
                   extra_files={RECORD_FILE: lambda path: Path(path).write_text(text)})
     if eval_ids is not None:  # the checkpoint as written is what is measured
-        ppl["repaired"] = evaluate_ppl(bitcliff.load(out, device=model_device(q_model)), eval_ids, progress=False)["ppl"]
+        ppl["repaired"] = evaluate(bitcliff.load(out, device=model_device(q_model)), "repaired")
+        outcome.divergence = divergence or None
         write_json(Path(out) / RECORD_FILE, outcome.record(**(record_extra or {})), indent=1)
     return outcome
