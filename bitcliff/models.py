@@ -140,6 +140,37 @@ def load_any(name: str, dtype: torch.dtype | None = None, device: str | torch.de
     return model, tokenizer, path, False
 
 
+def quantized_modules(q_model: torch.nn.Module) -> dict[str, dict]:
+    """Name -> ``{"in", "out", "bits", "group_size"}`` of every ``QuantLinear``: what a repair plan
+    needs to cost its choices without the model at hand."""
+    from bitcliff.quant.qlinear import QuantLinear
+
+    return {name: {"in": m.in_features, "out": m.out_features, "bits": m.bits, "group_size": m.group_size}
+            for name, m in q_model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def fingerprints(fp_model: torch.nn.Module, q_model: torch.nn.Module) -> dict[str, str]:
+    """SHA-256 of the FP model's input embeddings (``models.model_fingerprint``) and of every
+    ``QuantLinear``'s packed codes and scales: a saved diagnosis is reused only for the models it
+    was made on."""
+    return {"fp": model_fingerprint(fp_model), "quantized": quantized_fingerprint(q_model)}
+
+
+def quantized_fingerprint(q_model: torch.nn.Module) -> str:
+    """SHA-256 of every ``QuantLinear``'s name, packed codes and scales."""
+    import hashlib
+
+    from bitcliff.quant.qlinear import QuantLinear  # the quantized layers import far more than this module
+
+    digest = hashlib.sha256()
+    for name, m in q_model.named_modules():
+        if isinstance(m, QuantLinear):
+            digest.update(name.encode())
+            digest.update(m.qweight.cpu().numpy().tobytes())
+            digest.update(m.scales.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def model_fingerprint(model, digits: int = 64) -> str:
     """SHA-256 of the model's input embeddings (its first ``digits`` hex digits): tells two models
     apart under one name, and a saved diagnosis from the models it was not made on."""

@@ -16,7 +16,6 @@ in batches.  The capture table runs the real ``QuantLinear`` layers on the first
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -47,8 +46,7 @@ from bitcliff.diagnosis.signal import SignalTrace, SignalTracer
 from bitcliff.diagnosis.verdict import Thresholds, Verdict, decide
 from bitcliff.eval import next_token_nll
 from bitcliff.layers import LayerCalls, find_decoder_layers
-from bitcliff.models import model_fingerprint
-from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.models import fingerprints, quantized_modules
 from bitcliff.quant.surgery import quant_config
 
 
@@ -289,31 +287,6 @@ def diagnose(
 
 def _dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def quantized_modules(q_model: nn.Module) -> dict[str, dict]:
-    """Name -> ``{"in", "out", "bits", "group_size"}`` of every ``QuantLinear``: what a repair plan
-    needs to cost its choices without the model at hand."""
-    return {name: {"in": m.in_features, "out": m.out_features, "bits": m.bits, "group_size": m.group_size}
-            for name, m in q_model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def fingerprints(fp_model: nn.Module, q_model: nn.Module) -> dict[str, str]:
-    """SHA-256 of the FP model's input embeddings (``models.model_fingerprint``) and of every
-    ``QuantLinear``'s packed codes and scales: a saved diagnosis is reused only for the models it
-    was made on."""
-    return {"fp": model_fingerprint(fp_model), "quantized": quantized_fingerprint(q_model)}
-
-
-def quantized_fingerprint(q_model: nn.Module) -> str:
-    """SHA-256 of every ``QuantLinear``'s name, packed codes and scales."""
-    digest = hashlib.sha256()
-    for name, m in q_model.named_modules():
-        if isinstance(m, QuantLinear):
-            digest.update(name.encode())
-            digest.update(m.qweight.cpu().numpy().tobytes())
-            digest.update(m.scales.cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _describe_quantization(q_model: nn.Module) -> dict | None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitcliff.diagnosis.run import fingerprints
+from bitcliff.models import fingerprints
 from bitcliff.group_walk import GroupWalk, capture_calibration_inputs
 from bitcliff.kernels.pack import SUPPORTED_BITS
 from bitcliff.layers import find_decoder_layers
@@ -79,7 +79,7 @@ class ModuleCurve:
 @dataclass
 class Measurements:
     """Every quantized module's :class:`ModuleCurve`, how they were measured, and the
-    fingerprints of the models measured (``diagnosis.run.fingerprints``: a plan refuses
+    fingerprints of the models measured (``models.fingerprints``: a plan refuses
     measurements of other models than its diagnosis's)."""
 
     modules: dict[str, ModuleCurve] = field(default_factory=dict)
