@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from bitcliff.quant.qlinear import QuantLinear
-from bitcliff.quant.rtn import non_finite
+from bitcliff.quant.finite import non_finite
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -6,8 +6,7 @@ from torch import nn
 
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq_model import quantize_gptq
-from bitcliff.quant.rtn import quantize_linears_rtn
-from bitcliff.quant.surgery import attach_config, quantizable_linears
+from bitcliff.quant.surgery import attach_config, quantizable_linears, quantize_linears_rtn
 
 
 def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, **gptq_inputs) -> nn.Module:

@@ -38,7 +38,8 @@ from bitcliff.quant.grid import fit_grid, quantize_codes
 from bitcliff.quant.outliers import SparseOutliers
 from bitcliff.quant.qweight import QuantizedWeight
 from bitcliff.quant.refit import refit_scales
-from bitcliff.quant.rtn import check_finite, quantize_rtn
+from bitcliff.quant.finite import check_finite
+from bitcliff.quant.rtn import quantize_rtn
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq import GPTQResult, concat_rows, gptq_quantize, split_result
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.qweight import QuantizedWeight
-from bitcliff.quant.rtn import check_finite
+from bitcliff.quant.finite import check_finite
 from bitcliff.quant.surgery import quantizable_linears, set_submodule
 
 log = logging.getLogger(__name__)

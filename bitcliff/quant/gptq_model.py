@@ -36,8 +36,7 @@ from bitcliff.group_walk import capture_calibration_inputs, rank_share
 from bitcliff.layers import find_decoder_layers
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq_layer import LayerStep, ModuleLog, quantize_decoder_layer
-from bitcliff.quant.rtn import quantize_linears_rtn
-from bitcliff.quant.surgery import attach_config, quantizable_linears
+from bitcliff.quant.surgery import attach_config, quantizable_linears, quantize_linears_rtn
 from bitcliff.storage import write_json
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ def quantize_gptq(
         ranks: the processes sharing the work (:class:`bitcliff.distributed.Ranks`); None for
             one.  Every rank passes the same model and windows and gets the same result; it is
             bit-identical to one process's when every rank holds the same power-of-two number
-            of batches (see :class:`bitcliff.quant.gptq.HessianAccumulator`).
+            of batches (see :class:`bitcliff.statistics.HessianAccumulator`).
     Returns:
         The same model with its linears replaced by :class:`QuantLinear`, its config attached
         and ``model.bitcliff_log`` holding one :class:`ModuleLog` per module.

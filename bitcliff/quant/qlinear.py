@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
@@ -12,11 +10,10 @@ from bitcliff.kernels import ops as kernel_ops
 from bitcliff.kernels.layout import KernelLayout, from_gptq
 from bitcliff.kernels.pack import SUPPORTED_BITS, packed_length
 from bitcliff.kernels.reference import dequantize
+from bitcliff.quant.factors import QuantizedFactors
 from bitcliff.quant.outliers import SparseOutliers
 from bitcliff.quant.qweight import QuantizedWeight
 
-if TYPE_CHECKING:  # factors.py quantizes with rtn.py, which builds QuantLinear s
-    from bitcliff.quant.factors import QuantizedFactors
 
 _OUTLIER_BUFFERS = ("outlier_crow", "outlier_col", "outlier_values")
 

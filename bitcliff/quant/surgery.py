@@ -11,9 +11,12 @@ from __future__ import annotations
 from fnmatch import fnmatch
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from bitcliff.layers import set_submodule  # noqa: F401 - where quant's callers find it
 from bitcliff.quant.config import QuantConfig
+from bitcliff.quant.qlinear import QuantLinear
+from bitcliff.quant.rtn import quantize_rtn
 
 CONFIG_ATTRIBUTE = "bitcliff_config"
 
@@ -45,3 +48,11 @@ def quant_config(model: nn.Module) -> QuantConfig | None:
     quantize or load."""
     config = getattr(model, CONFIG_ATTRIBUTE, None)
     return config if isinstance(config, QuantConfig) else None
+
+
+def quantize_linears_rtn(model: nn.Module, names: list[str], config: QuantConfig, progress: bool = False) -> None:
+    """Replace the ``nn.Linear`` s of ``model`` named ``names`` by RTN ``QuantLinear`` s, in place."""
+    for name in tqdm(names, desc=f"RTN {config.describe()}", disable=not progress, unit="layer"):
+        linear, own = model.get_submodule(name), config.for_module(name)
+        qlinear = QuantLinear.from_quantized(quantize_rtn(linear.weight, own, name), own.group_size, linear.bias, name)
+        set_submodule(model, name, qlinear.to(linear.weight.device))

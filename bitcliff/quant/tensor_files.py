@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from bitcliff.quant.rtn import non_finite
+from bitcliff.quant.finite import non_finite
 
 
 class CheckpointError(ValueError):
