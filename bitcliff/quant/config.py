@@ -112,8 +112,7 @@ class QuantConfig:
 
     def effective_bits(self, in_features: int) -> float:
         """Bits per weight including one fp16 scale and one ``bits``-bit zero per group."""
-        group = in_features if self.group_size == -1 else self.group_size
-        return self.bits + (16 + self.bits) / group
+        return bits_per_weight(self.bits, self.group_size, in_features)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,3 +133,9 @@ class QuantConfig:
         return f"{self.method}-w{self.bits}{group}{mixed}-{'sym' if self.sym else 'asym'}"
 
 
+def bits_per_weight(bits: int, group_size: int, in_features: int) -> float:
+    """Stored bits per weight of a ``bits``-bit layer of ``in_features`` inputs: the code plus one
+    fp16 scale and one ``bits``-wide zero point per group (the one formula; a group size of -1, or
+    one above ``in_features``, is one group of the whole row)."""
+    group = in_features if group_size == -1 else min(group_size, in_features)
+    return bits + (16 + bits) / group

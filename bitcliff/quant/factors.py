@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitcliff.kernels.pack import CODES_PER_UNIT, pack_rows, unpack_rows
+from bitcliff.kernels.pack import CODES_PER_UNIT, SUPPORTED_BITS, pack_rows, unpack_rows
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.qweight import QuantizedWeight
 from bitcliff.quant.rtn import quantize_rtn
@@ -36,8 +36,8 @@ from bitcliff.quant.rtn import quantize_rtn
 FACTORS_FILE = "lowrank.safetensors"
 #: Columns of a factor sharing one scale and zero point.
 FACTOR_GROUP = 64
-#: Widths a factor may be stored at (16: fp16, as a PEFT adapter).
-FACTOR_WIDTHS = (2, 3, 4, 16)
+#: Widths a factor may be stored at: the packed widths, or 16 (fp16, as a PEFT adapter).
+FACTOR_WIDTHS = (*SUPPORTED_BITS, 16)
 #: Stored bits of a scale (fp16) and of a zero point (uint8).
 _SCALE_BITS, _ZERO_BITS = 16, 8
 

@@ -4,7 +4,7 @@ The budget of a repair is spent over the quantized weights of the model it repai
 (``quantized_weights``: the sum of K x N over its ``QuantLinear`` layers).  A stored fp16 value
 costs 16 bits; a module at another width costs the difference between its new and its old bits
 per weight, each counting one fp16 scale and one zero point per group
-(``QuantConfig.effective_bits``).  Each repair counts its own storage with these (``bias.bias_bits``,
+(``quant.config.bits_per_weight``).  Each repair counts its own storage with these (``bias.bias_bits``,
 ``lowrank.lowrank_bits``, ``restore.restore_cost``).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from bitcliff.quant.config import bits_per_weight
 from bitcliff.quant.qlinear import QuantLinear
 
 FP16_BITS = 16
@@ -27,8 +28,7 @@ def weight_bits(bits: int, group_size: int, in_features: int) -> float:
     scale and a ``bits``-wide zero point per group."""
     if bits >= FP16_BITS:
         return float(FP16_BITS)
-    group = in_features if group_size == -1 else min(group_size, in_features)
-    return bits + (FP16_BITS + bits) / group
+    return bits_per_weight(bits, group_size, in_features)
 
 
 def width_change_bits(in_features: int, out_features: int, old: tuple[int, int], new: tuple[int, int]) -> float:
