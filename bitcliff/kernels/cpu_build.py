@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import platform
 import threading
 from pathlib import Path
 
 import torch
+
+from bitcliff.numerics import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +33,6 @@ FLAGS = {
 
 _lock = threading.Lock()
 _state: dict = {}
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def build_variant() -> str:

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from bitcliff.kernels.cpu_build import build_variant, cpu_flags, native_ops
+from bitcliff.kernels.cpu_build import build_variant, native_ops
+from bitcliff.numerics import cpu_flags
 
 _WITHOUT_COMPILER = textwrap.dedent("""
     import logging, torch
