@@ -272,8 +272,17 @@ class _Interner:
         return value
 
 
+_NOT_CHAINED = ("the model does not pass each decoder layer's output straight to the next layer; "
+                "it cannot be walked layer by layer")
+
+
 class _PassThrough(nn.Module):
-    """Stands in for a decoder layer: reports its call and returns the input unchanged."""
+    """Stands in for a decoder layer: reports its call and returns the input unchanged.
+
+    It returns the input as a one-element tuple and unwraps one it is given: models whose layers
+    return a tuple take ``outputs[0]`` (BLOOM, GPT-NeoX), models whose layers return the tensor
+    pass the result on as it is (Llama under transformers 5), and both then hand the next stand-in
+    the same tensor."""
 
     def __init__(self, index: int, recorder: "LayerCalls") -> None:
         super().__init__()
@@ -281,10 +290,14 @@ class _PassThrough(nn.Module):
         self.recorder = recorder
 
     def forward(self, hidden_states, *args, **kwargs):
+        if isinstance(hidden_states, tuple):
+            if len(hidden_states) != 1:  # the model changed the tuple it got from the last stand-in
+                raise UnsupportedModelError(_NOT_CHAINED)
+            hidden_states = hidden_states[0]
         self.recorder._record(self.index, hidden_states, args, kwargs)
         if self.index == len(self.recorder.calls) - 1:
             raise StopForward
-        return hidden_states
+        return (hidden_states,)
 
 
 class LayerCalls:
@@ -309,10 +322,7 @@ class LayerCalls:
         if index == 0 or not self._replaced:
             self.inputs[index].append(hidden.detach())
         elif hidden is not self._previous:
-            raise UnsupportedModelError(
-                "the model does not pass each decoder layer's output straight to the next layer; "
-                "it cannot be walked layer by layer"
-            )
+            raise UnsupportedModelError(_NOT_CHAINED)
         self._previous = hidden
         self.calls[index].append(LayerCall(self._intern(args), self._intern(kwargs)))
 

@@ -86,10 +86,14 @@ def test_a_model_that_does_not_chain_its_layers_is_refused():
         def forward(self, x):
             return self.layers[1](self.layers[0](x) * 2)
 
-    model = Twice()
-    recorded = LayerCalls(model.layers)
-    with recorded.replacing(), pytest.raises(UnsupportedModelError, match="does not pass each decoder layer's output"):
-        model(torch.ones(1, 2, 3))
+    class UnpacksThenDoubles(Twice):  # layers that return a tuple, as BLOOM's do
+        def forward(self, x):
+            return self.layers[1](self.layers[0](x)[0] * 2)
+
+    for model in (Twice(), UnpacksThenDoubles()):
+        recorded = LayerCalls(model.layers)
+        with recorded.replacing(), pytest.raises(UnsupportedModelError, match="does not pass each decoder layer's output"):
+            model(torch.ones(1, 2, 3))
 
 
 def test_share_groups_name_the_module_that_feeds_them():
