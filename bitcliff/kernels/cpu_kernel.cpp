@@ -42,7 +42,7 @@
 namespace {
 
 constexpr int BLOCK = 8;     // output columns per block (fp32 lanes of an AVX2 register)
-constexpr int ROW_TILE = 4;  // activation rows sharing one decode of the weights in gemv
+constexpr int ROW_TILE = 8;  // activation rows sharing one decode of the weights in gemv
 
 // fp16 -> fp32 for the portable path (IEEE half, subnormals included).
 inline float half_to_float(uint16_t h) {
@@ -236,7 +236,11 @@ void gemv_all(const Weight& w, const float* x, const float* xsum, int64_t k_posi
           case 1: gemv_tile<BITS, 1>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
           case 2: gemv_tile<BITS, 2>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
           case 3: gemv_tile<BITS, 3>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
-          default: gemv_tile<BITS, 4>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
+          case 4: gemv_tile<BITS, 4>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
+          case 5: gemv_tile<BITS, 5>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
+          case 6: gemv_tile<BITS, 6>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
+          case 7: gemv_tile<BITS, 7>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
+          default: gemv_tile<BITS, 8>(w, b, x, xsum, k_positions, r0, y, blocks * BLOCK); break;
         }
       }
     }
