@@ -35,7 +35,8 @@ CLASSES = ("data loss", "silently wrong", "traceback", "late or unclear", "refus
 
 #: The places the cases name (``{tmp}``...), made by :func:`_fixtures`.
 PLACES = frozenset({"tmp", "file", "mine", "binary", "ckpt", "nan", "noweights", "truncated", "diagnosis", "badrows",
-                    "law", "usersweep", "nested", "link", "stray", "otherdiag", "short", "dynamic"})
+                    "law", "usersweep", "nested", "link", "stray", "otherdiag", "short", "dynamic", "othermodel",
+                    "emptytext"})
 
 
 @dataclass
@@ -139,6 +140,52 @@ def _cases() -> list[Case]:
         c("an infinite repair budget", ["cliff", "--budget", "inf"], "late or unclear"),
         c("windows of one token", ["eval", "default", "--seq-len", "1"], "traceback"),
         c("a hand-edited quantization_config.dynamic", ["eval", "{dynamic}", "--windows", "1"], "traceback"),
+        # Flags the pass had not touched.
+        c("a run folder nested in a checkpoint", ["cliff", "--out", "{ckpt}/run"]),
+        c("no repair calibration window", ["cliff", "--repair-calib", "0"]),
+        c("no trace example", ["cliff", "--trace-examples", "0"]),
+        c("no calibration window (cliff)", ["cliff", "--calib-samples", "0"]),
+        c("a device that is not a device", ["cliff", "--device", "tpu"]),
+        c("a negative group size other than -1", ["quantize", "--bits", "3", "--group-size", "-2", "--out", "{tmp}/q"]),
+        c("a checkpoint format bitcliff does not write", ["quantize", "--bits", "3", "--checkpoint-format", "awq",
+                                                          "--out", "{tmp}/q"]),
+        c("a window of one token (quantize)", ["quantize", "--method", "gptq", "--bits", "3", "--seq-len", "1",
+                                               "--out", "{tmp}/q"]),
+        c("no calibration window (quantize)", ["quantize", "--method", "gptq", "--bits", "3", "--calib-samples", "0",
+                                               "--out", "{tmp}/q"]),
+        c("a dampening that is not a number", ["quantize", "--method", "gptq", "--bits", "3", "--damp", "nan",
+                                               "--out", "{tmp}/q"]),
+        c("--avg-bits above full precision", ["quantize", "--avg-bits", "17", "--out", "{tmp}/q"]),
+        c("a rank timeout of zero", ["quantize", "--method", "gptq", "--bits", "3", "--nproc", "2", "--rank-timeout",
+                                     "0", "--out", "{tmp}/q"]),
+        c("the output is the model folder itself", ["quantize", "--model", "{ckpt}", "--bits", "3", "--out", "{ckpt}",
+                                                    "--overwrite"], "data loss"),
+        c("--against a model of another source", ["eval", "{ckpt}", "--windows", "1", "--against", "{othermodel}"],
+          "silently wrong"),
+        c("--against a folder that is not a model", ["eval", "{ckpt}", "--windows", "1", "--against", "{mine}"]),
+        c("--against windows beyond the context", ["eval", "{ckpt}", "--against", "default", "--seq-len", "9000",
+                                                   "--windows", "1"]),
+        c("--json into a checkpoint's own config", ["eval", "{ckpt}", "--windows", "1", "--json",
+                                                    "{ckpt}/config.json"], "data loss"),
+        c("a text file that is empty", ["eval", "default", "--text-file", "{emptytext}"]),
+        c("a device index that is not a number", ["eval", "default", "--device", "cuda:x"]),
+        c("a negative patching example count", ["diagnose", "--bits", "3", "--patch-examples", "-1", "--out",
+                                                         "{tmp}/d"]),
+        c("a diagnosis output onto a user's folder", ["diagnose", "--quantized", "{ckpt}", "--out", "{mine}",
+                                                      "--overwrite"], "data loss"),
+        c("a calibration window of one token (diagnose)", ["diagnose", "--bits", "3", "--method", "gptq",
+                                                           "--calib-seq-len", "1", "--out", "{tmp}/d"]),
+        c("a diagnosis file that does not exist", ["repair", "--quantized", "{ckpt}", "--diagnosis",
+                                                   "{tmp}/missing.json", "--out", "{tmp}/r"]),
+        c("negative refinement rounds", ["repair", "--quantized", "{ckpt}", "--refine-rounds", "-1", "--out",
+                                         "{tmp}/r"]),
+        c("an empty repair list", ["repair", "--quantized", "{ckpt}", "--methods", ",", "--out", "{tmp}/r"]),
+        c("a repaired output onto the source model", ["repair", "--quantized", "{ckpt}", "--out", "{mine}",
+                                                      "--overwrite"], "data loss"),
+        c("no evaluation window (repair)", ["repair", "--quantized", "{ckpt}", "--windows", "0", "--out", "{tmp}/r"]),
+        c("a sweep method bitcliff does not have", ["sweep", "--method", "awq", "--out-dir", "{tmp}/s"]),
+        c("no evaluation window (sweep)", ["sweep", "--windows", "0", "--out-dir", "{tmp}/s"]),
+        c("predict with no width", ["study", "predict", "{law}", "--model", "default", "--method", "rtn"]),
     ]
 
 
@@ -150,7 +197,7 @@ def _bitcliff(argv: list[str], timeout: float = 600) -> tuple[int, str, float]:
 
 def _fixtures(tmp: Path) -> dict[str, str]:
     """The files and folders the cases name: a user's file and folder, a checkpoint and damaged
-    copies of it, a diagnosis, a law and a damaged sweep."""
+    copies of it, a diagnosis, a law, a damaged sweep, another model and an empty text."""
     from safetensors.torch import load_file, save_file
 
     (tmp / "a-file").write_text("the user's file\n")
@@ -209,12 +256,22 @@ def _fixtures(tmp: Path) -> dict[str, str]:
     config = json.loads((dynamic / "config.json").read_text())
     config["quantization_config"]["dynamic"] = ["+:.*"]
     (dynamic / "config.json").write_text(json.dumps(config))
+    from bitcliff.assets import resolve_model
+
+    othermodel = tmp / "othermodel"  # the embedded model with other input embeddings: another source
+    shutil.copytree(resolve_model("default"), othermodel)
+    tensors = load_file(othermodel / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[key] = tensors[key] * 1.5
+    save_file(tensors, othermodel / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "empty.txt").write_text("")
     places = {"tmp": str(tmp), "file": str(tmp / "a-file"), "mine": str(mine), "binary": str(tmp / "binary.bin"),
               "ckpt": str(ckpt), "nan": str(nan), "noweights": str(noweights), "truncated": str(truncated),
               "diagnosis": str(diagnosis / "diagnosis.json"), "badrows": str(badrows),
               "law": str(root / "study-law.json"), "usersweep": str(usersweep), "nested": str(nested),
               "link": str(tmp / "link"), "stray": str(stray), "otherdiag": str(tmp / "other-diagnosis.json"),
-              "short": str(tmp / "short.txt"), "dynamic": str(dynamic)}
+              "short": str(tmp / "short.txt"), "dynamic": str(dynamic), "othermodel": str(othermodel),
+              "emptytext": str(tmp / "empty.txt")}
     assert set(places) == PLACES, "PLACES lists what the cases may name"
     return places
 
@@ -255,8 +312,10 @@ def main() -> int:
         f"{platform.python_version()}, torch {torch.__version__}): each case is one "
         "`bitcliff` process on the embedded model and text; `…` is the run's scratch folder, holding a user's file "
         "(`a-file`), a user's folder (`mine`), a binary file, an RTN W4 checkpoint of the default model (`ckpt`) and "
-        "damaged copies of it (NaN scales, no weights, weights cut in half), its diagnosis, and a sweep with a row "
-        "edited by hand and one cut short.",
+        "damaged copies of it (NaN scales, no weights, weights cut in half), its diagnosis, a sweep with a row "
+        "edited by hand and one cut short, the embedded model with other input embeddings (`othermodel`) and an "
+        "empty text file.  The *class* column names what the command did before it refused (data loss, silently "
+        "wrong, traceback, late or unclear), or *refusal* for a bad value always refused.",
         "",
         f"{len(rows) - failed} of {len(rows)} cases end in a one-line error with no traceback "
         "(exit status 2: a refusal; 1: a failure of the machine).  Seconds include starting Python and torch "
