@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from bitcliff.assets import load_text
     from bitcliff.data import calibration_windows, evaluation_windows
     from bitcliff.device import describe
-    from bitcliff.divergence import kl_recovery, reference_predictions
+    from bitcliff.divergence import kl_recovery
     from bitcliff.models import is_quantized_folder, load_fp_model
     from bitcliff.repairs.plan import PlanError, check_budget
     from bitcliff.repairs.run import diagnose_and_repair
@@ -115,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
             diagnosis=report, examples=None if report is not None else evaluation_windows(tokenizer, text, 16, 256),
             plan_options={"methods": methods, "rank": args.rank, "refine_rounds": args.refine_rounds,
                           "factor_bits": args.factor_bits, "allocator": args.allocator},
-            reference=reference_predictions(fp_model, evaluation_windows(tokenizer, text, args.windows, args.seq_len),
-                                            progress=False),
+            eval_ids=evaluation_windows(tokenizer, text, args.windows, args.seq_len), divergence=True,
             out=out, tokenizer=tokenizer, overwrite=args.overwrite, on_plan=show, name=Path(args.quantized).name,
             record_extra={"text": args.text_file, "quantized": str(args.quantized), "model": args.model,
                           "device": describe(args.device)},

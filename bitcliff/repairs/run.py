@@ -26,7 +26,13 @@ from torch import nn
 
 from bitcliff.device import model_device
 from bitcliff.diagnosis.run import DiagnoseOptions, diagnose
-from bitcliff.divergence import ReferencePredictions, evaluate_with_reference, headline, reference_ppl
+from bitcliff.divergence import (
+    ReferencePredictions,
+    evaluate_with_reference,
+    headline,
+    reference_ppl,
+    reference_predictions,
+)
 from bitcliff.models import fingerprints, quantized_modules
 from bitcliff.repairs.budget import quantized_weights
 from bitcliff.repairs.lowrank import MAX_RANK
@@ -187,6 +193,7 @@ def diagnose_and_repair(
     eval_ids: torch.Tensor | None = None,
     known_ppl: dict | None = None,
     reference: ReferencePredictions | None = None,
+    divergence: bool = False,
     out: str | Path | None = None,
     tokenizer=None,
     overwrite: bool = False,
@@ -214,6 +221,8 @@ def diagnose_and_repair(
             (``divergence.reference_predictions``): its perplexity stands for ``fp``'s, and each
             evaluation also measures KL divergence and same-top agreement, in the same forward
             passes.
+        divergence: measure them without a reference at hand: ``fp_model``'s predictions on
+            ``eval_ids`` are made once the plan stands (so that a plan refused costs no forward).
         out: a folder to save the repaired checkpoint to (with ``repair.json``), ``tokenizer`` beside it.
         record_extra: more fields for ``repair.json``.
         on_plan: called with the diagnosis and the plan before the repair runs (to show it).
@@ -229,14 +238,14 @@ def diagnose_and_repair(
     if reference is not None:
         eval_ids = reference.eval_ids
 
-    divergence: dict = {}
+    measured: dict = {}
 
     def evaluate(model: nn.Module, key: str) -> float:
         """``model``'s perplexity (and, with a reference, its divergence, kept under ``key``)."""
         if reference is None:
             return evaluate_ppl(model, eval_ids, progress=False)["ppl"]
         report = evaluate_with_reference(model, reference, progress=False)
-        divergence[key] = headline(report)
+        measured[key] = headline(report)
         return report["ppl"]
 
     seconds = {}
@@ -271,6 +280,8 @@ def diagnose_and_repair(
         plan = plan_repair(diagnosis, budget, **options)
     if on_plan is not None:
         on_plan(diagnosis, plan)
+    if divergence and reference is None and eval_ids is not None:
+        reference = reference_predictions(fp_model, eval_ids, progress=False)
     ppl = dict(known_ppl or {})
     if reference is not None and "fp" not in ppl:
         ppl["fp"] = reference_ppl(reference)  # the reference's forward passes measured it
@@ -281,21 +292,21 @@ def diagnose_and_repair(
     if not plan.methods:
         if "quantized" in ppl:
             ppl["repaired"] = ppl["quantized"]
-        return RepairOutcome(diagnosis, plan, None, ppl, seconds, divergence or None)
+        return RepairOutcome(diagnosis, plan, None, ppl, seconds, measured or None)
     start = time.perf_counter()
     result = repair(fp_model, q_model, calib_ids, plan, progress=progress)
     seconds["repair"] = time.perf_counter() - start
-    outcome = RepairOutcome(diagnosis, plan, result, ppl, seconds, divergence or None)
+    outcome = RepairOutcome(diagnosis, plan, result, ppl, seconds, measured or None)
     if out is None:
         if eval_ids is not None:
             ppl["repaired"] = evaluate(q_model, "repaired")
-            outcome.divergence = divergence or None
+            outcome.divergence = measured or None
         return outcome
     text = json.dumps(outcome.record(**(record_extra or {})), indent=1)
     bitcliff.save(q_model, out, tokenizer=tokenizer, overwrite=overwrite,
                   extra_files={RECORD_FILE: lambda path: Path(path).write_text(text)})
     if eval_ids is not None:  # the checkpoint as written is what is measured
         ppl["repaired"] = evaluate(bitcliff.load(out, device=model_device(q_model)), "repaired")
-        outcome.divergence = divergence or None
+        outcome.divergence = measured or None
         write_json(Path(out) / RECORD_FILE, outcome.record(**(record_extra or {})), indent=1)
     return outcome
