@@ -141,7 +141,6 @@ def _cases() -> list[Case]:
         c("windows of one token", ["eval", "default", "--seq-len", "1"], "traceback"),
         c("a hand-edited quantization_config.dynamic", ["eval", "{dynamic}", "--windows", "1"], "traceback"),
         # Flags the pass had not touched.
-        c("a run folder nested in a checkpoint", ["cliff", "--out", "{ckpt}/run"]),
         c("no repair calibration window", ["cliff", "--repair-calib", "0"]),
         c("no trace example", ["cliff", "--trace-examples", "0"]),
         c("no calibration window (cliff)", ["cliff", "--calib-samples", "0"]),
