@@ -1,6 +1,7 @@
 """How much KL divergence the main job's compact full-precision predictions miss.
 
-    python -m bench.kl_top_k [--bits 4 3 2] [--windows 4] [--top-k 16 64 256 1024] [--out FILE]
+    python -m bench.kl_top_k [--bits 4 3 2] [--windows 4] [--top-k 16 64 256 1024] [--device cpu|cuda]
+                             [--out FILE]
 
 The main job keeps, per position, the full-precision model's ``k`` most likely tokens and counts
 the rest of the vocabulary as one outcome (``divergence.ReferencePredictions``); KL over those
@@ -29,8 +30,13 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--top-k", type=int, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=RESULTS / "kl-top-k.json")
     args = parser.parse_args(argv)
+    if args.out.is_dir() or not args.out.parent.is_dir():  # before minutes of forwards
+        parser.error(f"--out {args.out}: must be a file in an existing folder")
+    if any(k < 1 for k in args.top_k) or args.windows < 1:
+        parser.error("--top-k and --windows must be positive")
 
     import bitcliff
     from bitcliff import QuantConfig
@@ -45,7 +51,10 @@ def main(argv=None) -> int:
     )
     from bitcliff.models import load_fp_model
 
-    fp_model, tokenizer, _ = load_fp_model("default")
+    from bitcliff.device import resolve_device
+
+    device = resolve_device(args.device)
+    fp_model, tokenizer, _ = load_fp_model("default", device=device)
     eval_ids = evaluation_windows(tokenizer, load_text("wiki"), args.windows, 512)
     predictions = {k: reference_predictions(fp_model, eval_ids, top_k=k, progress=False) for k in args.top_k}
     rows = []
@@ -53,7 +62,8 @@ def main(argv=None) -> int:
         model = bitcliff.quantize(copy.deepcopy(fp_model), QuantConfig(bits=bits, group_size=64), progress=False)
         exact = evaluate_against(model, fp_model, eval_ids, progress=False)
         with torch.inference_mode():
-            fp_logits, q_logits = fp_model(input_ids=eval_ids).logits, model(input_ids=eval_ids).logits
+            ids = eval_ids.to(device)
+            fp_logits, q_logits = fp_model(input_ids=ids).logits.cpu(), model(input_ids=ids).logits.cpu()
         exact_tokens, _ = token_divergence(fp_logits, q_logits)
         for k, kept in predictions.items():
             bucketed = evaluate_with_reference(model, kept, progress=False)
@@ -68,7 +78,7 @@ def main(argv=None) -> int:
             print(f"W{bits} k={k:5d}: KL {row['kl_mean_kept']:.5f} of {row['kl_mean_full']:.5f} "
                   f"({100 * row['relative_shortfall_of_mean']:.3f} % short; worst token "
                   f"{row['worst_token_shortfall_nats']:.2e} nats)", flush=True)
-    result = {"environment": environment("cpu"), "windows": args.windows, "tokens_per_window": 512,
+    result = {"environment": environment(device.type), "windows": args.windows, "tokens_per_window": 512,
               "vocabulary": int(fp_logits.shape[-1]), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bitcliff.data import check_fits_context
-from bitcliff.eval import next_token_nll
+from bitcliff.eval import next_token_nll, perplexity
 
 Z_95 = 1.959964  # the two-sided 95 % quantile of the normal distribution
 #: Tokens whose full-precision log-probabilities a :class:`ReferencePredictions` keeps per position.
@@ -115,10 +115,10 @@ def _rest_logprob(log_probs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return log_probs.scatter(-1, kept, float("-inf")).logsumexp(dim=-1)
 
 
-def reference_ppl(predictions: ReferencePredictions) -> float:
-    """The reference model's perplexity on its windows, as ``eval.evaluate_ppl`` forms it (the mean
-    over windows of each window's float32 mean NLL)."""
-    return math.exp(float(predictions.nll.mean(dim=1).double().mean()))
+def reference_perplexity(predictions: ReferencePredictions) -> dict:
+    """The reference model's ``eval.perplexity`` report on its windows (its forward passes made
+    the predictions, so no other is needed)."""
+    return perplexity(predictions.nll.mean(dim=1).double())
 
 
 def bucketed_divergence(top_logprobs: torch.Tensor, top_ids: torch.Tensor, rest_logprob: torch.Tensor,
@@ -155,7 +155,7 @@ def evaluate_with_reference(model, predictions: ReferencePredictions, batch_size
         :func:`summarize`'s report, with ``ppl``, ``mean_nll`` and ``nll_per_window`` as
         ``eval.evaluate_ppl`` computes them (the same figures to the last digit).
     Raises:
-        ValueError: windows longer than the model's context, or non-finite logits.
+        ValueError: windows longer than the model's context, or non-finite logits or NLL.
     """
     eval_ids = predictions.eval_ids
     check_fits_context(model, eval_ids.shape[1], "evaluation windows")
@@ -171,11 +171,8 @@ def evaluate_with_reference(model, predictions: ReferencePredictions, batch_size
             parts["same_top"].append(same_top)
             parts["nll_q"].append(next_token_nll(logits, ids))
     nll_q = torch.cat(parts["nll_q"])
-    per_window = nll_q.mean(dim=1).double()  # as eval.window_nll forms it
-    mean_nll = float(per_window.mean())
     report = summarize(torch.cat(parts["kl"]), torch.cat(parts["same_top"]), predictions.nll, nll_q)
-    report.update(ppl=math.exp(mean_nll), mean_nll=mean_nll, nll_per_window=per_window.tolist())
-    return report
+    return {**report, **perplexity(nll_q.mean(dim=1).double())}  # as eval.window_nll forms each window
 
 
 def _interval(per_window: torch.Tensor, centre: float) -> list[float] | None:

@@ -69,20 +69,28 @@ def evaluate_ppl(model, eval_ids: torch.Tensor, batch_size: int = 1, progress: b
             nll.append(window_nll(model, eval_ids[start : start + batch_size]))
     finally:
         model.train(was_training)
-    per_window = torch.cat(nll)
+    return {**perplexity(torch.cat(nll)), "tokens": int(eval_ids.shape[0] * (eval_ids.shape[1] - 1)),
+            "windows": int(eval_ids.shape[0])}
+
+
+def perplexity(per_window: torch.Tensor) -> dict:
+    """The perplexity report of per-window mean NLLs (the one place they are combined).
+
+    Args:
+        per_window: float64 ``[n_windows]``, each window's mean next-token NLL (:func:`window_nll`,
+            or ``token_nll.mean(dim=1).double()`` of its tokens).
+    Returns:
+        ``{"ppl", "mean_nll", "nll_per_window"}``.
+    Raises:
+        ValueError: a window whose NLL is not finite.
+    """
     broken = (~torch.isfinite(per_window)).nonzero().flatten().tolist()
     if broken:  # a NaN is not a perplexity: say so instead of reporting `ppl nan`
         raise ValueError(f"the model's NLL is NaN or infinite on {len(broken)} of {len(per_window)} windows "
                          f"(first: window {broken[0]}): its weights or activations hold non-finite values "
                          "(a damaged checkpoint, or an overflow in half precision)")
     mean_nll = float(per_window.mean())
-    return {
-        "ppl": math.exp(mean_nll),
-        "mean_nll": mean_nll,
-        "nll_per_window": per_window.tolist(),
-        "tokens": int(eval_ids.shape[0] * (eval_ids.shape[1] - 1)),
-        "windows": int(eval_ids.shape[0]),
-    }
+    return {"ppl": math.exp(mean_nll), "mean_nll": mean_nll, "nll_per_window": per_window.tolist()}
 
 
 def evaluate_text(model, tokenizer, text: str, windows: int, seq_len: int) -> dict:

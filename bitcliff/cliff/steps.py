@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -129,10 +128,10 @@ def compute(job: Job, name: str, done: dict[str, dict]) -> dict:
 
 
 def _fp(job: Job, done: dict) -> dict:
-    from bitcliff.divergence import reference_ppl
+    from bitcliff.divergence import reference_perplexity
 
-    ppl = reference_ppl(job.reference)  # the reference's forward passes are the fp evaluation
-    return {"ppl": ppl, "mean_nll": math.log(ppl)}
+    result = reference_perplexity(job.reference)  # the reference's forward passes are the fp evaluation
+    return {"ppl": result["ppl"], "mean_nll": result["mean_nll"]}
 
 
 def _rtn(job: Job, bits: int, done: dict) -> dict:

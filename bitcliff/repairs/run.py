@@ -30,7 +30,7 @@ from bitcliff.divergence import (
     ReferencePredictions,
     evaluate_with_reference,
     headline,
-    reference_ppl,
+    reference_perplexity,
     reference_predictions,
 )
 from bitcliff.models import fingerprints, quantized_modules
@@ -284,7 +284,7 @@ def diagnose_and_repair(
         reference = reference_predictions(fp_model, eval_ids, progress=False)
     ppl = dict(known_ppl or {})
     if reference is not None and "fp" not in ppl:
-        ppl["fp"] = reference_ppl(reference)  # the reference's forward passes measured it
+        ppl["fp"] = reference_perplexity(reference)["ppl"]
     if eval_ids is not None:
         for key, model in (("fp", fp_model), ("quantized", q_model)):
             if key not in ppl:
