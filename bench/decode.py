@@ -223,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-tokens", type=int, default=512, help="tokens of the timed prefill (0: none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.new_tokens < 2 or args.reps < 1 or args.batch < 1 or args.prefill_tokens < 0:
+        parser.error("--new-tokens must be at least 2 (decode is timed apart from the first token); --reps and "
+                     "--batch positive; --prefill-tokens not negative")
     if args.device == "cuda":
         require_cuda()
     env = environment(args.device)
