@@ -2,10 +2,12 @@
 
     python -m bench.decode [--model default [MODEL ...]] [--bits 4 3 2] [--group 128] [--new-tokens 128]
                            [--batch 1] [--compile] [--device cuda|cpu] [--bf16] [--prefill-tokens 512]
-                           [--out DIR]
+                           [--unembedding bf16 [fp32]] [--out DIR]
 
 On ``--device cpu`` the model stays fp32 (the baseline row is then ``fp32``; ``--bf16`` adds the
-bf16 model) and the quantized layers run the CPU path (``bitcliff.kernels.cpu``).  Each row also
+bf16 model) and the quantized layers run the CPU path (``bitcliff.kernels.cpu``); the quantized
+models decode their unembedding from a bf16 copy, as ``bitcliff.load`` does (``--unembedding
+bf16 fp32`` times each quantized width both ways, side by side).  Each row also
 times prefill: one forward over ``--prefill-tokens`` tokens (0: skip), as tokens/s, and splits an
 eager token's time into the linear layers, the unembedding and everything else.
 
@@ -163,6 +165,7 @@ def time_split(model, prompt, new_tokens: int) -> dict:
 def time_model(name: str, args) -> dict:
     """Every variant of one model: fp16 (fp32 on CPU) and each width, eager and compiled."""
     from bitcliff import QuantConfig, quantize
+    from bitcliff.quant.unembedding import DecodeUnembedding, read_unembedding_in_bf16
 
     base, description = load_model(name)
     gen = torch.Generator().manual_seed(0)
@@ -172,18 +175,27 @@ def time_model(name: str, args) -> dict:
     baseline = "fp16" if args.device == "cuda" else "fp32"
     extra = ["bf16"] if args.bf16 and args.device == "cpu" else []
     rows = []
-    for bits in [None, *extra, *args.bits]:
+    heads = args.unembedding if args.device == "cpu" else ["fp32"]
+    variants = [(None, "fp32"), *[(extra_dtype, "fp32") for extra_dtype in extra],
+                *[(bits, head) for bits in args.bits for head in heads]]
+    for bits, head in variants:
         model = copy.deepcopy(base)
         if isinstance(bits, int):
             quantize(model, QuantConfig(bits=bits, group_size=args.group), progress=False)
+            if head == "bf16":
+                read_unembedding_in_bf16(model)  # as bitcliff.load does on the CPU
         if args.device == "cuda":
             model = model.cuda().half()
         elif bits == "bf16":
             model = model.to(torch.bfloat16)
         label = baseline if bits is None else bits if bits == "bf16" else f"w{bits}g{args.group}"
+        if isinstance(bits, int) and len(heads) > 1:
+            label += f"/{head}-head"
         modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
         for mode, compiled in modes:
-            row = {"variant": label, "mode": mode}
+            row = {"variant": label, "mode": mode,
+                   "unembedding": "bf16 decode" if isinstance(model.get_output_embeddings(), DecodeUnembedding)
+                   else str(model.get_output_embeddings().weight.dtype).removeprefix("torch.")}
             try:
                 if compiled:
                     model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
@@ -196,7 +208,7 @@ def time_model(name: str, args) -> dict:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
             speed = f"{row['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in row else row["error"]
-            print(f"{name:>16} {label:>8} {mode:>8}: {speed}", flush=True)
+            print(f"{name:>16} {label:>15} {mode:>8}: {speed}", flush=True)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -221,6 +233,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--bf16", action="store_true", help="on the CPU, also time the bf16 model")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="tokens of the timed prefill (0: none)")
+    parser.add_argument("--unembedding", nargs="+", choices=["bf16", "fp32"], default=["bf16"],
+                        help="on the CPU, the quantized models' unembedding at decode: bf16 (as bitcliff.load "
+                             "reads it), fp32, or both (a row each)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.reps < 1 or args.batch < 1 or args.prefill_tokens < 0:
@@ -238,13 +253,13 @@ def main(argv=None) -> int:
     path = results_path(args.out, env, "decode-")
     path.write_text(json.dumps(result, indent=1))
     key = f"speedup_vs_{baseline}"
-    lines = [f"{'model':>16} {'variant':>8} {'mode':>8} {'tok/s':>9} {'vs ' + baseline:>8} {'prefill/s':>10}"]
+    lines = [f"{'model':>16} {'variant':>15} {'mode':>8} {'tok/s':>9} {'vs ' + baseline:>8} {'prefill/s':>10}"]
     for m in models:
         for r in m["rows"]:
             tps = f"{r['tokens_per_s']:9.1f}" if "tokens_per_s" in r else f"{'failed':>9}"
             sp = f"{r[key]:8.2f}" if key in r else f"{'':>8}"
             pf = f"{r['prefill_tokens_per_s']:10.1f}" if "prefill_tokens_per_s" in r else f"{'':>10}"
-            lines.append(f"{m['name']:>16} {r['variant']:>8} {r['mode']:>8} {tps} {sp} {pf}")
+            lines.append(f"{m['name']:>16} {r['variant']:>15} {r['mode']:>8} {tps} {sp} {pf}")
     (args.out / f"decode-{args.device}-summary.txt").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path}\n" + "\n".join(lines))
     return 0

@@ -48,7 +48,8 @@ def bitcliff_greedy(folder: Path, prompts: list[list[int]], new_tokens: int = NE
     """
     import bitcliff
 
-    model = bitcliff.load(folder, dtype=torch.float32)
+    # vLLM computes the unembedding in fp32: so does the reference (not its bf16 decode copy)
+    model = bitcliff.load(folder, dtype=torch.float32, bf16_unembedding=False)
     all_tokens, all_margins = [], []
     for ids in prompts:
         x = torch.tensor([ids])

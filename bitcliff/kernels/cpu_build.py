@@ -64,6 +64,10 @@ def _register_fakes() -> None:
     def _(x, words, scales, zeros, columns, bias, bits, in_features, out_features, gemv_max_rows, slab_bytes):
         return x.new_empty((*x.shape[:-1], out_features))
 
+    @torch.library.register_fake("bitcliff_cpu::linear_bf16")
+    def _(x, weight):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
 
 def native_ops():
     """``torch.ops.bitcliff_cpu`` (built on the first call), or ``None`` where it cannot be built."""
