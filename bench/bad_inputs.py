@@ -185,6 +185,9 @@ def _cases() -> list[Case]:
         c("a sweep method bitcliff does not have", ["sweep", "--method", "awq", "--out-dir", "{tmp}/s"]),
         c("no evaluation window (sweep)", ["sweep", "--windows", "0", "--out-dir", "{tmp}/s"]),
         c("predict with no width", ["study", "predict", "{law}", "--model", "default", "--method", "rtn"]),
+        c("a study method bitcliff does not have", ["study", "sweep", "--methods", "awq", "--out", "{tmp}/s"]),
+        c("a stratum the study does not have", ["study", "sweep", "--strata", "nonsense", "--out", "{tmp}/s"]),
+        c("an unsupported width in a study", ["study", "sweep", "--bits", "5", "--out", "{tmp}/s"]),
     ]
 
 
