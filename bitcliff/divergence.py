@@ -195,10 +195,11 @@ def summarize(kl: torch.Tensor, same_top: torch.Tensor, nll_fp: torch.Tensor, nl
     tokens = kl.double().flatten()
     kl_windows = kl.double().mean(dim=1)
     top_windows = same_top.double().mean(dim=1)
-    log_ppl_fp, log_ppl_q = nll_fp.double().mean(dim=1), nll_q.double().mean(dim=1)
+    # each window's mean NLL as eval.window_nll forms it, so that ppl and ppl_fp are eval's figures
+    log_ppl_fp, log_ppl_q = nll_fp.mean(dim=1).double(), nll_q.mean(dim=1).double()
     kl_mean, top_mean = float(tokens.mean()), float(same_top.double().mean())
     quantiles = torch.quantile(tokens, torch.tensor([0.5, 0.99, 0.999], dtype=torch.float64))
-    ppl_fp, ppl_q = math.exp(float(log_ppl_fp.mean())), math.exp(float(log_ppl_q.mean()))
+    ppl_fp, ppl_q = perplexity(log_ppl_fp)["ppl"], perplexity(log_ppl_q)["ppl"]
     top_interval = _interval(top_windows, top_mean)
     return {
         "kl_mean": kl_mean,

@@ -256,6 +256,14 @@ def test_sweep_replaces_only_what_bitcliff_wrote_and_reads_group_size(tiny_folde
     capsys.readouterr()
     rows = json.loads((old / "sweep.json").read_text())["rows"]
     assert rows[1]["setting"] == "rtn-w4g32-asym"  # --group-size is read, not ignored
+    from bitcliff.eval import evaluate_text
+    from bitcliff.models import load_fp_model
+    from tests.conftest import word_tokenizer
+
+    fp = evaluate_text(load_fp_model(str(tiny_folder))[0], word_tokenizer(), _text(tiny_folder), 1, 32)
+    assert rows[0]["ppl"] == pytest.approx(fp["ppl"], rel=1e-6)  # the fp predictions are its evaluation
+    assert rows[1]["kl_mean"] > 0 and 0 <= rows[1]["same_top_pct"] <= 100
+    assert rows[1]["ppl_fp"] == pytest.approx(rows[0]["ppl"], rel=1e-9)
     assert main(argv) == 2  # its own outputs: replaced only with --overwrite
     assert "--overwrite" in _error(capsys)
     assert main(argv + ["--overwrite"]) == 0

@@ -39,7 +39,8 @@ def add_parsers(sub) -> None:
     add_device_arg(p)
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("sweep", help="fp vs quantized perplexity table over bits and group sizes",
+    p = sub.add_parser("sweep", help="fp vs quantized perplexity table over bits and group sizes, with each "
+                       "checkpoint's KL divergence from the fp model and same-top-token share",
                        formatter_class=HelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
@@ -117,7 +118,11 @@ def _folder_bytes(path: Path) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    """fp and quantized perplexities in one table (checkpoints saved and reloaded)."""
+    """fp and quantized perplexities in one table (checkpoints saved and reloaded), with each
+    checkpoint's KL divergence from the fp model and its share of the same top token."""
+    from bitcliff.assets import load_text
+    from bitcliff.data import evaluation_windows
+    from bitcliff.divergence import evaluate_with_reference, reference_perplexity, reference_predictions
     from bitcliff.models import load_fp_model
     from bitcliff.quant.checkpoint import load, save
     from bitcliff.storage import write_output
@@ -139,14 +144,16 @@ def run_sweep(args: argparse.Namespace) -> int:
         nonlocal written
         write_output(out_dir / "sweep.json", {"model": path, "rows": rows}, args.overwrite or written, kind="sweep")
         written = True
-    rows = [{"setting": "fp32", "bits_per_weight": 32.0,
-             **evaluate_text(fp_model, tokenizer, args.text_file, args.windows, args.seq_len)}]
+    eval_ids = evaluation_windows(tokenizer, load_text(args.text_file), args.windows, args.seq_len)
+    reference = reference_predictions(fp_model, eval_ids)  # its forward passes are the fp evaluation
+    rows = [{"setting": "fp32", "bits_per_weight": 32.0, **reference_perplexity(reference),
+             "tokens": reference.nll.numel(), "windows": reference.nll.shape[0]}]
     for config, folder in zip(configs, folders):
         model = quantize_on_text(copy.deepcopy(fp_model), tokenizer, config, args.text_file, args.seq_len)
         save(model, folder, tokenizer=tokenizer, overwrite=args.overwrite)
         del model
         reloaded = load(folder, device=args.device)  # evaluate what is on disk, not what is in memory
-        result = evaluate_text(reloaded, tokenizer, args.text_file, args.windows, args.seq_len)
+        result = evaluate_with_reference(reloaded, reference)
         k = fp_model.config.hidden_size
         rows.append({
             "setting": config.describe(),
@@ -158,8 +165,10 @@ def run_sweep(args: argparse.Namespace) -> int:
         save_rows()
     save_rows()
     print(f"\nperplexity of {path} on {args.text_file} ({rows[0]['windows']} windows x {args.seq_len} tokens)")
-    print(f"{'setting':22s} {'bits/w':>7s} {'disk MB':>8s} {'ppl':>12s}")
+    print(f"{'setting':22s} {'bits/w':>7s} {'disk MB':>8s} {'ppl':>12s} {'KL mean':>9s} {'same top':>9s}")
     for row in rows:
         mb = f"{row['checkpoint_mb']:.1f}" if "checkpoint_mb" in row else "-"
-        print(f"{row['setting']:22s} {row['bits_per_weight']:7.2f} {mb:>8s} {row['ppl']:12.2f}")
+        kl = f"{row['kl_mean']:9.4f}" if "kl_mean" in row else f"{'-':>9s}"
+        top = f"{row['same_top_pct']:8.2f}%" if "same_top_pct" in row else f"{'-':>9s}"
+        print(f"{row['setting']:22s} {row['bits_per_weight']:7.2f} {mb:>8s} {row['ppl']:12.2f} {kl} {top}")
     return 0

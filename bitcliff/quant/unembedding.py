@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitcliff.kernels.cpu_build import native_ops
+
 #: Rows up to which the bf16 copy is read: the kernel reads the whole weight once per two rows.
 DECODE_MAX_ROWS = 4
 
@@ -32,14 +34,12 @@ class DecodeUnembedding(nn.Linear):
 
     Args:
         linear: the model's output projection (fp32 weight ``[V, H]``).
-        ops: the compiled operators (``torch.ops.bitcliff_cpu``).
     """
 
-    def __init__(self, linear: nn.Linear, ops) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
-        self._ops = ops
         self.register_buffer("weight_bf16", torch.empty(0, dtype=torch.bfloat16), persistent=False)
         self._copied_from: tuple | None = None
 
@@ -62,7 +62,7 @@ class DecodeUnembedding(nn.Linear):
         )
         if not decode:
             return F.linear(x, self.weight, self.bias)
-        y = self._ops.linear_bf16(x, self._bf16_weight())
+        y = native_ops().linear_bf16(x, self._bf16_weight())  # built: the module exists only where it is
         return y if self.bias is None else y + self.bias
 
 
@@ -72,13 +72,10 @@ def read_unembedding_in_bf16(model: nn.Module) -> bool:
     Returns ``False``, changing nothing, where the compiled CPU kernel is not built, the model
     has no plain ``nn.Linear`` output projection, or its weight is not fp32 on the CPU.
     """
-    from bitcliff.kernels.cpu_build import native_ops  # noqa: PLC0415 - builds the kernel on first use
-
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear or head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
         return False
-    ops = native_ops()
-    if ops is None:
+    if native_ops() is None:  # builds the kernel on first use
         return False
-    model.set_output_embeddings(DecodeUnembedding(head, ops))
+    model.set_output_embeddings(DecodeUnembedding(head))
     return True

@@ -74,6 +74,19 @@ def test_decode_reads_bf16_and_prefill_the_fp32_weight():
         assert torch.equal(head(many), F.linear(many, weight))
 
 
+def test_a_model_reading_it_deep_copies_and_keeps_its_tie():
+    import copy
+
+    model = _tied_model()
+    read_unembedding_in_bf16(model)
+    twin = copy.deepcopy(model)
+    head = twin.get_output_embeddings()
+    assert isinstance(head, DecodeUnembedding) and head.weight is twin.get_input_embeddings().weight
+    x = torch.randn(1, head.in_features)
+    with torch.inference_mode():
+        assert torch.equal(head(x), model.get_output_embeddings()(x))
+
+
 def test_a_changed_weight_is_copied_again():
     model = _tied_model()
     read_unembedding_in_bf16(model)
