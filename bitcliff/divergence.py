@@ -146,6 +146,45 @@ def bucketed_divergence(top_logprobs: torch.Tensor, top_ids: torch.Tensor, rest_
 
 
 @torch.inference_mode()
+@dataclass(frozen=True)
+class TokenDivergence:
+    """A model's next-token predictions measured against a reference's, per predicted token.
+
+    Attributes:
+        kl: float32 ``[W, T - 1]``, KL(P_reference ‖ P_model) in nats (:func:`bucketed_divergence`).
+        same_top: bool ``[W, T - 1]``, whether the two most likely tokens agree.
+        nll: float32 ``[W, T - 1]``, the model's NLL of each next token (``eval.next_token_nll``).
+    """
+
+    kl: torch.Tensor
+    same_top: torch.Tensor
+    nll: torch.Tensor
+
+
+@torch.inference_mode()
+def token_divergence_from(model, predictions: ReferencePredictions, batch_size: int = 1,
+                          progress: bool = True) -> TokenDivergence:
+    """:class:`TokenDivergence` of ``model`` on the windows of ``predictions``, one forward per window.
+
+    Raises:
+        ValueError: windows longer than the model's context, or non-finite logits.
+    """
+    eval_ids = predictions.eval_ids
+    check_fits_context(model, eval_ids.shape[1], "evaluation windows")
+    parts = {"kl": [], "same_top": [], "nll": []}
+    with _evaluating(model):
+        for start in tqdm(range(0, eval_ids.shape[0], batch_size), desc="eval", disable=not progress, unit="batch"):
+            ids = eval_ids[start:start + batch_size]
+            logits = _logits(model, ids, start)
+            stop = start + len(ids)
+            kl, same_top = bucketed_divergence(predictions.top_logprobs[start:stop], predictions.top_ids[start:stop],
+                                               predictions.rest_logprob[start:stop], logits)
+            parts["kl"].append(kl)
+            parts["same_top"].append(same_top)
+            parts["nll"].append(next_token_nll(logits, ids))
+    return TokenDivergence(*(torch.cat(parts[key]) for key in ("kl", "same_top", "nll")))
+
+
 def evaluate_with_reference(model, predictions: ReferencePredictions, batch_size: int = 1,
                             progress: bool = True) -> dict:
     """Perplexity of ``model`` on the windows of ``predictions`` (one forward per window) and
@@ -157,22 +196,9 @@ def evaluate_with_reference(model, predictions: ReferencePredictions, batch_size
     Raises:
         ValueError: windows longer than the model's context, or non-finite logits or NLL.
     """
-    eval_ids = predictions.eval_ids
-    check_fits_context(model, eval_ids.shape[1], "evaluation windows")
-    parts = {"kl": [], "same_top": [], "nll_q": []}
-    with _evaluating(model):
-        for start in tqdm(range(0, eval_ids.shape[0], batch_size), desc="eval", disable=not progress, unit="batch"):
-            ids = eval_ids[start:start + batch_size]
-            logits = _logits(model, ids, start)
-            stop = start + len(ids)
-            kl, same_top = bucketed_divergence(predictions.top_logprobs[start:stop], predictions.top_ids[start:stop],
-                                               predictions.rest_logprob[start:stop], logits)
-            parts["kl"].append(kl)
-            parts["same_top"].append(same_top)
-            parts["nll_q"].append(next_token_nll(logits, ids))
-    nll_q = torch.cat(parts["nll_q"])
-    report = summarize(torch.cat(parts["kl"]), torch.cat(parts["same_top"]), predictions.nll, nll_q)
-    return {**report, **perplexity(nll_q.mean(dim=1).double())}  # as eval.window_nll forms each window
+    measured = token_divergence_from(model, predictions, batch_size, progress)
+    report = summarize(measured.kl, measured.same_top, predictions.nll, measured.nll)
+    return {**report, **perplexity(measured.nll.mean(dim=1).double())}  # as eval.window_nll forms each window
 
 
 def _interval(per_window: torch.Tensor, centre: float) -> list[float] | None:

@@ -21,7 +21,8 @@ No honest offline proxy for *reasoning* was found in the embedded texts (they ho
 questions with checkable answers), so there is no reasoning stratum.
 
 Damage in a stratum is the increase of mean NLL over its tokens, quantized minus full
-precision (:func:`stratum_nll`).
+precision (:func:`measure_strata`, which also gives each stratum's KL divergence from the
+full-precision model and its share of the same top token).
 """
 
 from __future__ import annotations
@@ -119,22 +120,37 @@ def build_strata(tokenizer, text: str, n_windows: int = 16, seq_len: int = 512,
     return strata
 
 
-def stratum_nll(model, strata: dict[str, StratumWindows], batch_size: int = 4) -> dict[str, float]:
-    """Mean NLL of ``model`` over each stratum's tokens, by name.  Strata sharing their windows
-    (overall and memorization) share one forward."""
-    from bitcliff.eval import token_nll
+def reference_strata(reference, strata: dict[str, StratumWindows], batch_size: int = 4) -> dict:
+    """The full-precision ``reference``'s predictions on each distinct set of the strata's windows
+    (``divergence.ReferencePredictions``, keyed by ``id`` of the windows): strata sharing their
+    windows (overall and memorization) share one forward."""
+    from bitcliff.divergence import reference_predictions
 
-    was_training = model.training
-    model.eval()
-    cache: dict[int, torch.Tensor] = {}
     out = {}
-    try:
-        for name, stratum in strata.items():
-            key = id(stratum.ids)
-            if key not in cache:
-                cache[key] = torch.cat([token_nll(model, chunk) for chunk in stratum.ids.split(batch_size)])
-            nll = cache[key]
-            out[name] = float(nll[stratum.mask].double().mean())
-    finally:
-        model.train(was_training)
+    for stratum in strata.values():
+        if id(stratum.ids) not in out:
+            out[id(stratum.ids)] = reference_predictions(reference, stratum.ids, batch_size=batch_size, progress=False)
+    return out
+
+
+def measure_strata(model, strata: dict[str, StratumWindows], references: dict, batch_size: int = 4) -> dict:
+    """Per stratum, by name: ``nll``, ``model``'s mean NLL over its tokens; ``kl``, the mean
+    KL(P_reference ‖ P_model) over them (nats); ``same_top_pct``, the share of them whose most
+    likely token is the reference's.  One forward per window, shared by strata sharing windows.
+
+    Args:
+        references: :func:`reference_strata` of the full-precision model on the same ``strata``.
+    """
+    from bitcliff.divergence import token_divergence_from
+
+    measured: dict[int, object] = {}
+    out: dict[str, dict[str, float]] = {"nll": {}, "kl": {}, "same_top_pct": {}}
+    for name, stratum in strata.items():
+        key = id(stratum.ids)
+        if key not in measured:
+            measured[key] = token_divergence_from(model, references[key], batch_size=batch_size, progress=False)
+        tokens = measured[key]
+        out["nll"][name] = float(tokens.nll[stratum.mask].double().mean())
+        out["kl"][name] = float(tokens.kl[stratum.mask].double().mean())
+        out["same_top_pct"][name] = 100 * float(tokens.same_top[stratum.mask].double().mean())
     return out

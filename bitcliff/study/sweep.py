@@ -180,7 +180,7 @@ def run_sweep(folder: str | Path, configs: list[Configuration], settings: SweepS
     from bitcliff.data import calibration_windows
     from bitcliff.models import load_fp_model, model_fingerprint
     from bitcliff.quant.config import QuantConfig
-    from bitcliff.study.strata import build_strata, stratum_nll
+    from bitcliff.study.strata import build_strata, measure_strata, reference_strata
 
     folder = Path(folder)
     device = resolve_device(device)
@@ -202,6 +202,7 @@ def run_sweep(folder: str | Path, configs: list[Configuration], settings: SweepS
             raise ValueError(f"{folder} holds rows of another model named {model_name!r} (fingerprint "
                              f"{reference['fingerprint']}, this one {fingerprint}); use another folder")
         strata = build_strata(tokenizer, text, settings.windows, settings.seq_len, settings.strata)
+        references = reference_strata(fp, strata)
         hidden = fp.config.hidden_size
         base = {"model": model_name, "fingerprint": fingerprint, "parameters": quantized_parameters(fp),
                 "hidden_size": hidden, "tokens": {n: s.tokens for n, s in strata.items()}}
@@ -221,8 +222,10 @@ def run_sweep(folder: str | Path, configs: list[Configuration], settings: SweepS
                     model = bitcliff.quantize(copy.deepcopy(fp), qc, progress=False)
                 row = {**base, "method": config.method, "bits": config.bits, "group_size": config.group_size,
                        "calib": config.calib, "effective_bits": qc.effective_bits(hidden)}
-            nll = stratum_nll(model, strata)
-            row.update(nll=nll, ppl=math.exp(nll["overall"]) if "overall" in nll else None,
+            measured = measure_strata(model, strata, references)
+            nll = measured["nll"]
+            row.update(nll=nll, kl=measured["kl"], same_top_pct=measured["same_top_pct"],
+                       ppl=math.exp(nll["overall"]) if "overall" in nll else None,
                        seconds=round(time.perf_counter() - start, 1),
                        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
             _append(folder, row)

@@ -42,7 +42,7 @@ def test_an_interrupted_sweep_resumes_without_repeating_or_losing_rows(tiny_fold
 
     model = str(tiny_folder)
     configs = grid([model], [2, 3], [32], [4], ["rtn", "gptq"])
-    real, calls = strata.stratum_nll, []
+    real, calls = strata.measure_strata, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -50,17 +50,23 @@ def test_an_interrupted_sweep_resumes_without_repeating_or_losing_rows(tiny_fold
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(strata, "stratum_nll", interrupted)
+    monkeypatch.setattr(strata, "measure_strata", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(tmp_path / "s", configs, settings, progress=False)
     first = read_rows(tmp_path / "s")
     assert [r["method"] for r in first] == ["fp", "rtn"]
-    monkeypatch.setattr(strata, "stratum_nll", real)
+    monkeypatch.setattr(strata, "measure_strata", real)
     rows = run_sweep(tmp_path / "s", configs, settings, progress=False)
     assert rows[:2] == first
     keys = [(r["method"], r.get("bits"), r.get("group_size"), r.get("calib")) for r in rows]
     assert len(keys) == len(set(keys)) == len(configs)
-    assert all(set(r["nll"]) == {"overall", "utilization"} for r in rows)
+    assert all(set(r["nll"]) == set(r["kl"]) == set(r["same_top_pct"]) == {"overall", "utilization"} for r in rows)
+    fp, quantized = rows[0], rows[1:]
+    assert all(abs(v) < 1e-5 for v in fp["kl"].values()) and set(fp["same_top_pct"].values()) == {100.0}
+    assert all(v > 0 for r in quantized for v in r["kl"].values())
+    two_bit = [r for r in quantized if r["bits"] == 2]
+    assert all(r["kl"]["overall"] > q["kl"]["overall"] for r in two_bit for q in quantized if q["bits"] == 3
+               and q["method"] == r["method"])  # fewer bits, further from fp
     gptq = [r for r in rows if r["method"] == "gptq"]
     assert gptq and all(r["calib"] == 4 and r["effective_bits"] > r["bits"] for r in gptq)
 
