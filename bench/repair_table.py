@@ -8,7 +8,9 @@ For every (model, quantization method, bits) the quantized checkpoint (``--group
 default; GPTQ at bitcliff's default settings) and its diagnosis are made once and kept under ``--work``; then, per budget and
 variant, a copy of the quantized model is repaired on the first ``--calib`` calibration windows
 of the Wikipedia text and evaluated on the protocol's 16 windows of two texts: the Wikipedia
-sample (``wiki``) and the Canterbury books (``canterbury``, not seen in calibration).  Every row
+sample (``wiki``) and the Canterbury books (``canterbury``, not seen in calibration): perplexity,
+mean KL divergence from the fp model and same-top-token share, and the recovery of the quantized
+model's gap in perplexity and in KL.  Every row
 is appended to ``--out`` as it finishes (JSON lines); a row already there is not run again.
 
 Variants:
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
     import bitcliff
     from bitcliff.assets import load_text
     from bitcliff.data import calibration_windows, evaluation_windows
-    from bitcliff.eval import evaluate_ppl
+    from bitcliff.divergence import evaluate_with_reference, kl_recovery, reference_perplexity, reference_predictions
     from bitcliff.models import load_fp_model
     from bitcliff.repairs.plan import PlanError
     from bitcliff.repairs.run import PLANNING_DIAGNOSIS, diagnose_and_repair, recovery
@@ -179,16 +181,24 @@ def main(argv=None) -> int:
                                                       "calib_offset"))
             if key[-1] in (None, args.calib_offset)}
     fp, tokenizer, path = load_fp_model(args.model)
+    args.work.mkdir(parents=True, exist_ok=True)
     texts = {name: load_text(name) for name in TEXTS}
     evals = {name: evaluation_windows(tokenizer, text, 16, 512) for name, text in texts.items()}
     calib = calibration_windows(tokenizer, texts["wiki"], max(args.calib + args.calib_offset, 64), 512)
     repair_calib = calib[args.calib_offset: args.calib_offset + args.calib]
-    fp_ppl = {name: evaluate_ppl(fp, ids, progress=False)["ppl"] for name, ids in evals.items()}
+    references = {name: reference_predictions(fp, ids, progress=False) for name, ids in evals.items()}
+    fp_ppl = {name: reference_perplexity(reference)["ppl"] for name, reference in references.items()}
+
+    def measure(model) -> tuple[dict, dict, dict]:
+        """Per text: perplexity, mean KL from the fp model (nats), same top token (%)."""
+        reports = {name: evaluate_with_reference(model, references[name], progress=False) for name in evals}
+        return ({name: r["ppl"] for name, r in reports.items()}, {name: r["kl_mean"] for name, r in reports.items()},
+                {name: r["same_top_pct"] for name, r in reports.items()})
     k = fp.config.hidden_size
     for method in args.methods:
         for bits in args.bits:
             config = bitcliff.QuantConfig(bits=bits, group_size=args.group_size, method=method)
-            folder = args.work / f"{args.model}-{config.describe()}"
+            folder = args.work / f"{Path(args.model).name}-{config.describe()}"  # a model path names by its folder
             if not (folder / "config.json").is_file():
                 model = bitcliff.quantize(copy.deepcopy(fp), config, calib_ids=calib[:64]) if method == "gptq" \
                     else bitcliff.quantize(copy.deepcopy(fp), config)
@@ -203,13 +213,15 @@ def main(argv=None) -> int:
                 diagnosis = bitcliff.diagnose(fp, q, evaluation_windows(tokenizer, texts["wiki"], 16, 256),
                                               options=PLANNING_DIAGNOSIS, name=folder.name, progress=False).to_dict()
                 diag_path.write_text(json.dumps(diagnosis))
-            q_ppl = {name: evaluate_ppl(q, ids, progress=False)["ppl"] for name, ids in evals.items()}
+            q_ppl, q_kl, q_top = measure(q)
             base = {"model": args.model, "method": method, "bits": bits, "group_size": args.group_size,
                     "effective_bits": config.effective_bits(k), "verdict": diagnosis["verdict"]["label"],
-                    "ppl_fp": fp_ppl, "ppl_quantized": q_ppl}
+                    "ppl_fp": fp_ppl, "ppl_quantized": q_ppl, "kl_quantized": q_kl}
             if (args.model, method, bits, args.group_size, 0.0, "none") not in done:
                 append_row(args.out, {**base, "budget": 0.0, "variant": "none", "bits_spent": 0.0,
-                                      "ppl": q_ppl, "recovery": {t: 0.0 for t in TEXTS}, "commit": commit(short=True)})
+                                      "ppl": q_ppl, "kl": q_kl, "same_top_pct": q_top,
+                                      "recovery": {t: 0.0 for t in TEXTS}, "kl_recovery": {t: 0.0 for t in TEXTS},
+                                      "commit": commit(short=True)})
             for budget in args.budgets:
                 for variant in args.variants:
                     key = (args.model, method, bits, args.group_size, budget, variant)
@@ -250,9 +262,11 @@ def main(argv=None) -> int:
                         append_row(args.out, {**base, "budget": budget, "variant": variant, "skipped": str(exc)})
                         continue
                     seconds = time.perf_counter() - start
-                    ppl = {name: evaluate_ppl(repaired, ids, progress=False)["ppl"] for name, ids in evals.items()}
+                    ppl, kl, top = measure(repaired)
                     row = {**base, "budget": budget, "variant": variant, "bits_spent": spent, "ppl": ppl,
+                           "kl": kl, "same_top_pct": top,
                            "recovery": {t: recovery(fp_ppl[t], q_ppl[t], ppl[t]) for t in TEXTS},
+                           "kl_recovery": {t: kl_recovery(q_kl[t], kl[t]) for t in TEXTS},
                            "seconds": round(seconds, 1), "calib_windows": args.calib,
                            "calib_offset": args.calib_offset, **extra,
                            "commit": commit(short=True), "date": now()}
@@ -260,7 +274,8 @@ def main(argv=None) -> int:
                     print(f"{args.model} {method} w{bits} +{budget:g} {variant:>9}: bits {spent:.4f} "
                           f"ppl {ppl['wiki']:.2f} / {ppl['canterbury']:.2f} (q {q_ppl['wiki']:.2f} / "
                           f"{q_ppl['canterbury']:.2f}; recovery {row['recovery']['wiki']:.0%} / "
-                          f"{row['recovery']['canterbury']:.0%}) {seconds:.0f} s", flush=True)
+                          f"{row['recovery']['canterbury']:.0%}, in KL {row['kl_recovery']['wiki']:.0%} / "
+                          f"{row['kl_recovery']['canterbury']:.0%}) {seconds:.0f} s", flush=True)
                     if math.isnan(ppl["wiki"]):
                         print("  (nan perplexity)", flush=True)
     return 0
