@@ -82,7 +82,7 @@ def sass_summary(cubin: bytes) -> dict:
     }
 
 
-def constexprs(schedule: str, bits: int, capture: str, dtype: str, config: dict, group: int = 128,
+def constexprs(schedule: str, bits: int, capture: str, dtype: str, config: dict, *, group: int = 128,
                bias: bool = False, permuted: bool = False) -> dict:
     """Every constexpr of a kernel launch as the launcher (``qmatmul.quant_matmul``) would pass it,
     for fp16/bf16 activations on a GPU (whole tiles: no masks in the gemv loop)."""

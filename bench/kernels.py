@@ -206,7 +206,7 @@ def copies_for(bytes_per_call: int, l2_bytes: int, budget: int = 3 << 30) -> int
     return max(1, min(want, budget // max(bytes_per_call, 1), 64))
 
 
-def bench_row(k, n, m, bits, group, l2_bytes, ceilings, capture_rows: bool, peers: bool) -> dict:
+def bench_row(k, n, m, bits, group, *, l2_bytes, ceilings, capture_rows: bool, peers: bool) -> dict:
     """Ours, fp16 ``torch.matmul`` and (where it has the width) GemLite on the same weights, each
     timed the same way: a CUDA graph over rotated copies (M <= 64) or do_bench."""
     from bitcliff.kernels import qmatmul
@@ -366,7 +366,8 @@ def main(argv=None) -> int:
         for m in args.batches:
             for bits in args.bits:
                 capture_rows = bits == 4 or not args.quick
-                row = bench_row(k, n, m, bits, args.group, l2, ceilings, capture_rows, peers=not args.no_peers)
+                row = bench_row(k, n, m, bits, args.group, l2_bytes=l2, ceilings=ceilings, capture_rows=capture_rows,
+                                peers=not args.no_peers)
                 p = predicted.get((bits, k, n, m))
                 if p:  # the static model's two bounds and where the measurement fell
                     row.update(beside_prediction(row, p))

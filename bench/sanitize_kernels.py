@@ -38,7 +38,7 @@ CONFIGS = {
 }
 
 
-def case(schedule, bits, capture, split, act_order, bias, m=5, k=200, n=72, group=64, seed=0):
+def case(schedule, bits, capture, split, act_order, bias, *, m=5, k=200, n=72, group=64, seed=0):
     """One launch against the reference: (ok, relative error of y)."""
     gen = torch.Generator().manual_seed(seed)
     g = num_groups(k, group)

@@ -191,7 +191,7 @@ class Source:
 def current_source() -> Source:
     from bitcliff.kernels import tuning
 
-    return Source(kernel, lambda s, b, c, d, cfg: constexprs(s, b, c, d, cfg, GROUP), tuning.candidates, tuning.prune)
+    return Source(kernel, lambda s, b, c, d, cfg: constexprs(s, b, c, d, cfg, group=GROUP), tuning.candidates, tuning.prune)
 
 
 def _module_at(ref: str, path: str, name: str):
@@ -244,7 +244,7 @@ def kernels_hash() -> str:
 def _analyse_job(job: tuple) -> dict:
     """One compile and count in a worker process (this checkout's kernels)."""
     schedule, bits, capture, dtype, config = job
-    return asdict(analyse(schedule, kernel(schedule), constexprs(schedule, bits, capture, dtype, config, GROUP),
+    return asdict(analyse(schedule, kernel(schedule), constexprs(schedule, bits, capture, dtype, config, group=GROUP),
                           bits, capture, dtype))
 
 

@@ -514,7 +514,7 @@ def _build_layer(name: str, linear: nn.Module, tensors: dict, qc: dict, fmt: str
             f"{name}.scales has {n_groups} groups, but config group_size={group_size} with "
             f"in_features={k} needs {num_groups(k, group_size)}"
         )
-    layer = QuantLinear(k, n, bits, group_size, n_groups, parts["bias"] is not None, name)
+    layer = QuantLinear(k, n, bits, group_size, n_groups, bias=parts["bias"] is not None, name=name)
     if fmt == "gptq":  # v1 stores zero - 1
         if tuple(parts["qzeros"].shape) != (n_groups, packed_length(n, bits)):
             raise CheckpointError(

@@ -55,6 +55,7 @@ class QuantLinear(nn.Module):
         bits: int,
         group_size: int,
         n_groups: int,
+        *,
         bias: bool = False,
         name: str = "",
         device: torch.device | str | None = None,
@@ -107,8 +108,8 @@ class QuantLinear(nn.Module):
     ) -> "QuantLinear":
         """Build from a :class:`QuantizedWeight` (and the original layer's bias), on its device."""
         in_features, out_features = qw.codes.shape
-        layer = cls(in_features, out_features, qw.bits, group_size, qw.scales.shape[0], bias is not None, name,
-                    device=qw.codes.device)
+        layer = cls(in_features, out_features, qw.bits, group_size, qw.scales.shape[0], bias=bias is not None,
+                    name=name, device=qw.codes.device)
         for key, value in qw.packed().items():
             getattr(layer, key).copy_(value)
         if bias is not None:

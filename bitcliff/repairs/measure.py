@@ -100,7 +100,7 @@ class Measurements:
 
 
 @torch.no_grad()
-def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, max_rank: int = MAX_RANK,
+def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, *, max_rank: int = MAX_RANK,
                     windows: int = MEASURE_WINDOWS, sensitivity_windows: int = SENSITIVITY_WINDOWS,
                     batch_size: int = 8, progress: bool = False) -> Measurements:
     """Measure every quantized module of ``q_model`` (module docstring); nothing is changed.
@@ -147,7 +147,7 @@ def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Te
                     full = f"{name}.{rel}"
                     target = fp_layers[index].get_submodule(rel).weight.detach().float()
                     measured.modules[full] = _curve(full, index, module, target, covariance, root, config.for_module(full),
-                                                    max_rank, sensitivity[full])
+                                                    max_rank=max_rank, sensitivity=sensitivity[full])
             hidden = walk.outputs
         measured.seconds = time.perf_counter() - start
         return measured
@@ -157,7 +157,7 @@ def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Te
 
 
 def _curve(name: str, layer: int, module: QuantLinear, target: torch.Tensor, covariance: torch.Tensor,
-           root: torch.Tensor, own, max_rank: int, sensitivity: float) -> ModuleCurve:
+           root: torch.Tensor, own, *, max_rank: int, sensitivity: float) -> ModuleCurve:
     error = target - module.effective_weight()
     now = output_error(error, covariance)
     limit = min(max_rank, min(module.in_features, module.out_features) - 1)

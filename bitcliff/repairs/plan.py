@@ -177,7 +177,7 @@ def _structural_share(label: str, methods: tuple[str, ...], forced: bool) -> flo
     return 1.0 if "compensation" not in kinds else 0.5
 
 
-def plan_repair(report, budget: float, methods=None, rank: int | None = None, max_rank: int | None = None,
+def plan_repair(report, budget: float, methods=None, *, rank: int | None = None, max_rank: int | None = None,
                 outlier_share: float | None = None, refine_rounds: int = REFINE_ROUNDS,
                 factor_bits: int = FACTOR_BITS, measured=None) -> RepairPlan:
     """A repair plan from a diagnosis (``DiagnosisReport`` or its ``to_dict()``).

@@ -121,13 +121,14 @@ def repair_walk(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor
         if groups is not None and {m for g in groups for m in g.members} != set(linears):
             groups = None
         repairer = _LayerRepairer(plan, config, name, index, fp_layers[index], record, states)
-        q_hidden, groups = _walk_layer(layer, linears, q_hidden, q_calls.calls[index], repairer, ranks, name, groups)
+        q_hidden, groups = _walk_layer(layer, linears, q_hidden, q_calls.calls[index], repairer, ranks=ranks,
+                                       name=name, groups=groups)
     record.seconds = time.perf_counter() - start
     return record
 
 
 def _walk_layer(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[torch.Tensor], calls,
-                repairer: _LayerRepairer, ranks: Ranks, name: str, groups):
+                repairer: _LayerRepairer, *, ranks: Ranks, name: str, groups):
     """Repair one layer; returns its outputs (the next layer's inputs) and its share groups."""
     walk = GroupWalk(layer, linears, hidden, calls, name=name, ranks=ranks, with_mean=True, groups=groups,
                      input_scale=repairer.scales.get)
