@@ -145,7 +145,6 @@ def bucketed_divergence(top_logprobs: torch.Tensor, top_ids: torch.Tensor, rest_
     return _kl(fp_outcomes, q_outcomes), kept[..., 0] == q.argmax(dim=-1)
 
 
-@torch.inference_mode()
 @dataclass(frozen=True)
 class TokenDivergence:
     """A model's next-token predictions measured against a reference's, per predicted token.
