@@ -40,7 +40,9 @@ class DecodeUnembedding(nn.Linear):
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
-        self.register_buffer("weight_bf16", torch.empty(0, dtype=torch.bfloat16), persistent=False)
+        # on the weight's device, named: a default device set by the user must not place it
+        self.register_buffer("weight_bf16", torch.empty(0, dtype=torch.bfloat16, device=linear.weight.device),
+                             persistent=False)
         self._copied_from: tuple | None = None
 
     def _bf16_weight(self) -> torch.Tensor:
