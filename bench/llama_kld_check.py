@@ -78,13 +78,13 @@ def bos_token(gguf_path: Path) -> int | None:
 
 
 @torch.inference_mode()
-def bitcliff_figures(base: Path, quantized: Path, tokens: np.ndarray, add_bos: int | None) -> dict:
+def bitcliff_figures(base: Path, quantized: Path, tokens: np.ndarray, add_bos: int | None, device: str) -> dict:
     """bitcliff's figures on the same tokens and positions (llama.cpp's second half of each chunk)."""
     from transformers import AutoModelForCausalLM
 
     from bitcliff.divergence import token_divergence
 
-    models = [AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    models = [AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).to(device).eval()
               for p in (base, quantized)]
     n_ctx = tokens.shape[1]
     first = n_ctx // 2
@@ -93,7 +93,7 @@ def bitcliff_figures(base: Path, quantized: Path, tokens: np.ndarray, add_bos: i
         ids = torch.from_numpy(chunk.astype(np.int64)).unsqueeze(0)
         if add_bos is not None:
             ids[0, 0] = add_bos
-        fp_logits, q_logits = (m(input_ids=ids).logits[0, first:n_ctx - 1].float() for m in models)
+        fp_logits, q_logits = (m(input_ids=ids.to(device)).logits[0, first:n_ctx - 1].float().cpu() for m in models)
         k, s = token_divergence(fp_logits, q_logits)
         kl.append(k)
         same.append(s)
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("bench/results/llama-kld-check.json"))
+    parser.add_argument("--device", default="cpu", help="where transformers runs the two GGUF models (cpu, cuda, cuda:N)")
     args = parser.parse_args(argv)
     binary = args.bin / "llama-perplexity"
     for path, flag in ((binary, "--bin"), (args.base, "--base"), (args.quantized, "--quantized")):
@@ -122,18 +123,24 @@ def main(argv=None) -> int:
     if args.out.exists():
         parser.error(f"--out {args.out} exists; choose another file")
     from bitcliff.assets import load_text
+    from bitcliff.device import DeviceError, resolve_device
+
+    try:
+        device = str(resolve_device(args.device))
+    except DeviceError as error:
+        parser.error(f"--device: {error}")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         text = work / "text.txt"
         text.write_text(load_text(args.text))
-        ours_llama, kld, log = llama_figures(binary, args.base, args.quantized, text, args.ctx, args.chunks, work)
+        theirs, kld, _log = llama_figures(binary, args.base, args.quantized, text, args.ctx, args.chunks, work)
         _, _, tokens = read_base_tokens(kld)
         add_bos = bos_token(args.quantized)
-        ours = bitcliff_figures(args.base, args.quantized, tokens, add_bos)
-    record = {"llama_cpp": ours_llama, "bitcliff": ours, "base": args.base.name, "quantized": args.quantized.name,
+        ours = bitcliff_figures(args.base, args.quantized, tokens, add_bos, device)
+    record = {"llama_cpp": theirs, "bitcliff": ours, "base": args.base.name, "quantized": args.quantized.name,
               "text": args.text, "ctx": args.ctx, "chunks": args.chunks, "bos": add_bos,
-              "relative_difference": {k: ours[k] / ours_llama[k] - 1 for k in ours_llama if ours_llama[k]},
+              "device": device, "relative_difference": {k: ours[k] / theirs[k] - 1 for k in theirs if theirs[k]},
               "commit": commit(short=True), "date": now(), "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

@@ -7,7 +7,8 @@
 // positions starts on a new word (a group spans WPG words; its last word may hold padding codes,
 // read against zero activations).
 //
-// Two schedules, both computing in fp32 and both exact up to fp32 summation order:
+// Two schedules, both computing in fp32 and both exact up to fp32 summation order (and, at the end
+// of the file, `linear_bf16`: a bf16 weight in nn.Linear's layout, for the unembedding's decode):
 // * gemv (a few rows, decode): per column block and group, accumulate `acc = x . q` over the
 //   group's codes, then `y += s * (acc - z * sum(x))`: codes become floats with one shift, one
 //   mask and one conversion each, and no dense weight is ever formed.
@@ -395,16 +396,16 @@ at::Tensor dequantize(const at::Tensor& words, const at::Tensor& scales, const a
 //
 // 16 weights widen with two unpacks against zero, which interleave within each 128-bit half:
 // the low unpack holds weights 0-3 and 8-11 of the 16, the high one 4-7 and 12-15.  x is read in
-// that order (`xp`, permuted once per call by bf16_order), so each product pairs the right terms.
+// that order (`ordered`, permuted once per call by bf16_order), so each product pairs the right terms.
 constexpr int SPAN = 16;  // weights per load
 
-// xp [rows, K16]: each row's first K16 = K - K % 16 values in the unpacks' order.
-void bf16_order(const float* x, int64_t rows, int64_t k, float* xp) {
+// ordered [rows, K16]: each row's first K16 = K - K % 16 values of x in the unpacks' order.
+void bf16_order(const float* x, int64_t rows, int64_t k, float* ordered) {
   const int64_t k16 = k / SPAN * SPAN;
   constexpr int order[SPAN] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < k16; i += SPAN)
-      for (int j = 0; j < SPAN; ++j) xp[r * k16 + i + j] = x[r * k + i + order[j]];
+      for (int j = 0; j < SPAN; ++j) ordered[r * k16 + i + j] = x[r * k + i + order[j]];
 }
 
 inline float bf16_to_float(uint16_t h) {
@@ -415,8 +416,8 @@ inline float bf16_to_float(uint16_t h) {
 }
 
 template <int ROWS, int OUTS>
-void bf16_tile(const uint16_t* w, const float* x, const float* xp, int64_t k, int64_t n0, int64_t outs, float* y,
-               int64_t n) {
+void bf16_tile(const uint16_t* w, const float* x, const float* ordered, int64_t k, int64_t n0, int64_t outs,
+               float* y, int64_t n) {
   const int64_t k16 = k / SPAN * SPAN;
   float sums[ROWS][OUTS] = {};
 #if BITCLIFF_AVX2
@@ -433,7 +434,7 @@ void bf16_tile(const uint16_t* w, const float* x, const float* xp, int64_t k, in
       hi[o] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, h));
     }
     for (int r = 0; r < ROWS; ++r) {
-      const __m256 x_lo = _mm256_loadu_ps(xp + r * k16 + i), x_hi = _mm256_loadu_ps(xp + r * k16 + i + 8);
+      const __m256 x_lo = _mm256_loadu_ps(ordered + r * k16 + i), x_hi = _mm256_loadu_ps(ordered + r * k16 + i + 8);
       for (int o = 0; o < OUTS; ++o) {
         acc[r][o][0] = _mm256_fmadd_ps(x_lo, lo[o], acc[r][o][0]);
         acc[r][o][1] = _mm256_fmadd_ps(x_hi, hi[o], acc[r][o][1]);
@@ -475,7 +476,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight) {
   float* yp = y.data_ptr<float>();
   at::Tensor ordered = at::empty({rows, k / SPAN * SPAN}, x2.options());
   bf16_order(xp, rows, k, ordered.data_ptr<float>());
-  const float* op = ordered.data_ptr<float>();
+  const float* op = ordered.data_ptr<float>();  // x in the unpacks' order
   const int64_t k16 = k / SPAN * SPAN;
   // One row: one output per tile where rows are short (K = 576: 5.4 against 7.3 ms for four, on
   // 49152 x 576), four where they are long (K = 4096: 22.7 against 33.4 ms); two rows: two.

@@ -180,7 +180,7 @@ def run_sweep(folder: str | Path, configs: list[Configuration], settings: SweepS
     from bitcliff.data import calibration_windows
     from bitcliff.models import load_fp_model, model_fingerprint
     from bitcliff.quant.config import QuantConfig
-    from bitcliff.study.strata import build_strata, measure_strata, reference_strata
+    from bitcliff.study.strata import build_strata, measure_strata, reference_measures, reference_strata
 
     folder = Path(folder)
     device = resolve_device(device)
@@ -222,7 +222,8 @@ def run_sweep(folder: str | Path, configs: list[Configuration], settings: SweepS
                     model = bitcliff.quantize(copy.deepcopy(fp), qc, progress=False)
                 row = {**base, "method": config.method, "bits": config.bits, "group_size": config.group_size,
                        "calib": config.calib, "effective_bits": qc.effective_bits(hidden)}
-            measured = measure_strata(model, strata, references)
+            measured = (reference_measures(strata, references) if config.method == "fp"
+                        else measure_strata(model, strata, references))
             nll = measured["nll"]
             row.update(nll=nll, kl=measured["kl"], same_top_pct=measured["same_top_pct"],
                        ppl=math.exp(nll["overall"]) if "overall" in nll else None,
