@@ -18,7 +18,9 @@ kernel layout's group-contiguous K order, see :mod:`bitcliff.kernels.layout`) an
 * for many rows (prefill), the dense weight ``(q - z) * s`` exactly as the reference forms it,
   then one matmul (its cost is shared by the rows).
 
-Both equal the reference up to float32 summation order, as does the compiled kernel.  Memory:
+Both equal the reference up to float32 summation order, as does the compiled kernel, except its
+integer variant for up to 4 rows of 2- and 4-bit weights, which first rounds the activations to 15
+bits per group (``cpu_packed.rounded_activations`` is its reference).  Memory:
 one byte per weight beside the packed checkpoint tensors (a quarter of an fp32 copy); the compiled
 kernel's layout takes about ``bits`` bits.
 """

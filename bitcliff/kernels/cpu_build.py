@@ -61,7 +61,8 @@ def _build() -> object | None:
 def _register_fakes() -> None:
     """Shapes of the operators' outputs, so that ``torch.compile`` traces through them."""
     @torch.library.register_fake("bitcliff_cpu::linear")
-    def _(x, words, scales, zeros, columns, bias, bits, in_features, out_features, gemv_max_rows, slab_bytes):
+    def _(x, words, scales, zeros, columns, bias, bits, in_features, out_features, gemv_max_rows, slab_bytes,
+          integer_activations):
         return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("bitcliff_cpu::linear_bf16")

@@ -7,11 +7,16 @@
 // positions starts on a new word (a group spans WPG words; its last word may hold padding codes,
 // read against zero activations).
 //
-// Two schedules, both computing in fp32 and both exact up to fp32 summation order (and, at the end
-// of the file, `linear_bf16`: a bf16 weight in nn.Linear's layout, for the unembedding's decode):
+// Three schedules (and, at the end of the file, `linear_bf16`: a bf16 weight in nn.Linear's
+// layout, for the unembedding's decode):
+// * gemv_int (up to 4 rows, 2- and 4-bit weights): the activations rounded per group to 15-bit
+//   integers, multiplied with the codes by byte dot products and summed exactly in int32, then
+//   `y += s * d * (acc - z * sum(q))` per group: the product of the rounded activations with the
+//   dequantized weight up to fp32 rounding (see "Integer activations" below for its cost).
 // * gemv (a few rows, decode): per column block and group, accumulate `acc = x . q` over the
 //   group's codes, then `y += s * (acc - z * sum(x))`: codes become floats with one shift, one
-//   mask and one conversion each, and no dense weight is ever formed.
+//   mask and one conversion each, and no dense weight is ever formed.  Exact up to fp32
+//   summation order, as is gemm.
 // * gemm (many rows, prefill): dequantize a slab of K positions, `(q - z) * s` exactly as the
 //   reference forms it, into a buffer of bounded size, and hand it to the BLAS; the slab's
 //   dequantization is shared by all rows.
@@ -31,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -248,6 +254,227 @@ void gemv_all(const Weight& w, const float* x, const float* xsum, int64_t k_posi
   });
 }
 
+// x_row's value at weight position p: column[p] of the row (or column p where the positions are the
+// columns in order), zero for padding (a column index of K or more).
+inline float at_position(const float* x_row, const int64_t* column, int64_t k, int64_t p) {
+  const int64_t c = column ? column[p] : p;
+  return c < k ? x_row[c] : 0.0f;
+}
+
+// ---- Integer activations (2- and 4-bit decode) ----------------------------------------------
+//
+// The fp32 gemv spends most of its time on one FMA (and its broadcast operand) per 8 weights.  Its
+// integer form multiplies 32 codes by 32 activations per instruction (vpmaddubsw: unsigned bytes
+// times signed bytes, adjacent pairs summed to int16).  The activations are rounded per (row,
+// group) to integers of at most ACT_LEVELS in magnitude, q = round(x / d) with d = max|x| / ACT_LEVELS,
+// and each q is split into two signed bytes, q = 128 h + l with l in [-64, 63] and h in
+// [-127, 127], so that a product is two byte products, exact in integers.  A group then gives
+//
+//   y += s * d * (sum q * code - z * sum q),
+//
+// summed exactly in int32 and converted once per group: the product of the rounded activations
+// d * q with the dequantized weight, up to fp32 rounding.  Rounding x to 15 bits (1/16319 of the
+// group's largest value) moved SmolLM2's perplexity on wiki (GPTQ g64, 16 windows of 512) by
+// -0.0006 % at W4 and +0.0004 % at W3 where 8-bit activations (llama.cpp's) moved it by +0.20 %
+// and +0.83 %.
+//
+// Codes: a word's fields of 4 or 2 bits line up with bytes after one shift and a mask, so code
+// vector v of a word (v < VECTORS = CPW / 4) holds in byte b of each lane the code at position
+// v + VECTORS * b.  The activations are stored in that order, four bytes per broadcast.  3-bit
+// fields (10 per word) do not line up with bytes: 3-bit weights keep the fp32 gemv.
+constexpr int ACT_LEVELS = 16319;        // 127 * 128 + 63: the largest q whose high byte fits
+constexpr int64_t INT_MAX_POSITIONS = 256;  // group sizes up to this keep |sum q * code| < 2^31
+// Rows up to which the integer variant runs: its tiles of at most 4 rows decode the weights once
+// per 4 rows, the fp32 gemv's once per 8, and from 8 rows on it was no faster (M = 1-48, 2 threads,
+// 4096 x 14336 and 576 x 1536: W4 1.36x faster at M = 1, 1.2x at 4, 0.9-1.0x at 8-16).
+constexpr int64_t INT_MAX_ROWS = 4;
+
+template <int BITS>
+constexpr int vectors() { return 32 / BITS / 4; }
+
+// Words summed in int16 before they are widened: each word adds at most 4 * VECTORS products of
+// |code * byte| <= (2^BITS - 1) * 127 to an int16 lane (maddubs sums pairs, VECTORS per word, two
+// lanes' halves): 4-bit 7620 per word, 2-bit 3048, so 4 and 8 words stay under 32767.
+template <int BITS>
+constexpr int flush_words() { return BITS == 4 ? 4 : 8; }
+
+struct IntActivations {
+  const int32_t* bytes;  // [rows, words, 2, VECTORS]: the high then the low bytes, four per int32
+  const float* step;     // [rows, groups]: d
+  const int32_t* sum;    // [rows, groups]: sum of q over the group
+  int64_t words;         // words per row (groups * wpg)
+};
+
+// y[r, columns of blocks [block, block + COLS)] = sum_g s * d * (sum q * code - z * sum q) for
+// rows [row0, row0 + ROWS): the COLS blocks share each broadcast of the activations.
+template <int BITS, int ROWS, int COLS>
+void gemv_int_tile(const Weight& w, int64_t block, const IntActivations& a, int64_t row0, float* y, int64_t y_stride) {
+  constexpr int V = vectors<BITS>();
+  constexpr int FLUSH = flush_words<BITS>();
+  const int64_t block_words = w.groups * w.wpg * BLOCK, block_groups = w.groups * BLOCK;
+  const int32_t* words = w.words + block * block_words;
+  const uint16_t* scales = w.scales + block * block_groups;
+  const uint8_t* zeros = w.zeros + block * block_groups;
+  const int32_t* bytes = a.bytes + row0 * a.words * 2 * V;
+#if BITCLIFF_AVX2
+  const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+  const __m256i high_weight = _mm256_set1_epi16(128), low_weight = _mm256_set1_epi16(1);
+  __m256 total[ROWS][COLS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < COLS; ++c) total[r][c] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m256i acc[ROWS][COLS];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < COLS; ++c) acc[r][c] = _mm256_setzero_si256();
+    for (int64_t j0 = 0; j0 < w.wpg; j0 += FLUSH) {
+      __m256i high[ROWS][COLS], low[ROWS][COLS];
+      for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < COLS; ++c) high[r][c] = low[r][c] = _mm256_setzero_si256();
+      const int64_t j1 = std::min<int64_t>(w.wpg, j0 + FLUSH);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t word_index = g * w.wpg + j;
+        __m256i word[COLS];
+        for (int c = 0; c < COLS; ++c)
+          word[c] = _mm256_loadu_si256((const __m256i*)(words + c * block_words + word_index * BLOCK));
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) {
+          __m256i codes[COLS];
+          for (int c = 0; c < COLS; ++c)
+            codes[c] = _mm256_and_si256(v == 0 ? word[c] : _mm256_srli_epi32(word[c], BITS * v), mask);
+          for (int r = 0; r < ROWS; ++r) {
+            const int32_t* at = bytes + (r * a.words + word_index) * 2 * V;
+            const __m256i x_high = _mm256_set1_epi32(at[v]), x_low = _mm256_set1_epi32(at[V + v]);
+            for (int c = 0; c < COLS; ++c) {
+              high[r][c] = _mm256_add_epi16(high[r][c], _mm256_maddubs_epi16(codes[c], x_high));
+              low[r][c] = _mm256_add_epi16(low[r][c], _mm256_maddubs_epi16(codes[c], x_low));
+            }
+          }
+        }
+      }
+      for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < COLS; ++c)
+          acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_add_epi32(_mm256_madd_epi16(high[r][c], high_weight),
+                                                                   _mm256_madd_epi16(low[r][c], low_weight)));
+    }
+    for (int c = 0; c < COLS; ++c) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + c * block_groups + g * BLOCK)));
+      const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zeros + c * block_groups + g * BLOCK)));
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t at = (row0 + r) * w.groups + g;
+        const __m256i centred = _mm256_sub_epi32(acc[r][c], _mm256_mullo_epi32(z, _mm256_set1_epi32(a.sum[at])));
+        total[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(a.step[at])), _mm256_cvtepi32_ps(centred),
+                                      total[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < COLS; ++c) _mm256_storeu_ps(y + (row0 + r) * y_stride + (block + c) * BLOCK, total[r][c]);
+#else
+  for (int col = 0; col < COLS; ++col) {
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  words = w.words + (block + col) * block_words;
+  scales = w.scales + (block + col) * block_groups;
+  zeros = w.zeros + (block + col) * block_groups;
+  float total[ROWS][BLOCK] = {};
+  for (int64_t g = 0; g < w.groups; ++g) {
+    for (int r = 0; r < ROWS; ++r) {
+      int32_t acc[BLOCK] = {};
+      for (int64_t j = 0; j < w.wpg; ++j) {
+        const int64_t word_index = g * w.wpg + j;
+        const int32_t* at = bytes + (r * a.words + word_index) * 2 * V;
+        for (int v = 0; v < V; ++v) {
+          for (int b = 0; b < 4; ++b) {
+            const int32_t q = 128 * (int32_t)(int8_t)(at[v] >> (8 * b)) + (int32_t)(int8_t)(at[V + v] >> (8 * b));
+            for (int c = 0; c < BLOCK; ++c) {
+              const uint32_t word = (uint32_t)words[word_index * BLOCK + c];
+              acc[c] += q * (int32_t)((word >> (BITS * (v + V * b))) & MASK);
+            }
+          }
+        }
+      }
+      const int64_t at = (row0 + r) * w.groups + g;
+      for (int c = 0; c < BLOCK; ++c) {
+        const int32_t centred = acc[c] - (int32_t)zeros[g * BLOCK + c] * a.sum[at];
+        total[r][c] += half_to_float(scales[g * BLOCK + c]) * a.step[at] * (float)centred;
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < BLOCK; ++c) y[(row0 + r) * y_stride + (block + col) * BLOCK + c] = total[r][c];
+  }
+#endif
+}
+
+constexpr int INT_ROW_TILE = 4;
+// Column blocks per tile for a single row: two 4-bit blocks share each broadcast of x (M = 1, 2
+// threads, g128, interleaved: 1.2-1.3x faster than one on the Llama-3 shapes, four no better),
+// where 2-bit weights ran 1.1-1.2x slower with two than with one.
+template <int BITS>
+constexpr int one_row_cols() { return BITS == 4 ? 2 : 1; }  // rows per tile: four rows' int16 and int32 accumulators fill the 16 registers
+
+template <int BITS>
+void gemv_int_all(const Weight& w, const IntActivations& a, int64_t k_positions, int64_t rows, int64_t blocks, float* y) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k_positions * BLOCK));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    int64_t b = begin;
+    if (rows == 1) {
+      constexpr int COLS = one_row_cols<BITS>();
+      for (; b + COLS <= end; b += COLS) gemv_int_tile<BITS, 1, COLS>(w, b, a, 0, y, blocks * BLOCK);
+    }
+    for (; b < end; ++b) {
+      for (int64_t r0 = 0; r0 < rows; r0 += INT_ROW_TILE) {
+        switch (std::min<int64_t>(INT_ROW_TILE, rows - r0)) {
+          case 1: gemv_int_tile<BITS, 1, 1>(w, b, a, r0, y, blocks * BLOCK); break;
+          case 2: gemv_int_tile<BITS, 2, 1>(w, b, a, r0, y, blocks * BLOCK); break;
+          case 3: gemv_int_tile<BITS, 3, 1>(w, b, a, r0, y, blocks * BLOCK); break;
+          default: gemv_int_tile<BITS, 4, 1>(w, b, a, r0, y, blocks * BLOCK); break;
+        }
+      }
+    }
+  });
+}
+
+// The activations at the weight's positions, rounded per group for gemv_int_tile: `bytes` [rows,
+// words, 2, VECTORS] int32, `step` [rows, groups] fp32 and `sum` [rows, groups] int32 (see
+// IntActivations).  Padding positions hold zeros.  A group whose largest |x| is not finite gets a
+// NaN step, so that its outputs are NaN as the fp32 path's would be (or inf: NaN here).
+void round_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bits, int64_t groups, int64_t wpg,
+                     at::Tensor& bytes, at::Tensor& step, at::Tensor& sum) {
+  const int64_t rows = x.size(0), k = x.size(1), per_word = 32 / bits, vectors = per_word / 4;
+  const int64_t per_group = wpg * per_word, words = groups * wpg;
+  const int64_t* column = columns ? columns->data_ptr<int64_t>() : nullptr;
+  const float* src = x.data_ptr<float>();
+  uint8_t* out = reinterpret_cast<uint8_t*>(bytes.data_ptr<int32_t>());
+  float* steps = step.data_ptr<float>();
+  int32_t* sums = sum.data_ptr<int32_t>();
+  std::vector<float> values(per_group);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float largest = 0.0f;
+      for (int64_t i = 0; i < per_group; ++i) {
+        values[i] = at_position(src + r * k, column, k, g * per_group + i);
+        largest = std::max(largest, std::fabs(values[i]));  // blind to NaN: checked below
+      }
+      float d = largest / (float)ACT_LEVELS;
+      bool finite = std::isfinite(largest);
+      for (int64_t i = 0; i < per_group && finite; ++i) finite = std::isfinite(values[i]);
+      int32_t total = 0;
+      for (int64_t i = 0; i < per_group; ++i) {
+        const int32_t q = (finite && d > 0.0f) ? (int32_t)std::nearbyint(values[i] / d) : 0;
+        const int32_t low = ((q + 64) & 127) - 64, high = (q - low) / 128;
+        total += q;
+        // position i of the group: word i / per_word, vector (i % per_word) % vectors, byte (i % per_word) / vectors
+        const int64_t word = g * wpg + i / per_word, v = (i % per_word) % vectors, b = (i % per_word) / vectors;
+        uint8_t* at = out + ((r * words + word) * 2 * vectors) * 4;
+        at[v * 4 + b] = (uint8_t)(int8_t)high;
+        at[(vectors + v) * 4 + b] = (uint8_t)(int8_t)low;
+      }
+      steps[r * groups + g] = finite ? d : std::numeric_limits<float>::quiet_NaN();
+      sums[r * groups + g] = total;
+    }
+  }
+}
+
 // The activations at the weight's K positions for gemv_tile, xk [rows, positions] fp32: column
 // columns[p] of x (a zero where columns[p] == K, padding), or x's columns in order then zeros, each
 // scaled by 2^-in_place_shift (exact: a power of two) for the AVX2 decode; xsum [rows, groups]
@@ -269,8 +496,7 @@ void gather_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bi
       float sum = 0.0f;
       for (int64_t i = 0; i < per_group; ++i) {
         const int64_t p = g * per_group + i;
-        const int64_t c = column ? column[p] : p;
-        const float v = c < k ? src[r * k + c] : 0.0f;
+        const float v = at_position(src + r * k, column, k, p);
         sum += v;
         dst[r * positions + p] = v * factors[i % per_word];
       }
@@ -320,9 +546,12 @@ at::Tensor gemm(const at::Tensor& xk, const Weight& w, int64_t bits, int64_t blo
 
 // y [..., N] = x [..., K] @ dequant(W)ᵀ (+ bias), in x's dtype (computed in fp32): the grouped
 // form for up to gemv_max_rows rows, slabs of at most slab_bytes of dequantized weight above.
+// With integer_activations, 2- and 4-bit weights with groups of at most INT_MAX_POSITIONS
+// positions take the grouped form's integer variant (gemv_int_tile: x rounded to 15 bits per group).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
                   const c10::optional<at::Tensor>& columns, const c10::optional<at::Tensor>& bias, int64_t bits,
-                  int64_t in_features, int64_t out_features, int64_t gemv_max_rows, int64_t slab_bytes) {
+                  int64_t in_features, int64_t out_features, int64_t gemv_max_rows, int64_t slab_bytes,
+                  bool integer_activations) {
   const Weight w = check_weight(words, scales, zeros, bits);
   const int64_t blocks = words.size(0), positions = w.groups * w.wpg * (32 / bits);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must be [..., K] with K > 0");
@@ -342,7 +571,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t rows = x2.size(0);
   at::Tensor y;
-  if (rows <= gemv_max_rows) {
+  const int64_t per_group = w.wpg * (32 / bits);
+  if (rows <= std::min(gemv_max_rows, INT_MAX_ROWS) && integer_activations && bits != 3 &&
+      per_group <= INT_MAX_POSITIONS) {
+    const int64_t vectors = 32 / bits / 4, words_per_row = w.groups * w.wpg;
+    at::Tensor bytes = at::empty({rows, words_per_row, 2, vectors}, x2.options().dtype(at::kInt));
+    at::Tensor step = at::empty({rows, w.groups}, x2.options());
+    at::Tensor sum = at::empty({rows, w.groups}, x2.options().dtype(at::kInt));
+    round_positions(x2, columns.has_value() ? &columns.value() : nullptr, bits, w.groups, w.wpg, bytes, step, sum);
+    const IntActivations a{bytes.data_ptr<int32_t>(), step.data_ptr<float>(), sum.data_ptr<int32_t>(), words_per_row};
+    y = at::empty({rows, blocks * BLOCK}, x2.options());
+    if (bits == 2) {
+      gemv_int_all<2>(w, a, positions, rows, blocks, y.data_ptr<float>());
+    } else {
+      gemv_int_all<4>(w, a, positions, rows, blocks, y.data_ptr<float>());
+    }
+  } else if (rows <= gemv_max_rows) {
     at::Tensor xk = at::empty({rows, positions}, x2.options());
     at::Tensor xsum = at::empty({rows, w.groups}, x2.options());
     gather_positions(x2, columns.has_value() ? &columns.value() : nullptr, bits, w.groups, xk, xsum);
@@ -515,7 +759,7 @@ std::string isa() { return BITCLIFF_AVX2 ? "avx2" : "portable"; }
 
 TORCH_LIBRARY(bitcliff_cpu, m) {
   m.def("linear(Tensor x, Tensor words, Tensor scales, Tensor zeros, Tensor? columns, Tensor? bias, int bits, "
-        "int in_features, int out_features, int gemv_max_rows, int slab_bytes) -> Tensor");
+        "int in_features, int out_features, int gemv_max_rows, int slab_bytes, bool integer_activations) -> Tensor");
   m.def("dequantize(Tensor words, Tensor scales, Tensor zeros, int bits) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("isa() -> str", &isa);

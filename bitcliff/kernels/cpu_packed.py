@@ -40,6 +40,14 @@ GEMV_MAX_ROWS_LARGE = 48
 PACK_COLUMNS = 2048
 #: Most bytes of fp32 weight the many-rows schedule dequantizes at once (a slab of K positions).
 SLAB_BYTES = 16 * 2**20
+#: The integer variant's activations: ``|round(x / d)| <= ACT_LEVELS`` (the kernel's ``ACT_LEVELS``:
+#: the largest integer that splits into a high and a low signed byte, ``128 h + l``).
+ACT_LEVELS = 16319
+#: Groups of up to this many positions take the integer variant (its int32 sums cannot overflow).
+INT_MAX_POSITIONS = 256
+#: Rows up to which the integer variant runs (the kernel's ``INT_MAX_ROWS``; from 8 rows on the
+#: fp32 form, which decodes the weights once per 8 rows, was as fast).
+INT_MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -137,14 +145,45 @@ def pack(layout: KernelLayout) -> PackedLayout:
     )
 
 
-def linear(x: torch.Tensor, layout: PackedLayout, bias: torch.Tensor | None, ops) -> torch.Tensor:
+def linear(x: torch.Tensor, layout: PackedLayout, bias: torch.Tensor | None, ops, *,
+           integer_activations: bool = True) -> torch.Tensor:
     """``x @ dequant(W)ᵀ (+ bias)``: ``x`` ``[..., K]`` (any float dtype, computed in fp32) to
     ``[..., N]`` in ``x.dtype``, through the compiled operator ``ops.linear`` (one call: the
-    gather to the layout's positions, the schedule for the row count, the bias and the cast)."""
+    gather to the layout's positions, the schedule for the row count, the bias and the cast).
+
+    With ``integer_activations`` (the default), up to :data:`INT_MAX_ROWS` rows (decode) against
+    2- or 4-bit weights with groups of at most :data:`INT_MAX_POSITIONS` positions are multiplied
+    as integers: ``x``
+    rounded per row and group to 15 bits, exactly :func:`rounded_activations` ``@ dequant(W)ᵀ`` up
+    to fp32 rounding.  False keeps every product in fp32.
+    """
     large = layout.in_features * layout.out_features * 4 > SLAB_BYTES
     return ops.linear(x, layout.words, layout.scales, layout.zeros, layout.columns, bias, layout.bits,
                       layout.in_features, layout.out_features, GEMV_MAX_ROWS_LARGE if large else GEMV_MAX_ROWS,
-                      SLAB_BYTES)
+                      SLAB_BYTES, integer_activations)
+
+
+def takes_integer_activations(layout: PackedLayout, rows: int) -> bool:
+    """Whether the kernel's integer variant multiplies ``rows`` rows by this weight (2 or 4 bits,
+    groups of at most :data:`INT_MAX_POSITIONS` positions, at most :data:`INT_MAX_ROWS` rows): the
+    kernel's own rule."""
+    return layout.bits != 3 and layout.positions // layout.n_groups <= INT_MAX_POSITIONS and rows <= INT_MAX_ROWS
+
+
+def rounded_activations(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """The reference for the kernel's integer variant: fp32 ``[M, K]``, ``x`` ``[M, K]`` with each
+    row's values in each of the weight's groups (at the layout's positions, act-order included)
+    rounded to ``d * round(x / d)``, ``d = max|x| / ACT_LEVELS`` over the group."""
+    xf = x.float()
+    rows, k = xf.shape
+    positions = layout.columns if layout.columns is not None else torch.arange(layout.positions)
+    padded = torch.cat([xf, xf.new_zeros(rows, 1)], dim=1)
+    grouped = padded[:, positions.clamp(max=k)].view(rows, layout.n_groups, -1)  # [M, G, P], padding reads 0
+    step = grouped.abs().amax(dim=-1, keepdim=True) / ACT_LEVELS
+    rounded = torch.where(step > 0, torch.round(grouped / torch.where(step > 0, step, 1.0)) * step, 0.0)
+    out = xf.new_zeros(rows, k + 1)
+    out[:, positions.clamp(max=k)] = rounded.view(rows, -1)
+    return out[:, :k]
 
 
 def dense_weight(layout: PackedLayout, ops) -> torch.Tensor:

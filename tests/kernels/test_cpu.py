@@ -44,7 +44,15 @@ def _cpu_layout(layer, form):
     return cpu.byte_layout(layout)
 
 
-def _reference(layer, x):
+def _reference(layer, x, layout=None):
+    """The reference product; for a compiled layout whose integer variant takes x's rows, of the
+    activations as that variant rounds them (``cpu_packed.rounded_activations``)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if isinstance(layout, cpu_packed.PackedLayout) and cpu_packed.takes_integer_activations(layout, rows.shape[0]):
+        rounded = cpu_packed.rounded_activations(rows, layout).view(x.shape)
+        y = reference.dequant_matmul(rounded, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                                     layer.bias)
+        return y.to(x.dtype)
     return reference.dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.bias)
 
 
@@ -62,7 +70,8 @@ def _check(y, ref):
 def test_matches_the_reference(form, bits, k, n, group_size, rows):
     layer, _ = _layer(k, n, bits, group_size)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    _check(cpu.matmul(x, _cpu_layout(layer, form), layer.bias), _reference(layer, x))
+    layout = _cpu_layout(layer, form)
+    _check(cpu.matmul(x, layout, layer.bias), _reference(layer, x, layout))
 
 
 def test_a_layer_runs_the_compiled_kernel():
@@ -84,7 +93,7 @@ def test_act_order_and_uneven_groups(form, rows):
     layer, _ = _layer(k, n, 4, gs, g_idx=uneven)
     layout = _cpu_layout(layer, form)
     assert layout.columns is not None
-    _check(cpu.matmul(x, layout, layer.bias), _reference(layer, x))
+    _check(cpu.matmul(x, layout, layer.bias), _reference(layer, x, layout))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -97,9 +106,10 @@ def test_the_compiled_kernel_forms_the_reference_weight_exactly(bits):
     assert torch.equal(dense[real], layer.dequantize().t()[columns[real]])
 
 
+@pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("rows", [1, 5, 64])
-def test_the_compiled_kernel_gives_the_same_bytes_for_any_thread_count(rows):
-    layer, _ = _layer(1024, 200, 3, 64)
+def test_the_compiled_kernel_gives_the_same_bytes_for_any_thread_count(bits, rows):
+    layer, _ = _layer(1024, 200, bits, 64)
     layout = _cpu_layout(layer, "packed")
     x = torch.randn(rows, 1024)
     before = torch.get_num_threads()
@@ -133,7 +143,7 @@ def test_half_precision_activations(form, dtype):
         x = torch.randn(2, rows, 96).to(dtype)
         y = cpu.matmul(x, layout, layer.bias)
         assert y.dtype == dtype and y.shape == (2, rows, 40)
-        _check(y, _reference(layer, x))
+        _check(y, _reference(layer, x, layout))
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -174,7 +184,7 @@ def test_the_compiled_operator_passes_opcheck(rows):
     layer, _ = _layer(100, 24, 3, 32)
     layout = _cpu_layout(layer, "packed")
     args = (torch.randn(2, rows, 100), layout.words, layout.scales, layout.zeros, layout.columns, layer.bias,
-            3, 100, 24, cpu_packed.GEMV_MAX_ROWS, cpu_packed.SLAB_BYTES)
+            3, 100, 24, cpu_packed.GEMV_MAX_ROWS, cpu_packed.SLAB_BYTES, True)
     torch.library.opcheck(torch.ops.bitcliff_cpu.linear.default, args)
 
 
@@ -183,13 +193,13 @@ def test_the_compiled_operator_names_what_does_not_fit():
     layout = _cpu_layout(layer, "packed")
     with pytest.raises(RuntimeError, match="out_features 41 does not fit 5 column blocks"):
         torch.ops.bitcliff_cpu.linear(torch.randn(1, 96), layout.words, layout.scales, layout.zeros, None, None,
-                                      4, 96, 41, 16, 2**20)
+                                      4, 96, 41, 16, 2**20, True)
     with pytest.raises(RuntimeError, match="bits must be 2, 3 or 4, got 5"):
         torch.ops.bitcliff_cpu.linear(torch.randn(1, 96), layout.words, layout.scales, layout.zeros, None, None,
-                                      5, 96, 40, 16, 2**20)
+                                      5, 96, 40, 16, 2**20, True)
     with pytest.raises(RuntimeError, match="x has 50 features, the weight 96"):
         torch.ops.bitcliff_cpu.linear(torch.randn(1, 50), layout.words, layout.scales, layout.zeros, None, None,
-                                      4, 96, 40, 16, 2**20)
+                                      4, 96, 40, 16, 2**20, True)
 
 
 def test_packing_a_few_columns_at_a_time_gives_the_same_layout(monkeypatch):
@@ -211,9 +221,53 @@ def test_a_weight_larger_than_a_slab_keeps_the_grouped_form_for_more_rows(rows, 
 
     class Recording:
         def linear(self, *args):
-            calls.append(args[-2])
+            calls.append(args[9])  # gemv_max_rows
             return ops.linear(*args)
 
     x = torch.randn(rows, 96)
     _check(cpu_packed.linear(x, layout, layer.bias, Recording()), _reference(layer, x))
     assert calls == [cpu_packed.GEMV_MAX_ROWS_LARGE]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("k,n,group_size", [(96, 40, 32), (576, 48, 128), (100, 17, -1), (1024, 24, 256)])
+@pytest.mark.parametrize("rows", [1, 2, cpu_packed.INT_MAX_ROWS])
+def test_integer_activations_stay_within_their_rounding_bound(bits, k, n, group_size, rows):
+    """Against the exact product, each rounded activation is off by at most half its group's step
+    d, so ``|y - y_exact| <= sum over groups of d / 2 * sum |W|``; with the rounding off, the
+    kernel is the fp32 product."""
+    layer, _ = _layer(k, n, bits, group_size)
+    layout = _cpu_layout(layer, "packed")
+    assert cpu_packed.takes_integer_activations(layout, rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7)) * torch.logspace(-2, 1, k)  # uneven sizes
+    exact = _reference(layer, x)
+    y = cpu_packed.linear(x, layout, layer.bias, native_ops())
+    rounded = cpu_packed.rounded_activations(x, layout)
+    weight = layer.dequantize().t().float()  # [K, N]
+    bound = (rounded - x).abs().max(dim=0).values  # per K, the rounding actually applied (<= d / 2, checked below)
+    bound = (bound[None, :] @ weight.abs()).squeeze(0)  # [N]
+    assert ((y - exact).abs() <= bound + 1e-5 * float(exact.abs().max())).all()
+    assert (y - exact).abs().max() > 0  # the rounding is taken: this test would see a variant that skipped it
+    _check(cpu_packed.linear(x, layout, layer.bias, native_ops(), integer_activations=False), exact)
+
+
+def test_rounded_activations_keep_fifteen_bits_per_group():
+    layer, _ = _layer(256, 16, 4, 64)
+    layout = _cpu_layout(layer, "packed")
+    x = torch.randn(3, 256) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
+    rounded = cpu_packed.rounded_activations(x, layout)
+    for g in range(4):
+        part, original = rounded[:, 64 * g: 64 * (g + 1)], x[:, 64 * g: 64 * (g + 1)]
+        step = original.abs().amax(dim=1, keepdim=True) / cpu_packed.ACT_LEVELS
+        q = part / step
+        assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= cpu_packed.ACT_LEVELS + 1e-3
+        assert ((part - original).abs() <= step / 2 * (1 + 1e-5)).all()
+
+
+def test_integer_activations_carry_a_nan_to_every_output_of_its_row():
+    layer, _ = _layer(128, 24, 4, 32)
+    layout = _cpu_layout(layer, "packed")
+    x = torch.randn(2, 128)
+    x[0, 70] = float("nan")
+    y = cpu_packed.linear(x, layout, None, native_ops())
+    assert y[0].isnan().all() and y[1].isfinite().all()

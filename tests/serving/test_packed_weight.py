@@ -11,9 +11,16 @@ from fractions import Fraction
 import pytest
 import torch
 
+from bitcliff.kernels.cpu_packed import INT_MAX_ROWS
 from bitcliff.kernels.pack import pack_qweight, pack_qzeros
 from bitcliff.serving.packed_weight import build, matmul
 from bitcliff.serving.sharding import check_packable, compact_groups
+
+
+#: Rows per product: more than the compiled kernel's integer variant takes, so that the fp32 gemv
+#: runs and a layer equals its dense weight up to summation order (the variant's rounding of the
+#: activations is tested against its own reference in tests/kernels/test_cpu.py).
+ROWS = INT_MAX_ROWS + 1
 
 
 def random_layer(k, sizes, bits, group_size, act_order, seed=0):
@@ -51,7 +58,7 @@ def words(offset, size, bits):
 def test_whole_fused_layer_equals_the_dense_weight(bits, act_order):
     sizes, k = (64, 32, 32), 160  # group 64: a short last group
     codes, zeros, scales, g_idx = random_layer(k, sizes, bits, 64, act_order)
-    x = torch.randn(3, k)
+    x = torch.randn(ROWS, k)
     w = build(pack_qweight(codes, bits), pack_qzeros(zeros, bits), scales, g_idx, bits, sizes, False)
     assert len(w.layouts) == (3 if act_order else 1)  # shared g_idx: one layout over the fused N
     y = matmul(x, w, torch.ones(sum(sizes)))
@@ -64,7 +71,7 @@ def test_v1_zero_points_are_read_as_zero_minus_one(bits):
     sizes, k = (64,), 128
     codes, zeros, scales, g_idx = random_layer(k, sizes, bits, 32, False)
     zeros = zeros.clamp(min=1)  # v1 cannot hold 0
-    x = torch.randn(2, k)
+    x = torch.randn(ROWS, k)
     w = build(pack_qweight(codes, bits), pack_qzeros(zeros - 1, bits), scales, g_idx, bits, sizes, True)
     torch.testing.assert_close(matmul(x, w), x @ dense(codes, zeros, scales, g_idx, sizes).t(), rtol=1e-4, atol=1e-4)
 
@@ -76,7 +83,7 @@ def test_column_parallel_ranks_hold_their_output_slice(bits, act_order):
     codes, zeros, scales, g_idx = random_layer(k, sizes, bits, 32, act_order, seed=1)
     qweight, qzeros = pack_qweight(codes, bits), pack_qzeros(zeros, bits)
     full = dense(codes, zeros, scales, g_idx, sizes)
-    x = torch.randn(4, k)
+    x = torch.randn(ROWS, k)
     for rank in range(tp):
         local = [s // tp for s in sizes]
         check_packable(local, bits, "qkv_proj output")
@@ -95,10 +102,10 @@ def test_row_parallel_partial_sums_add_up_to_the_layer(bits, act_order):
     k, n, tp = 256, 64, 2
     codes, zeros, scales, g_idx = random_layer(k, (n,), bits, 64, act_order, seed=2)
     qweight, qzeros = pack_qweight(codes, bits), pack_qzeros(zeros, bits)
-    x = torch.randn(3, k)
+    x = torch.randn(ROWS, k)
     part = k // tp
     check_packable([part], bits, "down_proj input")
-    total = torch.zeros(3, n)
+    total = torch.zeros(ROWS, n)
     for rank in range(tp):
         q = qweight[words(rank * part, part, bits)]
         g = g_idx[:, rank * part:(rank + 1) * part]  # global group ids; scales and zeros whole
