@@ -170,16 +170,17 @@ def takes_integer_activations(layout: PackedLayout, rows: int) -> bool:
     return layout.bits != 3 and layout.positions // layout.n_groups <= INT_MAX_POSITIONS and rows <= INT_MAX_ROWS
 
 
-def rounded_activations(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+def rounded_activations(x: torch.Tensor, layout: PackedLayout, levels: int = ACT_LEVELS) -> torch.Tensor:
     """The reference for the kernel's integer variant: fp32 ``[M, K]``, ``x`` ``[M, K]`` with each
     row's values in each of the weight's groups (at the layout's positions, act-order included)
-    rounded to ``d * round(x / d)``, ``d = max|x| / ACT_LEVELS`` over the group."""
+    rounded to ``d * round(x / d)``, ``d = max|x| / levels`` over the group (the kernel's
+    ``ACT_LEVELS``; ``bench.activation_rounding`` also tries 127, 8-bit activations)."""
     xf = x.float()
     rows, k = xf.shape
     positions = layout.columns if layout.columns is not None else torch.arange(layout.positions)
     padded = torch.cat([xf, xf.new_zeros(rows, 1)], dim=1)
     grouped = padded[:, positions.clamp(max=k)].view(rows, layout.n_groups, -1)  # [M, G, P], padding reads 0
-    step = grouped.abs().amax(dim=-1, keepdim=True) / ACT_LEVELS
+    step = grouped.abs().amax(dim=-1, keepdim=True) / levels
     rounded = torch.where(step > 0, torch.round(grouped / torch.where(step > 0, step, 1.0)) * step, 0.0)
     out = xf.new_zeros(rows, k + 1)
     out[:, positions.clamp(max=k)] = rounded.view(rows, -1)
