@@ -19,8 +19,8 @@ kernel layout's group-contiguous K order, see :mod:`bitcliff.kernels.layout`) an
   then one matmul (its cost is shared by the rows).
 
 Both equal the reference up to float32 summation order, as does the compiled kernel, except its
-integer variant for up to 4 rows of 2- and 4-bit weights, which first rounds the activations to 15
-bits per group (``cpu_packed.rounded_activations`` is its reference).  Memory:
+integer variant for up to 4 rows without a capture, which first rounds the activations to 15 bits
+per group (``cpu_packed.rounded_activations`` is its reference).  Memory:
 one byte per weight beside the packed checkpoint tensors (a quarter of an fp32 copy); the compiled
 kernel's layout takes about ``bits`` bits.
 """
@@ -161,8 +161,8 @@ def matmul(
         return cpu_packed.linear(x, layout, bias, native_ops())  # the hot path: one operator call
     lead = x.shape[:-1]
     rows = x.reshape(-1, layout.in_features)
-    if packed:
-        y32 = cpu_packed.linear(rows.float(), layout, bias, native_ops())
+    if packed:  # a capture measures the weights' error: the activations stay exact
+        y32 = cpu_packed.linear(rows.float(), layout, bias, native_ops(), integer_activations=False)
     else:
         y32 = _byte_matmul(rows, layout)
         if bias is not None:

@@ -1,15 +1,18 @@
 // Dequant-matmul on the CPU that reads the packed weights: y = x @ dequant(W), W 2/3/4-bit.
 //
-// The weight is in the CPU layout of `cpu.py` (CpuLayout): columns in blocks of BLOCK = 8 (one
-// AVX2 register of fp32 lanes), and for each block its code words contiguous, `[rows, BLOCK]`.  A
-// word holds CPW = 32 / bits codes of one column at consecutive K positions (LSB first; 3-bit
-// words hold 10 codes and 2 unused bits, so no code straddles a word), and every group of K
-// positions starts on a new word (a group spans WPG words; its last word may hold padding codes,
-// read against zero activations).
+// The weight is in the CPU layout of `cpu_packed.py` (PackedLayout): columns in blocks of BLOCK =
+// 8 (one AVX2 register of fp32 lanes), and for each block its code words contiguous, `[rows,
+// BLOCK]`.  Every group of K positions starts on a new word (a group spans WPG words; its tail may
+// hold padding codes, read against zero activations).  Within a column:
+// * 2 and 4 bits: a word holds CPW = 32 / bits codes at consecutive K positions, LSB first;
+// * 3 bits, two planes: each chunk of 32 positions is three words, the low two bits of positions
+//   0-15 (2 bits apart, LSB first), those of 16-31, and the 32 high bits, position p's at bit
+//   plane_bit(p) (so that a shift and a mask line four of them up with the bytes of a lane, as
+//   the low bits are).  Exactly 3 bits per weight, groups padded to 32 positions.
 //
 // Three schedules (and, at the end of the file, `linear_bf16`: a bf16 weight in nn.Linear's
 // layout, for the unembedding's decode):
-// * gemv_int (up to 4 rows, 2- and 4-bit weights): the activations rounded per group to 15-bit
+// * gemv_int (up to 4 rows, groups of at most 256 positions): the activations rounded per group to 15-bit
 //   integers, multiplied with the codes by byte dot products and summed exactly in int32, then
 //   `y += s * d * (acc - z * sum(q))` per group: the product of the rounded activations with the
 //   dequantized weight up to fp32 rounding (see "Integer activations" below for its cost).
@@ -89,7 +92,29 @@ struct Weight {
   const uint8_t* zeros;   // [n_blocks, groups, BLOCK]
   int64_t groups;
   int64_t wpg;            // words per group per column
+  int64_t per_group;      // K positions per group: wpg * 32 / bits
 };
+
+// Where the high bit of position p (0-31) of a 3-bit chunk lies in its third word: byte p % 16 / 4,
+// bit p % 4 for positions 0-15 and 4 + p % 4 for 16-31.  So the high bits of positions s, s + 4,
+// s + 8 and s + 12 of either half sit at the same bit of the four bytes.
+constexpr int plane_bit(int p) { return 8 * ((p % 16) / 4) + p % 4 + 4 * (p / 16); }
+
+// The code at position i of group g of one column (`words`: the column block's first word, `c`:
+// the column within the block): the portable paths' decode of every width.
+template <int BITS>
+inline uint32_t code_at(const int32_t* words, int64_t wpg, int64_t g, int64_t i, int c) {
+  const int32_t* group = words + g * wpg * BLOCK;
+  if (BITS == 3) {
+    const int64_t chunk = i / 32;
+    const int p = (int)(i % 32), t = p % 16;
+    const uint32_t low = (uint32_t)group[(3 * chunk + p / 16) * BLOCK + c];
+    const uint32_t high = (uint32_t)group[(3 * chunk + 2) * BLOCK + c];
+    return ((low >> (2 * t)) & 3u) | (((high >> plane_bit(p)) & 1u) << 2);
+  }
+  constexpr int CPW = 32 / BITS;
+  return ((uint32_t)group[(i / CPW) * BLOCK + c] >> (BITS * (i % CPW))) & ((1u << BITS) - 1);
+}
 
 #if BITCLIFF_AVX2
 // Code i of each lane's word, left where it lies: `code << shift(i)` (see in_place_shift), one
@@ -100,6 +125,14 @@ inline __m256i code_in_place(__m256i word, int i) {
   if (in_place_shift(BITS, i) == 0 && i > 0) return _mm256_srli_epi32(word, BITS * i);
   return _mm256_and_si256(word, _mm256_set1_epi32((int)(((1u << BITS) - 1) << (BITS * i))));
 }
+
+// Position p's 3-bit code of each lane's chunk (words low0, low1, high), as an int32.
+inline __m256i plane_code(__m256i low0, __m256i low1, __m256i high, int p) {
+  const int t = p % 16, bit = plane_bit(p);
+  const __m256i low = _mm256_and_si256(_mm256_srli_epi32(p < 16 ? low0 : low1, 2 * t), _mm256_set1_epi32(3));
+  const __m256i top = bit >= 2 ? _mm256_srli_epi32(high, bit - 2) : _mm256_slli_epi32(high, 2 - bit);
+  return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi32(4)));
+}
 #endif
 
 // y[r, block] for rows [row0, row0 + ROWS) of x, ROWS <= ROW_TILE (a constant, so that the
@@ -109,8 +142,7 @@ void gemv_tile(const Weight& w, int64_t block, const float* x, const float* xsum
                int64_t row0, float* y, int64_t y_stride) {
   constexpr int rows = ROWS;
   constexpr int CPW = 32 / BITS;
-  constexpr uint32_t MASK = (1u << BITS) - 1;
-  const int64_t positions = w.wpg * CPW;  // K positions of one group
+  const int64_t positions = w.per_group;
   const int32_t* words = w.words + block * w.groups * w.wpg * BLOCK;
   const uint16_t* scales = w.scales + block * w.groups * BLOCK;
   const uint8_t* zeros = w.zeros + block * w.groups * BLOCK;
@@ -124,15 +156,32 @@ void gemv_tile(const Weight& w, int64_t block, const float* x, const float* xsum
     __m256 acc[ROWS][CHAINS];
     for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < CHAINS; ++c) acc[r][c] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < w.wpg; ++j) {
-      const __m256i word = _mm256_loadu_si256((const __m256i*)(words + (g * w.wpg + j) * BLOCK));
-      const int64_t k0 = g * positions + j * CPW;
+    if constexpr (BITS == 3) {
+      for (int64_t j = 0; j < w.wpg; j += 3) {
+        const __m256i* chunk = (const __m256i*)(words + (g * w.wpg + j) * BLOCK);
+        const __m256i low0 = _mm256_loadu_si256(chunk), low1 = _mm256_loadu_si256(chunk + 1);
+        const __m256i high = _mm256_loadu_si256(chunk + 2);
+        const int64_t k0 = g * positions + j / 3 * 32;
+#pragma GCC unroll 32
+        for (int i = 0; i < 32; ++i) {
+          const __m256 q = _mm256_cvtepi32_ps(plane_code(low0, low1, high, i));
+          for (int r = 0; r < ROWS; ++r) {
+            acc[r][i % CHAINS] =
+                _mm256_fmadd_ps(_mm256_broadcast_ss(x + (row0 + r) * k_positions + k0 + i), q, acc[r][i % CHAINS]);
+          }
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < w.wpg; ++j) {
+        const __m256i word = _mm256_loadu_si256((const __m256i*)(words + (g * w.wpg + j) * BLOCK));
+        const int64_t k0 = g * positions + j * CPW;
 #pragma GCC unroll 16
-      for (int i = 0; i < CPW; ++i) {
-        const __m256 q = _mm256_cvtepi32_ps(code_in_place<BITS>(word, i));
-        for (int r = 0; r < ROWS; ++r) {
-          acc[r][i % CHAINS] =
-              _mm256_fmadd_ps(_mm256_broadcast_ss(x + (row0 + r) * k_positions + k0 + i), q, acc[r][i % CHAINS]);
+        for (int i = 0; i < CPW; ++i) {
+          const __m256 q = _mm256_cvtepi32_ps(code_in_place<BITS>(word, i));
+          for (int r = 0; r < ROWS; ++r) {
+            acc[r][i % CHAINS] =
+                _mm256_fmadd_ps(_mm256_broadcast_ss(x + (row0 + r) * k_positions + k0 + i), q, acc[r][i % CHAINS]);
+          }
         }
       }
     }
@@ -150,17 +199,10 @@ void gemv_tile(const Weight& w, int64_t block, const float* x, const float* xsum
   float total[ROWS][BLOCK] = {};
   for (int64_t g = 0; g < w.groups; ++g) {
     float acc[ROWS][BLOCK] = {};
-    for (int64_t j = 0; j < w.wpg; ++j) {
-      const int32_t* word = words + (g * w.wpg + j) * BLOCK;
-      const int64_t k0 = g * positions + j * CPW;
-      for (int i = 0; i < CPW; ++i) {
-        for (int r = 0; r < rows; ++r) {
-          const float xv = x[(row0 + r) * k_positions + k0 + i];
-          for (int c = 0; c < BLOCK; ++c) {
-            const float q = (float)(((uint32_t)word[c] >> (BITS * i)) & MASK);
-            acc[r][c] = acc[r][c] + xv * q;
-          }
-        }
+    for (int64_t i = 0; i < positions; ++i) {
+      for (int r = 0; r < rows; ++r) {
+        const float xv = x[(row0 + r) * k_positions + g * positions + i];
+        for (int c = 0; c < BLOCK; ++c) acc[r][c] = acc[r][c] + xv * (float)code_at<BITS>(words, w.wpg, g, i, c);
       }
     }
     for (int r = 0; r < rows; ++r) {
@@ -182,34 +224,44 @@ void gemv_tile(const Weight& w, int64_t block, const float* x, const float* xsum
 template <int BITS>
 void dequantize_block(const Weight& w, int64_t block, int64_t first_group, int64_t end_group, float* out, int64_t ld) {
   constexpr int CPW = 32 / BITS;
-  constexpr uint32_t MASK = (1u << BITS) - 1;
   const int32_t* words = w.words + block * w.groups * w.wpg * BLOCK;
   const uint16_t* scales = w.scales + block * w.groups * BLOCK;
   const uint8_t* zeros = w.zeros + block * w.groups * BLOCK;
-  out -= first_group * w.wpg * CPW * ld;  // rows are written at their position within the range
+  out -= first_group * w.per_group * ld;  // rows are written at their position within the range
   for (int64_t g = first_group; g < end_group; ++g) {
 #if BITCLIFF_AVX2
-    const __m256i mask = _mm256_set1_epi32((int)MASK);
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g * BLOCK)));
     const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zeros + g * BLOCK))));
-    for (int64_t j = 0; j < w.wpg; ++j) {
-      const __m256i word = _mm256_loadu_si256((const __m256i*)(words + (g * w.wpg + j) * BLOCK));
-      float* row = out + (g * w.wpg + j) * CPW * ld;
+    if constexpr (BITS == 3) {
+      for (int64_t j = 0; j < w.wpg; j += 3) {
+        const __m256i* chunk = (const __m256i*)(words + (g * w.wpg + j) * BLOCK);
+        const __m256i low0 = _mm256_loadu_si256(chunk), low1 = _mm256_loadu_si256(chunk + 1);
+        const __m256i high = _mm256_loadu_si256(chunk + 2);
+        float* row = out + (g * w.per_group + j / 3 * 32) * ld;
+#pragma GCC unroll 32
+        for (int i = 0; i < 32; ++i) {
+          const __m256 q = _mm256_cvtepi32_ps(plane_code(low0, low1, high, i));
+          _mm256_storeu_ps(row + i * ld, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
+        }
+      }
+    } else {
+      const __m256i mask = _mm256_set1_epi32((int)((1u << BITS) - 1));
+      for (int64_t j = 0; j < w.wpg; ++j) {
+        const __m256i word = _mm256_loadu_si256((const __m256i*)(words + (g * w.wpg + j) * BLOCK));
+        float* row = out + (g * w.per_group + j * CPW) * ld;
 #pragma GCC unroll 16
-      for (int i = 0; i < CPW; ++i) {
-        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(word, BITS * i), mask));
-        _mm256_storeu_ps(row + i * ld, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
+        for (int i = 0; i < CPW; ++i) {
+          const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(word, BITS * i), mask));
+          _mm256_storeu_ps(row + i * ld, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
+        }
       }
     }
 #else
-    for (int64_t j = 0; j < w.wpg; ++j) {
-      const int32_t* word = words + (g * w.wpg + j) * BLOCK;
-      float* row = out + (g * w.wpg + j) * CPW * ld;
-      for (int i = 0; i < CPW; ++i) {
-        for (int c = 0; c < BLOCK; ++c) {
-          const float q = (float)(((uint32_t)word[c] >> (BITS * i)) & MASK);
-          row[i * ld + c] = (q - (float)zeros[g * BLOCK + c]) * half_to_float(scales[g * BLOCK + c]);
-        }
+    for (int64_t i = 0; i < w.per_group; ++i) {
+      float* row = out + (g * w.per_group + i) * ld;
+      for (int c = 0; c < BLOCK; ++c) {
+        const float q = (float)code_at<BITS>(words, w.wpg, g, i, c);
+        row[c] = (q - (float)zeros[g * BLOCK + c]) * half_to_float(scales[g * BLOCK + c]);
       }
     }
 #endif
@@ -227,8 +279,10 @@ Weight check_weight(const at::Tensor& words, const at::Tensor& scales, const at:
   TORCH_CHECK(scales.size(0) == words.size(0) && scales.size(1) > 0 && words.size(1) % scales.size(1) == 0,
               "words [", words.size(0), ", ", words.size(1), "] do not fit scales [", scales.size(0), ", ",
               scales.size(1), "]");
+  const int64_t wpg = words.size(1) / scales.size(1);
+  TORCH_CHECK(bits != 3 || wpg % 3 == 0, "3-bit groups take whole chunks of 3 words, got ", wpg, " words per group");
   return Weight{words.data_ptr<int32_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                zeros.data_ptr<uint8_t>(), scales.size(1), words.size(1) / scales.size(1)};
+                zeros.data_ptr<uint8_t>(), scales.size(1), wpg, wpg * 32 / bits};
 }
 
 template <int BITS>
@@ -261,7 +315,7 @@ inline float at_position(const float* x_row, const int64_t* column, int64_t k, i
   return c < k ? x_row[c] : 0.0f;
 }
 
-// ---- Integer activations (2- and 4-bit decode) ----------------------------------------------
+// ---- Integer activations (decode) -------------------------------------------------------------
 //
 // The fp32 gemv spends most of its time on one FMA (and its broadcast operand) per 8 weights.  Its
 // integer form multiplies 32 codes by 32 activations per instruction (vpmaddubsw: unsigned bytes
@@ -274,14 +328,14 @@ inline float at_position(const float* x_row, const int64_t* column, int64_t k, i
 //
 // summed exactly in int32 and converted once per group: the product of the rounded activations
 // d * q with the dequantized weight, up to fp32 rounding.  Rounding x to 15 bits (1/16319 of the
-// group's largest value) moved SmolLM2's perplexity on wiki (GPTQ g64, 16 windows of 512) by
-// -0.0006 % at W4 and +0.0004 % at W3 where 8-bit activations (llama.cpp's) moved it by +0.20 %
-// and +0.83 %.
+// group's largest value) moved SmolLM2's perplexity on wiki (RTN W4 g64, 16 windows of 512) by
+// -0.0002 % where 8-bit activations (llama.cpp's) moved it by +0.32 % (bench.activation_rounding).
 //
-// Codes: a word's fields of 4 or 2 bits line up with bytes after one shift and a mask, so code
-// vector v of a word (v < VECTORS = CPW / 4) holds in byte b of each lane the code at position
-// v + VECTORS * b.  The activations are stored in that order, four bytes per broadcast.  3-bit
-// fields (10 per word) do not line up with bytes: 3-bit weights keep the fp32 gemv.
+// Codes come in units of positions whose fields line up with bytes after one shift and a mask:
+// a 4-bit word (8 positions, 2 vectors), a 2-bit word (16 positions, 4 vectors), and half a 3-bit
+// chunk (16 positions, 4 vectors: the low plane's 2 bits, or-ed with the high plane's bit).  Code
+// vector v of a unit holds in byte b of each lane the code at position v + VECTORS * b, and the
+// activations are stored in that order, four bytes per broadcast.
 constexpr int ACT_LEVELS = 16319;        // 127 * 128 + 63: the largest q whose high byte fits
 constexpr int64_t INT_MAX_POSITIONS = 256;  // group sizes up to this keep |sum q * code| < 2^31
 // Rows up to which the integer variant runs: its tiles of at most 4 rows decode the weights once
@@ -289,35 +343,57 @@ constexpr int64_t INT_MAX_POSITIONS = 256;  // group sizes up to this keep |sum 
 // 4096 x 14336 and 576 x 1536: W4 1.36x faster at M = 1, 1.2x at 4, 0.9-1.0x at 8-16).
 constexpr int64_t INT_MAX_ROWS = 4;
 
-template <int BITS>
-constexpr int vectors() { return 32 / BITS / 4; }
+constexpr int vectors(int bits) { return bits == 4 ? 2 : 4; }  // code vectors per unit
+constexpr int unit_positions(int bits) { return 4 * vectors(bits); }
 
-// Words summed in int16 before they are widened: each word adds at most 4 * VECTORS products of
-// |code * byte| <= (2^BITS - 1) * 127 to an int16 lane (maddubs sums pairs, VECTORS per word, two
-// lanes' halves): 4-bit 7620 per word, 2-bit 3048, so 4 and 8 words stay under 32767.
+// A step of the integer loop: one word (2 and 4 bits) or one 3-bit chunk of three words, two units.
 template <int BITS>
-constexpr int flush_words() { return BITS == 4 ? 4 : 8; }
+constexpr int step_words() { return BITS == 3 ? 3 : 1; }
+template <int BITS>
+constexpr int step_units() { return BITS == 3 ? 2 : 1; }
+
+// Steps summed in int16 before they are widened: a unit adds at most 2 * VECTORS products of
+// |code * byte| <= (2^BITS - 1) * 127 to an int16 lane: 4-bit 7620 per word, 2-bit 3048 per word,
+// 3-bit 7112 per half chunk; 4 words, 8 words and 2 chunks stay under 32767.
+template <int BITS>
+constexpr int flush_steps() { return BITS == 4 ? 4 : (BITS == 2 ? 8 : 2); }
 
 struct IntActivations {
-  const int32_t* bytes;  // [rows, words, 2, VECTORS]: the high then the low bytes, four per int32
+  const int32_t* bytes;  // [rows, units, 2, VECTORS]: the high then the low bytes, four per int32
   const float* step;     // [rows, groups]: d
   const int32_t* sum;    // [rows, groups]: sum of q over the group
-  int64_t words;         // words per row (groups * wpg)
+  int64_t units;         // units per row
 };
+
+#if BITCLIFF_AVX2
+// Code vector v of unit u of a step (`word`: its words), bytes lined up as described above.
+template <int BITS>
+inline __m256i unit_codes(const __m256i* word, int u, int v) {
+  if constexpr (BITS == 3) {
+    // low plane: position v + 4b of the half at bits 2v + 8b; high plane: at bit 8b + v + 4u
+    const __m256i low = _mm256_and_si256(v == 0 ? word[u] : _mm256_srli_epi32(word[u], 2 * v), _mm256_set1_epi8(3));
+    const int bit = v + 4 * u;
+    const __m256i top = bit >= 2 ? _mm256_srli_epi32(word[2], bit - 2) : _mm256_slli_epi32(word[2], 2 - bit);
+    return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(4)));
+  } else {
+    const __m256i shifted = v == 0 ? word[0] : _mm256_srli_epi32(word[0], BITS * v);
+    return _mm256_and_si256(shifted, _mm256_set1_epi8((char)((1 << BITS) - 1)));
+  }
+}
+#endif
 
 // y[r, columns of blocks [block, block + COLS)] = sum_g s * d * (sum q * code - z * sum q) for
 // rows [row0, row0 + ROWS): the COLS blocks share each broadcast of the activations.
 template <int BITS, int ROWS, int COLS>
 void gemv_int_tile(const Weight& w, int64_t block, const IntActivations& a, int64_t row0, float* y, int64_t y_stride) {
-  constexpr int V = vectors<BITS>();
-  constexpr int FLUSH = flush_words<BITS>();
+  constexpr int V = vectors(BITS), SW = step_words<BITS>(), SU = step_units<BITS>();
   const int64_t block_words = w.groups * w.wpg * BLOCK, block_groups = w.groups * BLOCK;
+  const int64_t steps = w.wpg / SW, group_units = steps * SU;
   const int32_t* words = w.words + block * block_words;
   const uint16_t* scales = w.scales + block * block_groups;
   const uint8_t* zeros = w.zeros + block * block_groups;
-  const int32_t* bytes = a.bytes + row0 * a.words * 2 * V;
+  const int32_t* bytes = a.bytes + row0 * a.units * 2 * V;
 #if BITCLIFF_AVX2
-  const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
   const __m256i high_weight = _mm256_set1_epi16(128), low_weight = _mm256_set1_epi16(1);
   __m256 total[ROWS][COLS];
   for (int r = 0; r < ROWS; ++r)
@@ -326,23 +402,24 @@ void gemv_int_tile(const Weight& w, int64_t block, const IntActivations& a, int6
     __m256i acc[ROWS][COLS];
     for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < COLS; ++c) acc[r][c] = _mm256_setzero_si256();
-    for (int64_t j0 = 0; j0 < w.wpg; j0 += FLUSH) {
+    for (int64_t j0 = 0; j0 < steps; j0 += flush_steps<BITS>()) {
       __m256i high[ROWS][COLS], low[ROWS][COLS];
       for (int r = 0; r < ROWS; ++r)
         for (int c = 0; c < COLS; ++c) high[r][c] = low[r][c] = _mm256_setzero_si256();
-      const int64_t j1 = std::min<int64_t>(w.wpg, j0 + FLUSH);
+      const int64_t j1 = std::min<int64_t>(steps, j0 + flush_steps<BITS>());
       for (int64_t j = j0; j < j1; ++j) {
-        const int64_t word_index = g * w.wpg + j;
-        __m256i word[COLS];
+        const int64_t first_word = g * w.wpg + j * SW, first_unit = g * group_units + j * SU;
+        __m256i word[COLS][SW];
         for (int c = 0; c < COLS; ++c)
-          word[c] = _mm256_loadu_si256((const __m256i*)(words + c * block_words + word_index * BLOCK));
-#pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) {
+          for (int i = 0; i < SW; ++i)
+            word[c][i] = _mm256_loadu_si256((const __m256i*)(words + c * block_words + (first_word + i) * BLOCK));
+#pragma GCC unroll 8
+        for (int uv = 0; uv < SU * V; ++uv) {
+          const int u = uv / V, v = uv % V;
           __m256i codes[COLS];
-          for (int c = 0; c < COLS; ++c)
-            codes[c] = _mm256_and_si256(v == 0 ? word[c] : _mm256_srli_epi32(word[c], BITS * v), mask);
+          for (int c = 0; c < COLS; ++c) codes[c] = unit_codes<BITS>(word[c], u, v);
           for (int r = 0; r < ROWS; ++r) {
-            const int32_t* at = bytes + (r * a.words + word_index) * 2 * V;
+            const int32_t* at = bytes + (r * a.units + first_unit + u) * 2 * V;
             const __m256i x_high = _mm256_set1_epi32(at[v]), x_low = _mm256_set1_epi32(at[V + v]);
             for (int c = 0; c < COLS; ++c) {
               high[r][c] = _mm256_add_epi16(high[r][c], _mm256_maddubs_epi16(codes[c], x_high));
@@ -370,47 +447,41 @@ void gemv_int_tile(const Weight& w, int64_t block, const IntActivations& a, int6
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < COLS; ++c) _mm256_storeu_ps(y + (row0 + r) * y_stride + (block + c) * BLOCK, total[r][c]);
 #else
+  constexpr int UNIT = unit_positions(BITS);
   for (int col = 0; col < COLS; ++col) {
-  constexpr uint32_t MASK = (1u << BITS) - 1;
-  words = w.words + (block + col) * block_words;
-  scales = w.scales + (block + col) * block_groups;
-  zeros = w.zeros + (block + col) * block_groups;
-  float total[ROWS][BLOCK] = {};
-  for (int64_t g = 0; g < w.groups; ++g) {
-    for (int r = 0; r < ROWS; ++r) {
-      int32_t acc[BLOCK] = {};
-      for (int64_t j = 0; j < w.wpg; ++j) {
-        const int64_t word_index = g * w.wpg + j;
-        const int32_t* at = bytes + (r * a.words + word_index) * 2 * V;
-        for (int v = 0; v < V; ++v) {
-          for (int b = 0; b < 4; ++b) {
-            const int32_t q = 128 * (int32_t)(int8_t)(at[v] >> (8 * b)) + (int32_t)(int8_t)(at[V + v] >> (8 * b));
-            for (int c = 0; c < BLOCK; ++c) {
-              const uint32_t word = (uint32_t)words[word_index * BLOCK + c];
-              acc[c] += q * (int32_t)((word >> (BITS * (v + V * b))) & MASK);
-            }
-          }
+    const int32_t* column_words = words + col * block_words;
+    float total[ROWS][BLOCK] = {};
+    for (int64_t g = 0; g < w.groups; ++g) {
+      for (int r = 0; r < ROWS; ++r) {
+        int32_t acc[BLOCK] = {};
+        for (int64_t i = 0; i < w.per_group; ++i) {
+          const int32_t* at = bytes + (r * a.units + g * group_units + i / UNIT) * 2 * V;
+          const int v = (int)(i % UNIT) % V, b = (int)(i % UNIT) / V;
+          const int32_t q = 128 * (int32_t)(int8_t)(at[v] >> (8 * b)) + (int32_t)(int8_t)(at[V + v] >> (8 * b));
+          for (int c = 0; c < BLOCK; ++c) acc[c] += q * (int32_t)code_at<BITS>(column_words, w.wpg, g, i, c);
+        }
+        const int64_t at = (row0 + r) * w.groups + g;
+        for (int c = 0; c < BLOCK; ++c) {
+          const int64_t z = (block + col) * block_groups + g * BLOCK + c;
+          const int32_t centred = acc[c] - (int32_t)w.zeros[z] * a.sum[at];
+          total[r][c] += half_to_float(w.scales[z]) * a.step[at] * (float)centred;
         }
       }
-      const int64_t at = (row0 + r) * w.groups + g;
-      for (int c = 0; c < BLOCK; ++c) {
-        const int32_t centred = acc[c] - (int32_t)zeros[g * BLOCK + c] * a.sum[at];
-        total[r][c] += half_to_float(scales[g * BLOCK + c]) * a.step[at] * (float)centred;
-      }
     }
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < BLOCK; ++c) y[(row0 + r) * y_stride + (block + col) * BLOCK + c] = total[r][c];
   }
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < BLOCK; ++c) y[(row0 + r) * y_stride + (block + col) * BLOCK + c] = total[r][c];
-  }
+  (void)scales;
+  (void)zeros;
 #endif
 }
 
-constexpr int INT_ROW_TILE = 4;
+constexpr int INT_ROW_TILE = 4;  // rows per tile: four rows' int16 and int32 accumulators fill the 16 registers
 // Column blocks per tile for a single row: two 4-bit blocks share each broadcast of x (M = 1, 2
 // threads, g128, interleaved: 1.2-1.3x faster than one on the Llama-3 shapes, four no better),
 // where 2-bit weights ran 1.1-1.2x slower with two than with one.
 template <int BITS>
-constexpr int one_row_cols() { return BITS == 4 ? 2 : 1; }  // rows per tile: four rows' int16 and int32 accumulators fill the 16 registers
+constexpr int one_row_cols() { return BITS == 4 ? 2 : 1; }
 
 template <int BITS>
 void gemv_int_all(const Weight& w, const IntActivations& a, int64_t k_positions, int64_t rows, int64_t blocks, float* y) {
@@ -435,13 +506,13 @@ void gemv_int_all(const Weight& w, const IntActivations& a, int64_t k_positions,
 }
 
 // The activations at the weight's positions, rounded per group for gemv_int_tile: `bytes` [rows,
-// words, 2, VECTORS] int32, `step` [rows, groups] fp32 and `sum` [rows, groups] int32 (see
+// units, 2, VECTORS] int32, `step` [rows, groups] fp32 and `sum` [rows, groups] int32 (see
 // IntActivations).  Padding positions hold zeros.  A group whose largest |x| is not finite gets a
 // NaN step, so that its outputs are NaN as the fp32 path's would be (or inf: NaN here).
-void round_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bits, int64_t groups, int64_t wpg,
+void round_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bits, int64_t groups, int64_t per_group,
                      at::Tensor& bytes, at::Tensor& step, at::Tensor& sum) {
-  const int64_t rows = x.size(0), k = x.size(1), per_word = 32 / bits, vectors = per_word / 4;
-  const int64_t per_group = wpg * per_word, words = groups * wpg;
+  const int64_t rows = x.size(0), k = x.size(1), vector_count = vectors((int)bits);
+  const int64_t unit = unit_positions((int)bits), units = groups * per_group / unit;
   const int64_t* column = columns ? columns->data_ptr<int64_t>() : nullptr;
   const float* src = x.data_ptr<float>();
   uint8_t* out = reinterpret_cast<uint8_t*>(bytes.data_ptr<int32_t>());
@@ -463,11 +534,12 @@ void round_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bit
         const int32_t q = (finite && d > 0.0f) ? (int32_t)std::nearbyint(values[i] / d) : 0;
         const int32_t low = ((q + 64) & 127) - 64, high = (q - low) / 128;
         total += q;
-        // position i of the group: word i / per_word, vector (i % per_word) % vectors, byte (i % per_word) / vectors
-        const int64_t word = g * wpg + i / per_word, v = (i % per_word) % vectors, b = (i % per_word) / vectors;
-        uint8_t* at = out + ((r * words + word) * 2 * vectors) * 4;
+        // position i of the group: unit i / unit, vector (i % unit) % vectors, byte (i % unit) / vectors
+        const int64_t at_unit = g * (per_group / unit) + i / unit, v = (i % unit) % vector_count,
+                      b = (i % unit) / vector_count;
+        uint8_t* at = out + ((r * units + at_unit) * 2 * vector_count) * 4;
         at[v * 4 + b] = (uint8_t)(int8_t)high;
-        at[(vectors + v) * 4 + b] = (uint8_t)(int8_t)low;
+        at[(vector_count + v) * 4 + b] = (uint8_t)(int8_t)low;
       }
       steps[r * groups + g] = finite ? d : std::numeric_limits<float>::quiet_NaN();
       sums[r * groups + g] = total;
@@ -481,11 +553,13 @@ void round_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bit
 // gets the unscaled sum of each group's activations.
 void gather_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bits, int64_t groups,
                       at::Tensor& xk, at::Tensor& xsum) {
-  const int64_t rows = x.size(0), k = x.size(1), per_word = 32 / bits;
+  // 3-bit planes are decoded with shifts (plane_code), so their activations are not scaled
+  const int64_t rows = x.size(0), k = x.size(1), per_word = bits == 3 ? 1 : 32 / bits;
   const int64_t positions = xk.size(1), per_group = positions / groups;
   std::vector<float> factors(per_word, 1.0f);
 #if BITCLIFF_AVX2
-  for (int i = 0; i < per_word; ++i) factors[i] = std::ldexp(1.0f, -in_place_shift((int)bits, i));
+  if (bits != 3)
+    for (int i = 0; i < per_word; ++i) factors[i] = std::ldexp(1.0f, -in_place_shift((int)bits, i));
 #endif
   const int64_t* column = columns ? columns->data_ptr<int64_t>() : nullptr;
   const float* src = x.data_ptr<float>();
@@ -520,7 +594,7 @@ void dequantize_groups(const Weight& w, int64_t blocks, int64_t first_group, int
 // tiles of columns: the BLAS then packs each part of xk once, where column tiles would repack all
 // of xk per tile (measured slower than an fp32 matmul at M = 512).
 at::Tensor gemm(const at::Tensor& xk, const Weight& w, int64_t bits, int64_t blocks, int64_t slab_bytes) {
-  const int64_t rows = xk.size(0), per_group = w.wpg * (32 / bits);
+  const int64_t rows = xk.size(0), per_group = w.per_group;
   const int64_t group_bytes = per_group * blocks * BLOCK * (int64_t)sizeof(float);
   const int64_t slab_groups = std::max<int64_t>(1, std::min<int64_t>(w.groups, slab_bytes / group_bytes));
   at::Tensor slab = at::empty({slab_groups * per_group, blocks * BLOCK}, xk.options());
@@ -546,14 +620,15 @@ at::Tensor gemm(const at::Tensor& xk, const Weight& w, int64_t bits, int64_t blo
 
 // y [..., N] = x [..., K] @ dequant(W)ᵀ (+ bias), in x's dtype (computed in fp32): the grouped
 // form for up to gemv_max_rows rows, slabs of at most slab_bytes of dequantized weight above.
-// With integer_activations, 2- and 4-bit weights with groups of at most INT_MAX_POSITIONS
-// positions take the grouped form's integer variant (gemv_int_tile: x rounded to 15 bits per group).
+// With integer_activations, up to INT_MAX_ROWS rows against weights with groups of at most
+// INT_MAX_POSITIONS positions take the grouped form's integer variant (gemv_int_tile: x rounded to
+// 15 bits per group).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
                   const c10::optional<at::Tensor>& columns, const c10::optional<at::Tensor>& bias, int64_t bits,
                   int64_t in_features, int64_t out_features, int64_t gemv_max_rows, int64_t slab_bytes,
                   bool integer_activations) {
   const Weight w = check_weight(words, scales, zeros, bits);
-  const int64_t blocks = words.size(0), positions = w.groups * w.wpg * (32 / bits);
+  const int64_t blocks = words.size(0), positions = w.groups * w.per_group;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must be [..., K] with K > 0");
   TORCH_CHECK(out_features > 0 && out_features <= blocks * BLOCK && out_features > (blocks - 1) * BLOCK,
               "out_features ", out_features, " does not fit ", blocks, " column blocks");
@@ -571,20 +646,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t rows = x2.size(0);
   at::Tensor y;
-  const int64_t per_group = w.wpg * (32 / bits);
-  if (rows <= std::min(gemv_max_rows, INT_MAX_ROWS) && integer_activations && bits != 3 &&
-      per_group <= INT_MAX_POSITIONS) {
-    const int64_t vectors = 32 / bits / 4, words_per_row = w.groups * w.wpg;
-    at::Tensor bytes = at::empty({rows, words_per_row, 2, vectors}, x2.options().dtype(at::kInt));
+  if (rows <= std::min(gemv_max_rows, INT_MAX_ROWS) && integer_activations && w.per_group <= INT_MAX_POSITIONS) {
+    const int64_t units = positions / unit_positions((int)bits);
+    at::Tensor bytes = at::empty({rows, units, 2, vectors((int)bits)}, x2.options().dtype(at::kInt));
     at::Tensor step = at::empty({rows, w.groups}, x2.options());
     at::Tensor sum = at::empty({rows, w.groups}, x2.options().dtype(at::kInt));
-    round_positions(x2, columns.has_value() ? &columns.value() : nullptr, bits, w.groups, w.wpg, bytes, step, sum);
-    const IntActivations a{bytes.data_ptr<int32_t>(), step.data_ptr<float>(), sum.data_ptr<int32_t>(), words_per_row};
+    round_positions(x2, columns.has_value() ? &columns.value() : nullptr, bits, w.groups, w.per_group, bytes, step,
+                    sum);
+    const IntActivations a{bytes.data_ptr<int32_t>(), step.data_ptr<float>(), sum.data_ptr<int32_t>(), units};
     y = at::empty({rows, blocks * BLOCK}, x2.options());
-    if (bits == 2) {
-      gemv_int_all<2>(w, a, positions, rows, blocks, y.data_ptr<float>());
-    } else {
-      gemv_int_all<4>(w, a, positions, rows, blocks, y.data_ptr<float>());
+    switch (bits) {
+      case 2: gemv_int_all<2>(w, a, positions, rows, blocks, y.data_ptr<float>()); break;
+      case 3: gemv_int_all<3>(w, a, positions, rows, blocks, y.data_ptr<float>()); break;
+      default: gemv_int_all<4>(w, a, positions, rows, blocks, y.data_ptr<float>()); break;
     }
   } else if (rows <= gemv_max_rows) {
     at::Tensor xk = at::empty({rows, positions}, x2.options());
@@ -620,7 +694,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor
 // The dense fp32 weight [positions, blocks * BLOCK] (tests and the reference comparison).
 at::Tensor dequantize(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits) {
   const Weight w = check_weight(words, scales, zeros, bits);
-  const int64_t blocks = words.size(0), positions = w.groups * w.wpg * (32 / bits);
+  const int64_t blocks = words.size(0), positions = w.groups * w.per_group;
   at::Tensor out = at::empty({positions, blocks * BLOCK}, at::TensorOptions().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   switch (bits) {

@@ -5,14 +5,17 @@ the group's fp16 scale and uint8 zero, and no dense copy of the weight is ever k
 
 * **columns in blocks of 8** (one AVX2 register of fp32 lanes), each block's words contiguous in
   memory, so a block is one sequential stream for the prefetcher;
-* **32 // bits codes per int32 word**, one column's consecutive K positions, LSB first: 16 codes
-  at 2 bits, 8 at 4, and 10 at 3 bits (2 bits of each word unused), so that a code never
-  straddles words and every width decodes with one shift and one mask per code;
+* **2 and 4 bits: 32 // bits codes per int32 word**, one column's consecutive K positions, LSB
+  first (16 codes at 2 bits, 8 at 4), so that one shift and one mask line four codes up with the
+  bytes of a 32-bit lane (the integer decode's byte dot products);
+* **3 bits: two planes** per chunk of 32 positions, three words: the low two bits of positions
+  0-15 and of 16-31 (as 2-bit words), and the 32 high bits, position ``p``'s at bit
+  :func:`plane_bit` ``(p)`` so that the same shift-and-mask lines them up with the low bits'
+  bytes.  Exactly 3 bits per weight (ten codes per word, the earlier layout, took 3.25-4.0 bits
+  per weight at groups of 128-32 and could not take the integer decode);
 * **every group starts on a new word**: a group of ``P`` positions takes ``ceil(P / (32 //
-  bits))`` words, its tail padded with zero codes that meet zero activations.  For 2 and 4 bits
-  this costs nothing; 3-bit groups of 32, 64 and 128 take 4, 7 and 13 words (4.0, 3.5 and 3.25
-  bits per weight, 3.2 without groups): the price of decoding every width with the same two
-  instructions per code, where two bit planes would need four.
+  bits))`` words (3 bits: ``3 * ceil(P / 32)``), its tail padded with zero codes that meet zero
+  activations.  For the usual group sizes (multiples of 32) this costs nothing.
 
 Built once per layer from the kernel layout (exact: the same codes, scales and zeros, tested
 against the reference).  Act-order and padding are handled by gathering the activations into the
@@ -61,7 +64,7 @@ class PackedLayout:
         words: int32 ``[ceil(N / 8), G * WPG, 8]``: block, word row, column in block.
         scales: fp16 ``[ceil(N / 8), G, 8]``.
         zeros: uint8 ``[ceil(N / 8), G, 8]``, true (v2) zero points.
-        columns: int64 ``[G * WPG * (32 // bits)]``, the activation column read at each position
+        columns: int64 ``[positions]``, the activation column read at each position
             (``K``, a zero column, for padding); ``None`` when positions are columns ``0..K-1``
             then padding.
     """
@@ -81,7 +84,7 @@ class PackedLayout:
     @property
     def positions(self) -> int:
         """K positions the kernel walks (groups times their padded size)."""
-        return self.words.shape[1] * (32 // self.bits)
+        return self.words.shape[1] * 32 // self.bits
 
     @property
     def n_groups(self) -> int:
@@ -90,6 +93,34 @@ class PackedLayout:
     def nbytes(self) -> int:
         """Bytes the kernel reads for the weight."""
         return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros))
+
+
+def plane_bit(p: int) -> int:
+    """The bit of a 3-bit chunk's third word that holds position ``p``'s (0-31) high bit: byte
+    ``p % 16 // 4``, bit ``p % 4`` for positions 0-15 and ``4 + p % 4`` for 16-31 (the kernel's
+    ``plane_bit``)."""
+    return 8 * (p % 16 // 4) + p % 4 + 4 * (p // 16)
+
+
+def group_words(bits: int, slot: int) -> int:
+    """Words a group of ``slot`` positions takes in one column."""
+    return 3 * -(-slot // 32) if bits == 3 else -(-slot // (32 // bits))
+
+
+def _words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 ``[G * WPG, C]`` words (each < 2^32) of codes ``[G, P, C]``, ``P`` a whole number of words."""
+    groups, positions, columns = codes.shape
+    if bits == 3:
+        chunks = codes.view(groups, positions // 32, 32, columns)
+        low_shifts = (2 * torch.arange(16, dtype=torch.int64)).view(1, 1, 16, 1)
+        high_shifts = torch.tensor([plane_bit(p) for p in range(32)], dtype=torch.int64).view(1, 1, 32, 1)
+        low = chunks & 3  # disjoint fields below: the sums are ORs
+        words = torch.stack([(low[:, :, :16] << low_shifts).sum(dim=2), (low[:, :, 16:] << low_shifts).sum(dim=2),
+                             ((chunks >> 2) << high_shifts).sum(dim=2)], dim=2)  # [G, chunks, 3, C]
+        return words.view(-1, columns)
+    per_word = 32 // bits
+    shifts = (bits * torch.arange(per_word, dtype=torch.int64)).view(1, 1, per_word, 1)
+    return (codes.view(groups, positions // per_word, per_word, columns) << shifts).sum(dim=2).view(-1, columns)
 
 
 def _blocked(t: torch.Tensor, n_padded: int) -> torch.Tensor:
@@ -107,15 +138,13 @@ def pack(layout: KernelLayout) -> PackedLayout:
     if layout.scales.dtype != torch.float16:
         raise ValueError(f"the compiled CPU kernel reads fp16 scales, got {layout.scales.dtype}")
     bits, n, k = layout.bits, layout.out_features, layout.in_features
-    per_word = 32 // bits
     groups = layout.n_groups
     slot = layout.k_padded if layout.group_size == -1 else layout.group_size
-    words_per_group = -(-slot // per_word)
-    padded_slot = words_per_group * per_word
+    words_per_group = group_words(bits, slot)
+    padded_slot = words_per_group * 32 // bits
     n_padded = -(-n // BLOCK) * BLOCK
 
     spec = width(bits)
-    shifts = (bits * torch.arange(per_word, dtype=torch.int64, device=HOST)).view(1, 1, per_word, 1)
     words = torch.empty(groups * words_per_group, n, dtype=torch.int32, device=HOST)
     for first in range(0, n, PACK_COLUMNS):  # int64 codes of a few columns at a time: bounded memory
         last = min(n, first + PACK_COLUMNS)
@@ -125,9 +154,8 @@ def pack(layout: KernelLayout) -> PackedLayout:
         codes = torch.zeros(groups * slot, last - first, dtype=torch.int64, device=HOST)
         codes[: layout.k_padded] = part
         codes = torch.nn.functional.pad(codes.view(groups, slot, -1), (0, 0, 0, padded_slot - slot))
-        packed = (codes.view(groups, words_per_group, per_word, -1) << shifts).sum(dim=2)  # disjoint fields: an OR
-        packed = torch.where(packed >= 2**31, packed - 2**32, packed)
-        words[:, first:last] = packed.view(groups * words_per_group, -1).to(torch.int32)
+        packed = _words(codes, bits)
+        words[:, first:last] = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
     source = torch.full((groups * slot,), -1, dtype=torch.int64, device=HOST)
     source[: layout.k_padded] = layout.source_columns()
@@ -152,8 +180,8 @@ def linear(x: torch.Tensor, layout: PackedLayout, bias: torch.Tensor | None, ops
     gather to the layout's positions, the schedule for the row count, the bias and the cast).
 
     With ``integer_activations`` (the default), up to :data:`INT_MAX_ROWS` rows (decode) against
-    2- or 4-bit weights with groups of at most :data:`INT_MAX_POSITIONS` positions are multiplied
-    as integers: ``x``
+    weights with groups of at most :data:`INT_MAX_POSITIONS` positions are multiplied as
+    integers: ``x``
     rounded per row and group to 15 bits, exactly :func:`rounded_activations` ``@ dequant(W)ᵀ`` up
     to fp32 rounding.  False keeps every product in fp32.
     """
@@ -164,10 +192,10 @@ def linear(x: torch.Tensor, layout: PackedLayout, bias: torch.Tensor | None, ops
 
 
 def takes_integer_activations(layout: PackedLayout, rows: int) -> bool:
-    """Whether the kernel's integer variant multiplies ``rows`` rows by this weight (2 or 4 bits,
-    groups of at most :data:`INT_MAX_POSITIONS` positions, at most :data:`INT_MAX_ROWS` rows): the
-    kernel's own rule."""
-    return layout.bits != 3 and layout.positions // layout.n_groups <= INT_MAX_POSITIONS and rows <= INT_MAX_ROWS
+    """Whether the kernel's integer variant multiplies ``rows`` rows by this weight (groups of at
+    most :data:`INT_MAX_POSITIONS` positions, at most :data:`INT_MAX_ROWS` rows): the kernel's own
+    rule."""
+    return layout.positions // layout.n_groups <= INT_MAX_POSITIONS and rows <= INT_MAX_ROWS
 
 
 def rounded_activations(x: torch.Tensor, layout: PackedLayout, levels: int = ACT_LEVELS) -> torch.Tensor:
