@@ -112,14 +112,15 @@ def _words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     groups, positions, columns = codes.shape
     if bits == 3:
         chunks = codes.view(groups, positions // 32, 32, columns)
-        low_shifts = (2 * torch.arange(16, dtype=torch.int64)).view(1, 1, 16, 1)
-        high_shifts = torch.tensor([plane_bit(p) for p in range(32)], dtype=torch.int64).view(1, 1, 32, 1)
+        low_shifts = (2 * torch.arange(16, dtype=torch.int64, device=codes.device)).view(1, 1, 16, 1)
+        high_shifts = torch.tensor([plane_bit(p) for p in range(32)], dtype=torch.int64,
+                                   device=codes.device).view(1, 1, 32, 1)
         low = chunks & 3  # disjoint fields below: the sums are ORs
         words = torch.stack([(low[:, :, :16] << low_shifts).sum(dim=2), (low[:, :, 16:] << low_shifts).sum(dim=2),
                              ((chunks >> 2) << high_shifts).sum(dim=2)], dim=2)  # [G, chunks, 3, C]
         return words.view(-1, columns)
     per_word = 32 // bits
-    shifts = (bits * torch.arange(per_word, dtype=torch.int64)).view(1, 1, per_word, 1)
+    shifts = (bits * torch.arange(per_word, dtype=torch.int64, device=codes.device)).view(1, 1, per_word, 1)
     return (codes.view(groups, positions // per_word, per_word, columns) << shifts).sum(dim=2).view(-1, columns)
 
 
@@ -205,7 +206,7 @@ def rounded_activations(x: torch.Tensor, layout: PackedLayout, levels: int = ACT
     ``ACT_LEVELS``; ``bench.activation_rounding`` also tries 127, 8-bit activations)."""
     xf = x.float()
     rows, k = xf.shape
-    positions = layout.columns if layout.columns is not None else torch.arange(layout.positions)
+    positions = layout.columns if layout.columns is not None else torch.arange(layout.positions, device=x.device)
     padded = torch.cat([xf, xf.new_zeros(rows, 1)], dim=1)
     grouped = padded[:, positions.clamp(max=k)].view(rows, layout.n_groups, -1)  # [M, G, P], padding reads 0
     step = grouped.abs().amax(dim=-1, keepdim=True) / levels
