@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -39,29 +43,56 @@ def prompt_ids(folder: Path) -> list[list[int]]:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def exact_activations():
+    """The compiled CPU kernel without its integer decode: every product of the block in fp32."""
+    from bitcliff.kernels import cpu_packed
+
+    with mock.patch.object(cpu_packed, "linear", functools.partial(cpu_packed.linear, integer_activations=False)):
+        yield
+
+
 def bitcliff_greedy(folder: Path, prompts: list[list[int]], new_tokens: int = NEW_TOKENS):
     """Greedy continuations by ``bitcliff.load`` in fp32, never stopping at EOS.
 
     Returns:
-        ``(tokens, margins)``: per prompt the ``new_tokens`` chosen ids, and at each step the gap
-        between the top two logits (how close the choice was to a tie).
+        ``(tokens, margins, shifts)``: per prompt the ``new_tokens`` chosen ids; at each step the
+        gap between the top two logits (how close the choice was to a tie); and how far the
+        kernel's integer decode (activations rounded to 15 bits) moved that step's logits from the
+        same step in fp32 (the largest change of one logit).  Two engines whose activations differ
+        in their last bits can round one of them to neighbouring integers, so a divergence where
+        the gap is within that reach is not an error.
     """
     import bitcliff
 
     # vLLM computes the unembedding in fp32: so does the reference (not its bf16 decode copy)
     model = bitcliff.load(folder, dtype=torch.float32, bf16_unembedding=False)
-    all_tokens, all_margins = [], []
+    all_tokens, all_margins, all_shifts = [], [], []
     for ids in prompts:
-        x = torch.tensor([ids])
-        out = model(x, use_cache=True)
-        tokens, margins = [], []
-        for _ in range(new_tokens):
-            logits = out.logits[0, -1].float()
-            top = torch.topk(logits, 2).values
-            margins.append(float(top[0] - top[1]))
-            nxt = int(logits.argmax())
-            tokens.append(nxt)
-            out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        with torch.no_grad():  # the cache is copied for each fp32 step: its tensors must be graph leaves
+            tokens, margins, shifts = _greedy_one(model, ids, new_tokens)
         all_tokens.append(tokens)
         all_margins.append(margins)
-    return all_tokens, all_margins
+        all_shifts.append(shifts)
+    return all_tokens, all_margins, all_shifts
+
+
+def _greedy_one(model, ids: list[int], new_tokens: int):
+    """One prompt's ``(tokens, margins, shifts)`` (see :func:`bitcliff_greedy`)."""
+    x = torch.tensor([ids])
+    out = model(x, use_cache=True)
+    tokens, margins, shifts = [], [], [0.0]  # the prompt's prefill runs many rows: no rounding
+    for step in range(new_tokens):
+        logits = out.logits[0, -1].float()
+        top = torch.topk(logits, 2).values
+        margins.append(float(top[0] - top[1]))
+        nxt = int(logits.argmax())
+        tokens.append(nxt)
+        if step + 1 < new_tokens:
+            with exact_activations():
+                exact = model(torch.tensor([[nxt]]), past_key_values=copy.deepcopy(out.past_key_values),
+                              use_cache=True).logits[0, -1].float()
+        out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        if step + 1 < new_tokens:
+            shifts.append(float((out.logits[0, -1].float() - exact).abs().max()))
+    return tokens, margins, shifts

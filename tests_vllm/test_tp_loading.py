@@ -13,11 +13,15 @@ import pytest
 import torch
 from torch import nn
 
+from bitcliff.kernels.cpu_packed import INT_MAX_ROWS
 from bitcliff.kernels.pack import pack_qweight, pack_qzeros
 
 pytest.importorskip("vllm", reason="needs vLLM (make test-vllm installs it)")
 
 TP = 2
+#: Rows per product: more than the compiled kernel's integer decode takes, so that a layer equals
+#: its dense weight up to fp32 summation order (that variant is tested in tests/kernels/test_cpu.py).
+ROWS = INT_MAX_ROWS + 1
 
 
 @pytest.fixture
@@ -65,8 +69,8 @@ def served_layer(bits, group_size, k_rank, k, sizes_rank, n):
 def test_row_parallel_ranks_add_up_to_the_layer(ranks, bits):
     k, n = 512, 96
     (stored,), dense = checkpoint_layer(k, [n], bits, 64, seed=bits)
-    x = torch.randn(3, k)
-    total = torch.zeros(3, n)
+    x = torch.randn(ROWS, k)
+    total = torch.zeros(ROWS, n)
     for rank in range(TP):
         ranks(rank)
         method, layer = served_layer(bits, 64, k // TP, k, [n], n)
@@ -82,7 +86,7 @@ def test_row_parallel_ranks_add_up_to_the_layer(ranks, bits):
 def test_fused_qkv_ranks_hold_their_heads(ranks, bits):
     k, sizes = 256, (128, 64, 64)  # q, k, v; kv heads split over the two ranks
     shards, dense = checkpoint_layer(k, sizes, bits, 32, seed=10 + bits)
-    x = torch.randn(2, k)
+    x = torch.randn(ROWS, k)
     for rank in range(TP):
         ranks(rank)
         local = [s // TP for s in sizes]
@@ -107,7 +111,7 @@ def test_merged_gate_up_with_one_rank(ranks):
             getattr(layer, name).load_merged_column_weight(loaded_weight=tensor, shard_id=i,
                                                            shard_offset=sum(sizes[:i]), shard_size=sizes[i])
     method.process_weights_after_loading(layer)
-    x = torch.randn(2, k)
+    x = torch.randn(ROWS, k)
     torch.testing.assert_close(method.apply(layer, x), x @ dense.t(), rtol=1e-4, atol=1e-4)
 
 

@@ -63,16 +63,19 @@ def vllm_greedy(folder, prompts, **engine):
 
 def check_greedy(folder, variant, **engine):
     prompts = prompt_ids(folder)
-    expected, margins = bitcliff_greedy(folder, prompts)
+    expected, margins, shifts = bitcliff_greedy(folder, prompts)
     got = vllm_greedy(folder, prompts, **engine)
-    for p, (want, have, gaps) in enumerate(zip(expected, got, margins)):
+    for p, (want, have, gaps, moved) in enumerate(zip(expected, got, margins, shifts)):
         assert len(have) == NEW_TOKENS
         first = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
         if first is None:
             continue
-        assert gaps[first] < TIE_MARGIN, (
+        # fp32 summation order, or the 15-bit rounding of an activation that differs in its last bits
+        allowed = TIE_MARGIN + 2 * moved[first]
+        assert gaps[first] < allowed, (
             f"{variant}, prompt {p}: vLLM diverges at token {first} ({have[first]} vs bitcliff.load's "
-            f"{want[first]}) where the top-2 logit gap is {gaps[first]:.4g}, not a near-tie")
+            f"{want[first]}) where the top-2 logit gap is {gaps[first]:.4g}, not within {allowed:.3g} "
+            f"(a near-tie, or twice what the integer decode moved that step's logits)")
         print(f"{variant}, prompt {p}: near-tie divergence at token {first} (gap {gaps[first]:.2g})")
 
 
