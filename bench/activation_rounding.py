@@ -1,7 +1,7 @@
 """What rounding the activations costs in perplexity: the CPU kernel's integer decode, measured.
 
     python -m bench.activation_rounding [CHECKPOINT ...] [--bits 4 2] [--levels 16319 127]
-                                        [--windows 16] [--out FILE]
+                                        [--windows 16] [--device cpu] [--out FILE]
 
 At decode the compiled CPU kernel rounds each row's activations per weight group to integers of at
 most ``ACT_LEVELS`` (16319, 15 bits) before it multiplies 2- and 4-bit weights
@@ -11,6 +11,8 @@ exactly as the kernel would (the reference applied to each ``QuantLinear``'s inp
 layer's own groups and act-order positions), for each of ``--levels`` (127: 8-bit activations,
 llama.cpp's way), beside the unrounded evaluation, on the embedded Wikipedia sample.  Models: the
 checkpoints given, else RTN g64 of the embedded SmolLM2 at each of ``--bits``.  One JSON file.
+The rounding belongs to the compiled CPU kernel, so ``--device`` takes ``cpu`` only (the GPU
+kernels keep their activations as they are).
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2], choices=[2, 3, 4])
     parser.add_argument("--levels", type=int, nargs="+", default=[16319, 127])
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu: the kernel whose rounding this measures")
     parser.add_argument("--out", type=Path, default=RESULTS / "activation-rounding.json")
     args = parser.parse_args(argv)
+    if args.device != "cpu":
+        parser.error(f"--device {args.device}: the integer decode is the CPU kernel's; only cpu is measured")
     if args.out.is_dir() or not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: must be a file in an existing folder")
     if args.windows < 1 or any(level < 1 for level in args.levels):

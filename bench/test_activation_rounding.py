@@ -20,3 +20,15 @@ def test_many_rows_under_the_rounding_equal_the_kernels_integer_decode_row_by_ro
     one_by_one = torch.cat([layer(row[None]) for row in x])  # one row each: the integer decode
     torch.testing.assert_close(rounded, one_by_one, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(layer(x), one_by_one, rtol=0, atol=0)  # the forward is restored after the block
+
+
+def test_another_device_or_a_bad_out_is_refused_before_any_model_loads(tmp_path, capsys):
+    import pytest
+
+    from bench.activation_rounding import main
+
+    for argv, message in ((["--device", "cuda"], "--device cuda: the integer decode is the CPU kernel's"),
+                          (["--out", str(tmp_path)], "must be a file in an existing folder")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

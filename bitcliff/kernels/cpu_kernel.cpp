@@ -17,8 +17,9 @@
 //   `y += s * d * (acc - z * sum(q))` per group: the product of the rounded activations with the
 //   dequantized weight up to fp32 rounding (see "Integer activations" below for its cost).
 // * gemv (a few rows, decode): per column block and group, accumulate `acc = x . q` over the
-//   group's codes, then `y += s * (acc - z * sum(x))`: codes become floats with one shift, one
-//   mask and one conversion each, and no dense weight is ever formed.  Exact up to fp32
+//   group's codes, then `y += s * (acc - z * sum(x))`: 2- and 4-bit codes become floats with one
+//   mask and one conversion each (3-bit planes with two shifts, two masks and an or more), and no
+//   dense weight is ever formed.  Exact up to fp32
 //   summation order, as is gemm.
 // * gemm (many rows, prefill): dequantize a slab of K positions, `(q - z) * s` exactly as the
 //   reference forms it, into a buffer of bounded size, and hand it to the BLAS; the slab's
@@ -460,19 +461,16 @@ void gemv_int_tile(const Weight& w, int64_t block, const IntActivations& a, int6
           const int32_t q = 128 * (int32_t)(int8_t)(at[v] >> (8 * b)) + (int32_t)(int8_t)(at[V + v] >> (8 * b));
           for (int c = 0; c < BLOCK; ++c) acc[c] += q * (int32_t)code_at<BITS>(column_words, w.wpg, g, i, c);
         }
-        const int64_t at = (row0 + r) * w.groups + g;
+        const int64_t at = (row0 + r) * w.groups + g, first = col * block_groups + g * BLOCK;
         for (int c = 0; c < BLOCK; ++c) {
-          const int64_t z = (block + col) * block_groups + g * BLOCK + c;
-          const int32_t centred = acc[c] - (int32_t)w.zeros[z] * a.sum[at];
-          total[r][c] += half_to_float(w.scales[z]) * a.step[at] * (float)centred;
+          const int32_t centred = acc[c] - (int32_t)zeros[first + c] * a.sum[at];
+          total[r][c] += half_to_float(scales[first + c]) * a.step[at] * (float)centred;
         }
       }
     }
     for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < BLOCK; ++c) y[(row0 + r) * y_stride + (block + col) * BLOCK + c] = total[r][c];
   }
-  (void)scales;
-  (void)zeros;
 #endif
 }
 
