@@ -4,7 +4,8 @@ The kernel is compiled by ``torch.utils.cpp_extension`` (the machine's C++ compi
 into bitcliff's cache and registered as the ``torch.ops.bitcliff_cpu`` operators.  It is built
 for the instruction sets the CPU has: AVX2 with FMA and F16C (every x86-64 CPU since about
 2015), else a portable scalar build.  The flags are fixed, never ``-march=native``, so that two
-AVX2 machines run the same machine code and give the same bytes.
+AVX2 machines run the same machine code and give the same bytes.  ``BITCLIFF_CPU_BUILD=portable``
+chooses the portable build on any machine (the suite runs the kernel's tests through it).
 
 Where no compiler (or no ninja) is found, or the build fails, :func:`native_ops` returns
 ``None`` and the CPU path falls back to its plain-torch form (``cpu.py``), slower but exact;
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from pathlib import Path
 
 import torch
 
+from bitcliff.kernels.cpu_packed import KERNEL_CONSTANTS
 from bitcliff.numerics import cpu_flags
 
 logger = logging.getLogger(__name__)
@@ -35,17 +38,34 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+#: Environment variable that chooses the build instead of the CPU's flags (``avx2`` or ``portable``):
+#: the portable build is what a CPU without AVX2 runs, and the suite checks it on any machine.
+BUILD_VARIABLE = "BITCLIFF_CPU_BUILD"
+
+
 def build_variant() -> str:
-    """``avx2`` where the CPU has AVX2, FMA and F16C, else ``portable``."""
-    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "portable"
+    """``avx2`` where the CPU has AVX2, FMA and F16C, else ``portable``; :data:`BUILD_VARIABLE`
+    overrides it.
+
+    Raises:
+        ValueError: the variable names no build, or ``avx2`` on a CPU without it.
+    """
+    has_avx2 = {"avx2", "fma", "f16c"} <= cpu_flags()
+    asked = os.environ.get(BUILD_VARIABLE)
+    if asked is None:
+        return "avx2" if has_avx2 else "portable"
+    if asked not in FLAGS:
+        raise ValueError(f"{BUILD_VARIABLE}={asked!r}: choose one of {', '.join(FLAGS)}")
+    if asked == "avx2" and not has_avx2:
+        raise ValueError(f"{BUILD_VARIABLE}=avx2, but this CPU lacks AVX2, FMA or F16C")
+    return asked
 
 
-def _build() -> object | None:
+def _build(variant: str) -> object | None:
     from torch.utils import cpp_extension  # noqa: PLC0415 (imports setuptools: only when building)
 
     from bitcliff.storage import cache_root  # noqa: PLC0415
 
-    variant = build_variant()
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[variant]).encode() + torch.__version__.encode())
     name = f"bitcliff_cpu_{variant}_{digest.hexdigest()[:12]}"
     folder = cache_root() / "kernels" / name
@@ -55,7 +75,16 @@ def _build() -> object | None:
         is_python_module=False, verbose=False,
     )
     _register_fakes()
+    _check_constants(torch.ops.bitcliff_cpu)
     return torch.ops.bitcliff_cpu
+
+
+def _check_constants(ops) -> None:
+    """Refuse a build whose layout and rounding constants differ from those Python mirrors."""
+    built = tuple(ops.constants())
+    if built != KERNEL_CONSTANTS:
+        raise RuntimeError(f"{SOURCE.name} has constants (BLOCK, ACT_LEVELS, INT_MAX_POSITIONS, INT_MAX_ROWS) = "
+                           f"{built}, cpu_packed.py {KERNEL_CONSTANTS}; make them agree")
 
 
 def _register_fakes() -> None:
@@ -76,8 +105,9 @@ def native_ops():
         return _state["ops"]
     with _lock:
         if "ops" not in _state:
+            variant = build_variant()  # a bad BITCLIFF_CPU_BUILD is the user's to fix, not a fallback
             try:
-                _state["ops"] = _build()
+                _state["ops"] = _build(variant)
                 logger.info("CPU dequant-matmul: compiled kernel (%s)", _state["ops"].isa())
             except Exception as error:  # no compiler, no ninja, a failed build: all mean "use the fallback"
                 _state["ops"] = None

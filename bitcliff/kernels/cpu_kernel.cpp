@@ -827,6 +827,10 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight) {
 // Which instruction set this build runs (the loader reports it once).
 std::string isa() { return BITCLIFF_AVX2 ? "avx2" : "portable"; }
 
+// The constants the Python side mirrors for the layout and the rounding reference (cpu_packed.py):
+// the loader refuses a build whose constants differ from them.
+std::vector<int64_t> constants() { return {BLOCK, ACT_LEVELS, INT_MAX_POSITIONS, INT_MAX_ROWS}; }
+
 }  // namespace
 
 TORCH_LIBRARY(bitcliff_cpu, m) {
@@ -835,6 +839,7 @@ TORCH_LIBRARY(bitcliff_cpu, m) {
   m.def("dequantize(Tensor words, Tensor scales, Tensor zeros, int bits) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("isa() -> str", &isa);
+  m.def("constants() -> int[]", &constants);
 }
 
 TORCH_LIBRARY_IMPL(bitcliff_cpu, CPU, m) {

@@ -51,6 +51,9 @@ INT_MAX_POSITIONS = 256
 #: Rows up to which the integer variant runs (the kernel's ``INT_MAX_ROWS``; from 8 rows on the
 #: fp32 form, which decodes the weights once per 8 rows, was as fast).
 INT_MAX_ROWS = 4
+#: The constants above as the compiled kernel returns them (``constants()``); the loader refuses a
+#: build that disagrees, so the reference and the layout cannot drift from the kernel.
+KERNEL_CONSTANTS = (BLOCK, ACT_LEVELS, INT_MAX_POSITIONS, INT_MAX_ROWS)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """The compiled CPU kernel's build: where it cannot be built, the CPU path still works, exactly,
-through its plain-torch form, and says so once."""
+through its plain-torch form, and says so once; the portable build (what a CPU without AVX2 runs)
+passes the kernel's tests on any machine; a bad choice of build, or a build whose constants differ
+from those Python mirrors, is refused by name."""
 
 from __future__ import annotations
 
@@ -7,8 +9,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-from bitcliff.kernels.cpu_build import build_variant, native_ops
+import pytest
+
+from bitcliff.kernels import cpu_build
+from bitcliff.kernels.cpu_build import BUILD_VARIABLE, build_variant, native_ops
 from bitcliff.numerics import cpu_flags
 
 _WITHOUT_COMPILER = textwrap.dedent("""
@@ -40,5 +46,41 @@ def test_without_a_compiler_the_plain_torch_path_runs_and_says_so_once(tmp_path)
 def test_this_machine_builds_the_kernel_for_its_instruction_set():
     ops = native_ops()
     assert ops is not None, "the compiled CPU kernel did not build here (a compiler and ninja are needed)"
-    expected = "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "portable"
+    expected = os.environ.get(BUILD_VARIABLE) or ("avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "portable")
     assert build_variant() == expected and ops.isa() == expected
+
+
+@pytest.mark.skipif(os.environ.get(BUILD_VARIABLE) == "portable", reason="this is the portable build's own run")
+def test_the_portable_build_passes_the_kernel_tests():
+    """The scalar code paths (integer decode, 3-bit planes, grouped and slab schedules) that an AVX2
+    machine never runs, through the same tests as the AVX2 build, in a process that builds them."""
+    tests = Path(__file__).parent
+    env = dict(os.environ, **{BUILD_VARIABLE: "portable"})
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         str(tests / "test_cpu.py"), f"{Path(__file__)}::test_this_machine_builds_the_kernel_for_its_instruction_set"],
+        env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+@pytest.mark.parametrize("asked,says", [("sse", "choose one of avx2, portable"), ("", "choose one of")])
+def test_a_build_that_does_not_exist_is_refused_by_name(asked, says, monkeypatch):
+    monkeypatch.setenv(BUILD_VARIABLE, asked)
+    with pytest.raises(ValueError, match=f"{BUILD_VARIABLE}={asked!r}: {says}"):
+        build_variant()
+
+
+def test_avx2_is_refused_on_a_cpu_without_it(monkeypatch):
+    monkeypatch.setenv(BUILD_VARIABLE, "avx2")
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: {"sse2"})
+    with pytest.raises(ValueError, match="lacks AVX2"):
+        build_variant()
+
+
+def test_a_build_whose_constants_differ_from_python_is_refused(monkeypatch):
+    ops = native_ops()
+    cpu_build._check_constants(ops)  # this build agrees
+    monkeypatch.setattr(cpu_build, "KERNEL_CONSTANTS", (8, 16319, 256, 5))
+    with pytest.raises(RuntimeError, match=r"INT_MAX_ROWS\) = \(8, 16319, 256, 4\).*\(8, 16319, 256, 5\)"):
+        cpu_build._check_constants(ops)
