@@ -34,6 +34,30 @@ def make_checkpoint(folder: Path, **settings) -> Path:
     return bitcliff.save(model, folder, tokenizer)
 
 
+def make_repaired_checkpoint(folder: Path, methods: list[str], budget: float = 0.5, factor_bits: int | None = None,
+                             **settings) -> Path:
+    """Quantize the embedded model with ``QuantConfig(**settings)``, repair it with ``methods`` at
+    ``budget`` extra bits per weight (a fast diagnosis, 8 windows of 128 tokens of wiki; low-rank
+    factors at ``factor_bits``, None for the default), and save it with its side files to ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import bitcliff
+    from bitcliff.assets import load_text, resolve_model
+    from bitcliff.data import calibration_windows
+    from bitcliff.diagnosis.run import DiagnoseOptions
+
+    source = resolve_model("default")
+    fp = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    q = bitcliff.quantize(copy.deepcopy(fp), bitcliff.QuantConfig(**settings), progress=False)
+    calib = calibration_windows(tokenizer, load_text("wiki"), 8, 128)
+    report = bitcliff.diagnose(fp, q, calib[:4], options=DiagnoseOptions.fast(), progress=False)
+    plan = bitcliff.plan_repair(report, budget, methods=methods,
+                                **({} if factor_bits is None else {"factor_bits": factor_bits}))
+    result = bitcliff.repair(fp, q, calib, plan, progress=False)
+    return bitcliff.save(q, folder, tokenizer, extra_files=result.files())
+
+
 def prompt_ids(folder: Path) -> list[list[int]]:
     """The prompts as token ids, tokenized once so that both paths see the same input."""
     from transformers import AutoTokenizer

@@ -64,12 +64,12 @@ def has_adapter(directory: Path) -> bool:
     return (Path(directory) / CONFIG_FILE).is_file()
 
 
-def load_adapter(model: nn.Module, directory: Path) -> int:
-    """Attach the adapter in ``directory`` to ``model``'s ``QuantLinear`` s; returns how many.
+def read_adapter(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter's factors in ``directory`` by module name: fp16 ``A [r, K]`` and ``B [N, r]``.
 
     Raises:
-        AdapterError: unreadable files, a module the model lacks or that is not quantized, factors
-            whose shapes do not fit their module, or a LoRA scaling other than 1.
+        AdapterError: unreadable files, non-finite factors, a module lacking one factor, or a LoRA
+            scaling other than 1.
     """
     directory = Path(directory)
     try:
@@ -88,13 +88,10 @@ def load_adapter(model: nn.Module, directory: Path) -> int:
         if non_finite(tensor):
             raise AdapterError(f"{path}: tensor {key} holds NaN or Inf values: the adapter is damaged; "
                                "repair the checkpoint again")
-    modules = dict(model.named_modules())
     names = sorted({k[len(_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if k.startswith(_PREFIX)})
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    factors = {}
     for name in names:
-        module = modules.get(name)
-        if not isinstance(module, QuantLinear):
-            raise AdapterError(f"{path}: the adapter has factors for {name}, which is not a quantized linear of the model")
         a, b = tensors.get(f"{_PREFIX}{name}.lora_A.weight"), tensors.get(f"{_PREFIX}{name}.lora_B.weight")
         if a is None or b is None:
             raise AdapterError(f"{path}: {name} lacks its lora_A or lora_B factor")
@@ -103,8 +100,26 @@ def load_adapter(model: nn.Module, directory: Path) -> int:
         if rank != a.shape[0] or alpha != rank:
             raise AdapterError(f"{path}: {name} has rank {a.shape[0]} (config {rank}) and alpha {alpha}; bitcliff "
                                "reads adapters with alpha equal to the rank (scaling 1)")
+        factors[name] = (a, b)
+    return factors
+
+
+def load_adapter(model: nn.Module, directory: Path) -> int:
+    """Attach the adapter in ``directory`` to ``model``'s ``QuantLinear`` s; returns how many.
+
+    Raises:
+        AdapterError: what :func:`read_adapter` refuses, a module the model lacks or that is not
+            quantized, or factors whose shapes do not fit their module.
+    """
+    path = Path(directory) / WEIGHTS_FILE
+    modules = dict(model.named_modules())
+    factors = read_adapter(directory)
+    for name, (a, b) in factors.items():
+        module = modules.get(name)
+        if not isinstance(module, QuantLinear):
+            raise AdapterError(f"{path}: the adapter has factors for {name}, which is not a quantized linear of the model")
         try:
             module.set_lowrank(a, b)
         except ValueError as exc:
             raise AdapterError(f"{path}: {exc}") from exc
-    return len(names)
+    return len(factors)

@@ -5,8 +5,8 @@ vLLM's own GPTQ path runs symmetric 4- and 8-bit weights without activation orde
 has no index.  bitcliff claims every other GPTQ checkpoint it can run: every checkpoint bitcliff
 wrote except symmetric 4-bit ones without extras, and peer checkpoints at 2, 3 or 4 bits that are
 asymmetric, ``gptq_v2``, act-ordered or have ``dynamic`` widths vLLM refuses.  A folder holding a
-repair's side files is claimed whatever its width, so that they are never silently dropped (the
-serving config then refuses it, naming the file: :func:`check_side_files`).
+repair's side files is claimed whatever its width, so that they are never silently dropped: the
+plugin's layers apply them (:mod:`bitcliff.serving.corrections`).
 """
 
 from __future__ import annotations
@@ -54,22 +54,6 @@ def side_files(folder: str | Path | None) -> list[str]:
     if folder is None or not Path(folder).is_dir():
         return []
     return [name for name in SIDE_FILES if (Path(folder) / name).is_file()]
-
-
-def check_side_files(folder: str | Path | None) -> None:
-    """Refuse a folder with repair side files: the engine would load them as model weights or
-    serve the model without their corrections.
-
-    Raises:
-        UnsupportedCheckpoint: naming every side file found.
-    """
-    found = side_files(folder)
-    if found:
-        raise UnsupportedCheckpoint(
-            f"{folder} holds {', '.join(found)}: a repair's corrections (low-rank terms or sparse outliers) "
-            "that the vLLM plugin does not apply yet; serving without them would give another model. Serve "
-            "it with bitcliff.load, or save the model without the repair"
-        )
 
 
 def _engine_refuses_dynamic(qc: Mapping) -> bool:

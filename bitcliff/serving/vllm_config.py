@@ -17,8 +17,9 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from bitcliff.quant.checkpoint import FORMATS
-from bitcliff.serving.claim import UnsupportedCheckpoint, check_side_files, claim
-from bitcliff.serving.settings import layer_settings
+from bitcliff.serving.claim import UnsupportedCheckpoint, claim
+from bitcliff.serving.corrections import DROPPED_BY_THE_ENGINE, StoredCorrections
+from bitcliff.serving.settings import layer_settings, shard_names
 
 #: Under vLLM's logger, so that its handler prints the path taken.
 log = init_logger("vllm.plugins.bitcliff")
@@ -41,6 +42,7 @@ class BitcliffGPTQConfig(QuantizationConfig):
             raise UnsupportedCheckpoint(f"checkpoint_format {fmt!r}; bitcliff reads {FORMATS}")
         self.qc = dict(qc)
         self.zeros_minus_one = fmt == "gptq"
+        self.corrections = StoredCorrections(None)  # the folder's, once the engine names it
 
     def __repr__(self) -> str:
         return (f"BitcliffGPTQConfig(bits={self.qc.get('bits')}, group_size={self.qc.get('group_size')}, "
@@ -85,15 +87,20 @@ class BitcliffGPTQConfig(QuantizationConfig):
         return METHOD_NAME if decision.ours else None
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
-        """Refuse a folder holding a repair's side files (they would be lost or misloaded)."""
-        check_side_files(model_name)
+        """Note the checkpoint folder, whose repairs the layers read (:mod:`bitcliff.serving.corrections`)."""
+        self.corrections = StoredCorrections(model_name)
 
-    @staticmethod
-    def get_checkpoint_weight_mapper():
-        """Keep every tensor: the base config drops ``.g_idx``, which act-order weights need."""
+    def get_checkpoint_weight_mapper(self):
+        """Keep every weight (the base config drops ``.g_idx``, which act-order needs); leave a local
+        folder's repair tensors to the layers, which read them from their own files.  From a folder
+        that is not local they reach the engine's loader, which refuses them by name."""
+        import re
+
         from vllm.model_executor.models.utils import WeightsMapper
 
-        return WeightsMapper()
+        if self.corrections.folder is None:
+            return WeightsMapper()
+        return WeightsMapper(orig_to_new_regex={re.compile(pattern): None for pattern in DROPPED_BY_THE_ENGINE})
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if not isinstance(layer, LinearBase):
@@ -103,4 +110,4 @@ class BitcliffGPTQConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         from bitcliff.serving.vllm_method import BitcliffLinearMethod
 
-        return BitcliffLinearMethod(self, settings, prefix)
+        return BitcliffLinearMethod(self, settings, prefix, shard_names(prefix, self.packed_modules_mapping))

@@ -3,8 +3,9 @@
 ``create_weights`` declares the checkpoint tensors with the sharding rules of
 :mod:`bitcliff.serving.sharding` (vLLM slices them per rank and per fused shard);
 ``process_weights_after_loading`` builds the layer's kernel layouts once
-(:func:`bitcliff.serving.packed_weight.build`) and drops the loaded tensors; ``apply`` runs the
-kernel: the compiled CPU kernel on the CPU, the Triton kernels on CUDA.
+(:func:`bitcliff.serving.packed_weight.build`), drops the loaded tensors, and cuts a repaired
+checkpoint's corrections to this rank (:mod:`bitcliff.serving.corrections`); ``apply`` runs the
+kernel (the compiled CPU kernel on the CPU, the Triton kernels on CUDA) and adds the corrections.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from vllm.model_executor.parameter import (
 from vllm.logger import init_logger
 
 from bitcliff.kernels.pack import num_groups
-from bitcliff.serving import packed_weight
+from bitcliff.serving import corrections, packed_weight
+from bitcliff.serving.claim import UnsupportedCheckpoint
 from bitcliff.serving.settings import LayerSettings
 from bitcliff.serving.sharding import check_packable
 
@@ -68,12 +70,14 @@ class BitcliffLinearMethod(LinearMethodBase):
         config: the checkpoint's :class:`~bitcliff.serving.vllm_config.BitcliffGPTQConfig`.
         settings: this layer's width and group size (``dynamic`` rules applied).
         prefix: the layer's name in vLLM's model, for messages.
+        shard_names: the stored modules behind it, in its fused order (itself when not fused).
     """
 
-    def __init__(self, config, settings: LayerSettings, prefix: str) -> None:
+    def __init__(self, config, settings: LayerSettings, prefix: str, shard_names: list[str]) -> None:
         self.config = config
         self.settings = settings
         self.prefix = prefix
+        self.shard_names = shard_names
 
     def create_weights(
         self,
@@ -112,9 +116,11 @@ class BitcliffLinearMethod(LinearMethodBase):
         for name, param in zip(TENSORS, (qweight, qzeros, scales, g_idx)):
             layer.register_parameter(name, param)
         layer.bitcliff_shard_sizes = tuple(output_partition_sizes)
+        layer.bitcliff_in_features = input_size
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Build the kernel layouts once and free the loaded tensors (no dense copy is kept)."""
+        layer.bitcliff_weight_device = layer.qweight.device
         layer.bitcliff_weight = packed_weight.build(
             layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data, self.settings.bits,
             layer.bitcliff_shard_sizes, self.config.zeros_minus_one)
@@ -122,6 +128,77 @@ class BitcliffLinearMethod(LinearMethodBase):
             delattr(layer, name)
         kinds = sorted({type(layout).__name__ for layout in layer.bitcliff_weight.layouts})
         log.info_once("bitcliff runs %s-bit layers with %s", self.settings.bits, ", ".join(kinds))
+        layer.bitcliff_correction = self._rank_correction(layer)
+
+    def _rank_correction(self, layer: torch.nn.Module) -> corrections.RankCorrection | None:
+        """This rank's part of the repairs stored for the layer's modules (None without any)."""
+        stored = self.config.corrections
+        found = [stored.module(name) for name in self.shard_names]
+        if all(c is None for c in found):
+            return None
+        rows, columns, first_rank = _rank_indices(layer, [stored.shape(n)[0] for n in self.shard_names],
+                                                  layer.bitcliff_in_features, self.prefix)
+        # an engine layer with its own bias loaded the checkpoint's; the row-parallel sum adds it once
+        with_bias = getattr(layer, "bias", None) is None and first_rank
+        correction = corrections.for_rank(found, [stored.shape(n)[0] for n in self.shard_names],
+                                          layer.bitcliff_in_features, rows, columns, with_bias)
+        log.info_once("bitcliff applies the repairs stored beside the weights (low-rank terms, sparse outliers, "
+                      "biases) in the layers that have them")
+        return correction.to(layer.bitcliff_weight_device) if correction is not None else None
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return packed_weight.matmul(x, layer.bitcliff_weight, bias)
+        y = packed_weight.matmul(x, layer.bitcliff_weight, bias)
+        if layer.bitcliff_correction is not None:
+            y = layer.bitcliff_correction.add_to(y, x)
+        return y
+
+
+def _rank_indices(layer: torch.nn.Module, out_sizes: list[int], in_features: int, prefix: str):
+    """Which of the layer's stacked output rows and input features this rank holds, learnt by
+    loading index vectors through the layer's own weight loader (vLLM's slicing, q/k/v head
+    replication included).
+
+    Returns:
+        ``(rows, columns, first_rank)``: int64 ``[N_rank]`` stacked rows (shard offset + row),
+        int64 ``[K_rank]`` input features, and whether this rank is the one a row-parallel layer's
+        bias belongs to.
+    """
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        ReplicatedLinear,
+        RowParallelLinear,
+    )
+    from vllm.model_executor.parameter import ModelWeightParameter
+
+    n_rank, k_rank = sum(layer.bitcliff_shard_sizes), layer.input_size_per_partition
+    all_rows, all_columns = torch.arange(sum(out_sizes)), torch.arange(in_features)
+    if isinstance(layer, ReplicatedLinear):
+        return all_rows, all_columns, True
+    if isinstance(layer, RowParallelLinear):
+        index = ModelWeightParameter(data=torch.full((1, k_rank), -1, dtype=torch.int64), input_dim=1, output_dim=0,
+                                     weight_loader=layer.weight_loader_v2)
+        layer.weight_loader_v2(index, all_columns.view(1, -1))
+        return all_rows, index.data[0].clone(), layer.tp_rank == 0
+    if not isinstance(layer, ColumnParallelLinear):
+        raise UnsupportedCheckpoint(f"{prefix}: a {type(layer).__name__} holds stored repairs, and the plugin "
+                                    "applies them in column-parallel, row-parallel and replicated layers only")
+    if isinstance(layer, QKVParallelLinear):
+        shard_ids = ["q", "k", "v"][:len(out_sizes)]
+    elif isinstance(layer, MergedColumnParallelLinear):
+        shard_ids = list(range(len(out_sizes)))
+    else:
+        shard_ids = [None]
+    index = ModelWeightParameter(data=torch.full((n_rank, 1), -1, dtype=torch.int64), input_dim=1, output_dim=0,
+                                 weight_loader=layer.weight_loader_v2)
+    offset = 0
+    for shard_id, n in zip(shard_ids, out_sizes):
+        stacked = (offset + torch.arange(n)).view(-1, 1)
+        layer.weight_loader_v2(index, stacked) if shard_id is None else layer.weight_loader_v2(index, stacked, shard_id)
+        offset += n
+    rows = index.data[:, 0].clone()
+    if bool((rows < 0).any()):
+        raise UnsupportedCheckpoint(f"{prefix}: the engine's loader left some of this rank's outputs unmapped; its "
+                                    "repairs cannot be placed")
+    return rows, all_columns, True
