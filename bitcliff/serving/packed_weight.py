@@ -7,7 +7,8 @@ become bitcliff kernel layouts: on the CPU the compiled kernel's packed form
 
 A fused layer (q/k/v, gate/up) whose shards share one ``g_idx`` is one layout over the
 concatenated output features, which is exact.  Shards with their own ``g_idx`` (act-order with
-per-projection orders) get one layout each, their outputs concatenated.
+per-projection orders), or stored at different widths or group sizes (:func:`build_shards`), get
+one layout each, their outputs concatenated.
 """
 
 from __future__ import annotations
@@ -91,6 +92,20 @@ def build(
         layouts.append(_layout(qweight[:, cols], zeros[:, cols], scales.cpu()[:, cols], row, bits, device))
         start += size
     return PackedWeight(tuple(layouts), tuple(shard_sizes))
+
+
+def build_shards(shards: Sequence[tuple], device: torch.device) -> PackedWeight:
+    """A fused layer's weight from shards stored at different widths or group sizes, one layout each.
+
+    Args:
+        shards: per shard, in output order, ``(qweight, zeros, scales, g_idx, bits)``: int32
+            ``[K*bits/32, N_s]``, true zero points int32 ``[G_s, N_s]`` (unpacked), ``[G_s, N_s]``
+            scales, int32 ``[K]`` global group indices, and the width.
+        device: where the layouts go.
+    """
+    layouts = tuple(_layout(qweight, zeros, scales.cpu(), g_idx.cpu(), bits, device)
+                    for qweight, zeros, scales, g_idx, bits in shards)
+    return PackedWeight(layouts, tuple(shard[0].shape[1] for shard in shards))
 
 
 def _run_one(x: torch.Tensor, layout, bias: torch.Tensor | None) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Engines fuse projections that share an input (vLLM: ``q_proj``, ``k_proj``, ``v_proj`` into
 ``qkv_proj``), but a checkpoint's ``dynamic`` rules name the projections as stored, one by one.
 So a fused layer's settings are those of each of its shards, looked up under the shard's own
-name; one packed tensor holds them only when every shard has the same width and group size.
+name; one packed tensor holds them when every shard has the same width and group size, and each
+shard is kept apart otherwise (:mod:`bitcliff.serving.vllm_method`).
 """
 
 from __future__ import annotations
@@ -53,23 +54,27 @@ def shard_names(prefix: str, packed_modules: Mapping[str, Sequence[str]]) -> lis
     return [f"{parent}.{part}" if parent else part for part in parts]
 
 
-def layer_settings(qc: Mapping, prefix: str, packed_modules: Mapping[str, Sequence[str]]) -> LayerSettings | None:
-    """Settings of the engine's layer ``prefix``, fused or not; None when it is in full precision.
+def layer_settings(qc: Mapping, prefix: str,
+                   packed_modules: Mapping[str, Sequence[str]]) -> tuple[LayerSettings, ...] | None:
+    """Settings of each shard of the engine's layer ``prefix`` (one for a layer that is not fused),
+    which may differ (a repair restores q_proj alone, ``quantize --avg-bits`` gives each projection
+    its own width); None when the whole layer is in full precision.
 
     Raises:
-        UnsupportedCheckpoint: the shards of a fused layer are stored differently (other widths or
-            group sizes, or some in full precision), naming each shard's settings.
+        UnsupportedCheckpoint: a fused layer with some shards in full precision and some quantized,
+            naming each shard's settings.
     """
     names = shard_names(prefix, packed_modules)
     settings = [module_settings(qc, name) for name in names]
-    if all(s == settings[0] for s in settings):
-        return settings[0]
+    if all(s is None for s in settings):
+        return None
+    if all(s is not None for s in settings):
+        return tuple(settings)
     described = ", ".join(
         f"{name.rpartition('.')[2]}: " + ("full precision" if s is None else f"{s.bits}-bit g{s.group_size}")
         for name, s in zip(names, settings)
     )
     raise UnsupportedCheckpoint(
-        f"{prefix} fuses modules stored with different settings ({described}); the vLLM plugin runs a fused "
-        "layer from one packed tensor and needs one width and group size for all of its parts. Quantize these "
-        "modules alike (one dynamic rule for the whole layer) or serve with bitcliff.load"
+        f"{prefix} fuses modules stored in full precision with quantized ones ({described}); the vLLM plugin "
+        "runs a fused layer either quantized or not. Quantize these modules alike or serve with bitcliff.load"
     )

@@ -10,6 +10,7 @@ kernel (the compiled CPU kernel on the CPU, the Triton kernels on CUDA) and adds
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
 
 import torch
@@ -23,7 +24,8 @@ from vllm.model_executor.parameter import (
 
 from vllm.logger import init_logger
 
-from bitcliff.kernels.pack import num_groups
+from bitcliff.kernels.pack import num_groups, unpack_qzeros
+from bitcliff.quant.checkpoint import v1_to_v2_qzeros
 from bitcliff.serving import corrections, packed_weight
 from bitcliff.serving.claim import UnsupportedCheckpoint
 from bitcliff.serving.settings import LayerSettings
@@ -62,22 +64,71 @@ class ShardGroupIndex(BasevLLMParameter):
         self._load_row(self._shard_id_as_int(kwargs["shard_id"]), loaded_weight)
 
 
+class ShardPieces(BasevLLMParameter):
+    """A fused layer's ``qweight``, ``qzeros`` or ``scales`` whose shards are stored at different
+    widths or group sizes, so that no single packed tensor holds them: each shard's part for this
+    rank is kept apart, its zero points unpacked (int32 ``[G_s, N_s_rank]``, true zeros).
+
+    Args:
+        kind: ``qweight``, ``qzeros`` or ``scales``.
+        bits: each shard's width.
+        zeros_minus_one: the checkpoint stores ``zero - 1`` (GPTQ v1).
+    """
+
+    def __new__(cls, kind: str, bits: Sequence[int], zeros_minus_one: bool, weight_loader):
+        return super().__new__(cls, data=torch.empty(0, dtype=torch.int32))
+
+    def __init__(self, kind: str, bits: Sequence[int], zeros_minus_one: bool, weight_loader) -> None:
+        super().__init__(data=torch.empty(0, dtype=torch.int32), weight_loader=weight_loader)
+        self.kind, self.bits, self.zeros_minus_one = kind, tuple(bits), zeros_minus_one
+        self.pieces: dict[int, torch.Tensor] = {}
+
+    def _keep(self, shard: int, part: int, size: int, loaded: torch.Tensor) -> None:
+        if self.kind == "qzeros":  # packed along the outputs: unpack, so that any split is exact
+            bits, n = self.bits[shard], loaded.shape[1] * 32 // self.bits[shard]
+            if self.zeros_minus_one:
+                loaded = v1_to_v2_qzeros(loaded, bits, n)
+            loaded = unpack_qzeros(loaded, bits, n)
+        if loaded.shape[1] < (part + 1) * size:
+            raise ValueError(f"{self.kind} of shard {shard} has {loaded.shape[1]} outputs; this rank's part "
+                             f"{part} of {size} lies beyond them")
+        self.pieces[shard] = loaded.narrow(1, part * size, size).clone()
+
+    def load_qkv_weight(self, loaded_weight: torch.Tensor, num_heads: int = 1, shard_id=None, shard_size=None,
+                        **kwargs) -> None:
+        # the engine's rule: key/value heads are replicated over num_heads ranks
+        part = self.tp_rank if shard_id == "q" else self.tp_rank // num_heads
+        self._keep("qkv".index(shard_id), part, shard_size, loaded_weight)
+
+    def load_merged_column_weight(self, loaded_weight: torch.Tensor, shard_id=None, shard_size=None,
+                                  **kwargs) -> None:
+        self._keep(int(shard_id), self.tp_rank, shard_size, loaded_weight)
+
+
 @register_weight_loader_v2_supported_method
 class BitcliffLinearMethod(LinearMethodBase):
     """One linear layer (fused or not) of a bitcliff-served checkpoint.
 
     Args:
         config: the checkpoint's :class:`~bitcliff.serving.vllm_config.BitcliffGPTQConfig`.
-        settings: this layer's width and group size (``dynamic`` rules applied).
+        settings: each shard's width and group size (``dynamic`` rules applied), in the layer's
+            fused order; one for a layer that is not fused.
         prefix: the layer's name in vLLM's model, for messages.
-        shard_names: the stored modules behind it, in its fused order (itself when not fused).
+        shard_names: the stored modules behind it, in the same order.
     """
 
-    def __init__(self, config, settings: LayerSettings, prefix: str, shard_names: list[str]) -> None:
+    def __init__(self, config, settings: Sequence[LayerSettings], prefix: str, shard_names: list[str]) -> None:
+        if len(settings) != len(shard_names):
+            raise ValueError(f"{prefix}: {len(settings)} settings for {len(shard_names)} shards {shard_names}")
         self.config = config
-        self.settings = settings
+        self.settings = tuple(settings)
         self.prefix = prefix
         self.shard_names = shard_names
+
+    @property
+    def uniform(self) -> bool:
+        """Every shard stored alike: one packed tensor holds the layer."""
+        return all(s == self.settings[0] for s in self.settings)
 
     def create_weights(
         self,
@@ -91,15 +142,32 @@ class BitcliffLinearMethod(LinearMethodBase):
     ) -> None:
         """Declare int32 ``qweight`` ``[K_rank*b/32, N_rank]``, int32 ``qzeros`` ``[G, N_rank*b/32]``,
         fp16 ``scales`` ``[G, N_rank]`` and int32 ``g_idx`` ``[S, K_rank]`` (``G`` all of the layer's
-        groups: a row-parallel rank keeps the ones it uses once loaded)."""
-        bits, group_size = self.settings.bits, self.settings.group_size
+        groups: a row-parallel rank keeps the ones it uses once loaded); for shards stored
+        differently, :class:`ShardPieces` in place of the first three."""
+        loader = extra_weight_attrs.get("weight_loader")
+        g_idx = ShardGroupIndex(
+            data=torch.empty(len(output_partition_sizes), input_size_per_partition, dtype=torch.int32),
+            weight_loader=loader)
+        layer.bitcliff_shard_sizes = tuple(output_partition_sizes)
+        layer.bitcliff_in_features = input_size
+        if not self.uniform:
+            if len(output_partition_sizes) != len(self.settings):
+                raise ValueError(f"{self.prefix}: {len(output_partition_sizes)} fused parts for "
+                                 f"{len(self.settings)} stored modules")
+            for size, setting, name in zip(output_partition_sizes, self.settings, self.shard_names):
+                check_packable([size], setting.bits, f"{name} output features per rank")
+            bits = [setting.bits for setting in self.settings]
+            for name in TENSORS[:3]:
+                layer.register_parameter(name, ShardPieces(name, bits, self.config.zeros_minus_one, loader))
+            layer.register_parameter("g_idx", g_idx)
+            return
+        bits, group_size = self.settings[0].bits, self.settings[0].group_size
         n_rank = sum(output_partition_sizes)
         check_packable(output_partition_sizes, bits, f"{self.prefix} output features per rank and fused part")
         check_packable([input_size_per_partition], bits, f"{self.prefix} input features per rank")
         factor = Fraction(32, bits)  # codes per int32 word; a Fraction keeps 3-bit offsets exact
         if factor.denominator == 1:
             factor = int(factor)
-        loader = extra_weight_attrs.get("weight_loader")
         groups = num_groups(input_size, group_size)
         qweight = PackedvLLMParameter(
             data=torch.empty(input_size_per_partition * bits // 32, n_rank, dtype=torch.int32),
@@ -110,24 +178,29 @@ class BitcliffLinearMethod(LinearMethodBase):
         # fp16 as stored: exact, and what the compiled CPU kernel reads
         scales = ChannelQuantScaleParameter(
             data=torch.empty(groups, n_rank, dtype=torch.float16), output_dim=1, weight_loader=loader)
-        g_idx = ShardGroupIndex(
-            data=torch.empty(len(output_partition_sizes), input_size_per_partition, dtype=torch.int32),
-            weight_loader=loader)
         for name, param in zip(TENSORS, (qweight, qzeros, scales, g_idx)):
             layer.register_parameter(name, param)
-        layer.bitcliff_shard_sizes = tuple(output_partition_sizes)
-        layer.bitcliff_in_features = input_size
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Build the kernel layouts once and free the loaded tensors (no dense copy is kept)."""
-        layer.bitcliff_weight_device = layer.qweight.device
-        layer.bitcliff_weight = packed_weight.build(
-            layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data, self.settings.bits,
-            layer.bitcliff_shard_sizes, self.config.zeros_minus_one)
+        layer.bitcliff_weight_device = layer.g_idx.device
+        if self.uniform:
+            layer.bitcliff_weight = packed_weight.build(
+                layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data, self.settings[0].bits,
+                layer.bitcliff_shard_sizes, self.config.zeros_minus_one)
+        else:
+            missing = [f"{name} {self.shard_names[i]}" for name in TENSORS[:3] for i in range(len(self.settings))
+                       if i not in getattr(layer, name).pieces]
+            if missing:
+                raise ValueError(f"{self.prefix}: the checkpoint gave no {', '.join(missing)}")
+            layer.bitcliff_weight = packed_weight.build_shards(
+                [(layer.qweight.pieces[i], layer.qzeros.pieces[i], layer.scales.pieces[i], layer.g_idx.data[i],
+                  setting.bits) for i, setting in enumerate(self.settings)], layer.bitcliff_weight_device)
         for name in TENSORS:
             delattr(layer, name)
         kinds = sorted({type(layout).__name__ for layout in layer.bitcliff_weight.layouts})
-        log.info_once("bitcliff runs %s-bit layers with %s", self.settings.bits, ", ".join(kinds))
+        widths = str(self.settings[0].bits) if self.uniform else "/".join(str(s.bits) for s in self.settings)
+        log.info_once("bitcliff runs %s-bit layers with %s", widths, ", ".join(kinds))
         layer.bitcliff_correction = self._rank_correction(layer)
 
     def _rank_correction(self, layer: torch.nn.Module) -> corrections.RankCorrection | None:

@@ -24,15 +24,23 @@ def test_shard_names_follow_the_packed_mapping():
 def test_per_module_rules_reach_the_fused_layer():
     # bitcliff writes one anchored rule per module, as a repair's restored modules get them
     dynamic = dynamic_entries({f"{ATTN}.{p}": (4, 128) for p in ("q_proj", "k_proj", "v_proj")})
-    assert layer_settings(qc(dynamic), f"{ATTN}.qkv_proj", PACKED) == LayerSettings(4, 128)
-    assert layer_settings(qc(dynamic), "model.layers.0.self_attn.qkv_proj", PACKED) == LayerSettings(3, 64)
-    assert layer_settings(qc(dynamic), f"{ATTN}.o_proj", PACKED) == LayerSettings(3, 64)
+    assert layer_settings(qc(dynamic), f"{ATTN}.qkv_proj", PACKED) == (LayerSettings(4, 128),) * 3
+    assert layer_settings(qc(dynamic), "model.layers.0.self_attn.qkv_proj", PACKED) == (LayerSettings(3, 64),) * 3
+    assert layer_settings(qc(dynamic), f"{ATTN}.o_proj", PACKED) == (LayerSettings(3, 64),)
 
 
-def test_fused_shards_stored_differently_are_refused_naming_each():
+def test_fused_shards_keep_their_own_widths():
+    dynamic = dynamic_entries({f"{ATTN}.q_proj": (4, 128), f"{ATTN}.k_proj": (2, 32)})
+    assert layer_settings(qc(dynamic), f"{ATTN}.qkv_proj", PACKED) == (
+        LayerSettings(4, 128), LayerSettings(2, 32), LayerSettings(3, 64))
+
+
+def test_a_fused_layer_part_full_precision_is_refused_naming_each_shard():
     dynamic = dynamic_entries({f"{ATTN}.k_proj": (4, 64), f"{ATTN}.v_proj": (16, -1)})
     with pytest.raises(UnsupportedCheckpoint, match=r"q_proj: 3-bit g64, k_proj: 4-bit g64, v_proj: full precision"):
         layer_settings(qc(dynamic), f"{ATTN}.qkv_proj", PACKED)
+    fp = dynamic_entries({f"{ATTN}.{p}": (16, -1) for p in ("q_proj", "k_proj", "v_proj")})
+    assert layer_settings(qc(fp), f"{ATTN}.qkv_proj", PACKED) is None
 
 
 def test_full_precision_layers_and_bad_widths():
