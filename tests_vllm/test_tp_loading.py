@@ -59,7 +59,8 @@ def served_layer(bits, group_size, k_rank, k, sizes_rank, n):
 
     config = BitcliffGPTQConfig({"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": False,
                                  "desc_act": True, "checkpoint_format": "gptq_v2"})
-    method = BitcliffLinearMethod(config, LayerSettings(bits, group_size), "layer")
+    method = BitcliffLinearMethod(config, [LayerSettings(bits, group_size)] * len(sizes_rank), "layer",
+                                  [f"part{i}" for i in range(len(sizes_rank))])
     layer = nn.Module()
     method.create_weights(layer, k_rank, list(sizes_rank), k, n, torch.float32, weight_loader=None)
     return method, layer
@@ -119,3 +120,56 @@ def test_a_split_that_straddles_3bit_words_is_refused(ranks):
     ranks(0)
     with pytest.raises(ValueError, match="multiples of 32"):
         served_layer(3, 64, 576, 576, [48, 48], 192)  # 96 columns of v over 2 ranks: 48 each
+
+
+def test_fused_shards_at_different_widths_hold_their_own_layouts(ranks):
+    """q at 4 bits g128, k at 2 bits g32, v at 3 bits g64 (a repair restores one projection, or
+    ``--avg-bits`` gives each its own): every shard is loaded apart and runs its own layout."""
+    from bitcliff.serving.settings import LayerSettings
+    from bitcliff.serving.vllm_config import BitcliffGPTQConfig
+    from bitcliff.serving.vllm_method import BitcliffLinearMethod
+
+    k, sizes = 256, (128, 64, 64)
+    widths = [(4, 128), (2, 32), (3, 64)]
+    shards, dense = [], []
+    for i, (bits, group_size) in enumerate(widths):
+        (stored,), part = checkpoint_layer(k, [sizes[i]], bits, group_size, seed=20 + i)
+        shards.append(stored)
+        dense.append(part)
+    dense = torch.cat(dense)
+    config = BitcliffGPTQConfig({"quant_method": "gptq", "bits": 3, "group_size": 64, "sym": False,
+                                 "desc_act": True, "checkpoint_format": "gptq_v2"})
+    x = torch.randn(ROWS, k)
+    for rank in range(TP):
+        ranks(rank)
+        local = [s // TP for s in sizes]
+        method = BitcliffLinearMethod(config, [LayerSettings(b, g) for b, g in widths], "qkv_proj", ["q", "k", "v"])
+        layer = nn.Module()
+        method.create_weights(layer, k, local, k, sum(sizes), torch.float32, weight_loader=None)
+        for i, (shard_id, stored) in enumerate(zip("qkv", shards)):
+            for name, tensor in stored.items():
+                getattr(layer, name).load_qkv_weight(loaded_weight=tensor, num_heads=1, shard_id=shard_id,
+                                                     shard_offset=sum(local[:i]), shard_size=local[i])
+        method.process_weights_after_loading(layer)
+        assert [layout.bits for layout in layer.bitcliff_weight.layouts] == [4, 2, 3]
+        rows = torch.cat([torch.arange(sum(sizes[:i]) + rank * local[i], sum(sizes[:i]) + (rank + 1) * local[i])
+                          for i in range(3)])
+        torch.testing.assert_close(method.apply(layer, x), x @ dense[rows].t(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_fused_layer_missing_a_shard_is_refused_by_name(ranks):
+    from bitcliff.serving.settings import LayerSettings
+    from bitcliff.serving.vllm_config import BitcliffGPTQConfig
+    from bitcliff.serving.vllm_method import BitcliffLinearMethod
+
+    ranks(0)
+    config = BitcliffGPTQConfig({"quant_method": "gptq", "bits": 3, "group_size": 64, "sym": False})
+    method = BitcliffLinearMethod(config, [LayerSettings(4, 64), LayerSettings(2, 64)], "gate_up_proj",
+                                  ["gate_proj", "up_proj"])
+    layer = nn.Module()
+    method.create_weights(layer, 128, [64, 64], 128, 128, torch.float32, weight_loader=None)
+    (stored,), _ = checkpoint_layer(128, [64], 4, 64, seed=1)
+    for name, tensor in stored.items():
+        getattr(layer, name).load_merged_column_weight(loaded_weight=tensor, shard_id=0, shard_offset=0, shard_size=64)
+    with pytest.raises(ValueError, match="no qweight up_proj"):
+        method.process_weights_after_loading(layer)

@@ -31,16 +31,21 @@ VARIANTS = {
         *((f"model.layers.1.mlp.{p}", 2, 32) for p in ("gate_proj", "up_proj")),
         ("model.layers.2.mlp.down_proj", 2, 64),
     )),
+    # fused layers whose parts are stored at different widths and group sizes
+    "mixed-fused-q4-k2-v3": dict(bits=3, group_size=64, module_widths=(
+        ("model.layers.0.self_attn.q_proj", 4, 128), ("model.layers.0.self_attn.k_proj", 2, 32),
+        ("model.layers.1.mlp.gate_proj", 4, 64), ("model.layers.1.mlp.up_proj", 2, 128),
+    )),
 }
 
 
 #: Repaired checkpoints: every correction the plugin adds in its layers (quantized and fp16
-#: low-rank terms, sparse outliers, bias correction), with the norm recalibration folded into the
-#: weights.  Restoration is left out: it stores q, k and v of one layer at different widths, which
-#: a fused layer does not serve yet.
+#: low-rank terms, sparse outliers, bias correction), the norm recalibration folded into the
+#: weights, and restoration, which stores single projections of a fused layer wider (the main
+#: job's W2 plan: restore, low rank, norm).
 REPAIRED = {
     "w3-rtn-g64-repaired": (["lowrank", "outliers", "bias", "norm"], dict(bits=3, group_size=64)),
-    "w2-rtn-g64-repaired-fp16-factors": (["lowrank"], dict(bits=2, group_size=64)),
+    "w2-rtn-g64-repaired-restore-fp16-factors": (["restore", "lowrank", "norm"], dict(bits=2, group_size=64)),
 }
 
 

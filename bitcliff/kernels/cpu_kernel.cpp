@@ -363,9 +363,10 @@ constexpr int step_units() { return BITS == 3 ? 2 : 1; }
 
 // Steps summed in int16 before they are widened: a unit adds at most 2 * VECTORS products of
 // |code * byte| <= (2^BITS - 1) * 127 to an int16 lane: 4-bit 7620 per word, 2-bit 3048 per word,
-// 3-bit 7112 per half chunk; 4 words, 8 words and 2 chunks stay under 32767.
+// 3-bit 7112 per half chunk; 4 words, 8 words and 2 chunks stay under 32767.  AVX-VNNI sums in
+// int32 (at most INT_MAX_POSITIONS * 15 * 127 per group): a group's steps at once.
 template <int BITS>
-constexpr int flush_steps() { return BITS == 4 ? 4 : (BITS == 2 ? 8 : 2); }
+constexpr int flush_steps() { return BITCLIFF_VNNI ? 1 << 30 : (BITS == 4 ? 4 : (BITS == 2 ? 8 : 2)); }
 
 struct IntActivations {
   const int32_t* bytes;  // [rows, units, 2, VECTORS]: the high then the low bytes, four per int32
@@ -389,6 +390,22 @@ inline __m256i unit_codes(const __m256i* word, int u, int v) {
     return _mm256_and_si256(shifted, _mm256_set1_epi8((char)((1 << BITS) - 1)));
   }
 }
+
+#if BITCLIFF_VNNI
+// AVX-VNNI: the products of 4 code bytes with 4 activation bytes summed into each int32 lane.
+inline __m256i add_byte_products(__m256i sum, __m256i codes, __m256i x) { return _mm256_dpbusd_avx_epi32(sum, codes, x); }
+// 128 h + l of the int32 sums of the high and the low bytes.
+inline __m256i combine_halves(__m256i high, __m256i low) { return _mm256_add_epi32(_mm256_slli_epi32(high, 7), low); }
+#else
+// AVX2: pairs of products summed into int16 lanes (exact: flush_steps bounds them).
+inline __m256i add_byte_products(__m256i sum, __m256i codes, __m256i x) {
+  return _mm256_add_epi16(sum, _mm256_maddubs_epi16(codes, x));
+}
+// 128 h + l of the int16 sums, widened to int32 (pairs of lanes added).
+inline __m256i combine_halves(__m256i high, __m256i low) {
+  return _mm256_add_epi32(_mm256_madd_epi16(high, _mm256_set1_epi16(128)), _mm256_madd_epi16(low, _mm256_set1_epi16(1)));
+}
+#endif
 #endif
 
 // y[r, columns of blocks [block, block + COLS)] = sum_g s * d * (sum q * code - z * sum q) for
@@ -402,52 +419,7 @@ void gemv_int_tile(const Weight& w, int64_t block, const IntActivations& a, int6
   const uint16_t* scales = w.scales + block * block_groups;
   const uint8_t* zeros = w.zeros + block * block_groups;
   const int32_t* bytes = a.bytes + row0 * a.units * 2 * V;
-#if BITCLIFF_VNNI
-  // int32 sums per group: |sum| <= INT_MAX_POSITIONS * 15 * 127 per byte half, far from 2^31
-  __m256 total[ROWS][COLS];
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < COLS; ++c) total[r][c] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < w.groups; ++g) {
-    __m256i high[ROWS][COLS], low[ROWS][COLS];
-    for (int r = 0; r < ROWS; ++r)
-      for (int c = 0; c < COLS; ++c) high[r][c] = low[r][c] = _mm256_setzero_si256();
-    for (int64_t j = 0; j < steps; ++j) {
-      const int64_t first_word = g * w.wpg + j * SW, first_unit = g * group_units + j * SU;
-      __m256i word[COLS][SW];
-      for (int c = 0; c < COLS; ++c)
-        for (int i = 0; i < SW; ++i)
-          word[c][i] = _mm256_loadu_si256((const __m256i*)(words + c * block_words + (first_word + i) * BLOCK));
-#pragma GCC unroll 8
-      for (int uv = 0; uv < SU * V; ++uv) {
-        const int u = uv / V, v = uv % V;
-        __m256i codes[COLS];
-        for (int c = 0; c < COLS; ++c) codes[c] = unit_codes<BITS>(word[c], u, v);
-        for (int r = 0; r < ROWS; ++r) {
-          const int32_t* at = bytes + (r * a.units + first_unit + u) * 2 * V;
-          const __m256i x_high = _mm256_set1_epi32(at[v]), x_low = _mm256_set1_epi32(at[V + v]);
-          for (int c = 0; c < COLS; ++c) {
-            high[r][c] = _mm256_dpbusd_avx_epi32(high[r][c], codes[c], x_high);
-            low[r][c] = _mm256_dpbusd_avx_epi32(low[r][c], codes[c], x_low);
-          }
-        }
-      }
-    }
-    for (int c = 0; c < COLS; ++c) {
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + c * block_groups + g * BLOCK)));
-      const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zeros + c * block_groups + g * BLOCK)));
-      for (int r = 0; r < ROWS; ++r) {
-        const int64_t at = (row0 + r) * w.groups + g;
-        const __m256i acc = _mm256_add_epi32(_mm256_slli_epi32(high[r][c], 7), low[r][c]);  // 128 h + l
-        const __m256i centred = _mm256_sub_epi32(acc, _mm256_mullo_epi32(z, _mm256_set1_epi32(a.sum[at])));
-        total[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(a.step[at])), _mm256_cvtepi32_ps(centred),
-                                      total[r][c]);
-      }
-    }
-  }
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < COLS; ++c) _mm256_storeu_ps(y + (row0 + r) * y_stride + (block + c) * BLOCK, total[r][c]);
-#elif BITCLIFF_AVX2
-  const __m256i high_weight = _mm256_set1_epi16(128), low_weight = _mm256_set1_epi16(1);
+#if BITCLIFF_AVX2
   __m256 total[ROWS][COLS];
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < COLS; ++c) total[r][c] = _mm256_setzero_ps();
@@ -475,16 +447,14 @@ void gemv_int_tile(const Weight& w, int64_t block, const IntActivations& a, int6
             const int32_t* at = bytes + (r * a.units + first_unit + u) * 2 * V;
             const __m256i x_high = _mm256_set1_epi32(at[v]), x_low = _mm256_set1_epi32(at[V + v]);
             for (int c = 0; c < COLS; ++c) {
-              high[r][c] = _mm256_add_epi16(high[r][c], _mm256_maddubs_epi16(codes[c], x_high));
-              low[r][c] = _mm256_add_epi16(low[r][c], _mm256_maddubs_epi16(codes[c], x_low));
+              high[r][c] = add_byte_products(high[r][c], codes[c], x_high);
+              low[r][c] = add_byte_products(low[r][c], codes[c], x_low);
             }
           }
         }
       }
       for (int r = 0; r < ROWS; ++r)
-        for (int c = 0; c < COLS; ++c)
-          acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_add_epi32(_mm256_madd_epi16(high[r][c], high_weight),
-                                                                   _mm256_madd_epi16(low[r][c], low_weight)));
+        for (int c = 0; c < COLS; ++c) acc[r][c] = _mm256_add_epi32(acc[r][c], combine_halves(high[r][c], low[r][c]));
     }
     for (int c = 0; c < COLS; ++c) {
       const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + c * block_groups + g * BLOCK)));
