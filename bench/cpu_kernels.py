@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     if any(r < 1 for r in args.rows) or any(t < 1 for t in args.threads) or args.reps < 1 or args.rotate_mb < 1:
         parser.error("--rows, --threads, --reps and --rotate-mb must be positive")
     from bitcliff.kernels.cpu_build import build_variant, native_ops
+    from bitcliff.numerics import cpu_model
 
     path_taken = "compiled " + native_ops().isa() if native_ops() is not None else "plain torch (no compiler)"
     done = {}
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
             sink.write(json.dumps(row) + "\n")
             sink.flush()
 
-        write({"environment": {"torch": torch.__version__, "commit": commit(), "date": now(),
+        write({"environment": {"cpu": cpu_model(), "torch": torch.__version__, "commit": commit(), "date": now(),
                                "cpu_path": path_taken, "build": build_variant(),
                                "read_bandwidth_gbs": {t: b / 1e9 for t, b in args.bandwidth.items()}}})
         for group in args.shapes:

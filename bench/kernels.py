@@ -71,10 +71,12 @@ def environment(device: str = "cuda") -> dict:
     import triton
 
     if device == "cpu":
-        import platform
+        from bitcliff.kernels.cpu_build import build_variant
+        from bitcliff.numerics import cpu_model
 
         return {
-            "device": "cpu " + (platform.processor() or platform.machine()),
+            "device": "cpu " + cpu_model(),
+            "kernel_build": build_variant(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "triton": triton.__version__,

@@ -45,18 +45,28 @@ import platform
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty off x86 or where it cannot be read)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name`` line of ``/proc/cpuinfo`` (None off x86 or where it cannot be read)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return frozenset()
+        return None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty off x86 or where it cannot be read)."""
+    return frozenset((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``Intel(R) Xeon(R) Processor``), for the records of a measurement."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _has_avx2() -> bool:
