@@ -107,13 +107,14 @@ def test_greedy_continuation_equals_bitcliff_load(checkpoints, variant):
     check_greedy(checkpoints(variant), variant)
 
 
-def test_tensor_parallel_engine_equals_bitcliff_load(checkpoints, monkeypatch):
+@pytest.mark.parametrize("variant", ["w3-gptq-g64-act-order", "w3-rtn-g64-repaired"])
+def test_tensor_parallel_engine_equals_bitcliff_load(checkpoints, monkeypatch, variant):
     """Three ranks (SmolLM2's 9 query and 3 key/value heads split evenly): column-parallel q/k/v and
-    gate/up, row-parallel o/down with act-order groups, 3-bit words cut at every rank boundary."""
+    gate/up, row-parallel o/down with act-order groups, 3-bit words cut at every rank boundary; the
+    repaired checkpoint's low-rank terms, outliers and biases cut to each rank's rows and columns."""
     # Three workers on a machine with fewer cores: let them share instead of binding one per core.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    variant = "w3-gptq-g64-act-order"
     check_greedy(checkpoints(variant), f"{variant}, 3 ranks", tensor_parallel_size=3,
                  distributed_executor_backend="mp")
 
