@@ -46,16 +46,8 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define BITCLIFF_AVX2 1
-// AVX-VNNI (vpdpbusd on 256-bit registers): the integer decode's byte products summed straight
-// into int32 lanes, one instruction where AVX2 takes a multiply, an int16 add and a widening.
-#if defined(__AVXVNNI__)
-#define BITCLIFF_VNNI 1
-#else
-#define BITCLIFF_VNNI 0
-#endif
 #else
 #define BITCLIFF_AVX2 0
-#define BITCLIFF_VNNI 0
 #endif
 
 namespace {
@@ -363,10 +355,9 @@ constexpr int step_units() { return BITS == 3 ? 2 : 1; }
 
 // Steps summed in int16 before they are widened: a unit adds at most 2 * VECTORS products of
 // |code * byte| <= (2^BITS - 1) * 127 to an int16 lane: 4-bit 7620 per word, 2-bit 3048 per word,
-// 3-bit 7112 per half chunk; 4 words, 8 words and 2 chunks stay under 32767.  AVX-VNNI sums in
-// int32 (at most INT_MAX_POSITIONS * 15 * 127 per group): a group's steps at once.
+// 3-bit 7112 per half chunk; 4 words, 8 words and 2 chunks stay under 32767.
 template <int BITS>
-constexpr int flush_steps() { return BITCLIFF_VNNI ? 1 << 30 : (BITS == 4 ? 4 : (BITS == 2 ? 8 : 2)); }
+constexpr int flush_steps() { return BITS == 4 ? 4 : (BITS == 2 ? 8 : 2); }
 
 struct IntActivations {
   const int32_t* bytes;  // [rows, units, 2, VECTORS]: the high then the low bytes, four per int32
@@ -391,21 +382,15 @@ inline __m256i unit_codes(const __m256i* word, int u, int v) {
   }
 }
 
-#if BITCLIFF_VNNI
-// AVX-VNNI: the products of 4 code bytes with 4 activation bytes summed into each int32 lane.
-inline __m256i add_byte_products(__m256i sum, __m256i codes, __m256i x) { return _mm256_dpbusd_avx_epi32(sum, codes, x); }
-// 128 h + l of the int32 sums of the high and the low bytes.
-inline __m256i combine_halves(__m256i high, __m256i low) { return _mm256_add_epi32(_mm256_slli_epi32(high, 7), low); }
-#else
-// AVX2: pairs of products summed into int16 lanes (exact: flush_steps bounds them).
+// Pairs of products of code bytes with activation bytes summed into int16 lanes (exact:
+// flush_steps bounds them).
 inline __m256i add_byte_products(__m256i sum, __m256i codes, __m256i x) {
   return _mm256_add_epi16(sum, _mm256_maddubs_epi16(codes, x));
 }
-// 128 h + l of the int16 sums, widened to int32 (pairs of lanes added).
+// 128 h + l of the int16 sums of the high and the low bytes, widened to int32 (pairs of lanes added).
 inline __m256i combine_halves(__m256i high, __m256i low) {
   return _mm256_add_epi32(_mm256_madd_epi16(high, _mm256_set1_epi16(128)), _mm256_madd_epi16(low, _mm256_set1_epi16(1)));
 }
-#endif
 #endif
 
 // y[r, columns of blocks [block, block + COLS)] = sum_g s * d * (sum q * code - z * sum q) for
@@ -847,7 +832,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // Which instruction set this build runs (the loader reports it once).
-std::string isa() { return BITCLIFF_VNNI ? "avxvnni" : (BITCLIFF_AVX2 ? "avx2" : "portable"); }
+std::string isa() { return BITCLIFF_AVX2 ? "avx2" : "portable"; }
 
 // The constants the Python side mirrors for the layout and the rounding reference (cpu_packed.py):
 // the loader refuses a build whose constants differ from them.
