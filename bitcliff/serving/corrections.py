@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from bitcliff.quant.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from bitcliff.quant.adapter import read_adapter
+from bitcliff.quant.checkpoint import INDEX_FILE, check_files_present
 from bitcliff.quant.factors import FACTORS_FILE, QuantizedFactors
 from bitcliff.quant.outliers import OUTLIERS_FILE, SparseOutliers
 from bitcliff.quant.tensor_files import CheckpointError, read_tensors
@@ -57,11 +58,18 @@ class StoredCorrections:
 
     Args:
         folder: the checkpoint folder (None or not a folder: no corrections).
+    Raises:
+        CheckpointError: a file bitcliff's manifest lists is missing, or a side file is not the
+            checkpoint's own (:func:`bitcliff.quant.checkpoint.check_files_present`).
     """
 
     def __init__(self, folder: str | Path | None) -> None:
         self.folder = Path(folder) if folder is not None and Path(folder).is_dir() else None
         self._modules: dict[str, ModuleCorrection] | None = None
+        if self.folder is not None:
+            # as bitcliff.load does: a repair file missing, or another checkpoint's, is an error,
+            # never a model served without its repairs or with foreign ones
+            check_files_present(self.folder)
 
     def __getstate__(self):  # the engine sends its config to worker processes: send the folder only
         return {"folder": self.folder, "_modules": None}
@@ -137,7 +145,7 @@ def _quantized_modules(folder: Path) -> tuple[dict[str, tuple[int, int]], dict[s
 
 def _weight_files(folder: Path) -> list[Path]:
     """The checkpoint's weight files: its index's, or every ``*.safetensors`` but the side files."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_FILE
     if index.is_file():
         return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
     return sorted(p for p in folder.glob("*.safetensors") if p.name not in (FACTORS_FILE, OUTLIERS_FILE, ADAPTER_WEIGHTS))

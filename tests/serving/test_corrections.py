@@ -4,6 +4,7 @@ cut to a rank's rows and columns, they give what ``bitcliff.load``'s modules giv
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -131,5 +132,27 @@ def test_corrections_of_a_module_the_checkpoint_lacks_are_refused(repaired_folde
     tensors = load_file(folder / "outliers.safetensors")
     save_file({k.replace("model.layers.0.", "model.layers.7."): v for k, v in tensors.items()},
               folder / "outliers.safetensors")
+    # a manifest written before digests were recorded binds the file by name only, so the
+    # module check is what catches it
+    manifest = json.loads((folder / ".bitcliff-manifest.json").read_text())
+    manifest.pop("digests", None)
+    (folder / ".bitcliff-manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"model\.layers\.7\..*not a quantized linear of the checkpoint"):
         StoredCorrections(folder).module("model.layers.0.mlp.down_proj")
+
+
+@pytest.mark.parametrize("damage", ["missing", "foreign"])
+def test_a_repair_file_missing_or_not_the_checkpoints_own_is_refused(repaired_folder, tmp_path, damage):
+    """Never a model served without its repairs, or with another checkpoint's."""
+    import shutil
+
+    folder = tmp_path / "r"
+    shutil.copytree(repaired_folder["quantized"], folder)
+    if damage == "missing":
+        (folder / "lowrank.safetensors").unlink()
+        match = "lacks lowrank.safetensors"
+    else:
+        shutil.copy(repaired_folder["adapter"] / "adapter_model.safetensors", folder)
+        match = "adapter_model.safetensors is not this checkpoint's own"
+    with pytest.raises(CheckpointError, match=match):
+        StoredCorrections(folder)
