@@ -118,6 +118,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--checkpoints", type=Path, default=Path("runs/bench-vllm"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"vllm-serve-{now()[:10]}.json")
+    parser.add_argument("--device", choices=["cpu"], default="cpu",
+                        help="vLLM's CPU build (make test-vllm's venv); the plugin has not run on CUDA yet")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # a child process's one variant
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.prompt_tokens < 1 or args.reps < 1:
@@ -127,6 +129,13 @@ def main(argv=None) -> None:
         return
     if args.out.is_dir():
         parser.error(f"--out {args.out} is a folder; name a JSON file")
+    if args.out.exists():  # resumed: it must be this benchmark's own file, never overwritten otherwise
+        try:
+            held = json.loads(args.out.read_text())
+        except (OSError, ValueError):
+            held = None
+        if not (isinstance(held, dict) and isinstance(held.get("rows"), list) and "environment" in held):
+            parser.error(f"--out {args.out} exists and is not a bench.vllm_serve result to resume; name a new file")
     import vllm
 
     from bitcliff.numerics import cpu_model
