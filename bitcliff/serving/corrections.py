@@ -17,6 +17,7 @@ heads replicated over ranks included) is never re-derived here.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,9 +29,10 @@ from safetensors import safe_open
 from bitcliff.quant.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from bitcliff.quant.adapter import read_adapter
 from bitcliff.quant.checkpoint import INDEX_FILE, check_files_present
-from bitcliff.quant.factors import FACTORS_FILE, QuantizedFactors
+from bitcliff.quant.factors import FACTORS_FILE
 from bitcliff.quant.outliers import OUTLIERS_FILE, SparseOutliers
-from bitcliff.quant.tensor_files import CheckpointError, read_tensors
+from bitcliff.quant.repair_files import read_factors, read_outliers
+from bitcliff.quant.tensor_files import CheckpointError
 
 #: Tensor names of the side files, which the engine must not load as model weights.
 DROPPED_BY_THE_ENGINE = (r"\.lora_[AB]\.", r"\.outlier_(crow|col|values)$", r"^base_model\.model\.")
@@ -90,21 +92,17 @@ class StoredCorrections:
     def _read_folder(self) -> tuple[dict[str, ModuleCorrection], dict[str, tuple[int, int]]]:
         shapes, biases = _quantized_modules(self.folder)
         parts: dict[str, dict] = {}
+        shape_of = functools.partial(_shape, shapes)
         path = self.folder / FACTORS_FILE
         if path.is_file():
-            tensors = read_tensors([path])
-            for name in sorted({key.rsplit(".lora_", 1)[0] for key in tensors}):
-                try:
-                    a, b = QuantizedFactors.from_tensors(tensors, name, _shape(shapes, name, path)).dequantize()
-                except (KeyError, ValueError) as exc:
-                    raise CheckpointError(f"{path}: the low-rank factors of {name} do not fit the checkpoint "
-                                          f"({type(exc).__name__}: {exc})") from None
+            for name, factors in read_factors(path, functools.partial(shape_of, path=path)).items():
+                a, b = factors.dequantize()
                 # held as fp16, as QuantLinear holds them: the served model is bitcliff.load's
                 parts.setdefault(name, {}).update(a=a.half().float(), b=b.half().float())
         path = self.folder / ADAPTER_WEIGHTS
         if path.is_file():
             for name, (a, b) in read_adapter(self.folder).items():
-                n, k = _shape(shapes, name, path)
+                n, k = _shape(shapes, name, path=path)
                 a, b = a.float(), b.float()
                 if "a" in parts.get(name, {}):
                     raise CheckpointError(f"{path}: {name} also has low-rank factors in {FACTORS_FILE}; a module "
@@ -115,12 +113,7 @@ class StoredCorrections:
                 parts.setdefault(name, {}).update(a=a, b=b)
         path = self.folder / OUTLIERS_FILE
         if path.is_file():
-            tensors = read_tensors([path])
-            for name in sorted({key.rpartition(".")[0] for key in tensors}):
-                try:
-                    outliers = SparseOutliers.from_tensors(tensors, name, _shape(shapes, name, path))
-                except (KeyError, ValueError) as exc:
-                    raise CheckpointError(f"{path}: the outliers of {name} do not fit the checkpoint ({exc})") from None
+            for name, outliers in read_outliers(path, functools.partial(shape_of, path=path)).items():
                 parts.setdefault(name, {})["outliers"] = outliers
         for name, bias in biases.items():
             parts.setdefault(name, {})["bias"] = bias
@@ -151,7 +144,7 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.safetensors") if p.name not in (FACTORS_FILE, OUTLIERS_FILE, ADAPTER_WEIGHTS))
 
 
-def _shape(shapes: dict[str, tuple[int, int]], name: str, path: Path) -> tuple[int, int]:
+def _shape(shapes: dict[str, tuple[int, int]], name: str, *, path: Path) -> tuple[int, int]:
     if name not in shapes:
         raise CheckpointError(f"{path}: it corrects {name}, which is not a quantized linear of the checkpoint")
     return shapes[name]
