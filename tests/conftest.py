@@ -8,8 +8,17 @@ from bitcliff import numerics
 # pin (importing bitcliff leaves the process alone, so the suite pins for itself).
 numerics.pin()
 
+import zlib  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_the_test_name(request):
+    """Each test draws the same random inputs on every run and machine, whatever ran before it: a
+    tolerance that one draw in six breaks fails here, not once in a while on CI."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def tiny_llama_config(**overrides):

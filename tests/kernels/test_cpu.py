@@ -256,14 +256,17 @@ def test_integer_activations_stay_within_their_rounding_bound(bits, k, n, group_
 def test_rounded_activations_keep_fifteen_bits_per_group():
     layer, _ = _layer(256, 16, 4, 64)
     layout = _cpu_layout(layer, "packed")
-    x = torch.randn(3, 256) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
     rounded = cpu_packed.rounded_activations(x, layout)
+    eps = torch.finfo(torch.float32).eps
     for g in range(4):
         part, original = rounded[:, 64 * g: 64 * (g + 1)], x[:, 64 * g: 64 * (g + 1)]
         step = original.abs().amax(dim=1, keepdim=True) / cpu_packed.ACT_LEVELS
         q = part / step
         assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= cpu_packed.ACT_LEVELS + 1e-3
-        assert ((part - original).abs() <= step / 2 * (1 + 1e-5)).all()
+        # Half a step, plus fp32's own rounding: x / d and round(x / d) * d each round to fp32, an
+        # error of a few eps of |x| (up to ~1e-3 of a step at 15 bits), not a wrong rounding.
+        assert ((part - original).abs() <= step / 2 + 4 * eps * original.abs()).all()
 
 
 def test_integer_activations_carry_a_nan_to_every_output_of_its_row():
