@@ -31,18 +31,17 @@ import torch
 from bitcliff.kernels.layout import HOST, KernelLayout, unpack_plane, width
 
 BLOCK = 8  #: output columns per block (the kernel's ``BLOCK``)
-#: Rows up to which the grouped form (no dense weight) runs; above, slabs of dequantized weight
-#: go through the BLAS.
+#: Rows up to which the grouped form (no dense weight) runs; above, tiles of dequantized weight go
+#: through the BLAS.  Measured on a 2-core Xeon (AVX-512 BLAS), M = 8-24, W4 g128: the tiles
+#: overtake the grouped form at 12-16 rows on SmolLM2's layers and at 16-24 on Llama-3-8B's (on a
+#: 2-core AVX2 EPYC, before the tiles, the grouped form had stayed faster up to 48 rows on
+#: weights larger than one slab).
 GEMV_MAX_ROWS = 16
-#: The same for a weight whose fp32 form exceeds one slab: its slabs then go through memory, not
-#: cache, and the grouped form stays faster up to about 48 rows (measured, 2-core AVX2, M = 17-64:
-#: at M = 32 it took 0.46-0.71x the slabs' time on 4096x4096, 4096x14336 and 576x49152, where on
-#: SmolLM2's 576x576 and 1536x576 layers the slabs won from M = 24).
-GEMV_MAX_ROWS_LARGE = 48
 #: Columns repacked at a time when a layout is built (its int64 codes stay under ~100 MB at K = 4096).
 PACK_COLUMNS = 2048
-#: Most bytes of fp32 weight the many-rows schedule dequantizes at once (a slab of K positions).
-SLAB_BYTES = 16 * 2**20
+#: Most bytes of fp32 weight the many-rows schedule dequantizes at once, per thread (a slab of K
+#: positions of one tile of columns): half of a 2 MiB L2, 1-2 MiB measured best at M = 64-512.
+SLAB_BYTES = 2**20
 #: The integer variant's activations: ``|round(x / d)| <= ACT_LEVELS`` (the kernel's ``ACT_LEVELS``:
 #: the largest integer that splits into a high and a low signed byte, ``128 h + l``).
 ACT_LEVELS = 16319
@@ -189,10 +188,8 @@ def linear(x: torch.Tensor, layout: PackedLayout, bias: torch.Tensor | None, ops
     rounded per row and group to 15 bits, exactly :func:`rounded_activations` ``@ dequant(W)ᵀ`` up
     to fp32 rounding.  False keeps every product in fp32.
     """
-    large = layout.in_features * layout.out_features * 4 > SLAB_BYTES
     return ops.linear(x, layout.words, layout.scales, layout.zeros, layout.columns, bias, layout.bits,
-                      layout.in_features, layout.out_features, GEMV_MAX_ROWS_LARGE if large else GEMV_MAX_ROWS,
-                      SLAB_BYTES, integer_activations)
+                      layout.in_features, layout.out_features, GEMV_MAX_ROWS, SLAB_BYTES, integer_activations)
 
 
 def takes_integer_activations(layout: PackedLayout, rows: int) -> bool:

@@ -212,23 +212,20 @@ def test_packing_a_few_columns_at_a_time_gives_the_same_layout(monkeypatch):
     assert torch.equal(whole.words, chunked.words) and torch.equal(whole.scales, chunked.scales)
 
 
-@pytest.mark.parametrize("rows", [cpu_packed.GEMV_MAX_ROWS + 1, cpu_packed.GEMV_MAX_ROWS_LARGE,
-                                  cpu_packed.GEMV_MAX_ROWS_LARGE + 1])
-def test_a_weight_larger_than_a_slab_keeps_the_grouped_form_for_more_rows(rows, monkeypatch):
-    monkeypatch.setattr(cpu_packed, "SLAB_BYTES", 96 * 40 * 4 - 1)  # this small layer counts as large
-    layer, _ = _layer(96, 40, 3, 32)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_many_rows_run_through_tiles_of_columns_and_slabs_of_positions(bits, act_order, monkeypatch):
+    """The many-rows schedule where it splits the weight both ways: N = 600 is two tiles of 256
+    columns and a part, and a slab of 3 groups of 64 over K = 438 (7 groups, the last partial) is
+    two full slabs and a short one."""
+    monkeypatch.setattr(cpu_packed, "SLAB_BYTES", 3 * 64 * 256 * 4)
+    k, n, gs = 438, 600, 64
+    g_idx = torch.randperm(k, generator=torch.Generator().manual_seed(5)) % 7 if act_order else None
+    layer, _ = _layer(k, n, bits, gs, g_idx=g_idx)
     layout = _cpu_layout(layer, "packed")
-    calls = []
-    ops = native_ops()
-
-    class Recording:
-        def linear(self, *args):
-            calls.append(args[9])  # gemv_max_rows
-            return ops.linear(*args)
-
-    x = torch.randn(rows, 96)
-    _check(cpu_packed.linear(x, layout, layer.bias, Recording()), _reference(layer, x))
-    assert calls == [cpu_packed.GEMV_MAX_ROWS_LARGE]
+    assert (layout.columns is not None) == act_order
+    x = torch.randn(cpu_packed.GEMV_MAX_ROWS + 7, k)
+    _check(cpu_packed.linear(x, layout, layer.bias, native_ops()), _reference(layer, x))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
