@@ -93,12 +93,12 @@ def check_greedy(folder, variant, **engine):
         first = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
         if first is None:
             continue
-        # fp32 summation order, or the 15-bit rounding of an activation that differs in its last bits
+        # fp32 summation order, or the 15-bit rounding of activations that differ in their last bits
         allowed = TIE_MARGIN + 2 * moved[first]
         assert gaps[first] < allowed, (
             f"{variant}, prompt {p}: vLLM diverges at token {first} ({have[first]} vs bitcliff.load's "
             f"{want[first]}) where the top-2 logit gap is {gaps[first]:.4g}, not within {allowed:.3g} "
-            f"(a near-tie, or twice what the integer decode moved that step's logits)")
+            f"(a near-tie, or twice how far the integer decode has drifted from fp32 by that step)")
         print(f"{variant}, prompt {p}: near-tie divergence at token {first} (gap {gaps[first]:.2g})")
 
 
