@@ -663,6 +663,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor
                   const c10::optional<at::Tensor>& columns, const c10::optional<at::Tensor>& bias, int64_t bits,
                   int64_t in_features, int64_t out_features, int64_t gemv_max_rows, int64_t slab_bytes,
                   bool integer_activations) {
+  // The operator has no derivative; its inner ATen calls record none either (at::mm_out refuses an
+  // operand that requires grad, as the activations of a model run outside no_grad do).
+  const at::NoGradGuard no_grad;
   const Weight w = check_weight(words, scales, zeros, bits);
   const int64_t blocks = words.size(0), positions = w.groups * w.per_group;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must be [..., K] with K > 0");

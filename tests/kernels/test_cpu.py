@@ -266,6 +266,16 @@ def test_rounded_activations_keep_fifteen_bits_per_group():
         assert ((part - original).abs() <= step / 2 + 4 * eps * original.abs()).all()
 
 
+@pytest.mark.parametrize("rows", [1, cpu_packed.GEMV_MAX_ROWS + 1])
+def test_activations_that_require_grad_give_the_same_product(rows):
+    """A model run outside ``no_grad`` hands the kernel activations that require grad."""
+    layer, _ = _layer(128, 300, 4, 32)
+    layout = _cpu_layout(layer, "packed")
+    x = torch.randn(rows, 128)
+    y = cpu_packed.linear(x.clone().requires_grad_(), layout, layer.bias, native_ops())
+    assert torch.equal(y, cpu_packed.linear(x, layout, layer.bias, native_ops()))
+
+
 def test_integer_activations_carry_a_nan_to_every_output_of_its_row():
     layer, _ = _layer(128, 24, 4, 32)
     layout = _cpu_layout(layer, "packed")
