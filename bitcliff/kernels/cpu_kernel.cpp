@@ -55,7 +55,7 @@ namespace {
 
 constexpr int BLOCK = 8;     // output columns per block (fp32 lanes of an AVX2 register)
 // Column blocks per tile of the many-rows schedule: 256 columns, so that a slab of 1 MiB holds
-// 1024 positions (2-core Xeon, M = 16-512: 16-64 blocks within the run's noise, 128 slower).
+// 1024 positions (2-core Xeon, M = 64: 16, 32 and 64 blocks within the noise of each other).
 constexpr int64_t TILE_BLOCKS = 32;
 constexpr int ROW_TILE = 8;  // activation rows sharing one decode of the weights in gemv
 
@@ -602,10 +602,9 @@ void gather_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bi
 
 template <int BITS>
 void dequantize_groups(const Weight& w, int64_t blocks, int64_t first_group, int64_t end_group, float* out) {
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      dequantize_blocks<BITS>(w, b, 1, first_group, end_group, out + b * BLOCK, blocks * BLOCK);
-    }
+  // whole tiles per call: each row's cache lines then fill in turn (see dequantize_blocks)
+  at::parallel_for(0, blocks, TILE_BLOCKS, [&](int64_t begin, int64_t end) {
+    dequantize_blocks<BITS>(w, begin, end - begin, first_group, end_group, out + begin * BLOCK, blocks * BLOCK);
   });
 }
 
@@ -616,8 +615,8 @@ void dequantize_groups(const Weight& w, int64_t blocks, int64_t first_group, int
 // parallel region the BLAS runs on the calling thread alone: the threads share nothing).  The dense
 // weight never reaches memory, and each tile of y is summed while it is in cache.  Against the
 // earlier schedule (slabs of all N columns, 16 MiB, the BLAS on all threads, each block's column
-// dequantized on its own), on a 2-core Xeon, 4096 x 14336 and 14336 x 4096, W4: 0.5-0.6x the time
-// at M = 64 and 0.7-0.9x at M = 512.
+// dequantized on its own), on a 2-core Xeon, 4096 x 14336 and 14336 x 4096, W4, in separate runs
+// of a noisy machine (not interleaved): 0.5-0.6x the time at M = 64 and 0.7-0.9x at M = 512.
 template <int BITS>
 void gemm_tiles(const at::Tensor& xk, const Weight& w, int64_t blocks, int64_t slab_bytes, at::Tensor& y) {
   const int64_t tile_columns = TILE_BLOCKS * BLOCK, per_group = w.per_group;
