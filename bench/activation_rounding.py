@@ -4,10 +4,10 @@
                                         [--windows 16] [--device cpu] [--out FILE]
 
 At decode the compiled CPU kernel rounds each row's activations per weight group to integers of at
-most ``ACT_LEVELS`` (16319, 15 bits) before it multiplies 2- and 4-bit weights
-(``cpu_packed.rounded_activations`` is its reference).  A perplexity evaluation runs many rows at
-a time and so never takes that path; this runs it with every quantized layer's input rounded
-exactly as the kernel would (the reference applied to each ``QuantLinear``'s input, with the
+most ``ACT_LEVELS`` (16319, 15 bits) before it multiplies the weights
+(``cpu_packed.rounded_activations`` is its reference), and an AVX-512 build does so at every row
+count.  This runs a perplexity evaluation with the kernel's own rounding off
+(``exact_activations``) and every quantized layer's input rounded exactly as the kernel would (the reference applied to each ``QuantLinear``'s input, with the
 layer's own groups and act-order positions), for each of ``--levels`` (127: 8-bit activations,
 llama.cpp's way), beside the unrounded evaluation, on the embedded Wikipedia sample.  Models: the
 checkpoints given, else RTN g64 of the embedded SmolLM2 at each of ``--bits``.  One JSON file.
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     import bitcliff  # noqa: PLC0415
     from bitcliff.assets import resolve_model  # noqa: PLC0415
     from bitcliff.eval import evaluate_text  # noqa: PLC0415
+    from bitcliff.kernels.cpu import exact_activations  # noqa: PLC0415
     from bitcliff.kernels.cpu_build import native_ops  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
@@ -84,7 +85,9 @@ def main(argv=None) -> int:
     rows = []
     for name, make in models:
         model = make()
-        with torch.inference_mode():
+        # fp32 activations in the kernel, so that the simulated rounding is the only one (an AVX-512
+        # build rounds many rows itself)
+        with torch.inference_mode(), exact_activations():
             plain = evaluate_text(model, tokenizer, "wiki", args.windows, 512)["ppl"]
             row = {"model": name, "ppl": plain}
             for levels in args.levels:

@@ -6,7 +6,7 @@ import torch
 
 from bench.activation_rounding import rounded_inputs
 from bitcliff import QuantConfig
-from bitcliff.kernels import cpu_packed
+from bitcliff.kernels import cpu, cpu_packed
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.rtn import quantize_rtn
 
@@ -19,7 +19,8 @@ def test_many_rows_under_the_rounding_equal_the_kernels_integer_decode_row_by_ro
         rounded = layer(x)
     one_by_one = torch.cat([layer(row[None]) for row in x])  # one row each: the integer decode
     torch.testing.assert_close(rounded, one_by_one, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(layer(x), one_by_one, rtol=0, atol=0)  # the forward is restored after the block
+    with cpu.exact_activations():  # where the kernel itself rounds many rows (AVX-512), without that rounding
+        assert not torch.allclose(layer(x), one_by_one, rtol=0, atol=0)  # the forward is restored after the block
 
 
 def test_another_device_or_a_bad_out_is_refused_before_any_model_loads(tmp_path, capsys):

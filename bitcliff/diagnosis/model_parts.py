@@ -146,10 +146,12 @@ def dequantized_twin(q_model: nn.Module, dtype: torch.dtype = torch.float32) -> 
     """A copy of ``q_model`` whose ``QuantLinear`` layers are plain ``nn.Linear`` holding the
     dequantized weights.
 
-    Its outputs are those of the quantized model (the CPU path of ``QuantLinear`` is exactly
-    ``x @ dequantize(W).T``); it only avoids unpacking every weight on every forward, which
-    dominates CPU time when the analyses run the model a hundred times.  ``q_model`` is left
-    untouched.
+    Its outputs are those of the quantized model with fp32 activations (within
+    ``kernels.cpu.exact_activations`` the CPU path of ``QuantLinear`` is ``x @ dequantize(W).T``
+    up to summation order; by default the compiled kernel rounds activations to 15 bits, which
+    the twin leaves out, so the analyses see the weights' error alone).  It avoids unpacking every
+    weight on every forward, which dominates CPU time when the analyses run the model a hundred
+    times.  ``q_model`` is left untouched.
     """
     twin = copy.deepcopy(q_model)
     for name, module in list(twin.named_modules()):

@@ -19,14 +19,18 @@ kernel layout's group-contiguous K order, see :mod:`bitcliff.kernels.layout`) an
   then one matmul (its cost is shared by the rows).
 
 Both equal the reference up to float32 summation order, as does the compiled kernel, except its
-integer variant for up to 4 rows without a capture, which first rounds the activations to 15 bits
-per group (``cpu_packed.rounded_activations`` is its reference).  Memory:
+integer variants without a capture (decode, and every row count in a build with AVX-512 VNNI),
+which first round the activations to 15 bits per group (``cpu_packed.rounded_activations`` is
+their reference; on wiki the rounding moved SmolLM2's perplexity by -0.0002 %).  Within
+:func:`exact_activations` the kernel keeps every product in fp32: the product with the weights
+alone, as a capture measures it.  Memory:
 one byte per weight beside the packed checkpoint tensors (a quarter of an fp32 copy); the compiled
 kernel's layout takes about ``bits`` bits.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +43,23 @@ from bitcliff.kernels.reference import CaptureMode, output_stats
 
 #: Up to this many rows the grouped form wins; above it the dense weight is formed once.
 GROUPED_MAX_ROWS = 16
+
+#: Whether the compiled kernel may round activations to integers (its default); see exact_activations.
+_integer_activations = True
+
+
+@contextlib.contextmanager
+def exact_activations():
+    """Within this block, quantized layers on the CPU multiply fp32 activations (no 15-bit
+    rounding): the product with the dequantized weights up to fp32 summation order, slower.  For
+    comparisons that must isolate the weights' error (a dequantized twin, a test against the
+    dense weight); the model's own evaluation and serving run without it."""
+    global _integer_activations
+    before, _integer_activations = _integer_activations, False
+    try:
+        yield
+    finally:
+        _integer_activations = before
 
 
 @dataclass(frozen=True)
@@ -158,7 +179,8 @@ def matmul(
     """
     packed = isinstance(layout, PackedLayout)
     if packed and capture is CaptureMode.NONE:
-        return cpu_packed.linear(x, layout, bias, native_ops())  # the hot path: one operator call
+        # the hot path: one operator call
+        return cpu_packed.linear(x, layout, bias, native_ops(), integer_activations=_integer_activations)
     lead = x.shape[:-1]
     rows = x.reshape(-1, layout.in_features)
     if packed:  # a capture measures the weights' error: the activations stay exact

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 #: Compiler flags per build; contraction off so the scalar code rounds the same on every machine.
 FLAGS = {
+    "avx512": ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+               "-ffp-contract=off"],
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"],
     "portable": ["-O3", "-ffp-contract=off"],
 }
@@ -48,7 +50,11 @@ BUILD_VARIABLE = "BITCLIFF_CPU_BUILD"
 def runnable_variants() -> list[str]:
     """The builds this CPU runs, fastest first (the order of :data:`FLAGS`)."""
     flags = cpu_flags()
-    runs = {"portable", "avx2"} if {"avx2", "fma", "f16c"} <= flags else {"portable"}
+    runs = {"portable"}
+    if {"avx2", "fma", "f16c"} <= flags:
+        runs.add("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+            runs.add("avx512")
     return [variant for variant in FLAGS if variant in runs]
 
 

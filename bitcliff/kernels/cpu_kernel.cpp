@@ -10,8 +10,11 @@
 //   plane_bit(p) (so that a shift and a mask line four of them up with the bytes of a lane, as
 //   the low bits are).  Exactly 3 bits per weight, groups padded to 32 positions.
 //
-// Three schedules (and, at the end of the file, `linear_bf16`: a bf16 weight in nn.Linear's
+// Four schedules (and, at the end of the file, `linear_bf16`: a bf16 weight in nn.Linear's
 // layout, for the unembedding's decode):
+// * gemm_int (the AVX-512 build, from 2 rows on, groups of at most 256 positions): the
+//   activations rounded as for gemv_int, the codes unpacked per tile and group into int16 pairs,
+//   and vpdpwssd's 32 products per instruction summed exactly in int32; the same bytes as gemv_int.
 // * gemv_int (up to 4 rows, groups of at most 256 positions): the activations rounded per group to 15-bit
 //   integers, multiplied with the codes by byte dot products and summed exactly in int32, then
 //   `y += s * d * (acc - z * sum(q))` per group: the product of the rounded activations with the
@@ -49,6 +52,13 @@
 #define BITCLIFF_AVX2 1
 #else
 #define BITCLIFF_AVX2 0
+#endif
+// The AVX-512 build adds the many-rows integer product (gemm_int): vpdpwssd multiplies 32 int16
+// pairs per instruction where an fp32 FMA multiplies 16 floats.
+#if BITCLIFF_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define BITCLIFF_AVX512 1
+#else
+#define BITCLIFF_AVX512 0
 #endif
 
 namespace {
@@ -526,10 +536,28 @@ void gemv_int_all(const Weight& w, const IntActivations& a, int64_t k_positions,
   });
 }
 
+// Rounds one row's activations in one group, `values` [n]: q[i] = round(values[i] / d) with
+// d = max|values| / ACT_LEVELS, so |q| <= ACT_LEVELS.  Returns d, or NaN where a value is not
+// finite (every q then 0), so that the group's outputs are NaN as the fp32 path's would be (or
+// inf: NaN here); `total` gets the sum of the q.  The one rounding of both integer schedules.
+float round_group(const float* values, int64_t n, int32_t* q, int32_t* total) {
+  float largest = 0.0f;
+  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, std::fabs(values[i]));  // blind to NaN: below
+  const float d = largest / (float)ACT_LEVELS;
+  bool finite = std::isfinite(largest);
+  for (int64_t i = 0; i < n && finite; ++i) finite = std::isfinite(values[i]);
+  int32_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    q[i] = (finite && d > 0.0f) ? (int32_t)std::nearbyint(values[i] / d) : 0;
+    sum += q[i];
+  }
+  *total = sum;
+  return finite ? d : std::numeric_limits<float>::quiet_NaN();
+}
+
 // The activations at the weight's positions, rounded per group for gemv_int_tile: `bytes` [rows,
 // units, 2, VECTORS] int32, `step` [rows, groups] fp32 and `sum` [rows, groups] int32 (see
-// IntActivations).  Padding positions hold zeros.  A group whose largest |x| is not finite gets a
-// NaN step, so that its outputs are NaN as the fp32 path's would be (or inf: NaN here).
+// IntActivations).  Padding positions hold zeros.
 void round_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bits, int64_t groups, int64_t per_group,
                      at::Tensor& bytes, at::Tensor& step, at::Tensor& sum) {
   const int64_t rows = x.size(0), k = x.size(1), vector_count = vectors((int)bits);
@@ -540,21 +568,13 @@ void round_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bit
   float* steps = step.data_ptr<float>();
   int32_t* sums = sum.data_ptr<int32_t>();
   std::vector<float> values(per_group);
+  std::vector<int32_t> q(per_group);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
-      float largest = 0.0f;
+      for (int64_t i = 0; i < per_group; ++i) values[i] = at_position(src + r * k, column, k, g * per_group + i);
+      steps[r * groups + g] = round_group(values.data(), per_group, q.data(), &sums[r * groups + g]);
       for (int64_t i = 0; i < per_group; ++i) {
-        values[i] = at_position(src + r * k, column, k, g * per_group + i);
-        largest = std::max(largest, std::fabs(values[i]));  // blind to NaN: checked below
-      }
-      float d = largest / (float)ACT_LEVELS;
-      bool finite = std::isfinite(largest);
-      for (int64_t i = 0; i < per_group && finite; ++i) finite = std::isfinite(values[i]);
-      int32_t total = 0;
-      for (int64_t i = 0; i < per_group; ++i) {
-        const int32_t q = (finite && d > 0.0f) ? (int32_t)std::nearbyint(values[i] / d) : 0;
-        const int32_t low = ((q + 64) & 127) - 64, high = (q - low) / 128;
-        total += q;
+        const int32_t low = ((q[i] + 64) & 127) - 64, high = (q[i] - low) / 128;
         // position i of the group: unit i / unit, vector (i % unit) % vectors, byte (i % unit) / vectors
         const int64_t at_unit = g * (per_group / unit) + i / unit, v = (i % unit) % vector_count,
                       b = (i % unit) / vector_count;
@@ -562,8 +582,6 @@ void round_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bit
         at[v * 4 + b] = (uint8_t)(int8_t)high;
         at[(vector_count + v) * 4 + b] = (uint8_t)(int8_t)low;
       }
-      steps[r * groups + g] = finite ? d : std::numeric_limits<float>::quiet_NaN();
-      sums[r * groups + g] = total;
     }
   }
 }
@@ -599,6 +617,214 @@ void gather_positions(const at::Tensor& x, const at::Tensor* columns, int64_t bi
     }
   }
 }
+
+// ---- Integer activations, many rows (prefill; the AVX-512 build) ------------------------------
+//
+// With fp32 products, many rows cost what fp32's own GEMM costs: one FMA per 16 multiply-adds,
+// whatever the weights' width.  Here the activations are rounded as for gemv_int (round_group:
+// 15-bit integers q per row and group, step d) and kept as int16; the weight's codes become int16
+// `c - z`, and vpdpwssd multiplies 32 such pairs per instruction, summed exactly in int32 lanes
+// (|q (c - z)| <= 16319 * 15, at most INT_MAX_POSITIONS per group: under 2^31).  Each group then
+// adds `s * d * sum q (c - z)` to y with one fma, in the order gemv_int_tile adds its groups, so
+// for the same rows the two give the same bytes.
+//
+// Schedule: a thread owns tiles of INT_TILE_VECTORS * 16 columns.  For each group it unpacks the
+// tile's codes into a panel of int16 pairs (positions 2p and 2p + 1 of a column in one int32,
+// [pairs, columns]: a load gives one pair of 16 columns), small enough to stay in L1 while every
+// row runs over it, INT_TILE_ROWS rows at a time, each row's pair of activations broadcast.
+#if BITCLIFF_AVX512
+constexpr int INT_TILE_VECTORS = 4;  // zmm vectors of 16 columns per tile: 64 columns
+constexpr int64_t INT_TILE_BLOCKS = INT_TILE_VECTORS * 16 / BLOCK;
+constexpr int INT_TILE_ROWS = 6;     // 6 rows x 4 vectors = 24 int32 accumulators, 4 panel vectors, 1 broadcast
+#endif
+// Rows from which the AVX-512 build multiplies through gemm_int rather than gemv_int (2-core Xeon,
+// W4 g128, interleaved: gemv_int 1.5-2x faster at one row, level at two, gemm_int 1.2-1.5x faster
+// at four and 2-4x faster than the fp32 gemv at 5-16 rows).  Both give the same bytes.
+constexpr int64_t INT_GEMM_MIN_ROWS = 2;
+#if BITCLIFF_AVX512
+
+// The panel of group g for column blocks [first_block, first_block + n_blocks): panel[p * ld + c]
+// holds the int16 codes minus zero of positions 2p (low half) and 2p + 1 (high half) of column c.
+template <int BITS>
+void pack_pairs(const Weight& w, int64_t first_block, int64_t n_blocks, int64_t g, int32_t* panel, int64_t ld) {
+  const int64_t block_words = w.groups * w.wpg * BLOCK;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t block = first_block + b;
+    const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.zeros + (block * w.groups + g) * BLOCK)));
+    const __m256i zz = _mm256_or_si256(z, _mm256_slli_epi32(z, 16));  // z in both halves
+    const __m256i* word = (const __m256i*)(w.words + block * block_words + g * w.wpg * BLOCK);
+    int32_t* column = panel + b * BLOCK;
+    if constexpr (BITS == 3) {
+      for (int64_t j = 0; j < w.wpg / 3; ++j) {
+        const __m256i low0 = _mm256_loadu_si256(word + 3 * j), low1 = _mm256_loadu_si256(word + 3 * j + 1);
+        const __m256i high = _mm256_loadu_si256(word + 3 * j + 2);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          const __m256i pair = _mm256_or_si256(plane_code(low0, low1, high, 2 * i),
+                                               _mm256_slli_epi32(plane_code(low0, low1, high, 2 * i + 1), 16));
+          _mm256_storeu_si256((__m256i*)(column + (j * 16 + i) * ld), _mm256_sub_epi16(pair, zz));
+        }
+      }
+    } else {
+      constexpr int CPW = 32 / BITS;
+      const __m256i mask = _mm256_set1_epi32((int)((1u << BITS) - 1));
+      for (int64_t j = 0; j < w.wpg; ++j) {
+        const __m256i codes = _mm256_loadu_si256(word + j);
+#pragma GCC unroll 8
+        for (int i = 0; i < CPW / 2; ++i) {
+          const __m256i even = _mm256_and_si256(_mm256_srli_epi32(codes, 2 * i * BITS), mask);
+          const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(codes, (2 * i + 1) * BITS), mask);
+          const __m256i pair = _mm256_or_si256(even, _mm256_slli_epi32(odd, 16));
+          _mm256_storeu_si256((__m256i*)(column + (j * CPW / 2 + i) * ld), _mm256_sub_epi16(pair, zz));
+        }
+      }
+    }
+  }
+}
+
+// y[row0 .. row0 + ROWS, the tile's VECS * 16 columns] += s * d * (q . panel) for one group (the
+// first group stores instead of adding).  xq points at the group's first position of row0, `step`
+// at row0's step of the group; `last` masks the columns of the last vector that exist.
+template <int ROWS, int VECS>
+void int_rows(const int32_t* panel, int64_t pairs, int64_t ld, const int16_t* xq, int64_t x_stride,
+              const float* step, int64_t step_stride, const float* scale, float* y, int64_t y_stride,
+              __mmask16 last, bool first) {
+  // One named accumulator per row and vector: with an array of them (loops unrolled or not) GCC
+  // stored all 24 to the stack at every step.
+#define BITCLIFF_ACC(R, V) __m512i acc##R##V = _mm512_setzero_si512();
+#define BITCLIFF_ROW(R) BITCLIFF_ACC(R, 0) BITCLIFF_ACC(R, 1) BITCLIFF_ACC(R, 2) BITCLIFF_ACC(R, 3)
+  BITCLIFF_ROW(0) BITCLIFF_ROW(1) BITCLIFF_ROW(2) BITCLIFF_ROW(3) BITCLIFF_ROW(4) BITCLIFF_ROW(5)
+#undef BITCLIFF_ROW
+#undef BITCLIFF_ACC
+  static_assert(ROWS <= 6 && VECS <= 4, "int_rows has 6 x 4 accumulators");
+  // Two pairs per pass (a group has an even number of pairs): one pass a pair ran at about half
+  // the rate in a loop of its own on this data.
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int32_t* row = panel + p * ld;
+    const __m512i b0 = _mm512_loadu_si512(row);
+    const __m512i b1 = VECS > 1 ? _mm512_loadu_si512(row + 16) : b0;
+    const __m512i b2 = VECS > 2 ? _mm512_loadu_si512(row + 32) : b0;
+    const __m512i b3 = VECS > 3 ? _mm512_loadu_si512(row + 48) : b0;
+#define BITCLIFF_DOT(R)                                                                       \
+    if constexpr (R < ROWS) {                                                                 \
+      int32_t both;                                                                           \
+      std::memcpy(&both, xq + R * x_stride + 2 * p, sizeof both);                             \
+      const __m512i a = _mm512_set1_epi32(both);                                              \
+      acc##R##0 = _mm512_dpwssd_epi32(acc##R##0, a, b0);                                      \
+      if constexpr (VECS > 1) acc##R##1 = _mm512_dpwssd_epi32(acc##R##1, a, b1);              \
+      if constexpr (VECS > 2) acc##R##2 = _mm512_dpwssd_epi32(acc##R##2, a, b2);              \
+      if constexpr (VECS > 3) acc##R##3 = _mm512_dpwssd_epi32(acc##R##3, a, b3);              \
+    }
+    BITCLIFF_DOT(0) BITCLIFF_DOT(1) BITCLIFF_DOT(2) BITCLIFF_DOT(3) BITCLIFF_DOT(4) BITCLIFF_DOT(5)
+#undef BITCLIFF_DOT
+  }
+  const __m512i sums[6][4] = {{acc00, acc01, acc02, acc03}, {acc10, acc11, acc12, acc13},
+                              {acc20, acc21, acc22, acc23}, {acc30, acc31, acc32, acc33},
+                              {acc40, acc41, acc42, acc43}, {acc50, acc51, acc52, acc53}};
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512 d = _mm512_set1_ps(step[r * step_stride]);
+    for (int v = 0; v < VECS; ++v) {
+      const __mmask16 m = v == VECS - 1 ? last : (__mmask16)0xFFFF;
+      float* out = y + r * y_stride + v * 16;
+      const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(scale + v * 16), d);
+      const __m512 before = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out);
+      _mm512_mask_storeu_ps(out, m, _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(sums[r][v]), before));
+    }
+  }
+}
+
+template <int VECS>
+void int_all_rows(const int32_t* panel, int64_t pairs, int64_t ld, const int16_t* xq, int64_t rows,
+                  int64_t x_stride, const float* step, int64_t groups, const float* scale, float* y,
+                  int64_t y_stride, __mmask16 last, bool first) {
+  int64_t r0 = 0;
+  for (; r0 + INT_TILE_ROWS <= rows; r0 += INT_TILE_ROWS)
+    int_rows<INT_TILE_ROWS, VECS>(panel, pairs, ld, xq + r0 * x_stride, x_stride, step + r0 * groups, groups,
+                                  scale, y + r0 * y_stride, y_stride, last, first);
+  switch (rows - r0) {
+#define BITCLIFF_ROWS(R) \
+    case R: int_rows<R, VECS>(panel, pairs, ld, xq + r0 * x_stride, x_stride, step + r0 * groups, groups, scale, \
+                              y + r0 * y_stride, y_stride, last, first); break;
+    BITCLIFF_ROWS(1) BITCLIFF_ROWS(2) BITCLIFF_ROWS(3) BITCLIFF_ROWS(4) BITCLIFF_ROWS(5)
+#undef BITCLIFF_ROWS
+    default: break;
+  }
+}
+
+// y [rows, blocks * BLOCK] = xq [groups, rows, per_group] (int16, steps [rows, groups]) times the weight.
+template <int BITS>
+void gemm_int_tiles(const int16_t* xq, const float* step, int64_t rows, const Weight& w, int64_t blocks, float* y) {
+  const int64_t pairs = w.per_group / 2, ld = INT_TILE_VECTORS * 16;
+  const int64_t tiles = (blocks + INT_TILE_BLOCKS - 1) / INT_TILE_BLOCKS, y_stride = blocks * BLOCK;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> panel(pairs * ld, 0);
+    std::vector<float> scale(ld, 0.0f);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first_block = t * INT_TILE_BLOCKS, n_blocks = std::min(INT_TILE_BLOCKS, blocks - first_block);
+      const int vecs = (int)((n_blocks * BLOCK + 15) / 16);
+      const __mmask16 last = (n_blocks * BLOCK) % 16 ? (__mmask16)0x00FF : (__mmask16)0xFFFF;
+      for (int64_t g = 0; g < w.groups; ++g) {
+        pack_pairs<BITS>(w, first_block, n_blocks, g, panel.data(), ld);
+        for (int64_t b = 0; b < n_blocks; ++b)
+          _mm256_storeu_ps(scale.data() + b * BLOCK, _mm256_cvtph_ps(_mm_loadu_si128(
+                                                         (const __m128i*)(w.scales + ((first_block + b) * w.groups + g) * BLOCK))));
+        const int16_t* x_group = xq + g * rows * w.per_group;
+        float* y_tile = y + first_block * BLOCK;
+        switch (vecs) {
+#define BITCLIFF_VECS(V) \
+          case V: int_all_rows<V>(panel.data(), pairs, ld, x_group, rows, w.per_group, step + g, w.groups, scale.data(), \
+                                  y_tile, y_stride, last, g == 0); break;
+          BITCLIFF_VECS(1) BITCLIFF_VECS(2) BITCLIFF_VECS(3) BITCLIFF_VECS(4)
+#undef BITCLIFF_VECS
+          default: break;
+        }
+      }
+    }
+  });
+}
+
+// The activations at the weight's positions as int16, rounded per group (round_group): xq [groups,
+// rows, per_group], group-major so that the rows' values of one group, which a tile reads in
+// turn, are one stream; step [rows, groups]; padding positions hold zeros.
+void round_positions_int16(const at::Tensor& x, const at::Tensor* columns, int64_t groups, int64_t per_group,
+                           at::Tensor& xq, at::Tensor& step) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  const int64_t* column = columns ? columns->data_ptr<int64_t>() : nullptr;
+  const float* src = x.data_ptr<float>();
+  int16_t* out = xq.data_ptr<int16_t>();
+  float* steps = step.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> values(per_group);
+    std::vector<int32_t> q(per_group);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t i = 0; i < per_group; ++i) values[i] = at_position(src + r * k, column, k, g * per_group + i);
+        int32_t total;
+        steps[r * groups + g] = round_group(values.data(), per_group, q.data(), &total);
+        for (int64_t i = 0; i < per_group; ++i) out[(g * rows + r) * per_group + i] = (int16_t)q[i];
+      }
+    }
+  });
+}
+
+at::Tensor gemm_int(const at::Tensor& x2, const at::Tensor* columns, const Weight& w, int64_t bits, int64_t blocks) {
+  const int64_t rows = x2.size(0);
+  at::Tensor xq = at::empty({w.groups, rows, w.per_group}, x2.options().dtype(at::kShort));
+  at::Tensor step = at::empty({rows, w.groups}, x2.options());
+  round_positions_int16(x2, columns, w.groups, w.per_group, xq, step);
+  at::Tensor y = at::empty({rows, blocks * BLOCK}, x2.options());
+  const int16_t* xp = xq.data_ptr<int16_t>();
+  const float* sp = step.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (bits) {
+    case 2: gemm_int_tiles<2>(xp, sp, rows, w, blocks, yp); break;
+    case 3: gemm_int_tiles<3>(xp, sp, rows, w, blocks, yp); break;
+    default: gemm_int_tiles<4>(xp, sp, rows, w, blocks, yp); break;
+  }
+  return y;
+}
+#endif
 
 template <int BITS>
 void dequantize_groups(const Weight& w, int64_t blocks, int64_t first_group, int64_t end_group, float* out) {
@@ -655,9 +881,10 @@ at::Tensor gemm(const at::Tensor& xk, const Weight& w, int64_t bits, int64_t blo
 
 // y [..., N] = x [..., K] @ dequant(W)ᵀ (+ bias), in x's dtype (computed in fp32): the grouped
 // form for up to gemv_max_rows rows, slabs of at most slab_bytes of dequantized weight above.
-// With integer_activations, up to INT_MAX_ROWS rows against weights with groups of at most
-// INT_MAX_POSITIONS positions take the grouped form's integer variant (gemv_int_tile: x rounded to
-// 15 bits per group).
+// With integer_activations, against weights with groups of at most INT_MAX_POSITIONS positions,
+// x is rounded to 15 bits per group and multiplied as integers: by gemm_int from INT_GEMM_MIN_ROWS
+// rows on in the AVX-512 build, else by the grouped form's integer variant (gemv_int_tile) up to
+// INT_MAX_ROWS rows.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
                   const c10::optional<at::Tensor>& columns, const c10::optional<at::Tensor>& bias, int64_t bits,
                   int64_t in_features, int64_t out_features, int64_t gemv_max_rows, int64_t slab_bytes,
@@ -684,7 +911,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t rows = x2.size(0);
   at::Tensor y;
-  if (rows <= std::min(gemv_max_rows, INT_MAX_ROWS) && integer_activations && w.per_group <= INT_MAX_POSITIONS) {
+  const bool integer = integer_activations && w.per_group <= INT_MAX_POSITIONS;
+  if (BITCLIFF_AVX512 && integer && rows >= INT_GEMM_MIN_ROWS) {
+#if BITCLIFF_AVX512
+    y = gemm_int(x2, columns.has_value() ? &columns.value() : nullptr, w, bits, blocks);
+#endif
+  } else if (integer && rows <= std::min(gemv_max_rows, INT_MAX_ROWS)) {
     const int64_t units = positions / unit_positions((int)bits);
     at::Tensor bytes = at::empty({rows, units, 2, vectors((int)bits)}, x2.options().dtype(at::kInt));
     at::Tensor step = at::empty({rows, w.groups}, x2.options());
@@ -865,7 +1097,10 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // Which instruction set this build runs (the loader reports it once).
-std::string isa() { return BITCLIFF_AVX2 ? "avx2" : "portable"; }
+std::string isa() { return BITCLIFF_AVX512 ? "avx512" : (BITCLIFF_AVX2 ? "avx2" : "portable"); }
+
+// Whether rows above gemv_max_rows take integer activations too (gemm_int: the AVX-512 build).
+bool integer_gemm() { return BITCLIFF_AVX512; }
 
 // The constants the Python side mirrors for the layout and the rounding reference (cpu_packed.py):
 // the loader refuses a build whose constants differ from them.
@@ -879,6 +1114,7 @@ TORCH_LIBRARY(bitcliff_cpu, m) {
   m.def("dequantize(Tensor words, Tensor scales, Tensor zeros, int bits) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("isa() -> str", &isa);
+  m.def("integer_gemm() -> bool", &integer_gemm);
   m.def("constants() -> int[]", &constants);
 }
 

@@ -182,21 +182,21 @@ def linear(x: torch.Tensor, layout: PackedLayout, bias: torch.Tensor | None, ops
     ``[..., N]`` in ``x.dtype``, through the compiled operator ``ops.linear`` (one call: the
     gather to the layout's positions, the schedule for the row count, the bias and the cast).
 
-    With ``integer_activations`` (the default), up to :data:`INT_MAX_ROWS` rows (decode) against
-    weights with groups of at most :data:`INT_MAX_POSITIONS` positions are multiplied as
-    integers: ``x``
-    rounded per row and group to 15 bits, exactly :func:`rounded_activations` ``@ dequant(W)ᵀ`` up
-    to fp32 rounding.  False keeps every product in fp32.
+    With ``integer_activations`` (the default), the rows :func:`takes_integer_activations` names
+    (decode everywhere, every row count in a build with AVX-512 VNNI) are multiplied as integers:
+    ``x`` rounded per row and group to 15 bits, exactly :func:`rounded_activations` ``@
+    dequant(W)ᵀ`` up to fp32 rounding.  False keeps every product in fp32.
     """
     return ops.linear(x, layout.words, layout.scales, layout.zeros, layout.columns, bias, layout.bits,
                       layout.in_features, layout.out_features, GEMV_MAX_ROWS, SLAB_BYTES, integer_activations)
 
 
-def takes_integer_activations(layout: PackedLayout, rows: int) -> bool:
-    """Whether the kernel's integer variant multiplies ``rows`` rows by this weight (groups of at
-    most :data:`INT_MAX_POSITIONS` positions, at most :data:`INT_MAX_ROWS` rows): the kernel's own
-    rule."""
-    return layout.positions // layout.n_groups <= INT_MAX_POSITIONS and rows <= INT_MAX_ROWS
+def takes_integer_activations(layout: PackedLayout, rows: int, ops) -> bool:
+    """Whether the kernel ``ops`` multiplies ``rows`` rows by this weight with integer activations:
+    groups of at most :data:`INT_MAX_POSITIONS` positions, and any number of rows where the build
+    has the many-rows integer product (``ops.integer_gemm()``: AVX-512 with VNNI), else at most
+    :data:`INT_MAX_ROWS`.  The kernel's own rule."""
+    return layout.positions // layout.n_groups <= INT_MAX_POSITIONS and (rows <= INT_MAX_ROWS or ops.integer_gemm())
 
 
 def rounded_activations(x: torch.Tensor, layout: PackedLayout, levels: int = ACT_LEVELS) -> torch.Tensor:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from bitcliff.distributed import Ranks
 from bitcliff.group_walk import capture_calibration_inputs, rank_share
+from bitcliff.kernels.cpu import exact_activations
 from bitcliff.layers import find_decoder_layers
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.gptq_layer import LayerStep, ModuleLog, quantize_decoder_layer
@@ -82,6 +83,9 @@ def quantize_outside_layers_rtn(model: nn.Module, prefix: str, config: QuantConf
     return [ModuleLog(None, name, [name], None, None, "outside the decoder layers", None, 0.0, 0) for name in outside]
 
 
+# Its forwards feed GPTQ's solves, defined on exact products: with the kernel's integer
+# activations (AVX-512 builds only) the codes it writes would depend on the machine's build.
+@exact_activations()
 def quantize_gptq(
     model: nn.Module,
     config: QuantConfig,

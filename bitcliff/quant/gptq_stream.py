@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from bitcliff.device import compute_dtype, resolve_device
 from bitcliff.distributed import Ranks
 from bitcliff.group_walk import capture_calibration_inputs, rank_share
+from bitcliff.kernels.cpu import exact_activations
 from bitcliff.layers import find_decoder_layers
 from bitcliff.quant.checkpoint import (
     SAFETENSORS_DTYPES,
@@ -180,6 +181,9 @@ def _load_inputs(work: Path, layer: int, batch_size: int) -> list[torch.Tensor]:
         return list(f.get_tensor("hidden").split(batch_size))
 
 
+# Its forwards feed GPTQ's solves, defined on exact products: with the kernel's integer
+# activations (AVX-512 builds only) the codes it writes would depend on the machine's build.
+@exact_activations()
 def quantize_gptq_streaming(
     src_folder: str | os.PathLike,
     config: QuantConfig,

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from bitcliff.models import fingerprints
 from bitcliff.group_walk import GroupWalk, capture_calibration_inputs
+from bitcliff.kernels.cpu import exact_activations
 from bitcliff.kernels.pack import SUPPORTED_BITS
 from bitcliff.layers import find_decoder_layers
 from bitcliff.quant.qlinear import QuantLinear
@@ -99,6 +100,9 @@ class Measurements:
                    data.get("fingerprints") or {})
 
 
+# Its forwards feed the repairs' measurements, defined on exact products: with the kernel's
+# integer activations (AVX-512 builds only) the plan would depend on the machine's build.
+@exact_activations()
 @torch.no_grad()
 def measure_repairs(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, *, max_rank: int = MAX_RANK,
                     windows: int = MEASURE_WINDOWS, sensitivity_windows: int = SENSITIVITY_WINDOWS,

@@ -40,6 +40,7 @@ from bitcliff.group_walk import (
     capture_calibration_inputs,
     rank_share,
 )
+from bitcliff.kernels.cpu import exact_activations
 from bitcliff.layers import LayerCalls, find_decoder_layers
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import quant_config
@@ -88,6 +89,9 @@ class _LayerRepairer:
         return group.modules
 
 
+# Its forwards feed the repairs' solves, defined on exact products: with the kernel's integer
+# activations (AVX-512 builds only) what it writes would depend on the machine's build.
+@exact_activations()
 def repair_walk(fp_model: nn.Module, q_model: nn.Module, calib_ids: torch.Tensor, plan: RepairPlan,
                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, ranks: Ranks | None = None) -> WalkRecord:
     """Apply ``plan`` to ``q_model`` in place, layer by layer (module docstring).

@@ -48,7 +48,8 @@ def _reference(layer, x, layout=None):
     """The reference product; for a compiled layout whose integer variant takes x's rows, of the
     activations as that variant rounds them (``cpu_packed.rounded_activations``)."""
     rows = x.reshape(-1, x.shape[-1])
-    if isinstance(layout, cpu_packed.PackedLayout) and cpu_packed.takes_integer_activations(layout, rows.shape[0]):
+    if isinstance(layout, cpu_packed.PackedLayout) and cpu_packed.takes_integer_activations(layout, rows.shape[0],
+                                                                                              native_ops()):
         rounded = cpu_packed.rounded_activations(rows, layout).view(x.shape)
         y = reference.dequant_matmul(rounded, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
                                      layer.bias)
@@ -217,7 +218,8 @@ def test_packing_a_few_columns_at_a_time_gives_the_same_layout(monkeypatch):
 def test_many_rows_run_through_tiles_of_columns_and_slabs_of_positions(bits, act_order, monkeypatch):
     """The many-rows schedule where it splits the weight both ways: N = 600 is two tiles of 256
     columns and a part, and a slab of 3 groups of 64 over K = 438 (7 groups, the last partial) is
-    two full slabs and a short one."""
+    two full slabs and a short one.  (With fp32 activations: the AVX-512 build multiplies many rows
+    as integers otherwise, and its 64-column tiles cross N = 600 too: 9 and a part.)"""
     monkeypatch.setattr(cpu_packed, "SLAB_BYTES", 3 * 64 * 256 * 4)
     k, n, gs = 438, 600, 64
     g_idx = torch.randperm(k, generator=torch.Generator().manual_seed(5)) % 7 if act_order else None
@@ -225,19 +227,23 @@ def test_many_rows_run_through_tiles_of_columns_and_slabs_of_positions(bits, act
     layout = _cpu_layout(layer, "packed")
     assert (layout.columns is not None) == act_order
     x = torch.randn(cpu_packed.GEMV_MAX_ROWS + 7, k)
-    _check(cpu_packed.linear(x, layout, layer.bias, native_ops()), _reference(layer, x))
+    _check(cpu_packed.linear(x, layout, layer.bias, native_ops(), integer_activations=False), _reference(layer, x))
+    _check(cpu_packed.linear(x, layout, layer.bias, native_ops()), _reference(layer, x, layout))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("k,n,group_size", [(96, 40, 32), (576, 48, 128), (100, 17, -1), (1024, 24, 256)])
-@pytest.mark.parametrize("rows", [1, 2, cpu_packed.INT_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, cpu_packed.INT_MAX_ROWS, 7, 70])
 def test_integer_activations_stay_within_their_rounding_bound(bits, k, n, group_size, rows):
     """Against the exact product, each rounded activation is off by at most half its group's step
     d, so ``|y - y_exact| <= sum over groups of d / 2 * sum |W|``; with the rounding off, the
-    kernel is the fp32 product."""
+    kernel is the fp32 product.  (7 and 70 rows: the many-rows integer product, gemm_int, which
+    the AVX-512 build has; 7 rows leave a short tile of rows, and n = 17 and 24 short column tiles.)"""
     layer, _ = _layer(k, n, bits, group_size)
     layout = _cpu_layout(layer, "packed")
-    assert cpu_packed.takes_integer_activations(layout, rows)
+    if rows > cpu_packed.INT_MAX_ROWS and not native_ops().integer_gemm():
+        pytest.skip(f"the {native_ops().isa()} build multiplies {rows} rows in fp32")
+    assert cpu_packed.takes_integer_activations(layout, rows, native_ops())
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7)) * torch.logspace(-2, 1, k)  # uneven sizes
     exact = _reference(layer, x)
     y = cpu_packed.linear(x, layout, layer.bias, native_ops())
@@ -248,6 +254,25 @@ def test_integer_activations_stay_within_their_rounding_bound(bits, k, n, group_
     assert ((y - exact).abs() <= bound + 1e-5 * float(exact.abs().max())).all()
     assert (y - exact).abs().max() > 0  # the rounding is taken: this test would see a variant that skipped it
     _check(cpu_packed.linear(x, layout, layer.bias, native_ops(), integer_activations=False), exact)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_row_gives_the_same_bytes_whatever_rows_it_is_batched_with(bits, act_order):
+    """With integer activations every row is rounded and summed on its own, in the same order by
+    gemv_int (one row) and gemm_int (many, the AVX-512 build): a prompt's product does not depend
+    on the batch it is served in, nor decode on prefill."""
+    if not native_ops().integer_gemm():
+        pytest.skip(f"the {native_ops().isa()} build multiplies many rows in fp32")
+    k, n, group_size = 320, 200, 64
+    g_idx = (torch.arange(k) // group_size)[torch.randperm(k)] if act_order else None
+    layer, _ = _layer(k, n, bits, group_size, g_idx=g_idx)
+    layout = _cpu_layout(layer, "packed")
+    x = torch.randn(13, k)
+    together = cpu_packed.linear(x, layout, layer.bias, native_ops())
+    for r in (0, 6, 12):  # first, a later tile of rows, the short last tile
+        assert torch.equal(cpu_packed.linear(x[r: r + 1], layout, layer.bias, native_ops()), together[r: r + 1])
+    assert torch.equal(cpu_packed.linear(x[5:9], layout, layer.bias, native_ops()), together[5:9])
 
 
 def test_rounded_activations_keep_fifteen_bits_per_group():

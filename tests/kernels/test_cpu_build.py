@@ -1,6 +1,6 @@
 """The compiled CPU kernel's build: where it cannot be built, the CPU path still works, exactly,
 through its plain-torch form, and says so once; the portable build (what a CPU without AVX2 runs)
-passes the kernel's tests on any machine; a bad choice of build, or a build whose constants differ
+and the AVX2 build pass the kernel's tests on any machine that runs them; a bad choice of build, or a build whose constants differ
 from those Python mirrors, is refused by name."""
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ def test_without_a_compiler_the_plain_torch_path_runs_and_says_so_once(tmp_path)
 def test_this_machine_builds_the_kernel_for_its_instruction_set():
     ops = native_ops()
     assert ops is not None, "the compiled CPU kernel did not build here (a compiler and ninja are needed)"
-    expected = os.environ.get(BUILD_VARIABLE) or ("avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "portable")
+    flags = cpu_flags()
+    fastest = "portable"
+    if {"avx2", "fma", "f16c"} <= flags:
+        fastest = "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else "avx2"
+    expected = os.environ.get(BUILD_VARIABLE) or fastest
     assert build_variant() == expected and ops.isa() == expected
 
 
@@ -70,14 +74,15 @@ def test_the_other_builds_pass_the_kernel_tests(variant):
     assert " passed" in result.stdout and " failed" not in result.stdout
 
 
-@pytest.mark.parametrize("asked,says", [("sse", "choose one of avx2, portable"), ("", "choose one of")])
+@pytest.mark.parametrize("asked,says", [("sse", "choose one of avx512, avx2, portable"), ("", "choose one of")])
 def test_a_build_that_does_not_exist_is_refused_by_name(asked, says, monkeypatch):
     monkeypatch.setenv(BUILD_VARIABLE, asked)
     with pytest.raises(ValueError, match=f"{BUILD_VARIABLE}={asked!r}: {says}"):
         build_variant()
 
 
-@pytest.mark.parametrize("variant,flags", [("avx2", {"sse2"}), ("avx2", {"avx2", "fma"})])
+@pytest.mark.parametrize("variant,flags", [("avx2", {"sse2"}), ("avx2", {"avx2", "fma"}),
+                                           ("avx512", {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"})])
 def test_a_build_the_cpu_cannot_run_is_refused(variant, flags, monkeypatch):
     monkeypatch.setenv(BUILD_VARIABLE, variant)
     monkeypatch.setattr(cpu_build, "cpu_flags", lambda: flags)

@@ -11,16 +11,24 @@ from fractions import Fraction
 import pytest
 import torch
 
+from bitcliff.kernels.cpu import exact_activations
 from bitcliff.kernels.cpu_packed import INT_MAX_ROWS
 from bitcliff.kernels.pack import pack_qweight, pack_qzeros
 from bitcliff.serving.packed_weight import build, matmul
 from bitcliff.serving.sharding import check_packable, compact_groups
 
 
-#: Rows per product: more than the compiled kernel's integer variant takes, so that the fp32 gemv
-#: runs and a layer equals its dense weight up to summation order (the variant's rounding of the
-#: activations is tested against its own reference in tests/kernels/test_cpu.py).
+#: Rows per product: more than the integer decode takes.
 ROWS = INT_MAX_ROWS + 1
+
+
+@pytest.fixture(autouse=True)
+def _fp32_activations():
+    """Every product here with fp32 activations, so that a layer equals its dense weight up to
+    summation order (the kernel's rounding of the activations is tested against its own reference
+    in tests/kernels/test_cpu.py)."""
+    with exact_activations():
+        yield
 
 
 def random_layer(k, sizes, bits, group_size, act_order, seed=0):
