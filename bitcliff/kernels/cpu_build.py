@@ -2,12 +2,14 @@
 
 The kernel is compiled by ``torch.utils.cpp_extension`` (the machine's C++ compiler and ninja)
 into bitcliff's cache and registered as the ``torch.ops.bitcliff_cpu`` operators.  It is built
-for the instruction sets the CPU has: AVX2 with FMA and F16C (every x86-64 CPU since about
-2015), else a portable scalar build.  (An AVX-VNNI variant, vpdpbusd in place of the byte
-multiply and its int16 sums, gave the same bytes and no measurable speed on a Xeon with AVX-VNNI,
-so there is none.)  The flags are fixed, never ``-march=native``, so that two
-AVX2 machines run the same machine code and give the same bytes.  ``BITCLIFF_CPU_BUILD=portable``
-chooses the portable build on any machine (the suite runs the kernel's tests through it).
+for the instruction sets the CPU has: AVX-512 (F, BW, VL) with VNNI, which adds the many-rows
+integer product (``gemm_int``: ``vpdpwssd``, 32 int16 products per instruction); else AVX2 with
+FMA and F16C (every x86-64 CPU since about 2015); else a portable scalar build.  (An AVX-VNNI
+variant of the decode, vpdpbusd in place of the byte multiply and its int16 sums, gave the same
+bytes and no measurable speed on a Xeon with AVX-VNNI, so there is none.)  The flags are fixed,
+never ``-march=native``, so that two machines with the same build run the same machine code and
+give the same bytes.  ``BITCLIFF_CPU_BUILD=portable`` chooses the portable build on any machine
+(the suite runs the kernel's tests through every build the machine can run).
 
 Where no compiler (or no ninja) is found, or the build fails, :func:`native_ops` returns
 ``None`` and the CPU path falls back to its plain-torch form (``cpu.py``), slower but exact;
@@ -42,7 +44,8 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-#: Environment variable that chooses the build instead of the CPU's flags (``avx2`` or ``portable``):
+#: Environment variable that chooses the build instead of the CPU's flags (``avx512``, ``avx2``,
+#: ``portable``):
 #: the portable build is what a CPU without AVX2 runs, and the suite checks it on any machine.
 BUILD_VARIABLE = "BITCLIFF_CPU_BUILD"
 
@@ -59,7 +62,7 @@ def runnable_variants() -> list[str]:
 
 
 def build_variant() -> str:
-    """``avx2`` where the CPU has AVX2, FMA and F16C, else ``portable``; :data:`BUILD_VARIABLE`
+    """The fastest build this CPU runs (``avx512``, ``avx2`` or ``portable``); :data:`BUILD_VARIABLE`
     overrides it.
 
     Raises:
