@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -66,16 +63,6 @@ def prompt_ids(folder: Path) -> list[list[int]]:
     return [tokenizer(p)["input_ids"] for p in PROMPTS]
 
 
-@torch.no_grad()
-@contextlib.contextmanager
-def exact_activations():
-    """The compiled CPU kernel without its integer decode: every product of the block in fp32."""
-    from bitcliff.kernels import cpu_packed
-
-    with mock.patch.object(cpu_packed, "linear", functools.partial(cpu_packed.linear, integer_activations=False)):
-        yield
-
-
 def bitcliff_greedy(folder: Path, prompts: list[list[int]], new_tokens: int = NEW_TOKENS):
     """Greedy continuations by ``bitcliff.load`` in fp32, never stopping at EOS.
 
@@ -83,8 +70,8 @@ def bitcliff_greedy(folder: Path, prompts: list[list[int]], new_tokens: int = NE
         ``(tokens, margins, shifts)``: per prompt the ``new_tokens`` chosen ids; at each step the
         gap between the top two logits (how close the choice was to a tie); and how far the
         kernel's integer decode (activations rounded to 15 bits) has moved that step's logits from
-        the same tokens decoded in fp32 all along (the largest change of one logit).  That drift
-        builds up through the KV cache, and fastest in a collapsed model.  Two engines whose
+        the same tokens run in fp32 all along, prefill included (the largest change of one
+        logit).  That drift builds up through the KV cache, and fastest in a collapsed model.  Two engines whose
         activations differ in their last bits round some of them to neighbouring integers at every
         step, so a divergence where the gap is within that reach is not an error.
     """
@@ -103,12 +90,18 @@ def bitcliff_greedy(folder: Path, prompts: list[list[int]], new_tokens: int = NE
 
 
 def _greedy_one(model, ids: list[int], new_tokens: int):
-    """One prompt's ``(tokens, margins, shifts)`` (see :func:`bitcliff_greedy`): the integer decode
-    chooses the tokens, and a second KV cache follows the same tokens in fp32."""
+    """One prompt's ``(tokens, margins, shifts)`` (see :func:`bitcliff_greedy`): the kernel's
+    integer products choose the tokens (decode, and prefill in an AVX-512 build), and a second KV
+    cache follows the same tokens in fp32."""
+    from bitcliff.kernels.cpu import exact_activations
+
     x = torch.tensor([ids])
-    out = model(x, use_cache=True)  # the prompt's prefill runs many rows: no rounding
-    exact_cache = copy.deepcopy(out.past_key_values)
-    tokens, margins, shifts = [], [], [0.0]
+    out = model(x, use_cache=True)
+    with exact_activations():
+        exact = model(x, use_cache=True)
+    exact_cache = exact.past_key_values
+    tokens, margins = [], []
+    shifts = [float((out.logits[0, -1].float() - exact.logits[0, -1].float()).abs().max())]
     for step in range(new_tokens):
         logits = out.logits[0, -1].float()
         top = torch.topk(logits, 2).values

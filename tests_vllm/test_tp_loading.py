@@ -19,9 +19,18 @@ from bitcliff.kernels.pack import pack_qweight, pack_qzeros
 pytest.importorskip("vllm", reason="needs vLLM (make test-vllm installs it)")
 
 TP = 2
-#: Rows per product: more than the compiled kernel's integer decode takes, so that a layer equals
-#: its dense weight up to fp32 summation order (that variant is tested in tests/kernels/test_cpu.py).
+#: Rows per product: more than the compiled kernel's integer decode takes.
 ROWS = INT_MAX_ROWS + 1
+
+
+@pytest.fixture(autouse=True)
+def _fp32_activations():
+    """Every product here with fp32 activations, so that a layer equals its dense weight up to fp32
+    summation order (the kernel's integer products are tested in tests/kernels/test_cpu.py)."""
+    from bitcliff.kernels.cpu import exact_activations
+
+    with exact_activations():
+        yield
 
 
 @pytest.fixture
