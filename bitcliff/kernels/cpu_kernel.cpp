@@ -639,7 +639,7 @@ constexpr int INT_TILE_ROWS = 6;     // 6 rows x 4 vectors = 24 int32 accumulato
 #endif
 // Rows from which the AVX-512 build multiplies through gemm_int rather than gemv_int (2-core Xeon,
 // W4 g128, interleaved: gemv_int 1.5-2x faster at one row, level at two, gemm_int 1.2-1.5x faster
-// at four and 2-4x faster than the fp32 gemv at 5-16 rows).  Both give the same bytes.
+// at four and 1.4-2.9x faster than the fp32 gemv at 5-16 rows).  Both give the same bytes.
 constexpr int64_t INT_GEMM_MIN_ROWS = 2;
 #if BITCLIFF_AVX512
 
