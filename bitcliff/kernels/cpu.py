@@ -53,7 +53,8 @@ def exact_activations():
     """Within this block, quantized layers on the CPU multiply fp32 activations (no 15-bit
     rounding): the product with the dequantized weights up to fp32 summation order, slower.  For
     comparisons that must isolate the weights' error (a dequantized twin, a test against the
-    dense weight); the model's own evaluation and serving run without it."""
+    dense weight); the model's own evaluation and serving run without it.  The setting is the
+    process's, not the thread's: a forward on another thread during the block sees it too."""
     global _integer_activations
     before, _integer_activations = _integer_activations, False
     try:

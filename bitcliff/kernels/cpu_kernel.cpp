@@ -141,6 +141,12 @@ inline __m256i code_in_place(__m256i word, int i) {
   return _mm256_and_si256(word, _mm256_set1_epi32((int)(((1u << BITS) - 1) << (BITS * i))));
 }
 
+// Code i of each lane's 2- or 4-bit word (0 <= i < 32 / BITS), as an int32.
+template <int BITS>
+inline __m256i word_code(__m256i word, int i) {
+  return _mm256_and_si256(_mm256_srli_epi32(word, BITS * i), _mm256_set1_epi32((1 << BITS) - 1));
+}
+
 // Position p's 3-bit code of each lane's chunk (words low0, low1, high), as an int32.
 inline __m256i plane_code(__m256i low0, __m256i low1, __m256i high, int p) {
   const int t = p % 16, bit = plane_bit(p);
@@ -268,11 +274,10 @@ void dequantize_blocks(const Weight& w, int64_t first_block, int64_t n_blocks, i
             _mm256_storeu_ps(column + i * ld, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
           }
         } else {
-          const __m256i mask = _mm256_set1_epi32((int)((1u << BITS) - 1));
           const __m256i codes = _mm256_loadu_si256(word);
 #pragma GCC unroll 16
           for (int i = 0; i < CPW; ++i) {
-            const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(codes, BITS * i), mask));
+            const __m256 q = _mm256_cvtepi32_ps(word_code<BITS>(codes, i));
             _mm256_storeu_ps(column + i * ld, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
           }
         }
@@ -667,14 +672,12 @@ void pack_pairs(const Weight& w, int64_t first_block, int64_t n_blocks, int64_t 
       }
     } else {
       constexpr int CPW = 32 / BITS;
-      const __m256i mask = _mm256_set1_epi32((int)((1u << BITS) - 1));
       for (int64_t j = 0; j < w.wpg; ++j) {
         const __m256i codes = _mm256_loadu_si256(word + j);
 #pragma GCC unroll 8
         for (int i = 0; i < CPW / 2; ++i) {
-          const __m256i even = _mm256_and_si256(_mm256_srli_epi32(codes, 2 * i * BITS), mask);
-          const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(codes, (2 * i + 1) * BITS), mask);
-          const __m256i pair = _mm256_or_si256(even, _mm256_slli_epi32(odd, 16));
+          const __m256i pair = _mm256_or_si256(word_code<BITS>(codes, 2 * i),
+                                               _mm256_slli_epi32(word_code<BITS>(codes, 2 * i + 1), 16));
           _mm256_storeu_si256((__m256i*)(column + (j * CPW / 2 + i) * ld), _mm256_sub_epi16(pair, zz));
         }
       }
