@@ -40,6 +40,11 @@ FLAGS = {
     "portable": ["-O3", "-ffp-contract=off"],
 }
 
+#: Flags every build adds: without OpenMP, ``at::parallel_for`` in the kernel compiles to a plain
+#: loop, and the kernel would run on one core whatever ``torch.set_num_threads`` says.  The build
+#: links the ``libgomp.so.1`` torch itself loads, so the two share one thread pool.
+OPENMP = ["-fopenmp"]
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -84,12 +89,13 @@ def _build(variant: str) -> object | None:
 
     from bitcliff.storage import cache_root  # noqa: PLC0415
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[variant]).encode() + torch.__version__.encode())
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[variant] + OPENMP).encode() + torch.__version__.encode())
     name = f"bitcliff_cpu_{variant}_{digest.hexdigest()[:12]}"
     folder = cache_root() / "kernels" / name
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
-        name=name, sources=[str(SOURCE)], extra_cflags=FLAGS[variant], build_directory=str(folder),
+        name=name, sources=[str(SOURCE)], extra_cflags=FLAGS[variant] + OPENMP, extra_ldflags=OPENMP,
+        build_directory=str(folder),
         is_python_module=False, verbose=False,
     )
     _register_fakes()

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from bitcliff.kernels import cpu_build
 from bitcliff.kernels.cpu_build import BUILD_VARIABLE, build_variant, native_ops, runnable_variants
@@ -52,6 +53,21 @@ def test_this_machine_builds_the_kernel_for_its_instruction_set():
         fastest = "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else "avx2"
     expected = os.environ.get(BUILD_VARIABLE) or fastest
     assert build_variant() == expected and ops.isa() == expected
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing to run in parallel")
+def test_the_kernel_runs_on_every_thread_torch_is_given():
+    """A build without OpenMP compiles at::parallel_for to a plain loop: one core, whatever torch's
+    thread setting."""
+    ops = native_ops()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ops.parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert ops.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 #: The builds this CPU runs besides the one it chooses: each passes the kernel's tests too.
