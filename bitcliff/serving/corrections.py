@@ -172,14 +172,16 @@ class RankCorrection:
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y + (x Aᵀ) Bᵀ + x Sᵀ + b``: ``x`` ``[..., K_rank]``, ``y`` ``[..., N_rank]``, in y's dtype."""
         rows = x.reshape(-1, x.shape[-1]).float()
-        extra = torch.zeros(rows.shape[0], y.shape[-1], dtype=torch.float32, device=y.device)
+        # One fp32 buffer for the sum (a copy of y: never y itself, which the caller may still hold),
+        # the terms added in QuantLinear.forward's order.
+        total = y.reshape(-1, y.shape[-1]).to(torch.float32, copy=True)
         if self.a is not None:
-            extra += (rows @ self.a.t()) @ self.b.t()
+            total += (rows @ self.a.t()) @ self.b.t()
         if self.outliers is not None:
-            extra += (self.outliers @ rows.t()).t()
+            total += (self.outliers @ rows.t()).t()
         if self.bias is not None:
-            extra += self.bias
-        return y + extra.reshape(y.shape).to(y.dtype)
+            total += self.bias
+        return total.reshape(y.shape).to(y.dtype)
 
 
 def for_rank(corrections: Sequence[ModuleCorrection | None], out_sizes: Sequence[int], in_features: int,

@@ -56,6 +56,18 @@ def test_a_ranks_cut_equals_the_dense_corrections_rows_and_columns(rows, columns
     torch.testing.assert_close(cut.add_to(torch.zeros(3, rows.numel()), x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_corrections_add_to_a_new_output_and_leave_the_kernels_untouched(dtype):
+    k, sizes, shards = _shards()
+    cut = for_rank(shards, sizes, k, torch.arange(10), torch.arange(k), with_bias=True)
+    y, x = torch.randn(2, 3, 10).to(dtype), torch.randn(2, 3, k)
+    before = y.clone()
+    out = cut.add_to(y, x)
+    assert torch.equal(y, before) and out.shape == y.shape and out.dtype == dtype
+    want = (y.float() + cut.add_to(torch.zeros(2, 3, 10), x)).to(dtype)
+    torch.testing.assert_close(out, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
 def test_row_parallel_parts_sum_to_the_whole_and_the_bias_is_added_once():
     k, sizes, shards = _shards()
     rows, x = torch.arange(10), torch.randn(4, k)
