@@ -4,9 +4,9 @@ The kernel is compiled by ``torch.utils.cpp_extension`` (the machine's C++ compi
 into bitcliff's cache and registered as the ``torch.ops.bitcliff_cpu`` operators.  It is built
 for the instruction sets the CPU has: AVX-512 (F, BW, VL) with VNNI, which adds the many-rows
 integer product (``gemm_int``: ``vpdpwssd``, 32 int16 products per instruction); else AVX2 with
-FMA and F16C (every x86-64 CPU since about 2015); else a portable scalar build.  (An AVX-VNNI
-variant of the decode, vpdpbusd in place of the byte multiply and its int16 sums, gave the same
-bytes and no measurable speed on a Xeon with AVX-VNNI, so there is none.)  The flags are fixed,
+FMA and F16C (every x86-64 CPU since about 2015); else a portable scalar build.  The AVX-512 build
+also decodes one row on zmm registers with ``vpdpbusd`` (``gemv_int_pair``; a 256-bit AVX-VNNI form
+measured no faster on a Xeon while the kernel ran on one core).  The flags are fixed,
 never ``-march=native``, so that two machines with the same build run the same machine code and
 give the same bytes.  ``BITCLIFF_CPU_BUILD=portable`` chooses the portable build on any machine
 (the suite runs the kernel's tests through every build the machine can run).

@@ -301,6 +301,20 @@ def test_activations_that_require_grad_give_the_same_product(rows):
     assert torch.equal(y, cpu_packed.linear(x, layout, layer.bias, native_ops()))
 
 
+@pytest.mark.parametrize("integer_activations", [True, False])
+@pytest.mark.parametrize("rows", [1, cpu_packed.GEMV_MAX_ROWS + 1, 64])
+def test_a_model_under_inference_mode_gets_the_same_product(rows, integer_activations):
+    """``torch.inference_mode`` is per thread; the kernel's worker threads write into the caller's
+    output (the tiles' BLAS calls refuse an inference tensor outside that mode)."""
+    layer, _ = _layer(128, 600, 3, 32)  # three tiles of columns: both threads take some
+    layout = _cpu_layout(layer, "packed")
+    x = torch.randn(rows, 128)
+    want = cpu_packed.linear(x, layout, layer.bias, native_ops(), integer_activations=integer_activations)
+    with torch.inference_mode():
+        got = cpu_packed.linear(x, layout, layer.bias, native_ops(), integer_activations=integer_activations)
+    assert torch.equal(got, want)
+
+
 def test_integer_activations_carry_a_nan_to_every_output_of_its_row():
     layer, _ = _layer(128, 24, 4, 32)
     layout = _cpu_layout(layer, "packed")
