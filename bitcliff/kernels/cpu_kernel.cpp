@@ -402,18 +402,34 @@ struct IntActivations {
 };
 
 #if BITCLIFF_AVX2
+// The few integer operations unit_codes needs, on 256-bit (AVX2) and 512-bit (AVX-512) vectors.
+inline __m256i shift_right(__m256i v, int n) { return _mm256_srli_epi32(v, n); }
+inline __m256i shift_left(__m256i v, int n) { return _mm256_slli_epi32(v, n); }
+inline __m256i bits_and(__m256i a, __m256i b) { return _mm256_and_si256(a, b); }
+inline __m256i bits_or(__m256i a, __m256i b) { return _mm256_or_si256(a, b); }
+template <class Vec>
+inline Vec every_byte(char c) { return _mm256_set1_epi8(c); }
+#if BITCLIFF_AVX512
+inline __m512i shift_right(__m512i v, int n) { return _mm512_srli_epi32(v, n); }
+inline __m512i shift_left(__m512i v, int n) { return _mm512_slli_epi32(v, n); }
+inline __m512i bits_and(__m512i a, __m512i b) { return _mm512_and_si512(a, b); }
+inline __m512i bits_or(__m512i a, __m512i b) { return _mm512_or_si512(a, b); }
+template <>
+inline __m512i every_byte<__m512i>(char c) { return _mm512_set1_epi8(c); }
+#endif
+
 // Code vector v of unit u of a step (`word`: its words), bytes lined up as described above.
-template <int BITS>
-inline __m256i unit_codes(const __m256i* word, int u, int v) {
+template <int BITS, class Vec>
+inline Vec unit_codes(const Vec* word, int u, int v) {
   if constexpr (BITS == 3) {
     // low plane: position v + 4b of the half at bits 2v + 8b; high plane: at bit 8b + v + 4u
-    const __m256i low = _mm256_and_si256(v == 0 ? word[u] : _mm256_srli_epi32(word[u], 2 * v), _mm256_set1_epi8(3));
+    const Vec low = bits_and(v == 0 ? word[u] : shift_right(word[u], 2 * v), every_byte<Vec>(3));
     const int bit = v + 4 * u;
-    const __m256i top = bit >= 2 ? _mm256_srli_epi32(word[2], bit - 2) : _mm256_slli_epi32(word[2], 2 - bit);
-    return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(4)));
+    const Vec top = bit >= 2 ? shift_right(word[2], bit - 2) : shift_left(word[2], 2 - bit);
+    return bits_or(low, bits_and(top, every_byte<Vec>(4)));
   } else {
-    const __m256i shifted = v == 0 ? word[0] : _mm256_srli_epi32(word[0], BITS * v);
-    return _mm256_and_si256(shifted, _mm256_set1_epi8((char)((1 << BITS) - 1)));
+    const Vec shifted = v == 0 ? word[0] : shift_right(word[0], BITS * v);
+    return bits_and(shifted, every_byte<Vec>((char)((1 << BITS) - 1)));
   }
 }
 
@@ -524,20 +540,6 @@ void gemv_int_tile(const Weight& w, int64_t block, const IntActivations& a, int6
 }
 
 #if BITCLIFF_AVX512
-// unit_codes on two column blocks at once: each zmm holds the same word of two blocks, 16 columns.
-template <int BITS>
-inline __m512i unit_codes_512(const __m512i* word, int u, int v) {
-  if constexpr (BITS == 3) {
-    const __m512i low = _mm512_and_si512(v == 0 ? word[u] : _mm512_srli_epi32(word[u], 2 * v), _mm512_set1_epi8(3));
-    const int bit = v + 4 * u;
-    const __m512i top = bit >= 2 ? _mm512_srli_epi32(word[2], bit - 2) : _mm512_slli_epi32(word[2], 2 - bit);
-    return _mm512_or_si512(low, _mm512_and_si512(top, _mm512_set1_epi8(4)));
-  } else {
-    const __m512i shifted = v == 0 ? word[0] : _mm512_srli_epi32(word[0], BITS * v);
-    return _mm512_and_si512(shifted, _mm512_set1_epi8((char)((1 << BITS) - 1)));
-  }
-}
-
 // 16 bytes of a block pair's per-group fields (8 from `first`, 8 from `second`), widened to a zmm
 // of int32.
 inline __m512i pair_bytes(const uint8_t* first, const uint8_t* second) {
@@ -580,7 +582,7 @@ void gemv_int_pair(const Weight& w, int64_t block, const IntActivations& a, floa
 #pragma GCC unroll 8
       for (int uv = 0; uv < SU * V; ++uv) {
         const int u = uv / V, v = uv % V;
-        const __m512i codes = unit_codes_512<BITS>(word, u, v);
+        const __m512i codes = unit_codes<BITS>(word, u, v);  // word: the same word of two blocks
         const int32_t* at = a.bytes + (first_unit + u) * 2 * V;
         high = _mm512_dpbusd_epi32(high, codes, _mm512_set1_epi32(at[v]));
         low = _mm512_dpbusd_epi32(low, codes, _mm512_set1_epi32(at[V + v]));
