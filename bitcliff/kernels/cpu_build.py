@@ -85,22 +85,39 @@ def build_variant() -> str:
 
 
 def _build(variant: str) -> object | None:
+    """Build with OpenMP, or, where the compiler has none (Apple's clang, say), without: the kernel
+    then runs on one core, which is still faster than the plain-torch path."""
+    try:
+        return _load(variant, OPENMP)
+    except Exception as error:  # noqa: BLE001 (any failure: try the plainer build before giving up)
+        ops = _load(variant, [])  # fails too where there is no compiler at all: native_ops says so
+        logger.warning("CPU dequant-matmul: the kernel did not build with OpenMP (%s); built without it, it "
+                       "runs on one core", _first_line(error))
+        return ops
+
+
+def _load(variant: str, threading_flags: list[str]) -> object:
     from torch.utils import cpp_extension  # noqa: PLC0415 (imports setuptools: only when building)
 
     from bitcliff.storage import cache_root  # noqa: PLC0415
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[variant] + OPENMP).encode() + torch.__version__.encode())
+    flags = FLAGS[variant] + threading_flags
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode())
     name = f"bitcliff_cpu_{variant}_{digest.hexdigest()[:12]}"
     folder = cache_root() / "kernels" / name
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
-        name=name, sources=[str(SOURCE)], extra_cflags=FLAGS[variant] + OPENMP, extra_ldflags=OPENMP,
-        build_directory=str(folder),
-        is_python_module=False, verbose=False,
+        name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=threading_flags,
+        build_directory=str(folder), is_python_module=False, verbose=False,
     )
     _register_fakes()
     _check_constants(torch.ops.bitcliff_cpu)
     return torch.ops.bitcliff_cpu
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_constants(ops) -> None:
@@ -135,7 +152,6 @@ def native_ops():
                 logger.info("CPU dequant-matmul: compiled kernel (%s)", _state["ops"].isa())
             except Exception as error:  # no compiler, no ninja, a failed build: all mean "use the fallback"
                 _state["ops"] = None
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 logger.warning("CPU dequant-matmul: the compiled kernel could not be built (%s); using the "
-                               "plain-torch path, which is exact but slower", first_line)
+                               "plain-torch path, which is exact but slower", _first_line(error))
         return _state["ops"]

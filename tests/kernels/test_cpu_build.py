@@ -70,6 +70,32 @@ def test_the_kernel_runs_on_every_thread_torch_is_given():
         torch.set_num_threads(before)
 
 
+_NO_OPENMP_COMPILER = """#!/bin/sh
+for argument in "$@"; do [ "$argument" = -fopenmp ] && { echo "unsupported option '-fopenmp'" >&2; exit 1; }; done
+exec c++ "$@"
+"""
+
+_ONE_CORE = textwrap.dedent("""
+    import logging, torch
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from bitcliff.kernels.cpu_build import native_ops
+    torch.set_num_threads(2)
+    print("threads", native_ops().parallel_threads(), native_ops().isa())
+""")
+
+
+def test_a_compiler_without_openmp_builds_the_kernel_for_one_core_and_says_so(tmp_path):
+    compiler = tmp_path / "c++-without-openmp"
+    compiler.write_text(_NO_OPENMP_COMPILER)
+    compiler.chmod(0o755)
+    env = dict(os.environ, CXX=str(compiler), BITCLIFF_CACHE=str(tmp_path / "cache"), BITCLIFF_CPU_BUILD="portable")
+    result = subprocess.run([sys.executable, "-c", _ONE_CORE], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "threads 1 portable" in result.stdout
+    assert result.stderr.count("did not build with OpenMP") == 1, result.stderr
+    assert "could not be built" not in result.stderr
+
+
 #: The builds this CPU runs besides the one it chooses: each passes the kernel's tests too.
 OTHER_BUILDS = [v for v in runnable_variants() if v != runnable_variants()[0]]
 
