@@ -86,17 +86,22 @@ def build_variant() -> str:
 
 def _build(variant: str) -> object | None:
     """Build with OpenMP, or, where the compiler has none (Apple's clang, say), without: the kernel
-    then runs on one core, which is still faster than the plain-torch path."""
+    then runs on one core, which is still faster than the plain-torch path.  Only the compile and
+    load are retried; a loaded build that fails its checks is refused as it is."""
     try:
-        return _load(variant, OPENMP)
+        _compile_and_load(variant, OPENMP)
     except Exception as error:  # noqa: BLE001 (any failure: try the plainer build before giving up)
-        ops = _load(variant, [])  # fails too where there is no compiler at all: native_ops says so
+        _compile_and_load(variant, [])  # fails too where there is no compiler at all: native_ops says so
         logger.warning("CPU dequant-matmul: the kernel did not build with OpenMP (%s); built without it, it "
                        "runs on one core", _first_line(error))
-        return ops
+    _register_fakes()
+    _check_constants(torch.ops.bitcliff_cpu)
+    return torch.ops.bitcliff_cpu
 
 
-def _load(variant: str, threading_flags: list[str]) -> object:
+def _compile_and_load(variant: str, threading_flags: list[str]) -> None:
+    """Compile the kernel with ``variant``'s flags and ``threading_flags`` (once per machine: the
+    cache keeps it) and register its operators."""
     from torch.utils import cpp_extension  # noqa: PLC0415 (imports setuptools: only when building)
 
     from bitcliff.storage import cache_root  # noqa: PLC0415
@@ -110,9 +115,6 @@ def _load(variant: str, threading_flags: list[str]) -> object:
         name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=threading_flags,
         build_directory=str(folder), is_python_module=False, verbose=False,
     )
-    _register_fakes()
-    _check_constants(torch.ops.bitcliff_cpu)
-    return torch.ops.bitcliff_cpu
 
 
 def _first_line(error: Exception) -> str:

@@ -444,13 +444,15 @@ inline __m256i combine_halves(__m256i high, __m256i low) {
 }
 #endif
 
+// How far ahead of its loads the integer decode asks for each block's words: 64 words, 2 KiB.
+// Without it the hardware's own prefetch left W4's loads waiting on memory (54 % of the samples
+// on the two instructions after them, one core); with it W4 ran 1.35-1.46x faster (2-core Zen 5
+// EPYC, M = 1, 2 threads, Llama-3 shapes, best of two runs each; 128 words no better).  Past the
+// end of the weight it is a hint for memory never read: a prefetch does not fault.
+constexpr int64_t PREFETCH_WORDS = 64;
+
 // y[r, columns of blocks [block, block + COLS)] = sum_g s * d * (sum q * code - z * sum q) for
 // rows [row0, row0 + ROWS): the COLS blocks share each broadcast of the activations.
-// How far ahead of its loads the one-row integer decode asks for each block's words: 64 words,
-// 2 KiB (2-core EPYC, M = 1, 2 threads, Llama-3 shapes: W4 1.3-1.45x faster than with none, 128
-// words no better).  The hardware's own prefetch left W4's loads waiting on memory at 8-14 GB/s,
-// where the machine reads 40 GB/s.
-constexpr int64_t PREFETCH_WORDS = 64;
 template <int BITS, int ROWS, int COLS>
 void gemv_int_tile(const Weight& w, int64_t block, const IntActivations& a, int64_t row0, float* y, int64_t y_stride) {
   constexpr int V = vectors(BITS), SW = step_words<BITS>(), SU = step_units<BITS>();
