@@ -4,7 +4,8 @@
 first match winning, anchored at the start of the name: ``"+:<regex>": {"bits": b, "group_size":
 g}`` quantizes matching modules differently, ``"-:<regex>": {}`` leaves them unquantized.
 GPTQModel writes and reads it; vLLM and SGLang read it.  bitcliff writes one anchored entry per
-module that differs from the checkpoint's main setting (a repaired model's restored modules).
+module that differs from the checkpoint's main setting (a repaired model's restored modules, and
+the linears ``skip_modules`` keeps in full precision).
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from torch import nn
 
 from bitcliff.quant.config import QuantConfig
 from bitcliff.quant.qlinear import QuantLinear
-from bitcliff.quant.surgery import quantizable_linears
 
 FULL_PRECISION = 16
 
 
 def module_overrides(model: nn.Module, config: QuantConfig) -> dict[str, tuple[int, int]]:
     """Name -> ``(bits, group_size)`` of every module stored unlike ``config`` says: a
-    ``QuantLinear`` of other bits or group size, or a linear ``config`` would quantize that is in
-    full precision (bits 16)."""
+    ``QuantLinear`` of other bits or group size, or a linear in full precision (bits 16), whether
+    restored or left out by ``config.skip_modules``: a GPTQ reader takes every linear but the
+    output head (``lm_head: false``) as quantized unless a ``-:`` rule says otherwise."""
     overrides = {name: (m.bits, m.group_size) for name, m in model.named_modules()
                  if isinstance(m, QuantLinear) and (m.bits, m.group_size) != (config.bits, config.group_size)}
-    overrides.update({name: (FULL_PRECISION, -1) for name, _ in quantizable_linears(model, config)})
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    overrides.update({name: (FULL_PRECISION, -1) for name, m in model.named_modules()
+                      if type(m) is nn.Linear and m is not head})
     return overrides
 
 

@@ -45,6 +45,20 @@ def test_round_trip_is_bit_exact(tiny_llama, tmp_path, bits, sym):
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["sym"] is sym
 
 
+def test_skipped_linears_are_named_full_precision_for_other_readers(tiny_llama, tmp_path):
+    """A GPTQ reader takes every linear but the head as quantized unless ``dynamic`` says otherwise:
+    a module ``skip_modules`` kept in full precision gets a ``-:`` rule, the head none."""
+    model = bitcliff.quantize(tiny_llama, QuantConfig(bits=3, group_size=32, skip_modules=("lm_head", "*.k_proj")),
+                              progress=False)
+    path = save(model, tmp_path / "ck", dtype=torch.float32)
+    dynamic = json.loads((path / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert sorted(dynamic) == [f"-:^model\\.layers\\.{i}\\.self_attn\\.k_proj$" for i in range(2)]
+    loaded = load(path)
+    assert type(loaded.model.layers[0].self_attn.k_proj) is torch.nn.Linear
+    ids = torch.randint(0, 128, (2, 10))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
 def test_format_choice_v1_for_symmetric_v2_for_asymmetric(tiny_llama, tmp_path):
     sym = save(_quantized(tiny_llama, bits=3, sym=True), tmp_path / "sym")
     assert json.loads((sym / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
