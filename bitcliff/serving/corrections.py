@@ -81,7 +81,7 @@ class StoredCorrections:
         return self._read()[0].get(name)
 
     def shape(self, name: str) -> tuple[int, int]:
-        """``(N, K)`` of the stored quantized module ``name``."""
+        """``(N, K)`` of the stored module ``name``, quantized or in full precision."""
         return self._read()[1][name]
 
     def _read(self) -> tuple[dict[str, ModuleCorrection], dict[str, tuple[int, int]]]:
@@ -90,7 +90,7 @@ class StoredCorrections:
         return self._modules
 
     def _read_folder(self) -> tuple[dict[str, ModuleCorrection], dict[str, tuple[int, int]]]:
-        shapes, biases = _quantized_modules(self.folder)
+        shapes, biases, dense = _stored_modules(self.folder)
         parts: dict[str, dict] = {}
         shape_of = functools.partial(_shape, shapes)
         path = self.folder / FACTORS_FILE
@@ -117,12 +117,14 @@ class StoredCorrections:
                 parts.setdefault(name, {})["outliers"] = outliers
         for name, bias in biases.items():
             parts.setdefault(name, {})["bias"] = bias
-        return {name: ModuleCorrection(**fields) for name, fields in parts.items()}, shapes
+        return {name: ModuleCorrection(**fields) for name, fields in parts.items()}, {**dense, **shapes}
 
 
-def _quantized_modules(folder: Path) -> tuple[dict[str, tuple[int, int]], dict[str, torch.Tensor]]:
-    """``(N, K)`` of every quantized module of the weight files, and the fp32 bias of those that have one."""
-    shapes, biases = {}, {}
+def _stored_modules(folder: Path) -> tuple[dict[str, tuple[int, int]], dict[str, torch.Tensor],
+                                           dict[str, tuple[int, int]]]:
+    """``(N, K)`` of every quantized module of the weight files, the fp32 bias of those that have
+    one, and ``(N, K)`` of every other 2-D ``weight`` (modules in full precision, embeddings)."""
+    shapes, biases, dense = {}, {}, {}
     for path in _weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
@@ -130,10 +132,12 @@ def _quantized_modules(folder: Path) -> tuple[dict[str, tuple[int, int]], dict[s
                 if key.endswith(".scales") and f"{key[:-7]}.g_idx" in keys:
                     name = key[:-7]
                     shapes[name] = (f.get_slice(key).get_shape()[1], f.get_slice(f"{name}.g_idx").get_shape()[0])
+                elif key.endswith(".weight") and len(f.get_slice(key).get_shape()) == 2:
+                    dense[key[:-7]] = tuple(f.get_slice(key).get_shape())
             for name in shapes:
                 if f"{name}.bias" in keys:
                     biases[name] = f.get_tensor(f"{name}.bias").float()
-    return shapes, biases
+    return shapes, biases, dense
 
 
 def _weight_files(folder: Path) -> list[Path]:

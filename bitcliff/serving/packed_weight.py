@@ -8,7 +8,8 @@ become bitcliff kernel layouts: on the CPU the compiled kernel's packed form
 A fused layer (q/k/v, gate/up) whose shards share one ``g_idx`` is one layout over the
 concatenated output features, which is exact.  Shards with their own ``g_idx`` (act-order with
 per-projection orders), or stored at different widths or group sizes (:func:`build_shards`), get
-one layout each, their outputs concatenated.
+one layout each, their outputs concatenated; a shard left in full precision (a restored 4-bit
+module) keeps its dense weight, which is what it is stored as.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class PackedWeight:
     """A served layer's weight: one kernel layout per output piece.
 
     Attributes:
-        layouts: CPU layouts (``bitcliff.kernels.cpu``) or CUDA :class:`KernelLayout` s, one per piece.
+        layouts: CPU layouts (``bitcliff.kernels.cpu``) or CUDA :class:`KernelLayout` s, one per
+            piece; a full-precision piece's dense weight ``[N_s, K]``.
         out_features: N of each piece, in output order.
     """
 
@@ -94,21 +96,31 @@ def build(
     return PackedWeight(tuple(layouts), tuple(shard_sizes))
 
 
-def build_shards(shards: Sequence[tuple], device: torch.device) -> PackedWeight:
+def build_shards(shards: Sequence[tuple | torch.Tensor], device: torch.device) -> PackedWeight:
     """A fused layer's weight from shards stored at different widths or group sizes, one layout each.
 
     Args:
         shards: per shard, in output order, ``(qweight, zeros, scales, g_idx, bits)``: int32
             ``[K*bits/32, N_s]``, true zero points int32 ``[G_s, N_s]`` (unpacked), ``[G_s, N_s]``
-            scales, int32 ``[K]`` global group indices, and the width.
+            scales, int32 ``[K]`` global group indices, and the width; or, for a shard in full
+            precision, its weight ``[N_s, K]`` in the model's dtype.
         device: where the layouts go.
     """
-    layouts = tuple(_layout(qweight, zeros, scales.cpu(), g_idx.cpu(), bits, device)
-                    for qweight, zeros, scales, g_idx, bits in shards)
-    return PackedWeight(layouts, tuple(shard[0].shape[1] for shard in shards))
+    layouts, out_features = [], []
+    for shard in shards:
+        if isinstance(shard, torch.Tensor):
+            layouts.append(shard.to(device))
+            out_features.append(shard.shape[0])
+        else:
+            qweight, zeros, scales, g_idx, bits = shard
+            layouts.append(_layout(qweight, zeros, scales.cpu(), g_idx.cpu(), bits, device))
+            out_features.append(qweight.shape[1])
+    return PackedWeight(tuple(layouts), tuple(out_features))
 
 
 def _run_one(x: torch.Tensor, layout, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(layout, torch.Tensor):  # a shard in full precision
+        return torch.nn.functional.linear(x, layout.to(x.dtype), bias)
     if isinstance(layout, KernelLayout):  # CUDA: the Triton operators
         return ops.run(x, layout, bias)
     return cpu.matmul(x, layout, bias)

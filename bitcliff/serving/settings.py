@@ -4,7 +4,8 @@ Engines fuse projections that share an input (vLLM: ``q_proj``, ``k_proj``, ``v_
 ``qkv_proj``), but a checkpoint's ``dynamic`` rules name the projections as stored, one by one.
 So a fused layer's settings are those of each of its shards, looked up under the shard's own
 name; one packed tensor holds them when every shard has the same width and group size, and each
-shard is kept apart otherwise (:mod:`bitcliff.serving.vllm_method`).
+shard is kept apart otherwise (:mod:`bitcliff.serving.vllm_method`), a shard left in full precision
+(a ``-:`` rule: restoration of a 4-bit module) as a dense weight.
 """
 
 from __future__ import annotations
@@ -55,26 +56,9 @@ def shard_names(prefix: str, packed_modules: Mapping[str, Sequence[str]]) -> lis
 
 
 def layer_settings(qc: Mapping, prefix: str,
-                   packed_modules: Mapping[str, Sequence[str]]) -> tuple[LayerSettings, ...] | None:
+                   packed_modules: Mapping[str, Sequence[str]]) -> tuple[LayerSettings | None, ...] | None:
     """Settings of each shard of the engine's layer ``prefix`` (one for a layer that is not fused),
     which may differ (a repair restores q_proj alone, ``quantize --avg-bits`` gives each projection
-    its own width); None when the whole layer is in full precision.
-
-    Raises:
-        UnsupportedCheckpoint: a fused layer with some shards in full precision and some quantized,
-            naming each shard's settings.
-    """
-    names = shard_names(prefix, packed_modules)
-    settings = [module_settings(qc, name) for name in names]
-    if all(s is None for s in settings):
-        return None
-    if all(s is not None for s in settings):
-        return tuple(settings)
-    described = ", ".join(
-        f"{name.rpartition('.')[2]}: " + ("full precision" if s is None else f"{s.bits}-bit g{s.group_size}")
-        for name, s in zip(names, settings)
-    )
-    raise UnsupportedCheckpoint(
-        f"{prefix} fuses modules stored in full precision with quantized ones ({described}); the vLLM plugin "
-        "runs a fused layer either quantized or not. Quantize these modules alike or serve with bitcliff.load"
-    )
+    its own width), None for a shard in full precision; None when the whole layer is."""
+    settings = tuple(module_settings(qc, name) for name in shard_names(prefix, packed_modules))
+    return None if all(s is None for s in settings) else settings

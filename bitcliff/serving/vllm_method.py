@@ -26,6 +26,7 @@ from vllm.logger import init_logger
 
 from bitcliff.kernels.pack import num_groups, unpack_qzeros
 from bitcliff.quant.checkpoint import v1_to_v2_qzeros
+from bitcliff.quant.dynamic import FULL_PRECISION
 from bitcliff.serving import corrections, packed_weight
 from bitcliff.serving.claim import UnsupportedCheckpoint
 from bitcliff.serving.settings import LayerSettings
@@ -66,33 +67,45 @@ class ShardGroupIndex(BasevLLMParameter):
 
 class ShardPieces(BasevLLMParameter):
     """A fused layer's ``qweight``, ``qzeros`` or ``scales`` whose shards are stored at different
-    widths or group sizes, so that no single packed tensor holds them: each shard's part for this
-    rank is kept apart, its zero points unpacked (int32 ``[G_s, N_s_rank]``, true zeros).
+    widths or group sizes, so that no single packed tensor holds them, or the dense ``weight`` of
+    its shards left in full precision: each shard's part for this rank is kept apart, zero points
+    unpacked (int32 ``[G_s, N_s_rank]``, true zeros), a dense weight ``[N_s_rank, K]`` in the
+    model's dtype.
 
     Args:
-        kind: ``qweight``, ``qzeros`` or ``scales``.
-        bits: each shard's width.
+        kind: ``qweight``, ``qzeros``, ``scales`` or ``weight``.
+        bits: each shard's width (None for a full-precision shard).
         zeros_minus_one: the checkpoint stores ``zero - 1`` (GPTQ v1).
+        dtype: what a dense weight is held in.
     """
 
-    def __new__(cls, kind: str, bits: Sequence[int], zeros_minus_one: bool, weight_loader):
+    def __new__(cls, kind: str, bits: Sequence[int | None], zeros_minus_one: bool, dtype: torch.dtype,
+                weight_loader):
         return super().__new__(cls, data=torch.empty(0, dtype=torch.int32))
 
-    def __init__(self, kind: str, bits: Sequence[int], zeros_minus_one: bool, weight_loader) -> None:
+    def __init__(self, kind: str, bits: Sequence[int | None], zeros_minus_one: bool, dtype: torch.dtype,
+                 weight_loader) -> None:
         super().__init__(data=torch.empty(0, dtype=torch.int32), weight_loader=weight_loader)
-        self.kind, self.bits, self.zeros_minus_one = kind, tuple(bits), zeros_minus_one
+        self.kind, self.bits, self.zeros_minus_one, self.dense_dtype = kind, tuple(bits), zeros_minus_one, dtype
         self.pieces: dict[int, torch.Tensor] = {}
 
     def _keep(self, shard: int, part: int, size: int, loaded: torch.Tensor) -> None:
+        if (self.kind == "weight") != (self.bits[shard] is None):
+            stored = "in full precision" if self.bits[shard] is None else f"at {self.bits[shard]} bits"
+            raise ValueError(f"the checkpoint gives a {self.kind} for shard {shard}, which its quantization_config "
+                             f"stores {stored}")
         if self.kind == "qzeros":  # packed along the outputs: unpack, so that any split is exact
             bits, n = self.bits[shard], loaded.shape[1] * 32 // self.bits[shard]
             if self.zeros_minus_one:
                 loaded = v1_to_v2_qzeros(loaded, bits, n)
             loaded = unpack_qzeros(loaded, bits, n)
-        if loaded.shape[1] < (part + 1) * size:
-            raise ValueError(f"{self.kind} of shard {shard} has {loaded.shape[1]} outputs; this rank's part "
+        out_dim = 0 if self.kind == "weight" else 1  # a dense weight is [N, K], the packed tensors [., N]
+        if loaded.shape[out_dim] < (part + 1) * size:
+            raise ValueError(f"{self.kind} of shard {shard} has {loaded.shape[out_dim]} outputs; this rank's part "
                              f"{part} of {size} lies beyond them")
-        self.pieces[shard] = loaded.narrow(1, part * size, size).clone()
+        piece = loaded.narrow(out_dim, part * size, size)
+        # a copy: the rank's part only, not a view holding the whole loaded tensor
+        self.pieces[shard] = piece.to(self.dense_dtype, copy=True) if self.kind == "weight" else piece.clone()
 
     def load_qkv_weight(self, loaded_weight: torch.Tensor, num_heads: int = 1, shard_id=None, shard_size=None,
                         **kwargs) -> None:
@@ -111,13 +124,14 @@ class BitcliffLinearMethod(LinearMethodBase):
 
     Args:
         config: the checkpoint's :class:`~bitcliff.serving.vllm_config.BitcliffGPTQConfig`.
-        settings: each shard's width and group size (``dynamic`` rules applied), in the layer's
-            fused order; one for a layer that is not fused.
+        settings: each shard's width and group size (``dynamic`` rules applied), None for a shard
+            in full precision, in the layer's fused order; one for a layer that is not fused.
         prefix: the layer's name in vLLM's model, for messages.
         shard_names: the stored modules behind it, in the same order.
     """
 
-    def __init__(self, config, settings: Sequence[LayerSettings], prefix: str, shard_names: list[str]) -> None:
+    def __init__(self, config, settings: Sequence[LayerSettings | None], prefix: str,
+                 shard_names: list[str]) -> None:
         if len(settings) != len(shard_names):
             raise ValueError(f"{prefix}: {len(settings)} settings for {len(shard_names)} shards {shard_names}")
         self.config = config
@@ -129,6 +143,17 @@ class BitcliffLinearMethod(LinearMethodBase):
     def uniform(self) -> bool:
         """Every shard stored alike: one packed tensor holds the layer."""
         return all(s == self.settings[0] for s in self.settings)
+
+    @property
+    def _stored_tensors(self) -> tuple[str, ...]:
+        """What the checkpoint gives for the layer: the packed tensors, and a dense ``weight``
+        where a shard is in full precision; ``g_idx`` last."""
+        dense = ("weight",) if None in self.settings else ()
+        return (*TENSORS[:3], *dense, TENSORS[3])
+
+    def _expected(self, kind: str) -> list[int]:
+        """The shards whose ``kind`` the checkpoint must give."""
+        return [i for i, s in enumerate(self.settings) if (s is None) == (kind == "weight")]
 
     def create_weights(
         self,
@@ -143,7 +168,8 @@ class BitcliffLinearMethod(LinearMethodBase):
         """Declare int32 ``qweight`` ``[K_rank*b/32, N_rank]``, int32 ``qzeros`` ``[G, N_rank*b/32]``,
         fp16 ``scales`` ``[G, N_rank]`` and int32 ``g_idx`` ``[S, K_rank]`` (``G`` all of the layer's
         groups: a row-parallel rank keeps the ones it uses once loaded); for shards stored
-        differently, :class:`ShardPieces` in place of the first three."""
+        differently, :class:`ShardPieces` in place of the first three, and a dense ``weight``
+        for those in full precision."""
         loader = extra_weight_attrs.get("weight_loader")
         g_idx = ShardGroupIndex(
             data=torch.empty(len(output_partition_sizes), input_size_per_partition, dtype=torch.int32),
@@ -155,10 +181,12 @@ class BitcliffLinearMethod(LinearMethodBase):
                 raise ValueError(f"{self.prefix}: {len(output_partition_sizes)} fused parts for "
                                  f"{len(self.settings)} stored modules")
             for size, setting, name in zip(output_partition_sizes, self.settings, self.shard_names):
-                check_packable([size], setting.bits, f"{name} output features per rank")
-            bits = [setting.bits for setting in self.settings]
-            for name in TENSORS[:3]:
-                layer.register_parameter(name, ShardPieces(name, bits, self.config.zeros_minus_one, loader))
+                if setting is not None:
+                    check_packable([size], setting.bits, f"{name} output features per rank")
+            bits = [None if setting is None else setting.bits for setting in self.settings]
+            for name in self._stored_tensors[:-1]:
+                layer.register_parameter(name, ShardPieces(name, bits, self.config.zeros_minus_one, params_dtype,
+                                                           loader))
             layer.register_parameter("g_idx", g_idx)
             return
         bits, group_size = self.settings[0].bits, self.settings[0].group_size
@@ -189,17 +217,19 @@ class BitcliffLinearMethod(LinearMethodBase):
                 layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data, self.settings[0].bits,
                 layer.bitcliff_shard_sizes, self.config.zeros_minus_one)
         else:
-            missing = [f"{name} {self.shard_names[i]}" for name in TENSORS[:3] for i in range(len(self.settings))
-                       if i not in getattr(layer, name).pieces]
+            missing = [f"{name} {self.shard_names[i]}" for name in self._stored_tensors[:-1]
+                       for i in self._expected(name) if i not in getattr(layer, name).pieces]
             if missing:
                 raise ValueError(f"{self.prefix}: the checkpoint gave no {', '.join(missing)}")
             layer.bitcliff_weight = packed_weight.build_shards(
-                [(layer.qweight.pieces[i], layer.qzeros.pieces[i], layer.scales.pieces[i], layer.g_idx.data[i],
+                [layer.weight.pieces[i] if setting is None else
+                 (layer.qweight.pieces[i], layer.qzeros.pieces[i], layer.scales.pieces[i], layer.g_idx.data[i],
                   setting.bits) for i, setting in enumerate(self.settings)], layer.bitcliff_weight_device)
-        for name in TENSORS:
+        for name in self._stored_tensors:
             delattr(layer, name)
-        kinds = sorted({type(layout).__name__ for layout in layer.bitcliff_weight.layouts})
-        widths = str(self.settings[0].bits) if self.uniform else "/".join(str(s.bits) for s in self.settings)
+        kinds = sorted({"a dense weight" if isinstance(layout, torch.Tensor) else type(layout).__name__
+                        for layout in layer.bitcliff_weight.layouts})
+        widths = "/".join(str(FULL_PRECISION if s is None else s.bits) for s in self.settings[:1 if self.uniform else None])
         log.info_once("bitcliff runs %s-bit layers with %s", widths, ", ".join(kinds))
         layer.bitcliff_correction = self._rank_correction(layer)
 

@@ -14,7 +14,7 @@ import torch
 from bitcliff.kernels.cpu import exact_activations
 from bitcliff.kernels.cpu_packed import INT_MAX_ROWS
 from bitcliff.kernels.pack import pack_qweight, pack_qzeros
-from bitcliff.serving.packed_weight import build, matmul
+from bitcliff.serving.packed_weight import build, build_shards, matmul
 from bitcliff.serving.sharding import check_packable, compact_groups
 
 
@@ -72,6 +72,26 @@ def test_whole_fused_layer_equals_the_dense_weight(bits, act_order):
     y = matmul(x, w, torch.ones(sum(sizes)))
     ref = x @ dense(codes, zeros, scales, g_idx, sizes).t() + 1
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_shards_at_their_own_widths_and_in_full_precision_equal_their_dense_weights():
+    """A fused layer whose q, k and v are stored at 4, 2 and 3 bits, and one with a shard restored
+    to full precision: each piece its own layout, the outputs in fused order."""
+    k, x = 160, torch.randn(ROWS, 160)
+    pieces, refs = [], []
+    for i, (bits, group_size, n) in enumerate([(4, 128, 64), (2, 32, 32), (3, 64, 32)]):
+        codes, zeros, scales, g_idx = random_layer(k, (n,), bits, group_size, act_order=i == 2, seed=10 + i)
+        pieces.append((pack_qweight(codes, bits), zeros.to(torch.int32), scales, g_idx[0], bits))
+        refs.append(dense(codes, zeros, scales, g_idx, (n,)))
+    restored = torch.randn(48, k)
+    for shards, ref, sizes in (
+        (pieces, torch.cat(refs), (64, 32, 32)),
+        ([pieces[0], restored, pieces[2]], torch.cat([refs[0], restored, refs[2]]), (64, 48, 32)),
+    ):
+        w = build_shards(shards, torch.device("cpu"))
+        assert w.out_features == sizes
+        y = matmul(x, w, torch.ones(ref.shape[0]))
+        torch.testing.assert_close(y, x @ ref.t() + 1, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 4])

@@ -35,10 +35,9 @@ def test_fused_shards_keep_their_own_widths():
         LayerSettings(4, 128), LayerSettings(2, 32), LayerSettings(3, 64))
 
 
-def test_a_fused_layer_part_full_precision_is_refused_naming_each_shard():
+def test_a_fused_layer_keeps_its_full_precision_shards_apart():
     dynamic = dynamic_entries({f"{ATTN}.k_proj": (4, 64), f"{ATTN}.v_proj": (16, -1)})
-    with pytest.raises(UnsupportedCheckpoint, match=r"q_proj: 3-bit g64, k_proj: 4-bit g64, v_proj: full precision"):
-        layer_settings(qc(dynamic), f"{ATTN}.qkv_proj", PACKED)
+    assert layer_settings(qc(dynamic), f"{ATTN}.qkv_proj", PACKED) == (LayerSettings(3, 64), LayerSettings(4, 64), None)
     fp = dynamic_entries({f"{ATTN}.{p}": (16, -1) for p in ("q_proj", "k_proj", "v_proj")})
     assert layer_settings(qc(fp), f"{ATTN}.qkv_proj", PACKED) is None
 
