@@ -9,7 +9,12 @@ order may flip), and the test reports every such step.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +41,11 @@ VARIANTS = {
         ("model.layers.0.self_attn.q_proj", 4, 128), ("model.layers.0.self_attn.k_proj", 2, 32),
         ("model.layers.1.mlp.gate_proj", 4, 64), ("model.layers.1.mlp.up_proj", 2, 128),
     )),
+    # fused layers with a part in full precision (a ``-:`` rule, as a restored 4-bit module gets)
+    "mixed-fused-q4-k-fp-v3": dict(bits=3, group_size=64,
+                                   skip_modules=("lm_head", "model.layers.0.self_attn.k_proj",
+                                                 "model.layers.1.mlp.up_proj"),
+                                   module_widths=(("model.layers.0.self_attn.q_proj", 4, 128),)),
 }
 
 
@@ -69,6 +79,7 @@ def checkpoints(tmp_path_factory):
 
 
 def vllm_greedy(folder, prompts, **engine):
+    """vLLM's greedy continuations of ``prompts`` (token ids) from ``folder`` (or a hub id) in fp32."""
     from vllm import LLM, SamplingParams
 
     # a fixed KV cache: the CPU backend otherwise reserves 92 % of the machine's memory, and refuses
@@ -84,10 +95,29 @@ def vllm_greedy(folder, prompts, **engine):
             llm.shutdown()
 
 
-def check_greedy(folder, variant, **engine):
+#: What a subprocess prints before its continuations (vLLM logs to stdout too).
+RESULT = "continuations: "
+
+
+def vllm_greedy_in(env: dict[str, str], model: str, prompts) -> list[list[int]]:
+    """:func:`vllm_greedy` in a fresh Python with ``env`` added: settings the Hugging Face libraries
+    read when imported (the hub cache, offline mode) reach the engine and all its processes."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "from test_vllm_serving import vllm_greedy; "
+            f"print({RESULT!r} + json.dumps(vllm_greedy({model!r}, {prompts!r})))")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=900)
+    lines = [line for line in run.stdout.splitlines() if line.startswith(RESULT)]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def check_greedy(folder, variant, served=None, **engine):
+    """vLLM's greedy continuations equal ``bitcliff.load``'s from ``folder``; ``served`` gives
+    vLLM's continuations in place of serving ``folder`` in this process."""
     prompts = prompt_ids(folder)
     expected, margins, shifts = bitcliff_greedy(folder, prompts)
-    got = vllm_greedy(folder, prompts, **engine)
+    got = served(prompts) if served is not None else vllm_greedy(folder, prompts, **engine)
     for p, (want, have, gaps, moved) in enumerate(zip(expected, got, margins, shifts)):
         assert len(have) == NEW_TOKENS
         first = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
@@ -107,11 +137,12 @@ def test_greedy_continuation_equals_bitcliff_load(checkpoints, variant):
     check_greedy(checkpoints(variant), variant)
 
 
-@pytest.mark.parametrize("variant", ["w3-gptq-g64-act-order", "w3-rtn-g64-repaired"])
+@pytest.mark.parametrize("variant", ["w3-gptq-g64-act-order", "w3-rtn-g64-repaired", "mixed-fused-q4-k-fp-v3"])
 def test_tensor_parallel_engine_equals_bitcliff_load(checkpoints, monkeypatch, variant):
     """Three ranks (SmolLM2's 9 query and 3 key/value heads split evenly): column-parallel q/k/v and
     gate/up, row-parallel o/down with act-order groups, 3-bit words cut at every rank boundary; the
-    repaired checkpoint's low-rank terms, outliers and biases cut to each rank's rows and columns."""
+    repaired checkpoint's low-rank terms, outliers and biases cut to each rank's rows and columns;
+    a fused layer's full-precision part cut to each rank's rows."""
     # Three workers on a machine with fewer cores: let them share instead of binding one per core.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -125,6 +156,20 @@ def test_repaired_checkpoint_serves_with_its_repairs(checkpoints, variant):
     files = {p.name for p in folder.iterdir()}
     assert files & {"lowrank.safetensors", "adapter_model.safetensors"}, files  # the repair stored its terms
     check_greedy(folder, variant)
+
+
+def test_a_repaired_checkpoint_served_by_hub_id_keeps_its_repairs(checkpoints, tmp_path):
+    """``vllm serve someone/model``: the plugin finds the side files in the hub cache's snapshot
+    (offline here, the cache laid out as a download leaves it) and serves the repairs."""
+    folder = checkpoints("w3-rtn-g64-repaired")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--smol-w3-repaired"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    check_greedy(folder, "w3-rtn-g64-repaired by hub id",
+                 served=lambda prompts: vllm_greedy_in(env, "someone/smol-w3-repaired", prompts))
 
 
 def test_claims_through_vllms_own_selection():

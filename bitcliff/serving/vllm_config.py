@@ -17,6 +17,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from bitcliff.quant.checkpoint import FORMATS
+from bitcliff.serving.checkpoint_folder import local_folder
 from bitcliff.serving.claim import UnsupportedCheckpoint, claim
 from bitcliff.serving.corrections import DROPPED_BY_THE_ENGINE, StoredCorrections
 from bitcliff.serving.settings import layer_settings, shard_names
@@ -75,25 +76,27 @@ class BitcliffGPTQConfig(QuantizationConfig):
         """Claim the checkpoint by :func:`bitcliff.serving.claim.claim`, logging the path taken."""
         if user_quant not in (None, METHOD_NAME):
             return None  # the user chose another method: vLLM's own rules apply
-        folder = getattr(hf_config, "name_or_path", None) or None
+        name = getattr(hf_config, "name_or_path", None) or None
         if str(hf_quant_cfg.get("quant_method", "")).lower() != "gptq":
             return None
+        folder = local_folder(name)  # a hub id's snapshot where it has repair side files
         decision = claim(hf_quant_cfg, folder)
         if user_quant == METHOD_NAME and not decision.ours:
-            log.info("bitcliff serves %s as asked (--quantization %s): %s", folder, METHOD_NAME, decision.reason)
+            log.info("bitcliff serves %s as asked (--quantization %s): %s", name, METHOD_NAME, decision.reason)
             return METHOD_NAME
-        log.info("%s: %s -> %s", folder or "checkpoint", decision.reason,
+        log.info("%s: %s -> %s", name or "checkpoint", decision.reason,
                  "bitcliff kernels" if decision.ours else "vLLM's own GPTQ path")
         return METHOD_NAME if decision.ours else None
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
-        """Note the checkpoint folder, whose repairs the layers read (:mod:`bitcliff.serving.corrections`)."""
-        self.corrections = StoredCorrections(model_name)
+        """Note the checkpoint folder (a hub id's snapshot), whose repairs the layers read
+        (:mod:`bitcliff.serving.corrections`)."""
+        self.corrections = StoredCorrections(local_folder(model_name, revision))
 
     def get_checkpoint_weight_mapper(self):
-        """Keep every weight (the base config drops ``.g_idx``, which act-order needs); leave a local
-        folder's repair tensors to the layers, which read them from their own files.  From a folder
-        that is not local they reach the engine's loader, which refuses them by name."""
+        """Keep every weight (the base config drops ``.g_idx``, which act-order needs); leave the
+        repair tensors to the layers, which read them from their own files.  Where the folder could
+        not be resolved they reach the engine's loader, which refuses them by name."""
         import re
 
         from vllm.model_executor.models.utils import WeightsMapper
