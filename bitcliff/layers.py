@@ -33,40 +33,73 @@ LAYER_PATHS = (
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where a decoder-only model keeps the parts bitcliff names (its one description of them).
+    """Where one family of decoder-only models keeps the parts bitcliff names.
 
     Attributes:
+        model_types: the ``config.model_type`` values of the family.
         attention, mlp: the attribute of a decoder layer holding its attention and MLP blocks.
-        gate: the MLP's gate projection (gated MLPs: SwiGLU, GeGLU), an attribute of ``mlp``.
+        gate: the MLP's gate projection (gated MLPs: SwiGLU, GeGLU), an attribute of ``mlp``;
+            None for a family without one.
         final_norm: the norm beside the decoder layers, applied before the unembedding.
-        unembedding: the model's output projection.
+        unembedding: the model's output projection, an attribute of the model.
         bias_flags: config.json flags that make transformers build biased projections, by the
             component they cover (``attention_bias`` covers every attention projection).
+        batched_replay: a layer's recorded arguments broadcast over rows, so that one recorded
+            call replays a batch of rows (False for BLOOM, whose ALiBi bias is
+            ``[batch × heads, 1, T]``: a replay has the recorded batch size).
+
+    A fused projection (Phi-3's ``qkv_proj``, BLOOM's ``query_key_value``) is one linear to
+    bitcliff: quantized, diagnosed and repaired whole, with no rule of its own.
     """
 
+    model_types: tuple[str, ...] = ()
     attention: str = "self_attn"
     mlp: str = "mlp"
-    gate: str = "gate_proj"
+    gate: str | None = "gate_proj"
     final_norm: str = "norm"
     unembedding: str = "lm_head"
     bias_flags: tuple[tuple[str, str], ...] = (("attention_bias", "attn"), ("mlp_bias", "mlp"))
+    batched_replay: bool = True
 
     def attribute(self, component: str) -> str:
         """``"attn"`` -> ``"self_attn"``, ``"mlp"`` -> ``"mlp"``."""
         return {"attn": self.attention, "mlp": self.mlp}[component]
 
 
-#: The architectures bitcliff analyses and repairs: the Llama family (SmolLM2, Llama, Mistral,
-#: Qwen2...) and Gemma 3 share these names.
-ARCHITECTURE = Architecture()
+#: The families bitcliff analyses and repairs, one entry each; the first is also the one assumed for
+#: a ``model_type`` none lists.  Adding a family is adding an entry (docs/architecture.md).
+ARCHITECTURES = (
+    # Llama and the models built like it: SmolLM2, Mistral, Qwen2/3, Gemma 3 (with its extra
+    # norms inside the layer), Phi-3 (fused qkv_proj and gate_up_proj: no separate gate)
+    Architecture(model_types=("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text", "phi3")),
+    Architecture(model_types=("bloom",), attention="self_attention", gate=None, final_norm="ln_f", bias_flags=(),
+                 batched_replay=False),
+    Architecture(model_types=("gpt_neox",), attention="attention", gate=None, final_norm="final_layer_norm",
+                 bias_flags=(("attention_bias", "attn"),)),
+)
+#: The Llama family's entry, assumed for a model whose type no entry lists.
+ARCHITECTURE = ARCHITECTURES[0]
 #: The components of a decoder layer the analyses assess and patch, and the repairs act on.
 COMPONENTS = ("attn", "mlp")
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The family entry of ``model`` by its ``config.model_type`` (the Llama family's for a type no
+    entry lists, which the checks of the parts then hold to those names)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return next((a for a in ARCHITECTURES if model_type in a.model_types), ARCHITECTURE)
+
+
+def layer_architecture(layer: nn.Module) -> Architecture:
+    """The family entry whose attention and MLP attributes a decoder layer has (the Llama family's
+    when none matches: the caller's lookup then names what is missing)."""
+    return next((a for a in ARCHITECTURES if hasattr(layer, a.attention) and hasattr(layer, a.mlp)), ARCHITECTURE)
 
 
 def component(layer: nn.Module, name: str) -> nn.Module:
     """A decoder layer's ``"attn"`` (attention block, output before any post-attention norm) or
     ``"mlp"`` block."""
-    return getattr(layer, ARCHITECTURE.attribute(name))
+    return getattr(layer, layer_architecture(layer).attribute(name))
 
 
 def component_of(module_name: str, layer_prefix: str | None = None) -> tuple[int | None, str] | None:
@@ -85,9 +118,10 @@ def component_of(module_name: str, layer_prefix: str | None = None) -> tuple[int
         module_name = rest[1]
     else:
         index = None
-    for short in COMPONENTS:
-        if module_name.startswith(ARCHITECTURE.attribute(short) + "."):
-            return index, short
+    for architecture in ARCHITECTURES:
+        for short in COMPONENTS:
+            if module_name.startswith(architecture.attribute(short) + "."):
+                return index, short
     return None
 
 

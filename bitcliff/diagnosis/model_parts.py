@@ -2,9 +2,9 @@
 (full precision and quantized) are comparable part by part.
 
 Supported: decoder layers where :func:`bitcliff.layers.find_decoder_layers` finds them, each
-with the attention and MLP blocks, final norm and unembedding that
-:data:`bitcliff.layers.ARCHITECTURE` names: the Llama family (SmolLM2, Llama, Mistral, Qwen2...)
-and Gemma 3.
+with the attention and MLP blocks, final norm and unembedding that its family's entry of
+:data:`bitcliff.layers.ARCHITECTURES` names: the Llama family (SmolLM2, Llama, Mistral, Qwen2,
+Gemma 3, Phi-3...), BLOOM and GPT-NeoX.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from bitcliff.layers import ARCHITECTURE, COMPONENTS, component, find_decoder_layers
+from bitcliff.layers import COMPONENTS, architecture_of, component, find_decoder_layers, layer_architecture
 from bitcliff.quant.qlinear import QuantLinear
 from bitcliff.quant.surgery import set_submodule
 
@@ -32,11 +32,12 @@ def backbone(model: nn.Module) -> nn.Module:
     except ValueError as exc:
         raise IncompatibleModels(str(exc)) from exc
     inner = model.get_submodule(prefix.rpartition(".")[0])
-    if not hasattr(inner, ARCHITECTURE.final_norm) or not hasattr(model, ARCHITECTURE.unembedding):
+    arch = architecture_of(model)
+    if not hasattr(inner, arch.final_norm) or not hasattr(model, arch.unembedding):
         raise IncompatibleModels(
             f"{type(model).__name__} is not a supported decoder-only model: expected a final "
-            f"{ARCHITECTURE.final_norm} beside {prefix} and an {ARCHITECTURE.unembedding} (Llama-family or "
-            "Gemma 3 causal LMs)"
+            f"{arch.final_norm} beside {prefix} and an {arch.unembedding} (the families of "
+            "bitcliff.layers.ARCHITECTURES: Llama-like, BLOOM, GPT-NeoX)"
         )
     return inner
 
@@ -45,17 +46,19 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers, each checked to have every component of :data:`COMPONENTS`."""
     backbone(model)
     layers = list(find_decoder_layers(model)[1])
+    arch = architecture_of(model)
     for i, layer in enumerate(layers):
         for part in COMPONENTS:
-            if not hasattr(layer, ARCHITECTURE.attribute(part)):
+            if not hasattr(layer, arch.attribute(part)):
                 raise IncompatibleModels(f"decoder layer {i} ({type(layer).__name__}) has no "
-                                         f"{ARCHITECTURE.attribute(part)}")
+                                         f"{arch.attribute(part)}")
     return layers
 
 
 def gate_projection(layer: nn.Module) -> nn.Module | None:
     """The MLP's gate projection (gated MLPs: SwiGLU, GeGLU), or None."""
-    return getattr(component(layer, "mlp"), ARCHITECTURE.gate, None)
+    gate = layer_architecture(layer).gate
+    return None if gate is None else getattr(component(layer, "mlp"), gate, None)
 
 
 def logit_lens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -67,8 +70,9 @@ def logit_lens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     Returns:
         fp32 ``[..., vocab]``.
     """
-    norm = getattr(backbone(model), ARCHITECTURE.final_norm)
-    unembedding = getattr(model, ARCHITECTURE.unembedding)
+    arch = architecture_of(model)
+    norm = getattr(backbone(model), arch.final_norm)
+    unembedding = getattr(model, arch.unembedding)
     # The diagnosis keeps residual streams in fp32; a bf16 or fp16 model reads them in its own dtype.
     hidden = hidden.to(unembedding.weight.dtype)
     logits = unembedding(norm(hidden)).float()

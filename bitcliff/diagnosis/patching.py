@@ -37,7 +37,7 @@ from bitcliff.diagnosis.model_parts import (
 )
 from bitcliff.diagnosis.quantized_runs import run_quantized
 from bitcliff.eval import next_token_nll
-from bitcliff.layers import LayerCalls, find_decoder_layers, run_layers
+from bitcliff.layers import LayerCalls, find_decoder_layers, layer_architecture, run_layers
 
 TARGETS = (*COMPONENTS, "residual")
 
@@ -89,18 +89,21 @@ class PatchingAccumulator:
         call = calls.for_forward(0)
         nll_q = float(next_token_nll(q_logits.cpu(), record.ids).double().mean())
         self.damage += nll_q - record.mean_nll()
+        # one row per target in one forward, where the recorded arguments broadcast over rows
+        batches = [self.targets] if layer_architecture(layers[0]).batched_replay else [(t,) for t in self.targets]
         for i in range(len(layers)):
-            batch = calls.inputs[i][0].expand(len(self.targets), -1, -1)  # one row per target
-            with Hooks() as hooks:
-                for row, target in enumerate(self.targets):
-                    if target == "residual":  # the stream leaving layer i, i.e. a restart after it
-                        module, value = layers[i], record.residual[i + 1]
-                    else:
-                        module, value = component(layers[i], target), record.outputs[target][i]
-                    hooks.output(module, lambda h, row=row, v=value: _with_row(h, row, v))
-                final = run_layers(layers, call, batch, i)
-            for target, nll in zip(self.targets, _mean_nll(q_model, final, record.ids)):
-                self.gained[target][i] += nll_q - nll
+            for targets in batches:
+                batch = calls.inputs[i][0].expand(len(targets), -1, -1)
+                with Hooks() as hooks:
+                    for row, target in enumerate(targets):
+                        if target == "residual":  # the stream leaving layer i, i.e. a restart after it
+                            module, value = layers[i], record.residual[i + 1]
+                        else:
+                            module, value = component(layers[i], target), record.outputs[target][i]
+                        hooks.output(module, lambda h, row=row, v=value: _with_row(h, row, v))
+                    final = run_layers(layers, call, batch, i)
+                for target, nll in zip(targets, _mean_nll(q_model, final, record.ids)):
+                    self.gained[target][i] += nll_q - nll
         self.examples += 1
         self.tokens_per_example = len(record.ids)
 

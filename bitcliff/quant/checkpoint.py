@@ -42,7 +42,7 @@ from bitcliff.kernels.pack import (
     unpack_qzeros,
     widths_text,
 )
-from bitcliff.layers import ARCHITECTURE
+from bitcliff.layers import architecture_of
 from bitcliff.quant.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from bitcliff.quant.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from bitcliff.quant.adapter import adapter_tensors, has_adapter, load_adapter
@@ -201,14 +201,15 @@ def config_json(model_config: dict, config: QuantConfig, fmt: str, stored_dtype:
 
 
 def bias_flags(model: nn.Module) -> dict[str, bool]:
-    """The config.json bias flags (``ARCHITECTURE.bias_flags``) the model's config knows, set where
+    """The config.json bias flags (its family's ``bias_flags``) the model's config knows, set where
     every projection they cover has a bias (a repaired model's corrected biases), so that readers
     building the model from config.json load them."""
     config = model.config.to_dict()
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, nn.Linear))]
     flags = {}
-    for flag, part in ARCHITECTURE.bias_flags:
-        covered = [m for n, m in linears if f".{ARCHITECTURE.attribute(part)}." in f".{n}."]
+    arch = architecture_of(model)
+    for flag, part in arch.bias_flags:
+        covered = [m for n, m in linears if f".{arch.attribute(part)}." in f".{n}."]
         if flag in config and covered and all(m.bias is not None for m in covered):
             flags[flag] = True
     return flags

@@ -59,29 +59,44 @@ def group_error(targets, quantized, covariance: torch.Tensor, scales: torch.Tens
     return total
 
 
+def has_gain(module: nn.Module, channels: int) -> bool:
+    """Whether ``module`` has a per-channel weight of ``channels`` (a norm's gain): the input of
+    some linears is an activation's output (BLOOM's and GPT-NeoX's GELU before the MLP's down
+    projection), which has none to rescale."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and tuple(weight.shape) == (channels,)
+
+
 @torch.no_grad()
 def fold_into_norm(norm: nn.Module, scales: torch.Tensor) -> None:
     """Scale ``norm``'s output per channel by folding ``scales`` into its weight.
 
-    Norms store their gain either directly (``y = w ∘ x̂``, Llama) or as an offset from one
-    (``y = (1 + w) ∘ x̂``, Gemma); which one is found by probing the module, and the result is
-    checked on a probe input.
+    Norms store their gain either directly (``y = w ∘ x̂ (+ b)``, Llama's RMSNorm, BLOOM's and
+    GPT-NeoX's LayerNorm, whose bias is scaled too) or as an offset from one (``y = (1 + w) ∘ x̂``,
+    Gemma); which one is found by probing the module, and the result is checked on a probe input.
 
     Raises:
         ValueError: naming the norm class when neither convention reproduces the scaled output.
     """
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.shape != scales.shape:
+    if not has_gain(norm, len(scales)):
         raise ValueError(f"{type(norm).__name__} has no per-channel weight of {tuple(scales.shape)} to fold into")
+    weight = norm.weight
+    bias = getattr(norm, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) and bias.shape == weight.shape else None
     probe = torch.randn(3, len(scales), generator=torch.Generator().manual_seed(0), device="cpu").to(weight)
     expected = norm(probe) * scales.to(weight)
     original = weight.detach().clone()
+    original_bias = None if bias is None else bias.detach().clone()
     gamma = scales.to(weight)
     for candidate in (original * gamma, (1.0 + original) * gamma - 1.0):
         weight.copy_(candidate)
+        if bias is not None:
+            bias.copy_(original_bias * gamma)
         if torch.allclose(norm(probe), expected, rtol=1e-4, atol=1e-5):
             return
     weight.copy_(original)
+    if bias is not None:
+        bias.copy_(original_bias)
     raise ValueError(f"cannot fold a per-channel scale into {type(norm).__name__}: neither w nor 1 + w is its gain")
 
 
@@ -99,6 +114,8 @@ class NormRecalibration(Repair):
         if group.source is None:
             return
         norm = group.layer.get_submodule(group.source)
+        if not has_gain(norm, group.covariance.shape[0]):
+            return  # fed by an activation, not a norm
         quantized = [group.weight(rel) for rel in group.members]
         weights = [group.targets[rel] for rel in group.members]
         gamma = norm_scales(weights, quantized, group.covariance)

@@ -75,15 +75,19 @@ def test_norm_scales_minimise_the_group_error():
     torch.testing.assert_close(gamma, planted, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "layernorm"])
 def test_scales_fold_into_either_norm_convention(kind):
     if kind == "llama":
         from transformers.models.llama.modeling_llama import LlamaRMSNorm as Norm
-    else:
+    elif kind == "gemma3":
         from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm as Norm
+    else:  # BLOOM's and GPT-NeoX's, with a bias the scale applies to as well
+        Norm = torch.nn.LayerNorm
     norm = Norm(8)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
+        if kind == "layernorm":
+            norm.bias.uniform_(-0.5, 0.5)
     x = torch.randn(4, 8)
     gamma = torch.linspace(0.8, 1.2, 8)
     expected = norm(x) * gamma
