@@ -138,14 +138,15 @@ def write_output(path: str | os.PathLike, data: dict, overwrite: bool, kind: str
     return write_json(path, {OUTPUT_KEY: kind, **data})
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write ``tensors`` as one safetensors file atomically (``format: pt`` metadata)."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` as one safetensors file atomically (``format: pt`` metadata, plus ``metadata``)."""
     from safetensors.torch import save_file
 
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with _atomic_path(Path(path)) as tmp:
         try:
-            save_file(contiguous, str(tmp), metadata={"format": "pt"})
+            save_file(contiguous, str(tmp), metadata={**(metadata or {}), "format": "pt"})
         except Exception as exc:  # safetensors reports a failed write as its own error, not OSError
             raise _as_os_error(exc, Path(path)) from exc
     return Path(path)
