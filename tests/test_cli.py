@@ -246,7 +246,8 @@ def test_sweep_replaces_only_what_bitcliff_wrote_and_reads_group_size(tiny_folde
     old.mkdir()
     (old / "sweep.json").write_text('{"mine": 1}')
     argv = ["sweep", "--model", str(tiny_folder), "--bits", "4", "--group-size", "32", "--text-file",
-            _text(tiny_folder), "--seq-len", "32", "--windows", "1", "--out-dir", str(old)]
+            _text(tiny_folder), "--seq-len", "32", "--windows", "1", "--out-dir", str(old),
+            "--reference-cache", str(tmp_path / "fp")]
     for extra in ([], ["--overwrite"]):
         assert main(argv + extra) == 2
         assert "sweep.json" in _error(capsys)

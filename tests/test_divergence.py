@@ -147,7 +147,7 @@ def test_eval_against_on_the_command_line(tiny_folder, tmp_path, capsys):
                      "--out", str(checkpoint)]) == 0
     report = tmp_path / "eval.json"
     assert cli_main(["eval", str(checkpoint), "--against", str(tiny_folder), "--text-file", text, "--windows", "2",
-                     "--seq-len", "64", "--json", str(report)]) == 0
+                     "--seq-len", "64", "--json", str(report), "--reference-cache", str(tmp_path / "fp")]) == 0
     out = capsys.readouterr().out
     assert "KL mean" in out and "same top token" in out
     result = json.loads(report.read_text())
