@@ -197,7 +197,7 @@ def test_rows_of_a_real_sweep_pass_the_row_check():
 
 
 def test_finite_weights_cost_little_to_check():
-    from bitcliff.quant.checkpoint import CheckpointError, check_finite_tensor
+    from bitcliff.quant.tensor_files import CheckpointError, check_finite_tensor
 
     check_finite_tensor(torch.zeros(4, dtype=torch.int32), "ints are not checked")
     check_finite_tensor(torch.ones(4, dtype=torch.float16), "finite")

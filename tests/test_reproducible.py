@@ -154,7 +154,7 @@ def test_importing_bitcliff_and_its_command_line_imports_no_torch():
         "print(json.dumps([before, names, 'bitcliff' in known, bitcliff.__version__]))")
     before, names, registered, version = json.loads(report)
     assert before == []
-    assert names["quantize"] == "bitcliff.quant.convert" and names["load"] == "bitcliff.quant.checkpoint"
+    assert names["quantize"] == "bitcliff.quant.convert" and names["load"] == "bitcliff.quant.checkpoint.load"
     assert set(names) == {"BitcliffConfig", "QuantConfig", "QuantLinear", "RepairPlan", "quantize", "save", "load",
                           "diagnose", "measure_repairs", "plan_repair", "repair"}
     assert registered and version
