@@ -1,7 +1,7 @@
 """Cross-check bitcliff's KL divergence and same-top-token share against llama.cpp's.
 
     python -m bench.llama_kld_check --bin LLAMA_CPP_BIN --base F32.gguf --quantized Q.gguf \\
-        [--text wiki] [--ctx 512] [--chunks 16] [--out bench/results/llama-kld-check.json]
+        [--text wiki] [--ctx 512] [--chunks 16] [--no-repack] [--out bench/results/llama-kld-check.json]
 
 llama.cpp's ``llama-perplexity`` saves the base model's log-probabilities
 (``--kl-divergence-base``) and then reports the quantized model's KL divergence from them
@@ -45,11 +45,13 @@ def read_base_tokens(path: Path) -> tuple[int, int, np.ndarray]:
     return int(n_ctx), int(n_chunk), tokens.reshape(int(n_chunk), int(n_ctx))
 
 
-def llama_figures(binary: Path, base: Path, quantized: Path, text: Path, ctx: int, chunks: int,
-                  work: Path) -> tuple[dict, Path, str]:
-    """llama.cpp's figures for ``quantized`` against ``base``, the base file, and its log."""
+def llama_figures(binary: Path, base: Path, quantized: Path, text: Path, window: tuple[int, int],
+                  work: Path, extra: list[str]) -> tuple[dict, Path, str]:
+    """llama.cpp's figures for ``quantized`` against ``base`` on ``window`` = ``(ctx, chunks)``, the
+    base file, and its log; ``extra``: more llama-perplexity arguments."""
+    ctx, chunks = window
     kld = work / "base.kld"
-    common = ["-c", str(ctx), "-b", str(ctx), "-t", "2"]
+    common = ["-c", str(ctx), "-b", str(ctx), "-t", "2", *extra]
     subprocess.run([str(binary), "-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld),
                     "--chunks", str(chunks), *common], check=True, capture_output=True, text=True)
     result = subprocess.run([str(binary), "-m", str(quantized), "--kl-divergence-base", str(kld), "--kl-divergence",
@@ -112,6 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("bench/results/llama-kld-check.json"))
+    parser.add_argument("--no-repack", action="store_true",
+                        help="pass --no-repack to llama-perplexity (its repacked CPU path crashes on some machines)")
     parser.add_argument("--device", default="cpu", help="where transformers runs the two GGUF models (cpu, cuda, cuda:N)")
     args = parser.parse_args(argv)
     binary = args.bin / "llama-perplexity"
@@ -134,12 +138,14 @@ def main(argv=None) -> int:
         work = Path(tmp)
         text = work / "text.txt"
         text.write_text(load_text(args.text))
-        theirs, kld, _log = llama_figures(binary, args.base, args.quantized, text, args.ctx, args.chunks, work)
+        extra = ["--no-repack"] if args.no_repack else []
+        theirs, kld, _log = llama_figures(binary, args.base, args.quantized, text, (args.ctx, args.chunks), work, extra)
         _, _, tokens = read_base_tokens(kld)
         add_bos = bos_token(args.quantized)
         ours = bitcliff_figures(args.base, args.quantized, tokens, add_bos, device)
     record = {"llama_cpp": theirs, "bitcliff": ours, "base": args.base.name, "quantized": args.quantized.name,
               "text": args.text, "ctx": args.ctx, "chunks": args.chunks, "bos": add_bos,
+              "llama_perplexity_args": extra,
               "device": device, "relative_difference": {k: ours[k] / theirs[k] - 1 for k in theirs if theirs[k]},
               "commit": commit(short=True), "date": now(), "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
