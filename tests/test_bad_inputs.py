@@ -77,6 +77,8 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing(tiny_folder, tm
     (["sweep", "--bits", "4", "--out-dir", "{file}"], "--out-dir"),
     (["cliff", "--bits", "4", "--out", "{file}"], "--out"),
     (["eval", "default", "--json", "{folder}"], "--json"),
+    (["eval", "default", "--against", "default", "--reference-cache", "{file}"], "--reference-cache"),
+    (["sweep", "--bits", "4", "--reference-cache", "{file}"], "--reference-cache"),
 ])
 def test_an_output_that_can_never_be_written_is_refused_before_any_work(tiny_folder, tmp_path, monkeypatch, capsys,
                                                                          argv, flag):
@@ -117,6 +119,14 @@ def test_a_read_only_place_and_a_mount_point_are_refused_with_the_reason(tiny_fo
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     assert main([*quantize, str(tmp_path / "q")]) == 2
     assert f"does not accept files ({os.strerror(errno.EROFS)})" in _error(capsys)
+
+
+def test_reference_cache_flags_without_against_or_together_are_refused(capsys):
+    assert main(["eval", "default", "--reference-cache", "somewhere"]) == 2
+    assert "--reference-cache and --no-reference-cache apply to eval --against MODEL only" in _error(capsys)
+    with pytest.raises(SystemExit):
+        main(["eval", "default", "--against", "default", "--reference-cache", "x", "--no-reference-cache"])
+    assert "not allowed with argument" in _error(capsys)
 
 
 @pytest.mark.parametrize("argv,message", [

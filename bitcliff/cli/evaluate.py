@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bitcliff.cli.common import (
     HelpFormatter,
+    UsageError,
     add_device_arg,
     add_quant_args,
     add_text_args,
@@ -59,20 +60,22 @@ def add_parsers(sub) -> None:
 
 def add_reference_cache_args(p: argparse.ArgumentParser) -> None:
     """Where the full-precision model's predictions are kept between runs (bitcliff.reference_cache)."""
-    p.add_argument("--reference-cache", metavar="DIR",
-                   help="where the full-precision model's next-token predictions are kept, so that the next "
-                        "checkpoint of the same model on the same windows is measured without running it again "
-                        "(the 1024 most likely tokens per position, about 8 KB; KL over them and the rest as one "
-                        "outcome is a lower bound of the full-vocabulary KL, measured 1.7-3.2 %% below it on "
-                        "SmolLM2 at W4-W2; default: the reference folder of bitcliff's cache, $BITCLIFF_CACHE "
-                        "or ~/.cache/bitcliff)")
-    p.add_argument("--no-reference-cache", action="store_true",
-                   help="compute the full-precision predictions afresh and keep nothing (eval --against then "
-                        "runs both models side by side and compares over the full vocabulary: exact KL)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--reference-cache", metavar="DIR",
+                       help="where the full-precision model's next-token predictions are kept, so that the next "
+                            "checkpoint of the same model on the same windows is measured without running it "
+                            "again (the 1024 most likely tokens per position, about 8 KB; KL over them and the "
+                            "rest as one outcome is a lower bound of the full-vocabulary KL, measured 1.7-3.2 %% "
+                            "below it on SmolLM2 at W4-W2; default: the reference folder of bitcliff's cache, "
+                            "$BITCLIFF_CACHE or ~/.cache/bitcliff)")
+    where.add_argument("--no-reference-cache", action="store_true",
+                       help="compute the full-precision predictions afresh and keep nothing (eval --against then "
+                            "runs both models side by side and compares over the full vocabulary: exact KL)")
 
 
 def _reference_cache_dir(args: argparse.Namespace) -> Path | None:
-    """The --reference-cache folder, checked writable; None for the default one."""
+    """The --reference-cache folder, checked writable before any model is loaded; None for the
+    default one."""
     if args.reference_cache is None:
         return None
     check_location(args.reference_cache, "--reference-cache", renamed=False)
@@ -87,12 +90,15 @@ def run_eval(args: argparse.Namespace) -> int:
     check_model_arg(args.target, flag="eval")
     if args.against:
         check_model_arg(args.against, flag="--against")
+    elif args.reference_cache is not None or args.no_reference_cache:
+        raise UsageError("--reference-cache and --no-reference-cache apply to eval --against MODEL only")
+    cache_dir = _reference_cache_dir(args)
     check_text_arg(args.text_file)
     if args.json:
         check_file_out(args.json, args.overwrite, "--json")
     model, tokenizer, path, quantized = load_any(args.target, device=args.device)
     if args.against:
-        result = _against(model, tokenizer, args)
+        result = _against(model, tokenizer, args, cache_dir)
     else:
         result = evaluate_text(model, tokenizer, args.text_file, args.windows, args.seq_len)
     config = quant_config(model)
@@ -120,10 +126,10 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _against(model, tokenizer, args: argparse.Namespace) -> dict:
-    """Perplexity and divergence from the ``--against`` model on the evaluation windows."""
+def _against(model, tokenizer, args: argparse.Namespace, cache_dir: Path | None) -> dict:
+    """Perplexity and divergence from the ``--against`` model on the evaluation windows
+    (``cache_dir``: where its predictions are kept, None for the default)."""
     from bitcliff.assets import load_text
-    from bitcliff.cli.common import UsageError
     from bitcliff.data import evaluation_windows
     from bitcliff.divergence import check_same_source, evaluate_against, evaluate_with_reference
     from bitcliff.models import load_fp_model
@@ -137,7 +143,7 @@ def _against(model, tokenizer, args: argparse.Namespace) -> dict:
     ids = evaluation_windows(tokenizer, load_text(args.text_file), args.windows, args.seq_len)
     if args.no_reference_cache:
         return {**evaluate_against(model, reference, ids), "kl_over": "the full vocabulary"}
-    predictions = cached_reference_predictions(reference, ids, cache_dir=_reference_cache_dir(args))
+    predictions = cached_reference_predictions(reference, ids, cache_dir=cache_dir)
     kept = predictions.top_ids.shape[-1]
     return {**evaluate_with_reference(model, predictions),
             "kl_over": f"the reference's {kept} most likely tokens and the rest as one outcome"}
@@ -163,6 +169,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     check_text_arg(args.text_file)
     check_location(args.out_dir, "--out-dir", renamed=False)
+    cache_dir = _reference_cache_dir(args)
     out_dir = Path(args.out_dir)
     check_file_out(out_dir / "sweep.json", args.overwrite, "--out-dir")
     fp_model, tokenizer, path = load_fp_model(args.model, device=args.device)
@@ -178,7 +185,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     eval_ids = evaluation_windows(tokenizer, load_text(args.text_file), args.windows, args.seq_len)
     # its forward passes are the fp evaluation
     reference = (reference_predictions(fp_model, eval_ids) if args.no_reference_cache else
-                 cached_reference_predictions(fp_model, eval_ids, cache_dir=_reference_cache_dir(args)))
+                 cached_reference_predictions(fp_model, eval_ids, cache_dir=cache_dir))
     rows = [{"setting": "fp32", "bits_per_weight": 32.0, **reference_perplexity(reference),
              "tokens": reference.nll.numel(), "windows": reference.nll.shape[0]}]
     for config, folder in zip(configs, folders):
