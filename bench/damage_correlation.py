@@ -1,7 +1,7 @@
 """Do the same inputs break under different quantizations?  Per-window damage measured as the NLL
 difference and as the KL divergence from full precision, correlated across methods.
 
-    python -m bench.damage_correlation [--windows 64] [--seq-len 256] [--out FILE]
+    python -m bench.damage_correlation [--windows 64] [--seq-len 256] [--device cpu|cuda] [--out FILE]
 
 Chang et al. report a correlation of 0.82 (average over 50 method pairs, 7-70B models) between
 the per-example errors of different quantization methods; bitcliff measured 0.16-0.50 for ΔNLL on
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=RESULTS / "damage-correlation.json")
     args = parser.parse_args(argv)
     if args.out.is_dir() or not args.out.parent.is_dir():  # before minutes of quantization
@@ -93,18 +94,25 @@ def main(argv=None) -> int:
 
     from bitcliff.assets import load_text
     from bitcliff.data import calibration_windows, evaluation_windows
+    from bitcliff.device import DeviceError, resolve_device
     from bitcliff.divergence import evaluate_with_reference, reference_perplexity, reference_predictions
     from bitcliff.models import load_fp_model
     from bitcliff.storage import write_json
 
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as error:
+        parser.error(f"--device: {error}")
     torch.manual_seed(0)
-    fp_model, tokenizer, _ = load_fp_model("default")
+    fp_model, tokenizer, _ = load_fp_model("default", device=device)
     text = load_text("wiki")
     eval_ids = evaluation_windows(tokenizer, text, args.windows, args.seq_len)
     calib_ids = calibration_windows(tokenizer, text, 64, args.seq_len)
     reference = reference_predictions(fp_model, eval_ids, progress=False)
     fp_nll = reference.nll.mean(dim=1).double().tolist()
-    setup = {"windows": args.windows, "seq_len": args.seq_len, "fp_ppl": reference_perplexity(reference)["ppl"]}
+    # a rerun resumes only rows made the same way: another device computes other figures
+    setup = {"windows": args.windows, "seq_len": args.seq_len, "device": device.type,
+             "fp_ppl": reference_perplexity(reference)["ppl"]}
     done = json.loads(args.out.read_text()) if args.out.is_file() else {}
     rows = [r for r in done.get("rows", []) if done.get("setup") == setup]
     for name in args.models:
@@ -115,10 +123,10 @@ def main(argv=None) -> int:
         rows.append({"model": name, **{k: result[k] for k in (
             "ppl", "kl_mean", "same_top_pct", "kl_per_window", "log_ppl_diff_per_window")}})
         print(f"{name}: ppl {result['ppl']:.2f}, KL {result['kl_mean']:.4f}", flush=True)
-        write_json(args.out, {"environment": environment("cpu"), "setup": setup, "fp_nll_per_window": fp_nll,
+        write_json(args.out, {"environment": environment(device.type), "setup": setup, "fp_nll_per_window": fp_nll,
                               "rows": rows})
     ordered = [r for name in MODELS for r in rows if r["model"] == name]
-    write_json(args.out, {"environment": environment("cpu"), "setup": setup, "fp_nll_per_window": fp_nll,
+    write_json(args.out, {"environment": environment(device.type), "setup": setup, "fp_nll_per_window": fp_nll,
                           "rows": ordered, "correlation": correlations(ordered, fp_nll)})
     print(f"wrote {args.out}")
     return 0
