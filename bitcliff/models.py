@@ -178,3 +178,16 @@ def model_fingerprint(model, digits: int = 64) -> str:
 
     weight = model.get_input_embeddings().weight.detach().float().cpu().numpy()
     return hashlib.sha256(weight.tobytes()).hexdigest()[:digits]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of ``model``: names, dtypes, shapes and values (a model
+    fine-tuned from another, or the same one in another dtype, is another model)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        data = tensor.detach().cpu().contiguous()
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()

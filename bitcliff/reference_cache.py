@@ -10,7 +10,7 @@ the full-vocabulary KL (:func:`~bitcliff.divergence.bucketed_divergence`); on Sm
 W2 it is 3.2, 2.5 and 1.7 % below it (``bench/kl_top_k.py``); same top token is exact.
 
 It is found by a key of everything the predictions depend on: every weight of the model (names,
-dtypes, shapes and values: :func:`weights_fingerprint`), the windows' token ids, ``top_k`` and the
+dtypes, shapes and values: :func:`bitcliff.models.weights_fingerprint`), the windows' token ids, ``top_k`` and the
 file layout's version.  A file is trusted only whole: its key, the digest of its tensors, their
 shapes and finiteness are checked on every read, and a file that fails any check is computed again
 and replaced (atomically: a reader never sees half a file).
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bitcliff.divergence import TOP_K, ReferencePredictions, reference_predictions
+from bitcliff.models import weights_fingerprint
 from bitcliff.storage import cache_root, safetensors_complete, save_tensors
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,6 @@ LAYOUT = 1
 #: The tensors of a file, in the order their digest is taken.
 FIELDS = ("top_logprobs", "top_ids", "rest_logprob", "nll", "eval_ids")
 _KEY, _DIGEST = "bitcliff_reference", "sha256"
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer of ``model``: names, dtypes, shapes and values (a model
-    fine-tuned from another, or the same one in another dtype, is another model)."""
-    digest = hashlib.sha256()
-    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        data = tensor.detach().cpu().contiguous()
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
 
 
 def cache_key(model: torch.nn.Module, eval_ids: torch.Tensor, top_k: int) -> dict:
