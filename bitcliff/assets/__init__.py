@@ -52,4 +52,4 @@ def describe_assets() -> list[dict]:
         ``description``, ``sources`` (``package==version`` strings), ``path`` (where it is or
         will be), ``ready``.
     """
-    return [*describe_models(), *describe_texts()]
+    return [status.to_dict() for status in (*describe_models(), *describe_texts())]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitcliff.assets.pypi import AssetError, PackagedFile, copy, obtain
+from bitcliff.assets.status import AssetStatus
 from bitcliff.storage import (
     building_dir,
     cache_root,
@@ -141,20 +142,12 @@ def resolve_model(name: str) -> str:
     )
 
 
-def describe_models() -> list[dict]:
+def describe_models() -> list[AssetStatus]:
     """The embedded models for :func:`bitcliff.assets.describe_assets`; prepares nothing."""
-    return [
-        {
-            "name": key,
-            "aliases": [alias for alias, k in MODEL_ALIASES.items() if k == key],
-            "kind": "model",
-            "description": asset.description,
-            "sources": sorted({f.requirement for f in asset.files()}),
-            "path": str(_model_dir(asset)),
-            "ready": _model_ready(_model_dir(asset)),
-        }
-        for key, asset in MODELS.items()
-    ]
+    return [AssetStatus(key, [alias for alias, k in MODEL_ALIASES.items() if k == key], "model", asset.description,
+                        sorted({f.requirement for f in asset.files()}), str(_model_dir(asset)),
+                        _model_ready(_model_dir(asset)))
+            for key, asset in MODELS.items()]
 
 
 def _model_dir(asset: ModelAsset) -> Path:

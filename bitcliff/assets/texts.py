@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from bitcliff.assets.pypi import PackagedFile, obtain
+from bitcliff.assets.status import AssetStatus
 from bitcliff.corpus import STRIP_VERSION, dump_to_text
 from bitcliff.storage import cache_root, file_intact, file_record, scratch, write_text
 
@@ -76,19 +77,11 @@ def load_text(name_or_path: str = "wiki") -> str:
     )
 
 
-def describe_texts() -> list[dict]:
+def describe_texts() -> list[AssetStatus]:
     """The embedded corpus for :func:`bitcliff.assets.describe_assets`; prepares nothing."""
-    return [
-        {
-            "name": "wiki",
-            "aliases": [],
-            "kind": "text",
-            "description": "~100 English Wikipedia articles, markup stripped (gensim's test dump)",
-            "sources": [WIKI_DUMP.requirement],
-            "path": str(_wiki_path()),
-            "ready": _wiki_ready(_wiki_path()),
-        }
-    ]
+    description = "~100 English Wikipedia articles, markup stripped (gensim's test dump)"
+    return [AssetStatus("wiki", [], "text", description, [WIKI_DUMP.requirement], str(_wiki_path()),
+                        _wiki_ready(_wiki_path()))]
 
 
 def _wiki_path() -> Path:
