@@ -12,7 +12,7 @@ import bitcliff
 from bitcliff import QuantConfig
 from bitcliff.diagnosis.run import DiagnoseOptions
 from bitcliff.eval import evaluate_ppl
-from bitcliff.layers import ARCHITECTURES, architecture_of, component
+from bitcliff.layers import ARCHITECTURES, architecture_of, component, find_decoder_layers
 from tests.conftest import tiny_llama_config
 
 VOCAB = 128
@@ -88,5 +88,5 @@ def test_a_family_is_quantized_saved_diagnosed_and_repaired(family, tmp_path):
     reloaded = bitcliff.load(bitcliff.save(loaded, tmp_path / "repaired", extra_files=result.files()))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids[:2]).logits, loaded(ids[:2]).logits, rtol=1e-4, atol=1e-4)
-    assert component(reloaded.get_decoder().layers[0] if hasattr(reloaded.get_decoder(), "layers")
-                     else reloaded.get_decoder().h[0], "attn") is not None
+    first = find_decoder_layers(reloaded)[1][0]
+    assert component(first, "attn") is getattr(first, architecture_of(reloaded).attention)
